@@ -1,0 +1,197 @@
+"""The demo model: a tiny Llama-architecture causal LM and a tokenizer trained offline on the demo texts.
+
+`model.name_or_path: demo` in a run config resolves, through `ensure_demo_model`, to a directory written
+with `save_pretrained` (config.json, model.safetensors, tokenizer files with a chat template), so the
+trainer loads it through exactly the same `from_pretrained` path as a real hub model or local checkpoint.
+
+Deterministic: the tokenizer is a byte-level BPE trained with `tokenizers` on the bundled demo texts
+(sorted, fixed order), the weights are initialised under a fixed seed. The directory name is a hash of
+the texts and the build recipe, so a change of the demo data or of this file's recipe builds a new one.
+Several processes may call `ensure_demo_model` at once (DeepSpeed ranks): each builds into a private
+temporary directory and publishes it with an atomic rename; the first one wins, the others discard theirs.
+
+    python -m clo_fast.demo_model [--out DIR]     # build (or find) it and print its path
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RECIPE_VERSION = 1  # bump when the recipe below changes
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+
+SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+# Chat template: <s><|user|>\n...</s>\n<|assistant|>\n...</s>\n ; add_generation_prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+EXTRA_SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# tiny Llama: ~0.2 M parameters; GQA (4 heads, 2 KV heads) and tied embeddings, like Llama-3.2 / Qwen-2.5
+MODEL_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+)
+VOCAB_SIZE = 1024  # BPE target size (specials included)
+SEED = 1234
+
+# Used only when the demo data has not been written yet (keeps the model buildable in isolation).
+_FALLBACK_TEXTS = [
+    "What is the capital of France?", "The capital of France is Paris.",
+    "Give me three tips for staying healthy.", "Eat well, sleep enough and exercise every day.",
+    "Mji mkuu wa Ufaransa ni upi?", "Mji mkuu wa Ufaransa ni Paris.",
+    "프랑스의 수도는 어디입니까?", "프랑스의 수도는 파리입니다.",
+]
+
+
+def _collect_strings(obj, out: list[str]) -> None:
+    if isinstance(obj, str):
+        if obj.strip():
+            out.append(obj)
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            _collect_strings(obj[k], out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_strings(v, out)
+
+
+def demo_texts(data_dir: Path = DEMO_DATA_DIR) -> list[str]:
+    """Every string in the bundled demo data files (.json/.jsonl/.txt), in a fixed order."""
+    texts: list[str] = []
+    if data_dir.is_dir():
+        for f in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+            try:
+                if f.suffix == ".jsonl":
+                    for line in f.read_text(encoding="utf-8").splitlines():
+                        if line.strip():
+                            _collect_strings(json.loads(line), texts)
+                elif f.suffix == ".json":
+                    _collect_strings(json.loads(f.read_text(encoding="utf-8")), texts)
+                elif f.suffix in (".txt", ".md"):
+                    texts.extend(t for t in f.read_text(encoding="utf-8").splitlines() if t.strip())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+    return texts or list(_FALLBACK_TEXTS)
+
+
+def _fingerprint(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": RECIPE_VERSION, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE, "seed": SEED,
+                         "template": CHAT_TEMPLATE}, sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(texts: list[str]):
+    """Byte-level BPE trained on `texts`, wrapped in PreTrainedTokenizerFast with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [SPECIAL_TOKENS[k] for k in ("pad", "bos", "eos", "unk")] + EXTRA_SPECIAL
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        additional_special_tokens=EXTRA_SPECIAL,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+        padding_side="right",
+    )
+
+
+def build_demo_model(out_dir: str | Path, texts: list[str] | None = None) -> Path:
+    """Train the tokenizer, initialise the tiny Llama under a fixed seed, save both to `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    texts = demo_texts() if texts is None else texts
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
+    )
+    devnull_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    torch.random.set_rng_state(devnull_state)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "DEMO_MODEL.json").write_text(json.dumps(
+        {"recipe_version": RECIPE_VERSION, "texts": len(texts), "fingerprint": _fingerprint(texts),
+         "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
+    return out_dir
+
+
+def ensure_demo_model(cache_dir: str | Path = "~/.cache/clo_fast") -> Path:
+    """Path of the demo model directory under `cache_dir`, building it first if needed (safe across processes)."""
+    texts = demo_texts()
+    root = Path(os.path.expanduser(str(cache_dir))) / "demo_model"
+    final = root / _fingerprint(texts)
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        build_demo_model(tmp, texts)
+        try:
+            os.rename(tmp, final)  # atomic publish; fails if another process published first
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="build into this directory instead of the cache")
+    p.add_argument("--cache-dir", default="~/.cache/clo_fast")
+    a = p.parse_args(argv)
+    print(build_demo_model(a.out) if a.out else ensure_demo_model(a.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

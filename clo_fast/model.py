@@ -1,0 +1,174 @@
+"""Model loading for CLO training: ZeRO-3 partitioned from the start, frozen but for the configured modules,
+with the LM head replaced by a head module that computes per-sequence log-probs through the fused kernel.
+
+    policy = load_policy(cfg.model, dtype=torch.bfloat16, ds_config=ds_cfg, head_impl="auto")
+    logps = policy(input_ids, attention_mask, labels)      # [S] fp32: Σ_t log p(labels[s,t])
+
+`CLOPolicy` has the two children of a `*ForCausalLM` under the same names — `model` (the backbone, which
+returns hidden states, never logits) and `lm_head` (`FusedLogprobHead`, owning the head weight) — so its
+state-dict keys are exactly the HF model's and DeepSpeed's `save_16bit_model` writes a file that
+`AutoModelForCausalLM.from_pretrained` loads.
+
+ZeRO-3 (DESIGN.md §4): a parameter read outside its module's forward is an empty shard. The head weight is
+therefore only read inside `FusedLogprobHead.forward`, where DeepSpeed's module hooks have gathered it
+(and release it afterwards). With tied embeddings the head owns the *same* Parameter as
+`model.embed_tokens`; ZeRO-3 keeps shared parameters shared (one ds_id).
+
+Imports of deepspeed happen only when a DeepSpeed config is given: the benchmark loads models without it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clo_fast.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------- head
+class FusedLogprobHead(nn.Module):
+    """LM head that returns per-sequence label log-prob sums instead of logits.
+
+    Owns `weight` [V,H] (the HF `lm_head.weight`, possibly tied to the input embeddings). forward(hidden
+    [S,T,H], labels [S,T] aligned with the rows they score) -> [S] fp32 via `clo_fast.ops.sequence_logprobs`,
+    which never materializes [S·T, V] logits (except impl="reference").
+    """
+
+    def __init__(self, weight: nn.Parameter, impl: str = "auto"):
+        super().__init__()
+        self.weight = weight
+        self.impl = impl
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from clo_fast.ops import sequence_logprobs
+
+        weight = self.weight
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return sequence_logprobs(hidden, weight, labels, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))
+        return f"weight={shape}, impl={self.impl!r}"
+
+
+class CLOPolicy(nn.Module):
+    """Backbone + fused head. Children named like a *ForCausalLM (`model`, `lm_head`) so state dicts match."""
+
+    def __init__(self, backbone: nn.Module, head: FusedLogprobHead, config, generation_config=None):
+        super().__init__()
+        self.model = backbone
+        self.lm_head = head
+        self.config = config
+        self.generation_config = generation_config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.lm_head(hidden, labels)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/clo_fast") -> str:
+    """`demo` → the built (cached) demo model directory; anything else is passed to from_pretrained."""
+    if name_or_path == "demo":
+        from clo_fast.demo_model import ensure_demo_model
+
+        return str(ensure_demo_model(cache_dir))
+    return os.path.expanduser(name_or_path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:  # Llama-3 / many base models ship without a pad token
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# -------------------------------------------------------------------------------------- freezing
+@dataclass
+class TrainableInfo:
+    names: list[str] = field(default_factory=list)  # names of trainable params (first name of shared ones)
+    trainable: int = 0  # elements
+    total: int = 0
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params are empty shards locally
+
+
+def apply_trainable_patterns(module: nn.Module, patterns: list[str]) -> TrainableInfo:
+    """requires_grad = True exactly for parameters whose name (any of its names, when shared/tied)
+    matches one of the fnmatch `patterns`; everything else is frozen. Raises ConfigError if none match."""
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    info = TrainableInfo()
+    for pid, p in params.items():
+        names = names_of[pid]
+        on = any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns)
+        p.requires_grad_(on)
+        info.total += _numel(p)
+        if on:
+            info.trainable += _numel(p)
+            info.names.append(names[0])
+    if not info.names:
+        sample = ", ".join(n for n, _ in list(module.named_parameters())[:6])
+        raise ConfigError(f"model.trainable_patterns: {patterns} match no parameter (names look like: {sample}, ...)")
+    return info
+
+
+# --------------------------------------------------------------------------------------- loading
+def _check_attn(attn: str) -> None:
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                          "(pip install 'clo-fast[gpu]'); use sdpa")
+
+
+def load_hf_model(path: str, cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None):
+    """from_pretrained; with a ZeRO-3 `ds_config` the weights are partitioned while loading
+    (transformers enters deepspeed.zero.Init through HfDeepSpeedConfig): no full copy per rank.
+    Returns (hf_model, keepalive) — keep `keepalive` referenced while the model lives."""
+    from transformers import AutoModelForCausalLM
+
+    _check_attn(cfg.attn_implementation)
+    keepalive = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weakref to it
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model, keepalive
+
+
+def build_policy(hf_model, head_impl: str = "auto", gradient_checkpointing: bool = False) -> CLOPolicy:
+    """Split an HF *ForCausalLM into backbone + fused head (the head owns the same weight Parameter)."""
+    backbone = getattr(hf_model, hf_model.base_model_prefix, None) or hf_model.model
+    head_weight = hf_model.get_output_embeddings().weight
+    if gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_model.config.use_cache = False
+    return CLOPolicy(backbone, FusedLogprobHead(head_weight, head_impl), hf_model.config,
+                     getattr(hf_model, "generation_config", None))
+
+
+def load_policy(cfg: ModelConfig, *, dtype: torch.dtype | None = None, ds_config: dict | None = None,
+                head_impl: str = "auto", cache_dir: str = "~/.cache/clo_fast"):
+    """Load, split and freeze. Returns (policy, info: TrainableInfo, path, keepalive)."""
+    path = resolve_model_path(cfg.name_or_path, cache_dir)
+    dtype = dtype or DTYPES[cfg.dtype]
+    hf_model, keepalive = load_hf_model(path, cfg, dtype, ds_config)
+    policy = build_policy(hf_model, head_impl, cfg.gradient_checkpointing)
+    info = apply_trainable_patterns(policy, cfg.trainable_patterns)
+    policy.train()
+    return policy, info, path, keepalive

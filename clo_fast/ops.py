@@ -1,0 +1,174 @@
+"""Fused LM head + label log-probs: public API and dispatch between implementations.
+
+    linear_logprobs(hidden [N,H], weight [V,H], labels [N])        -> logp [N] fp32
+    sequence_logprobs(hidden [S,T,H], weight [V,H], labels [S,T])  -> Σ_t logp [S] fp32
+
+Neither materializes [N,V] logits. Implementations (`impl`):
+  triton     — the kernels of `clo_kernels` (CUDA, or the Triton interpreter with TRITON_INTERPRET=1);
+  torch      — chunked PyTorch with the same contract: O(chunk·V) extra memory (the CPU path);
+  reference  — materialized fp32 logits + log_softmax (tests and benchmarks only);
+  auto       — CUDA tensors → triton; CPU → torch, or triton when TRITON_INTERPRET=1.
+The head weight gets a gradient only when it requires one: a frozen head (attention-only CLO) does no
+dW work and allocates no [V,H] buffer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .loss import IGNORE_INDEX
+
+_CPU_CHUNK_BYTES = 32 << 20  # fp32 [chunk, V] logit buffer budget for the torch path
+
+
+# ------------------------------------------------------------------------------ chunked torch path
+def _torch_chunk_rows(V: int, chunk_rows: int | None) -> int:
+    return chunk_rows or max(16, _CPU_CHUNK_BYTES // (4 * V))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _torch_forward(x, w, y, ignore_index, chunk_rows=None):
+    N = x.shape[0]
+    cd = _compute_dtype(x)
+    wc = w.to(cd)
+    lse = torch.empty(N, device=x.device, dtype=cd)
+    logp = torch.empty(N, device=x.device, dtype=cd)
+    rows = _torch_chunk_rows(w.shape[0], chunk_rows)
+    for n0 in range(0, N, rows):
+        z = x[n0:n0 + rows].to(cd) @ wc.T
+        yc = y[n0:n0 + rows]
+        valid = yc != ignore_index
+        lse[n0:n0 + rows] = torch.logsumexp(z, dim=-1)
+        picked = z.gather(1, torch.where(valid, yc, 0).unsqueeze(1)).squeeze(1)
+        logp[n0:n0 + rows] = torch.where(valid, picked - lse[n0:n0 + rows], 0.0)
+        del z
+    return lse, logp
+
+
+def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
+    N = x.shape[0]
+    cd = _compute_dtype(x)
+    wc = w.to(cd)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(w.shape, device=w.device, dtype=cd) if need_dw else None
+    rows = _torch_chunk_rows(w.shape[0], chunk_rows)
+    for n0 in range(0, N, rows):
+        xc = x[n0:n0 + rows].to(cd)
+        z = xc @ wc.T
+        # dlogp/dz = onehot(y) − softmax(z); scaled by the upstream gradient (0 at ignored rows)
+        g = torch.exp_(z.sub_(lse[n0:n0 + rows, None].to(cd))).mul_(-grad[n0:n0 + rows, None].to(cd))
+        yc = y[n0:n0 + rows]
+        valid = yc != ignore_index
+        g.scatter_add_(1, torch.where(valid, yc, 0).unsqueeze(1), grad[n0:n0 + rows, None].to(cd))
+        dx[n0:n0 + rows] = g @ wc
+        if need_dw:
+            dw.addmm_(g.T, xc)
+        del z, g
+    return dx, (dw.to(w.dtype) if need_dw else None)
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def _resolve(impl: str, x: torch.Tensor) -> str:
+    if impl == "auto":
+        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return "triton"
+        return "torch"
+    if impl not in ("triton", "torch", "reference"):
+        raise ValueError(f"impl must be auto|triton|torch|reference, got {impl!r}")
+    return impl
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """logp [N] (or per-sequence sums [S] when seq_ids is given) with a recompute-based backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, y, seq_ids, num_seqs, ignore_index, impl, chunk_rows):
+        if impl == "triton":
+            import clo_kernels
+
+            lse, logp, sums = clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs)
+        else:
+            lse, logp = _torch_forward(x, w, y, ignore_index, chunk_rows)
+            sums = None
+            if seq_ids is not None:
+                sums = torch.zeros(num_seqs, device=x.device, dtype=logp.dtype).index_add_(0, seq_ids, logp)
+        ctx.save_for_backward(x, w, y, lse, seq_ids)
+        ctx.ignore_index, ctx.impl, ctx.chunk_rows = ignore_index, impl, chunk_rows
+        out = logp if seq_ids is None else sums
+        return out if x.dtype == torch.float64 else out.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, y, lse, seq_ids = ctx.saved_tensors
+        # per-token upstream gradient: the gradient of the token's sequence sum (the CLO coefficient of
+        # its sequence, plus the NLL weight for SFT sequences), 0 at ignored rows
+        grad = grad_out if seq_ids is None else grad_out[seq_ids]
+        grad = torch.where(y != ctx.ignore_index, grad, 0.0).to(lse.dtype).contiguous()
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.impl == "triton":
+            import clo_kernels
+
+            dx, dw = clo_kernels.backward(x, w, y, lse, grad, need_dw, ctx.chunk_rows)
+        else:
+            dx, dw = _torch_backward(x, w, y, lse, grad, need_dw, ctx.ignore_index, ctx.chunk_rows)
+        return (dx if need_dx else None), dw, None, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, labels):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N,H] and weight [V,H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N] = {hidden.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64, got {labels.dtype}")
+    if hidden.device != weight.device or hidden.device != labels.device:
+        raise ValueError("hidden, weight and labels must be on the same device")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+
+
+def _reference_logprobs(hidden, weight, labels, ignore_index):
+    cd = _compute_dtype(hidden)
+    logits = hidden.to(cd) @ weight.to(cd).T
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = labels != ignore_index
+    picked = logp_all.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, picked, 0.0)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int = IGNORE_INDEX, impl: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(labels[i]) under softmax(hidden @ weightᵀ) [N] float32 (float64 for float64 inputs); 0 where ignored.
+
+    Differentiable w.r.t. hidden, and weight when it requires grad. Never materializes [N,V]
+    (except impl="reference"). Labels are aligned with the rows they score: no shift is done here.
+    """
+    _check_inputs(hidden, weight, labels)
+    impl = _resolve(impl, hidden)
+    if impl == "reference":
+        return _reference_logprobs(hidden, weight, labels, ignore_index)
+    return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
+                                 None, 0, ignore_index, impl, chunk_rows)
+
+
+def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = IGNORE_INDEX, impl: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+    """Per-sequence Σ_t log p(labels[s,t]) [S] from hidden [S,T,H]: the paired-sequence gathering, fused.
+
+    Rows 4b+k of a CLO batch give `logps.view(B, 4)` for `clo_fast.loss.clo_loss`.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [S,T,H] and labels [S,T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    S, T, H = hidden.shape
+    x, y = hidden.reshape(S * T, H), labels.reshape(S * T)
+    _check_inputs(x, weight, y)
+    impl = _resolve(impl, hidden)
+    if impl == "reference":
+        return _reference_logprobs(x, weight, y, ignore_index).view(S, T).sum(1)
+    seq_ids = torch.arange(S, device=hidden.device).repeat_interleave(T)
+    return _LinearLogprobs.apply(x.contiguous(), weight.contiguous(), y.contiguous(), seq_ids, S,
+                                 ignore_index, impl, chunk_rows)

@@ -1,0 +1,531 @@
+"""Translation of English instruction data into the target language, with a crash-safe disk cache.
+
+Two backends sit behind one small interface (`translate_pairs`):
+
+- `ColumnsTranslator` — the translations are already in the data (read by `clo_fast.data`);
+- `HFTranslator` — any Hugging Face seq2seq translation model (M2M100, NLLB, Marian). Texts are cut
+  into pieces the model can handle (fenced code blocks and inline code kept verbatim, one piece per
+  line, long lines split at sentence boundaries), pieces are translated in length-sorted batches, and
+  the translations are reassembled with the original layout.
+
+Every piece and every whole text the model translates is stored in `TranslationCache` (sqlite, one
+transaction per batch) keyed by (model, source language, target language, text): an interrupted run
+keeps every finished batch, and a rerun sends only what is missing to the model.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+__all__ = [
+    "TranslationError",
+    "UnknownLanguageError",
+    "TranslationCache",
+    "Translator",
+    "ColumnsTranslator",
+    "HFTranslator",
+    "make_translator",
+    "resolve_language_codes",
+    "segment_text",
+]
+
+
+class TranslationError(ValueError):
+    """Translation cannot run as configured (bad model, bad language, ...)."""
+
+
+class UnknownLanguageError(TranslationError):
+    """A language code is not known to the chosen translation model."""
+
+
+# ------------------------------------------------------------------------------------------ cache
+class TranslationCache:
+    """Translations on disk, keyed by (model, src, tgt, text); sqlite, so a killed run never corrupts it.
+
+    `put_many` commits one transaction: after it returns the rows survive Ctrl-C or a crash, and a
+    transaction cut short is rolled back by sqlite on the next open.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS translations (model TEXT NOT NULL, src TEXT NOT NULL, tgt TEXT NOT NULL,"
+            " text TEXT NOT NULL, translation TEXT NOT NULL, created REAL NOT NULL,"
+            " PRIMARY KEY (model, src, tgt, text))"
+        )
+
+    def get_many(self, model: str, src: str, tgt: str, texts: Iterable[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        texts = list(dict.fromkeys(texts))
+        for i in range(0, len(texts), 500):
+            chunk = texts[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT text, translation FROM translations WHERE model=? AND src=? AND tgt=? AND text IN ({q})",
+                (model, src, tgt, *chunk),
+            )
+            out.update(rows.fetchall())
+        return out
+
+    def put_many(self, model: str, src: str, tgt: str, items: Iterable[tuple[str, str]]) -> None:
+        now = time.time()
+        rows = [(model, src, tgt, t, tr, now) for t, tr in items]
+        if not rows:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO translations VALUES (?,?,?,?,?,?)", rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM translations").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -------------------------------------------------------------------------------------- interface
+class Translator(Protocol):
+    """What `clo_fast.data` needs from a translation backend.
+
+    `pairs` are objects with `.instruction` and `.response` (English) and, for the columns backend,
+    `.instruction_tgt` / `.response_tgt`. Returns one (instruction_tgt, response_tgt) per pair.
+    `stats` is a dict reported in the build summary (cache hits, model calls, ...).
+    """
+
+    name: str
+    stats: dict
+
+    def translate_pairs(self, pairs: Sequence[Any], src: str, tgt: str) -> list[tuple[str, str]]: ...
+
+
+class ColumnsTranslator:
+    """The translations are already in the data (fields named in the config)."""
+
+    name = "columns"
+
+    def __init__(self) -> None:
+        self.stats: dict = {"backend": "columns"}
+
+    def translate_pairs(self, pairs: Sequence[Any], src: str, tgt: str) -> list[tuple[str, str]]:
+        out = []
+        for p in pairs:
+            if p.instruction_tgt is None or p.response_tgt is None:
+                raise TranslationError(f"{p.where}: no translation columns read for this record (translator=columns)")
+            out.append((p.instruction_tgt, p.response_tgt))
+        return out
+
+
+# ------------------------------------------------------------------------------- language codes
+# ISO 639-1 -> FLORES-200 (NLLB) codes for the common cases; users may also give FLORES codes directly.
+_FLORES = {
+    "en": "eng_Latn", "ko": "kor_Hang", "sw": "swh_Latn", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn",
+    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ja": "jpn_Jpan", "ru": "rus_Cyrl", "ar": "arb_Arab",
+    "hi": "hin_Deva", "pt": "por_Latn", "it": "ita_Latn", "vi": "vie_Latn", "th": "tha_Thai", "tr": "tur_Latn",
+    "nl": "nld_Latn", "pl": "pol_Latn", "uk": "ukr_Cyrl", "bn": "ben_Beng", "ta": "tam_Taml", "te": "tel_Telu",
+    "ur": "urd_Arab", "fa": "pes_Arab", "he": "heb_Hebr", "el": "ell_Grek", "cs": "ces_Latn", "sv": "swe_Latn",
+    "fi": "fin_Latn", "da": "dan_Latn", "hu": "hun_Latn", "ro": "ron_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
+    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "so": "som_Latn",
+    "rw": "kin_Latn", "bg": "bul_Cyrl", "ca": "cat_Latn", "hr": "hrv_Latn", "sk": "slk_Latn", "sl": "slv_Latn",
+    "sr": "srp_Cyrl", "lt": "lit_Latn", "lv": "lvs_Latn", "et": "est_Latn", "no": "nob_Latn", "nb": "nob_Latn",
+    "mr": "mar_Deva", "gu": "guj_Gujr", "kn": "kan_Knda", "ml": "mal_Mlym", "pa": "pan_Guru", "ne": "npi_Deva",
+}
+_ISO1_FROM_FLORES = {v: k for k, v in _FLORES.items()}
+# Macrolanguage / alternative 3-letter codes Marian models may use.
+_ISO3_ALT = {"sw": ["swa", "swh"], "zh": ["zho", "cmn"], "ar": ["ara", "arb"], "fa": ["fas", "pes"], "ms": ["msa", "zsm"],
+             "no": ["nor", "nob"], "lv": ["lav", "lvs"], "et": ["est", "ekk"]}
+
+
+def _marian_candidates(code: str) -> list[str]:
+    iso1 = _ISO1_FROM_FLORES.get(code, code)
+    cands = [code, iso1]
+    if iso1 in _FLORES:
+        cands.append(_FLORES[iso1].split("_")[0])
+    cands += _ISO3_ALT.get(iso1, [])
+    return list(dict.fromkeys(cands))
+
+
+def model_family(tokenizer: Any) -> str:
+    """m2m100 | nllb | marian, from the tokenizer class (NLLB checkpoints use the m2m_100 model type)."""
+    name = type(tokenizer).__name__.lower()
+    for fam in ("nllb", "m2m100", "marian"):
+        if fam in name:
+            return fam
+    raise TranslationError(
+        f"unsupported translation model family (tokenizer class {type(tokenizer).__name__}); "
+        "supported: M2M100, NLLB, Marian"
+    )
+
+
+def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, model_name: str = "") -> dict:
+    """Map our language codes (ISO 639-1, or the model's own codes) to what `family` expects.
+
+    Returns {"src": code, "tgt": code, "forced_bos_token_id": int | None, "prefix": str}; raises
+    UnknownLanguageError naming the model and the code when the model does not know a language.
+    """
+    def unknown(code: str, which: str, known: Sequence[str]) -> UnknownLanguageError:
+        sample = ", ".join(sorted(known)[:40])
+        return UnknownLanguageError(
+            f"translation model {model_name or family!r} ({family}) does not know {which} language {code!r}; "
+            f"it knows: {sample}{' ...' if len(known) > 40 else ''}"
+        )
+
+    if family == "m2m100":
+        known = list(getattr(tokenizer, "lang_code_to_id", {}) or {})
+        codes = {}
+        for which, code in (("source", src), ("target", tgt)):
+            c = _ISO1_FROM_FLORES.get(code, code)
+            if c not in known:
+                raise unknown(code, which, known)
+            codes[which] = c
+        return {"src": codes["source"], "tgt": codes["target"], "prefix": "",
+                "forced_bos_token_id": tokenizer.get_lang_id(codes["target"])}
+    if family == "nllb":
+        vocab = tokenizer.get_vocab()
+        known = [t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
+        codes = {}
+        for which, code in (("source", src), ("target", tgt)):
+            c = _FLORES.get(code, code)
+            if c not in vocab:
+                raise unknown(code, which, known)
+            codes[which] = c
+        return {"src": codes["source"], "tgt": codes["target"], "prefix": "",
+                "forced_bos_token_id": tokenizer.convert_tokens_to_ids(codes["target"])}
+    if family == "marian":
+        supported = list(getattr(tokenizer, "supported_language_codes", None) or [])
+        if supported:  # multi-target model: the target is chosen by a ">>xxx<<" prefix
+            for c in _marian_candidates(tgt):
+                if f">>{c}<<" in supported:
+                    return {"src": src, "tgt": c, "prefix": f">>{c}<< ", "forced_bos_token_id": None}
+            raise unknown(tgt, "target", [s[2:-2] for s in supported])
+        # single-pair model: the pair is in the name, e.g. Helsinki-NLP/opus-mt-en-sw
+        m = re.search(r"opus-mt-(?:tc-big-)?([A-Za-z_]+)-([A-Za-z_]+)", str(model_name))
+        if m:
+            if m.group(1) not in _marian_candidates(src):
+                raise unknown(src, "source", [m.group(1)])
+            if m.group(2) not in _marian_candidates(tgt):
+                raise unknown(tgt, "target", [m.group(2)])
+        return {"src": src, "tgt": tgt, "prefix": "", "forced_bos_token_id": None}
+    raise TranslationError(f"unknown translation model family {family!r}")
+
+
+# ----------------------------------------------------------------------------------- segmentation
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+_INLINE_CODE = re.compile(r"(`+)[^`\n]+?\1")
+_LINE_PREFIX = re.compile(r"^(\s*(?:#{1,6}\s+|>\s*)?(?:[-*+•]\s+|\d+[.)]\s+|[a-zA-Z][.)]\s+)?)")
+_SENT_SPLIT = re.compile(r"(?<=[.!?。！？])(\s+)")
+_PLACEHOLDER = "[[{}]]"
+
+
+def segment_text(text: str) -> list[tuple[str, str]]:
+    """Split `text` into ("code", s) parts kept verbatim and ("prose", s) parts to translate.
+
+    Fenced code blocks (``` or ~~~, an unterminated fence runs to the end) are code. Prose is cut into
+    lines; each line's indentation, list/heading marker and trailing whitespace stay verbatim ("code"),
+    and lines without letters are verbatim too. Joining all parts gives back `text` exactly.
+    """
+    parts: list[tuple[str, str]] = []
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m:
+            fence = m.group(1)
+            j = i + 1
+            while j < len(lines) and not lines[j].lstrip(" \t").startswith(fence):
+                j += 1
+            parts.append(("code", "".join(lines[i : j + 1])))
+            i = j + 1
+            continue
+        line = lines[i]
+        body = line.rstrip()
+        trail = line[len(body):]
+        prefix = _LINE_PREFIX.match(body).group(1)
+        core = body[len(prefix):]
+        if prefix:
+            parts.append(("code", prefix))
+        if core and re.search(r"[^\W\d_]", _INLINE_CODE.sub("", core)):
+            parts.append(("prose", core))
+        elif core:
+            parts.append(("code", core))
+        if trail:
+            parts.append(("code", trail))
+        i += 1
+    # merge neighbouring verbatim parts
+    merged: list[tuple[str, str]] = []
+    for kind, s in parts:
+        if merged and kind == "code" and merged[-1][0] == "code":
+            merged[-1] = ("code", merged[-1][1] + s)
+        else:
+            merged.append((kind, s))
+    return merged
+
+
+def _protect_inline(s: str) -> tuple[str, list[str]]:
+    codes: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        codes.append(m.group(0))
+        return _PLACEHOLDER.format(len(codes) - 1)
+
+    if "[[" in s:  # our placeholder syntax already occurs: do not mix the two
+        return s, []
+    return _INLINE_CODE.sub(sub, s), codes
+
+
+def _restore_inline(translated: str, codes: list[str]) -> str | None:
+    for k, code in enumerate(codes):
+        ph = _PLACEHOLDER.format(k)
+        if translated.count(ph) != 1:
+            return None
+        translated = translated.replace(ph, code)
+    return translated
+
+
+def _split_long(s: str, max_tokens: int, count_tokens) -> list[str]:
+    """Cut `s` at sentence boundaries (then at spaces) into pieces of at most `max_tokens` tokens."""
+    if count_tokens(s) <= max_tokens:
+        return [s]
+    bits = _SENT_SPLIT.split(s)  # sentence, sep, sentence, sep, ...
+    sentences = [bits[k] + (bits[k + 1] if k + 1 < len(bits) else "") for k in range(0, len(bits), 2)]
+    units: list[str] = []
+    for sent in sentences:
+        if count_tokens(sent) <= max_tokens:
+            units.append(sent)
+            continue
+        words = re.split(r"(?<=\s)", sent)  # keeps the spaces
+        cur = ""
+        for w in words:
+            if cur and count_tokens(cur + w) > max_tokens:
+                units.append(cur)
+                cur = ""
+            cur += w
+        if cur:
+            units.append(cur)
+    pieces: list[str] = []
+    cur = ""
+    for u in units:
+        if cur and count_tokens(cur + u) > max_tokens:
+            pieces.append(cur)
+            cur = ""
+        cur += u
+    if cur:
+        pieces.append(cur)
+    return [p.strip() for p in pieces if p.strip()]
+
+
+# ----------------------------------------------------------------------------------- hf backend
+class HFTranslator:
+    """A Hugging Face seq2seq translation model with the disk cache in front of it.
+
+    `model_calls` counts `generate` batches (tests check that a cached rerun makes none).
+    """
+
+    def __init__(self, model_name: str, src: str, tgt: str, *, cache: TranslationCache | None,
+                 batch_size: int = 16, max_length: int = 512, num_beams: int = 4, device: str = "auto",
+                 dtype: str = "auto", progress: bool = True):
+        from transformers import AutoTokenizer
+
+        self.model_name = model_name
+        self.cache = cache
+        self.batch_size = max(1, int(batch_size))
+        self.max_length = int(max_length)
+        self.num_beams = int(num_beams)
+        self.progress = progress
+        self.src, self.tgt = src, tgt
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        except Exception as e:  # noqa: BLE001 - re-raised with the model named
+            raise TranslationError(f"cannot load the tokenizer of translation model {model_name!r}: {e}") from e
+        self.family = model_family(self.tokenizer)
+        self.codes = resolve_language_codes(self.family, src, tgt, self.tokenizer, model_name)
+        self._device_arg, self._dtype_arg = device, dtype
+        self._model = None
+        # cache key: the model plus the decoding setting that changes its output
+        self.name = f"{model_name}|beams={self.num_beams}"
+        self.model_calls = 0
+        self.stats: dict = {"backend": "hf", "model": model_name, "texts": 0, "cache_hits": 0,
+                            "translated": 0, "pieces_translated": 0, "piece_cache_hits": 0,
+                            "model_calls": 0, "inline_code_fallbacks": 0}
+
+    # -- model -----------------------------------------------------------------------------------
+    def _load_model(self):
+        if self._model is not None:
+            return self._model
+        import torch
+        from transformers import AutoModelForSeq2SeqLM
+
+        dev = self._device_arg
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else ("mps" if getattr(torch.backends, "mps", None)
+                                                              and torch.backends.mps.is_available() else "cpu")
+        dt = self._dtype_arg
+        if dt == "auto":
+            if dev.startswith("cuda"):
+                dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            else:
+                dt = "float32"
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(self.model_name, dtype=getattr(torch, dt))
+        except Exception as e:  # noqa: BLE001
+            raise TranslationError(f"cannot load translation model {self.model_name!r}: {e}") from e
+        self._model = model.to(dev).eval()
+        self.device = dev
+        return self._model
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(self.codes["prefix"] + text, add_special_tokens=True)["input_ids"])
+
+    def _generate(self, texts: list[str]) -> list[str]:
+        """One model call on a batch of short prose pieces."""
+        import torch
+
+        model = self._load_model()
+        tok = self.tokenizer
+        if self.family in ("m2m100", "nllb"):
+            tok.src_lang = self.codes["src"]
+        enc = tok([self.codes["prefix"] + t for t in texts], return_tensors="pt", padding=True,
+                  truncation=True, max_length=self.max_length)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        in_len = int(enc["input_ids"].shape[1])
+        kwargs = dict(num_beams=self.num_beams, max_new_tokens=min(self.max_length, 2 * in_len + 16))
+        if self.codes["forced_bos_token_id"] is not None:
+            kwargs["forced_bos_token_id"] = self.codes["forced_bos_token_id"]
+        with torch.inference_mode():
+            out = model.generate(**enc, **kwargs)
+        self.model_calls += 1
+        self.stats["model_calls"] = self.model_calls
+        return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _translate_pieces(self, pieces: Iterable[str]) -> dict[str, str]:
+        """Translate distinct pieces: cache first, the rest in length-sorted batches, each committed."""
+        pieces = list(dict.fromkeys(pieces))
+        done = self.cache.get_many(self.name, self.src, self.tgt, pieces) if self.cache else {}
+        self.stats["piece_cache_hits"] += len(done)
+        todo = sorted((p for p in pieces if p not in done), key=len, reverse=True)
+        if not todo:
+            return done
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"translate {self.src}->{self.tgt}", unit="piece",
+                   disable=not self.progress)
+        try:
+            for i in range(0, len(todo), self.batch_size):
+                batch = todo[i : i + self.batch_size]
+                res = self._generate(batch)
+                if self.cache:
+                    self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res))
+                done.update(zip(batch, res))
+                self.stats["pieces_translated"] += len(batch)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return done
+
+    def translate(self, texts: Sequence[str]) -> list[str]:
+        """Translate whole texts (any length, markdown and code allowed); same order as `texts`."""
+        uniq = list(dict.fromkeys(texts))
+        self.stats["texts"] += len(uniq)
+        done = self.cache.get_many(self.name, self.src, self.tgt, uniq) if self.cache else {}
+        self.stats["cache_hits"] += len(done)
+        todo = [t for t in uniq if t not in done]
+        if todo:
+            limit = max(8, self.max_length - 4)  # room for language/special tokens
+            plans: dict[str, list] = {}
+            for t in todo:
+                plan = []
+                for kind, s in segment_text(t):
+                    if kind == "code":
+                        plan.append(("code", s))
+                        continue
+                    for k, piece in enumerate(_split_long(s, limit, self.count_tokens)):
+                        if k:
+                            plan.append(("code", " "))
+                        prot, codes = _protect_inline(piece)
+                        plan.append(("piece", prot, codes, piece))
+                plans[t] = plan
+            first = self._translate_pieces(p[1] for plan in plans.values() for p in plan if p[0] == "piece")
+            # pieces whose inline-code placeholders did not survive: translate the text around the code
+            fallback: list[str] = []
+            for plan in plans.values():
+                for p in plan:
+                    if p[0] == "piece" and p[2] and _restore_inline(first[p[1]], p[2]) is None:
+                        fallback += [f.strip() for f in _INLINE_CODE.split(p[3])[::2] if re.search(r"[^\W\d_]", f)]
+            second = self._translate_pieces(fallback) if fallback else {}
+            new: list[tuple[str, str]] = []
+            for t, plan in plans.items():
+                out = []
+                for p in plan:
+                    if p[0] == "code":
+                        out.append(p[1])
+                        continue
+                    _, prot, codes, orig = p
+                    restored = _restore_inline(first[prot], codes) if codes else first[prot]
+                    if restored is None:
+                        self.stats["inline_code_fallbacks"] += 1
+                        restored = _rebuild_around_code(orig, second)
+                    out.append(restored)
+                tr = "".join(out)
+                new.append((t, tr))
+                done[t] = tr
+            if self.cache:
+                self.cache.put_many(self.name, self.src, self.tgt, new)
+            self.stats["translated"] += len(new)
+        return [done[t] for t in texts]
+
+    def translate_pairs(self, pairs: Sequence[Any], src: str, tgt: str) -> list[tuple[str, str]]:
+        if (src, tgt) != (self.src, self.tgt):
+            raise TranslationError(f"translator was set up for {self.src}->{self.tgt}, asked for {src}->{tgt}")
+        texts = [p.instruction for p in pairs] + [p.response for p in pairs]
+        out = self.translate(texts)
+        n = len(pairs)
+        return list(zip(out[:n], out[n:]))
+
+
+def _rebuild_around_code(orig: str, table: dict[str, str]) -> str:
+    """Join translations of the text between inline-code spans with the spans themselves."""
+    out = []
+    pos = 0
+    for m in _INLINE_CODE.finditer(orig):
+        out.append(_translate_fragment(orig[pos : m.start()], table))
+        out.append(m.group(0))
+        pos = m.end()
+    out.append(_translate_fragment(orig[pos:], table))
+    return "".join(out)
+
+
+def _translate_fragment(frag: str, table: dict[str, str]) -> str:
+    core = frag.strip()
+    if not core or not re.search(r"[^\W\d_]", core):
+        return frag
+    lead = frag[: len(frag) - len(frag.lstrip())]
+    trail = frag[len(frag.rstrip()):]
+    return lead + table.get(core, core) + trail
+
+
+# --------------------------------------------------------------------------------------- factory
+def make_translator(cfg: Any, *, progress: bool = True) -> Translator:
+    """The translator a DataConfig asks for (`cfg.translator`: columns | hf)."""
+    if cfg.translator == "columns":
+        return ColumnsTranslator()
+    if cfg.translator == "hf":
+        cache = TranslationCache(Path(cfg.cache_dir).expanduser() / "translations.sqlite")
+        return HFTranslator(
+            cfg.translation_model, cfg.source_lang, cfg.target_lang, cache=cache,
+            batch_size=cfg.translation_batch_size, max_length=cfg.translation_max_length,
+            num_beams=cfg.translation_num_beams, device=cfg.translation_device, dtype=cfg.translation_dtype,
+            progress=progress,
+        )
+    raise TranslationError(f"unknown translator {cfg.translator!r} (columns | hf)")

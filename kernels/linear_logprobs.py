@@ -1,0 +1,134 @@
+"""Triton kernels for log-probs of labels under softmax(X Wᵀ), without materializing [N, V] logits.
+
+Notation: X [N,H] hidden states, W [V,H] LM-head weight, y [N] labels (ignore_index = skipped),
+z = X Wᵀ (never stored whole), lse_i = log Σ_v exp z_iv, logp_i = z_{i,y_i} − lse_i.
+
+Forward (two kernels):
+  `_partial_lse_kernel`  grid (⌈N/BN⌉, S): program (n, s) streams the vocab tiles of split s, each tile
+      z = X_n W_tileᵀ by `tl.dot` over H in fp32, keeping an online max / Σexp per row and the label's
+      logit when it falls in the tile. Writes per-split (max, Σexp, label logit): 3·S·N floats.
+      Splitting V over S programs keeps the GPU full when N/BN is small.
+  `_combine_kernel`  grid (⌈N/B⌉): merges the S partials into lse [N], logp [N] (0 at ignored rows) and,
+      when sequence ids are given, atomically adds logp into per-sequence sums (the paired-sequence
+      gathering, fused).
+  Cost: 2·N·H·V FLOPs; memory traffic ≈ N·H·(V/BV) re-reads of X tiles (mostly L2) + V·H·⌈N/BN⌉ reads of
+  W; extra memory O(S·N).
+
+Backward (one kernel + one GEMM per token chunk):
+  `_logit_grad_kernel`  grid (⌈C/BN⌉, ⌈V/BV⌉) over a chunk of C rows: recomputes the logit tile, then
+      G = g ⊙ (onehot(y) − exp(z − lse)), g [N] the upstream gradient of logp (0 at ignored rows),
+      written to a [C,V] buffer in the input dtype. The caller then does dX_chunk = G W (cuBLAS) and,
+      only when W trains, dW += Gᵀ X_chunk. Frozen head: no dW GEMM, no [V,H] buffer at all.
+  Cost: 2·N·H·V (recompute) + 2·N·H·V (dX) [+ 2·N·H·V (dW)] FLOPs; extra memory C·V elements (a fixed
+  budget, independent of N) — never [N,V].
+
+Accumulation is fp32 throughout; inputs fp32 / bf16 / fp16. Offsets are int64 where N·V or V·H can pass
+2³¹. Under TRITON_INTERPRET=1 bf16 is held as uint16, so loads are upcast to fp32 behind UPCAST (set only
+when interpreting).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z[BN, BV] = X[offs_n, :] · W[offs_v, :]ᵀ, fp32 accumulation."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    x_rows = X + offs_n.to(tl.int64)[:, None] * stride_xn
+    w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(x_rows + offs_h[None, :], mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_rows + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL,
+                        N, V, H, stride_xn, stride_wv, v_per_split,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    y = tl.load(Y + offs_n, mask=n_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    label_logit = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
+                        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        hit = offs_v[None, :] == y[:, None]
+        label_logit = tl.maximum(label_logit, tl.max(tl.where(hit, z, float("-inf")), axis=1))
+
+    out = pid_s.to(tl.int64) * N + offs_n
+    tl.store(PART_MAX + out, m, mask=n_mask)
+    tl.store(PART_SUM + out, s, mask=n_mask)
+    tl.store(PART_LABEL + out, label_logit, mask=n_mask)
+
+
+@triton.jit
+def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
+                    N, n_splits, ignore_index,
+                    HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, SPLITS_P2: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    splits = tl.arange(0, SPLITS_P2)
+    idx = splits.to(tl.int64)[:, None] * N + offs[None, :]
+    pmask = (splits[:, None] < n_splits) & mask[None, :]
+    pm = tl.load(PART_MAX + idx, mask=pmask, other=float("-inf"))
+    ps = tl.load(PART_SUM + idx, mask=pmask, other=0.0)
+    pl = tl.load(PART_LABEL + idx, mask=pmask, other=float("-inf"))
+    m = tl.where(mask, tl.max(pm, axis=0), 0.0)  # masked lanes: avoid (-inf) - (-inf)
+    lse = m + tl.log(tl.sum(ps * tl.exp(pm - m[None, :]), axis=0))
+    y = tl.load(Y + offs, mask=mask, other=ignore_index)
+    valid = mask & (y != ignore_index)
+    logp = tl.where(valid, tl.max(pl, axis=0) - lse, 0.0)
+    tl.store(LSE + offs, lse, mask=mask)
+    tl.store(LOGP + offs, logp, mask=mask)
+    if HAS_SEQ:
+        seq = tl.load(SEQ + offs, mask=mask, other=0)
+        tl.atomic_add(SEQ_SUMS + seq, logp, mask=valid)
+
+
+@triton.jit
+def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
+                       n_start, n_end, V, H, stride_xn, stride_wv, stride_gn,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = n_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_end
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < V
+    z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
+                    BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)  # 0 at ignored rows (set by the caller)
+    y = tl.load(Y + offs_n, mask=n_mask, other=-1)
+    p = tl.exp(z - lse[:, None])
+    onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+    dz = g[:, None] * (onehot - p)
+    rows = (offs_n - n_start).to(tl.int64)
+    tl.store(G + rows[:, None] * stride_gn + offs_v[None, :], dz.to(G.dtype.element_ty),
+             mask=n_mask[:, None] & v_mask[None, :])

@@ -1,0 +1,419 @@
+"""clo_fast.evaluate on a tiny random Llama saved to disk and loaded through the real path (offline)."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+import urllib.error  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("lingua", reason="needs lingua-language-detector (the `test` extra)")
+pytest.importorskip("matplotlib", reason="needs matplotlib (the `test` extra)")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from clo_fast import evaluate as E  # noqa: E402
+from clo_fast.config import ConfigError, RunConfig  # noqa: E402
+from clo_fast.language_id import UnknownLanguageError, get_identifier  # noqa: E402
+
+CORPUS = [
+    "Explain why the sky is blue in simple words.",
+    "The sky looks blue because air scatters blue light more than red light.",
+    "Write a short poem about the sea and the wind.",
+    "Give me three tips for learning a new language quickly.",
+    "하늘이 왜 파란지 쉬운 말로 설명해 주세요.",
+    "공기가 빨간빛보다 파란빛을 더 많이 흩뜨리기 때문에 하늘이 파랗게 보입니다.",
+    "바다와 바람에 대한 짧은 시를 써 주세요.",
+    "새로운 언어를 빨리 배우는 세 가지 방법을 알려 주세요.",
+    "### Instruction:\n\n### Response:\n",
+] * 4
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ROWS = [
+    {"id": "a", "prompt_en": "Explain why the sky is blue.", "response_en": "Air scatters blue light more than red light.",
+     "prompt_tgt": "하늘이 왜 파란지 설명해 주세요.", "response_tgt": "공기가 파란빛을 더 많이 흩뜨립니다.", "target_lang": "ko"},
+    {"id": "b", "prompt_en": "Write a short poem about the sea.", "response_en": "The sea and the wind sing together.",
+     "prompt_tgt": "바다에 대한 짧은 시를 써 주세요.", "response_tgt": "바다와 바람이 함께 노래합니다.", "target_lang": "ko"},
+    {"id": "c", "prompt_en": "Give me three tips for learning a new language quickly, please.",
+     "response_en": "Practice every day.", "prompt_tgt": "새로운 언어를 빨리 배우는 방법을 알려 주세요.",
+     "response_tgt": "매일 연습하세요. 그리고 많이 들으세요.", "target_lang": "ko"},
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["</s>", "<s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(tok, seed=0, mute=False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if mute:  # final norm 0 -> all logits 0 -> greedy picks id 0, which is EOS: every response is empty
+        assert tok.eos_token_id == 0
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = make_tokenizer()
+    paths = {}
+    for name, kw in (("base", {}), ("mute", {"mute": True})):
+        d = root / name
+        make_model(tok, **kw).save_pretrained(d)
+        tok.save_pretrained(d)
+        paths[name] = str(d)
+    return paths
+
+
+def make_cfg(tmp_path, **eval_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.target_lang = "ko"
+    cfg.data.max_length = 128
+    cfg.eval.max_new_tokens = 6
+    cfg.eval.batch_size = 2
+    cfg.eval.output_dir = str(tmp_path / "eval")
+    for k, v in eval_kw.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+def independent_nll(model, tok, items, template):
+    """float64, full logits, no padding: Σ −log p(response tokens + EOS) and the token count."""
+    m = LlamaForCausalLM(model.config).double().eval()
+    m.load_state_dict(model.state_dict())
+    total, count = 0.0, 0
+    for it in items:
+        p = tok(template.format(instruction=it["prompt"]))["input_ids"]
+        r = tok(it["reference"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([p + r])).logits[0].double(), -1)
+        for j, t in enumerate(r):
+            total -= float(logp[len(p) - 1 + j, t])
+        count += len(r)
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_sequence_logprob_sums_match_float64():
+    torch.manual_seed(1)
+    S, T, H, V = 3, 7, 16, 50
+    hidden, weight = torch.randn(S, T, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (S, T))
+    labels[0, :3] = E.IGNORE_INDEX
+    labels[2, -2:] = E.IGNORE_INDEX
+    lp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    ref = torch.where(labels != -100, lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0).sum(1)
+    for got in (E.sequence_logprob_sums(hidden, weight, labels), E._torch_sequence_logprobs(hidden, weight, labels, chunk_rows=4)):
+        assert got.dtype == torch.float32 and got.shape == (S,)
+        assert (got.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_reference_batch_shifts_labels():
+    b = E.build_reference_batch([([5, 6, 7], [8, 9]), ([5], [4])], pad_token_id=1)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 1, 1, 1]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 8, 9, -100], [4, -100, -100, -100, -100]]
+
+
+def test_batched_greedy_matches_single_and_manual_loop(saved, tmp_path):
+    cfg = make_cfg(tmp_path)
+    model, tok = E.load_model(saved["base"], cfg)
+    assert tok.padding_side in ("left", "right")  # we pad by hand; the tokenizer setting must not matter
+    items = E.normalize_prompts(ROWS, "ko")
+    ids = [E.encode_prompt(tok, it["prompt"], cfg.data) for it in items]
+    assert len({len(i) for i in ids}) > 2  # different lengths: left padding is exercised
+    batched = E.generate_responses(model, tok, ids, max_new_tokens=6, batch_size=4)
+    single = E.generate_responses(model, tok, ids, max_new_tokens=6, batch_size=1)
+    assert batched == single
+    # independent greedy loop (full forward each step, no cache, no padding) for the longest and shortest prompt
+    for k in (max(range(len(ids)), key=lambda i: len(ids[i])), min(range(len(ids)), key=lambda i: len(ids[i]))):
+        seq = list(ids[k])
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                seq.append(nxt)
+                new.append(nxt)
+        assert batched[k]["tokens"] == len(new)
+        assert batched[k]["text"] == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def test_reference_nll_matches_float64(saved, tmp_path):
+    cfg = make_cfg(tmp_path)
+    model, tok = E.load_model(saved["base"], cfg)
+    items = [it for it in E.normalize_prompts(ROWS, "ko") if it["lang"] == "ko"]
+    ex = [e for e in E.reference_examples(tok, items, cfg.data)]
+    got_sum, got_n = E.reference_nll(model, tok, ex, batch_size=2)
+    ref_sum, ref_n = independent_nll(model, tok, items, cfg.data.prompt_template)
+    assert got_n == ref_n > 0
+    assert abs(got_sum - ref_sum) / ref_sum < 1e-5
+
+
+def test_evaluate_models_end_to_end(saved, tmp_path):
+    cfg = make_cfg(tmp_path, judge_baseline="mute")
+
+    def fake_judge(payload):  # prefers the non-empty answer: the base model beats the mute one every time
+        text = payload["messages"][-1]["content"]
+        a = re.search(r"# Answer A\n(.*?)\n\n# Answer B\n", text, re.S).group(1)
+        return "I compared both.\nVerdict: A" if a.strip() else "Verdict: B"
+
+    report = E.evaluate_models(cfg, [f"base={saved['base']}", f"mute={saved['mute']}"], prompts=ROWS,
+                               judge_send=fake_judge)
+    out = tmp_path / "eval"
+    for name in ("report.json", "report.md", "report.png", "generations.jsonl"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["models"] == report["models"]
+    assert report["languages"] == ["en", "ko"] and report["n_prompts"] == {"en": 3, "ko": 3}
+
+    # fidelity and lengths re-derived from the generations file with the same detector
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 12
+    lid = get_identifier(["en", "ko"])
+    for label in ("base", "mute"):
+        for lang in ("en", "ko"):
+            g = [x for x in gens if x["model"] == label and x["lang"] == lang]
+            m = report["models"][label]["metrics"][lang]
+            det = lid.detect_batch([x["response"] for x in g])
+            assert [x["detected"] for x in g] == det
+            assert m["fidelity"] == pytest.approx(sum(d == lang for d in det) / len(det))
+            assert m["mean_response_tokens"] == pytest.approx(sum(x["response_tokens"] for x in g) / len(g))
+    mute = report["models"]["mute"]["metrics"]
+    assert all(mute[l]["fidelity"] == 0.0 and mute[l]["mean_response_tokens"] == 0.0 for l in ("en", "ko"))
+    assert all(mute[l]["finished_share"] == 1.0 and mute[l]["detected"] == {"none": 3} for l in ("en", "ko"))
+    assert report["models"]["base"]["metrics"]["en"]["mean_response_tokens"] > 0
+
+    # NLL per token against an independent float64 computation
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(saved["base"])
+    for label in ("base", "mute"):
+        model = AutoModelForCausalLM.from_pretrained(saved[label])
+        for lang, (pk, rk) in (("en", ("prompt_en", "response_en")), ("ko", ("prompt_tgt", "response_tgt"))):
+            items = [{"prompt": r[pk], "reference": r[rk]} for r in ROWS]
+            s, n = independent_nll(model, tok, items, cfg.data.prompt_template)
+            m = report["models"][label]["metrics"][lang]
+            assert m["nll_tokens"] == n and m["nll_sequences"] == 3
+            assert m["nll_per_token"] == pytest.approx(s / n, rel=1e-5)
+    # mute model: all logits 0 -> uniform -> NLL/token is exactly log V
+    assert mute["ko"]["nll_per_token"] == pytest.approx(torch.log(torch.tensor(float(len(tok)))).item(), rel=1e-6)
+
+    # judge and the Markdown table
+    res = report["judge"]["results"]
+    assert report["judge"]["baseline"] == "mute" and set(res) == {"base"}
+    assert res["base"]["ko"]["win_rate"] == 1.0 and res["base"]["ko"]["wins"] == 3
+    md = (out / "report.md").read_text()
+    assert "| metric | base | mute |" in md
+    base_nll_ko = report["models"]["base"]["metrics"]["ko"]["nll_per_token"]
+    assert f"{base_nll_ko:.3f}" in md and "| fidelity ko (↑) |" in md and "judge win rate vs mute, ko" in md
+
+
+def test_judge_skipped_without_endpoint(saved, tmp_path, capsys):
+    cfg = make_cfg(tmp_path, max_prompts=1, max_new_tokens=2)
+    report = E.evaluate_models(cfg, [saved["base"]], prompts=ROWS[:1], out_dir=tmp_path / "o")
+    assert report["judge"] == {"skipped": "eval.judge_endpoint is not set"}
+    assert "LLM judge skipped" in capsys.readouterr().out
+    assert list(report["models"]) == ["base"]  # label from the path's last component
+    assert "LLM judge: skipped" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_chat_template_and_item_prompts(saved, tmp_path):
+    cfg = make_cfg(tmp_path, max_new_tokens=3)
+    cfg.data.template = "chat"
+    _, tok = E.load_model(saved["base"], cfg)
+    s = E.format_prompt(tok, "Hi there", cfg.data)
+    assert s == "<s><|user|>\nHi there</s>\n<|assistant|>\n"
+    ids = E.encode_prompt(tok, "Hi there", cfg.data)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # no second BOS
+    prompts = [{"prompt": "Explain why the sky is blue.", "lang": "en"},
+               {"prompt": "하늘이 왜 파란지 설명해 주세요.", "lang": "ko", "reference": "공기가 파란빛을 흩뜨립니다."}]
+    report = E.evaluate_models(cfg, [("m", saved["base"])], prompts=prompts)
+    m = report["models"]["m"]["metrics"]
+    assert m["en"]["nll_per_token"] is None and m["en"]["nll_sequences"] == 0  # no reference given
+    assert m["ko"]["nll_per_token"] > 0 and report["template"] == "chat"
+
+
+def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def build_text_dataset(data_cfg):
+        calls.append(data_cfg.target_lang)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                                     "eval": datasets.Dataset.from_list(ROWS[1:] if data_cfg.eval_fraction else ROWS[:0])}), {}
+
+    monkeypatch.setitem(sys.modules, "clo_fast.data", types.SimpleNamespace(build_text_dataset=build_text_dataset))
+    cfg = make_cfg(tmp_path, max_prompts=1)
+    got = E.load_eval_prompts(cfg)
+    assert calls == ["ko"] and [r["id"] for r in got] == ["b"]
+    cfg.data.eval_fraction = 0.0
+    with pytest.raises(E.EvalError, match="no evaluation prompts.*'eval' split"):
+        E.load_eval_prompts(cfg)
+
+
+def test_bad_inputs_raise_clear_errors(saved, tmp_path):
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(E.EvalError, match="no evaluation prompts"):
+        E.evaluate_models(cfg, [saved["base"]], prompts=[])
+    with pytest.raises(UnknownLanguageError, match="'xx'"):
+        E.evaluate_models(cfg, [saved["base"]], prompts=[{"prompt": "hello", "lang": "xx"}])
+    cfg.data.target_lang = "qq"
+    with pytest.raises(UnknownLanguageError, match="'qq'"):
+        E.evaluate_models(cfg, [saved["base"]], prompts=ROWS)
+    cfg.data.target_lang = "ko"
+    missing = str(tmp_path / "no" / "such" / "model")
+    with pytest.raises(E.EvalError, match=re.escape(missing)):
+        E.evaluate_models(cfg, [missing], prompts=ROWS)
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(E.EvalError, match=re.escape(str(empty)) + ".*no config.json"):
+        E.load_model(str(empty), cfg)
+    afile = tmp_path / "weights.bin"
+    afile.write_bytes(b"x")
+    with pytest.raises(E.EvalError, match="is a file"):
+        E.load_model(str(afile), cfg)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(E.EvalError, match=re.escape(str(broken))):
+        E.load_model(str(broken), cfg)
+    with pytest.raises(E.EvalError, match="cannot load the tokenizer of model 'nobody/no-such-model'"):
+        E.load_model("nobody/no-such-model", cfg)  # hub name, offline
+    with pytest.raises(E.EvalError, match="missing or non-string prompt_tgt"):
+        E.normalize_prompts([{"prompt_en": "hi"}], "ko")
+    with pytest.raises(E.EvalError, match="no 'lang'"):
+        E.normalize_prompts([{"prompt": "hi"}], "ko")
+    with pytest.raises(E.EvalError, match="empty prompt"):
+        E.normalize_prompts([{"prompt": "  ", "lang": "en"}], "ko")
+    with pytest.raises(E.EvalError, match="used twice"):
+        E._parse_model_specs([saved["base"], saved["base"]])
+    with pytest.raises(ConfigError, match="eval.batch_size"):
+        E.evaluate_models(make_cfg(tmp_path, batch_size=0), [saved["base"]], prompts=ROWS)
+    with pytest.raises(ConfigError, match="eval.detector_languages"):
+        E.check_eval_config(make_cfg(tmp_path, detector_languages=["zz"]).eval)
+    with pytest.raises(E.EvalError, match="judge_baseline 'nope'"):
+        E.evaluate_models(make_cfg(tmp_path, judge_baseline="nope", max_new_tokens=1), [f"a={saved['base']}", f"b={saved['mute']}"],
+                          prompts=ROWS[:1], judge_send=lambda p: "Verdict: A")
+
+
+def test_cli(saved, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS[:2]), encoding="utf-8")
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 3\n  output_dir: {tmp_path / 'cli'}\n")
+    rc = E.main(["--config", str(conf), "--model", f"base={saved['base']}", "--model", saved["mute"],
+                 "--prompts", str(prompts), "--batch-size", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| metric | base | mute |" in out
+    rep = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert rep["eval_config"]["batch_size"] == 3 and rep["n_prompts"] == {"en": 2, "ko": 2}
+    missing = str(tmp_path / "nowhere" / "model")
+    rc = E.main(["--config", str(conf), "--model", missing, "--prompts", str(prompts)])
+    err = capsys.readouterr().err
+    assert rc == 2 and missing in err and err.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------- LLM judge
+def test_judge_request_and_url():
+    p = E.build_judge_request("Say hi", "hello", "bonjour", "judge-1")
+    assert p["model"] == "judge-1" and p["temperature"] == 0
+    assert p["messages"][0]["role"] == "system" and p["messages"][1]["role"] == "user"
+    user = p["messages"][1]["content"]
+    assert user.index("Say hi") < user.index("# Answer A\nhello") < user.index("# Answer B\nbonjour")
+    assert "model" not in E.build_judge_request("x", "a", "b", None)
+    assert E.judge_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions"
+    assert E.judge_url("http://h/v1/chat/completions/") == "http://h/v1/chat/completions"
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("Verdict: A", "A"), ("verdict: b", "B"), ("Verdict: TIE", "tie"), ("**Verdict:** (B)", "B"), ("Verdict: [tie]", "tie"), ("verdicts: none", None),
+    ("Answer A is a better start. Verdict: B", "B"), ("Verdict: A ... on reflection Verdict: B", "B"),
+    ("A", "A"), (" b. ", "B"), ("Output (a)", "A"), ("tie", "tie"), ("I cannot decide", None), ("", None),
+    ("A bit of both", None), (None, None),
+])
+def test_parse_verdict(reply, verdict):
+    assert E.parse_verdict(reply) == verdict
+
+
+def test_judge_pairwise_counts_and_never_guesses():
+    ins = [f"q{i}" for i in range(20)]
+    cand = [f"GOOD {i}" for i in range(20)]
+    base = [f"meh {i}" for i in range(20)]
+
+    def prefers_good(p):
+        return "Verdict: A" if "# Answer A\nGOOD" in p["messages"][1]["content"] else "Verdict: B"
+
+    r = E.judge_pairwise(ins, cand, base, prefers_good)
+    assert (r["wins"], r["losses"], r["ties"], r["win_rate"]) == (20, 0, 0, 1.0)
+    always_a = E.judge_pairwise(ins, cand, base, lambda p: "Verdict: A")  # position bias cancels out
+    assert 0 < always_a["wins"] < 20 and always_a["wins"] + always_a["losses"] == 20
+    r = E.judge_pairwise(ins[:4], cand[:4], base[:4], lambda p: "TIE")
+    assert r["win_rate"] == 0.5 and r["ties"] == 4
+    r = E.judge_pairwise(ins[:3], cand[:3], base[:3], lambda p: "no idea")
+    assert r["win_rate"] is None and r["invalid"] == 3
+
+    def down(p):
+        raise urllib.error.URLError("connection refused")
+
+    r = E.judge_pairwise(ins[:2], cand[:2], base[:2], down)
+    assert r["win_rate"] is None and r["errors"] == 2 and "connection refused" in r["first_error"]
+    with pytest.raises(ValueError):
+        E.judge_pairwise(ins[:2], cand[:1], base[:2], down)
+
+
+def test_http_judge_builds_request(monkeypatch):
+    seen = {}
+
+    class Resp:
+        def __init__(self, body):
+            self.body = body
+
+        def read(self):
+            return json.dumps(self.body).encode()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    def fake_urlopen(req, timeout):
+        seen.update(url=req.full_url, headers=dict(req.header_items()), body=json.loads(req.data), timeout=timeout)
+        return Resp({"choices": [{"message": {"content": "Verdict: B"}}]})
+
+    monkeypatch.setattr(E.urllib.request, "urlopen", fake_urlopen)
+    send = E.http_judge("http://judge.local/v1", api_key="k123", timeout=5)
+    payload = E.build_judge_request("q", "a", "b", "j")
+    assert send(payload) == "Verdict: B"
+    assert seen["url"] == "http://judge.local/v1/chat/completions" and seen["timeout"] == 5
+    assert seen["headers"]["Authorization"] == "Bearer k123" and seen["body"] == payload
+    monkeypatch.setattr(E.urllib.request, "urlopen", lambda req, timeout: Resp({"error": "bad"}))
+    with pytest.raises(RuntimeError, match="unexpected judge reply"):
+        send(payload)

@@ -1,0 +1,239 @@
+"""linear_logprobs / sequence_logprobs: every implementation against a float64 reference.
+
+On CPU the `triton` implementation runs the real kernels in Triton's interpreter (see conftest.py);
+`torch` is the chunked fallback. GPU-marked tests repeat the grid on CUDA with compiled kernels.
+"""
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clo_fast.loss import clo_loss, reference_clo_loss
+from clo_fast.ops import linear_logprobs, sequence_logprobs
+
+IMPLS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, H, V): a single token, N not a multiple of the block, V prime-ish / odd, H = 48
+SHAPES = [(1, 48, 17), (37, 48, 101), (67, 48, 257)]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype, what):
+    if dtype == torch.float32:
+        return 1e-5
+    # low-precision inputs: the forward accumulates in fp32 from the same rounded inputs; gradients are
+    # rounded to the input dtype (and G to it on GPU)
+    return 1e-5 if what == "fwd" else 1e-2
+
+
+def make(N, H, V, dtype, device, seed, ignore_frac=0.2, w_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype).to(device)
+    w = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(dtype).to(device)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < ignore_frac] = -100
+    if N > 1 and (y == -100).all():
+        y[0] = 1
+    upstream = torch.randn(N, generator=g, dtype=torch.float64)
+    return x.requires_grad_(True), w.requires_grad_(w_grad), y.to(device), upstream.to(device)
+
+
+def reference(x, w, y, upstream):
+    """float64 log-softmax of the (already rounded) inputs; grads of Σ upstream·logp."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    lp = torch.log_softmax(x64 @ w64.T, -1)
+    valid = y != -100
+    out = torch.where(valid, lp.gather(1, torch.where(valid, y, 0)[:, None])[:, 0], 0.0)
+    dx, dw = torch.autograd.grad((out * upstream).sum(), [x64, w64])
+    return out, dx, dw
+
+
+def check_linear(impl, dtype, N, H, V, device, seed=0, chunk_rows=None):
+    x, w, y, up = make(N, H, V, dtype, device, seed)
+    out = linear_logprobs(x, w, y, impl=impl, chunk_rows=chunk_rows)
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    dx, dw = torch.autograd.grad((out.double() * up).sum(), [x, w])
+    ref, rdx, rdw = reference(x, w, y, up)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < tol(dtype, "fwd"), rel(out, ref)
+    assert (out[y == -100] == 0).all(), "ignored positions must be exactly 0"
+    assert rel(dx, rdx) < tol(dtype, "bwd"), rel(dx, rdx)
+    assert rel(dw, rdw) < tol(dtype, "bwd"), rel(dw, rdw)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert (dx[y == -100] == 0).all(), "ignored rows get no gradient"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,V", SHAPES)
+def test_linear_logprobs_matches_float64(impl, dtype, N, H, V):
+    check_linear(impl, dtype, N, H, V, "cpu", seed=N + V)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_in_several_chunks(impl):
+    check_linear(impl, torch.float32, 53, 48, 131, "cpu", seed=3, chunk_rows=16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_vocab_splits_combine(impl):
+    """Forcing several vocab splits (Triton) must not change the result."""
+    import clo_kernels
+
+    x, w, y, up = make(40, 48, 300, torch.float32, "cpu", 11)
+    ref, _, _ = reference(x, w, y, up)
+    if impl == "triton":
+        for splits in (1, 2, 5):
+            _, logp, _ = clo_kernels.forward(x.detach(), w.detach(), y, -100, n_splits=splits)
+            assert rel(logp, ref) < 1e-5
+    else:
+        assert rel(linear_logprobs(x, w, y, impl="torch", chunk_rows=7), ref) < 1e-5
+
+
+def _clo_batch(B, T, H, V, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4 * B, T, H, generator=g).to(dtype).to(device).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(dtype).to(device)
+    labels = torch.randint(0, V, (4 * B, T), generator=g)
+    labels[:, : T // 3] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    ref = (-torch.rand(B, 4, generator=g, dtype=torch.float64) * 5 - T * 2).to(device)
+    return hidden, w, labels.to(device), ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sequence_logprobs_and_clo_loss_match_reference(impl, dtype):
+    B, T, H, V = 2, 9, 48, 97
+    hidden, w, labels, ref = _clo_batch(B, T, H, V, dtype, "cpu", 7)
+    w.requires_grad_(True)
+    logps = sequence_logprobs(hidden, w, labels, impl=impl)
+    n = (labels != -100).sum(1).view(B, 4)
+    loss, m = clo_loss(logps.view(B, 4), ref.float(), n, 0.1, 0.5)
+    dh, dw = torch.autograd.grad(loss, [hidden, w])
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    loss_r, m_r = reference_clo_loss(h64 @ w64.T, labels, ref, 0.1, 0.5)
+    rdh, rdw = torch.autograd.grad(loss_r, [h64, w64])
+    assert abs(loss.item() - loss_r.item()) / abs(loss_r.item()) < tol(dtype, "fwd") * 10
+    for k in ("nll", "cl_loss", "rewards/margins", "logps/chosen"):
+        assert m[k].item() == pytest.approx(m_r[k].item(), rel=1e-4, abs=1e-5)
+    assert rel(dh, rdh) < tol(dtype, "bwd")
+    assert rel(dw, rdw) < tol(dtype, "bwd")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored_sequence_and_single_token(impl):
+    hidden, w, labels, _ = _clo_batch(1, 5, 48, 61, torch.float32, "cpu", 9)
+    labels[2] = -100  # one sequence with no scored tokens
+    labels[3] = -100
+    labels[3, 4] = 7  # one with a single token
+    logps = sequence_logprobs(hidden, w, labels, impl=impl)
+    assert logps[2].item() == 0.0
+    lp = torch.log_softmax(hidden[3, 4].double() @ w.double().T, -1)[7]
+    assert logps[3].item() == pytest.approx(lp.item(), rel=1e-5)
+    (dh,) = torch.autograd.grad(logps.sum(), [hidden])
+    assert (dh[2] == 0).all() and (dh[3, :4] == 0).all() and dh[3, 4].abs().sum() > 0
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any("triton/runtime/interpreter" in f.filename for f in traceback.extract_stack()):
+            return out  # the CPU interpreter's host copies of kernel arguments: not ours, absent on GPU
+        flat_in = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        in_storage = {a.untyped_storage().data_ptr() for a in flat_in}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            # outputs sharing an input's storage (views) allocate nothing
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in in_storage:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_allocates_no_weight_gradient(impl):
+    V, H, N = 89, 64, 20  # N < H, so a [N, V] chunk buffer is smaller than [V, H]
+    x, w, y, up = make(N, H, V, torch.float32, "cpu", 4, w_grad=False)
+    rec = _ShapeRecorder()
+    with rec:
+        out = linear_logprobs(x, w, y, impl=impl)
+        (out * up.float()).sum().backward()
+    assert w.grad is None
+    big = [(f, s) for f, s in rec.shapes if s == (V, H) or (len(s) == 2 and s[0] * s[1] >= V * H)]
+    assert not big, f"a [V,H]-sized tensor was allocated: {big}"
+    # and the trainable head does allocate it (the recorder can see it)
+    x, w, y, up = make(N, H, V, torch.float32, "cpu", 4, w_grad=True)
+    rec = _ShapeRecorder()
+    with rec:
+        (linear_logprobs(x, w, y, impl=impl) * up.float()).sum().backward()
+    assert any(s == (V, H) for _, s in rec.shapes)
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        linear_logprobs(x, w, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"labels must be \[N\]"):
+        linear_logprobs(x, w, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight"):
+        linear_logprobs(x, torch.randn(10, 9), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="same dtype"):
+        linear_logprobs(x, w.double(), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl"):
+        linear_logprobs(x, w, torch.zeros(4, dtype=torch.long), impl="magic")
+    with pytest.raises(ValueError, match=r"\[S,T,H\]"):
+        sequence_logprobs(x, w, torch.zeros(4, dtype=torch.long))
+
+
+def test_torch_path_memory_is_chunked():
+    """The fallback's largest temporary is [chunk, V], never [N, V]."""
+    N, H, V = 600, 8, 40000  # default chunk: 32 MiB / (4·V) = 209 rows
+    x, w, y, up = make(N, H, V, torch.float32, "cpu", 5, w_grad=False)
+    rec = _ShapeRecorder()
+    with rec:
+        (linear_logprobs(x, w, y, impl="torch") * up.float()).sum().backward()
+    biggest = max(s[0] * s[1] for _, s in rec.shapes if len(s) == 2)
+    assert biggest < N * V / 2, biggest
+
+
+# ------------------------------------------------------------------------------ compiled, on CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,V", [(1, 48, 17), (1000, 256, 32000), (777, 512, 151936), (300, 64, 50257)])
+def test_gpu_triton_matches_float64(dtype, N, H, V):
+    check_linear("triton", dtype, N, H, V, "cuda", seed=N)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N·V > 2³¹: offsets into the logit-gradient buffer and partials must not overflow."""
+    N, H, V = 17000, 32, 128256
+    check_linear("triton", torch.bfloat16, N, H, V, "cuda", seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_sequence_logprobs_clo(dtype):
+    B, T, H, V = 2, 257, 128, 32000
+    hidden, w, labels, ref = _clo_batch(B, T, H, V, dtype, "cuda", 3)
+    logps = sequence_logprobs(hidden, w, labels)
+    n = (labels != -100).sum(1).view(B, 4)
+    loss, _ = clo_loss(logps.view(B, 4), ref.float(), n, 0.1, 0.5, validate=False)
+    (dh,) = torch.autograd.grad(loss, [hidden])
+    h64 = hidden.detach().double().requires_grad_(True)
+    loss_r, _ = reference_clo_loss(h64 @ w.double().T, labels, ref, 0.1, 0.5)
+    (rdh,) = torch.autograd.grad(loss_r, [h64])
+    assert abs(loss.item() - loss_r.item()) / abs(loss_r.item()) < 1e-4
+    assert rel(dh, rdh) < tol(dtype, "bwd")
