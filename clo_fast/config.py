@@ -23,10 +23,11 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # hub name or local path; "demo" = the tiny Llama built from the demo data
-    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16; must agree with train.precision
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    # Modules whose parameters train (fnmatch patterns on parameter names); attention-only by default.
+    # Modules whose parameters train (fnmatch patterns on parameter names, e.g. model.layers.0.self_attn.q_proj.weight;
+    # a tied head/embedding trains when any of its names matches); attention-only by default.
     trainable_patterns: list[str] = field(
         default_factory=lambda: ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
     )
@@ -64,41 +65,44 @@ class DataConfig:
 
 @dataclass
 class CLOConfig:
-    mode: str = "clo"  # clo (L = λ·L_SFT + (1-λ)·L_CL) | sft (λ = 1 baseline) | dpo (λ = 0)
+    mode: str = "clo"  # clo (L = λ·L_SFT + (1-λ)·L_CL) | sft (λ = 1 baseline, no reference pass) | dpo (λ = 0)
     beta: float = 0.1  # DPO temperature β
-    lam: float = 0.5  # λ, weight of the target-language NLL
+    lam: float = 0.5  # λ, weight of the target-language NLL (mode clo only)
     reference_free: bool = False  # drop the π_ref terms (no reference pass)
     sft_sequences: list[int] = field(default_factory=lambda: [2])  # sequences the NLL covers (sft mode: [0, 2] = both languages)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
+    lr: float = 5e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
+    eps: float = 1e-8  # AdamW ε
+    warmup_steps: int = 0  # linear warmup over this many optimizer steps
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    max_grad_norm: float = 1.0  # clipping; 0 disables
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs when set
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this
+    max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables
+    epochs: int = 1  # passes over the training split (when max_steps is null)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_examples: int = 1  # examples (x4 sequences) per micro-batch per rank
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (global batch = micro × accum × ranks)
+    seed: int = 0  # seeds the data order and all RNGs
 
 
 @dataclass
 class TrainConfig:
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed mixed precision)
-    deepspeed_config: str = "configs/ds_zero3.json"  # ZeRO-3 JSON; batch sizes are filled from optim
-    output_dir: str = "outputs/run"
-    logging_steps: int = 1
-    eval_steps: int = 0  # 0 = eval only at the end
-    save_steps: int = 0  # 0 = save only at the end
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed mixed precision; model.dtype must match)
+    deepspeed_config: str = "configs/ds_zero3.json"  # ZeRO-3 JSON; batch sizes, precision, clipping filled from here
+    output_dir: str = "outputs/run"  # checkpoints/, hf_model/, metrics.jsonl, tensorboard/, ref_data/
+    logging_steps: int = 1  # metrics to console/JSONL/TensorBoard every N steps (the only host syncs)
+    eval_steps: int = 0  # eval loss on the held-out split every N steps; 0 = only at the end
+    save_steps: int = 0  # DeepSpeed checkpoint every N steps; 0 = only at the end
     save_total_limit: int = 2  # keep this many checkpoints
-    export_hf: bool = True  # write an HF model (16-bit gathered weights) at the end
-    tensorboard: bool = True
+    export_hf: bool = True  # write an HF model (16-bit gathered weights) to <output_dir>/hf_model at the end
+    tensorboard: bool = True  # also log to <output_dir>/tensorboard
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
-    run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end
+    pad_to_multiple_of: int = 64  # batch sequence length is padded up to a multiple of this
+    run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
 
 
 @dataclass
@@ -138,6 +142,29 @@ class RunConfig:
         check(self.optim.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
         check(self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
         check(self.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {self.optim.schedule!r}")
+        check(len(self.optim.betas) == 2 and all(0.0 <= b < 1.0 for b in self.optim.betas), "optim.betas",
+              f"must be two numbers in [0, 1), got {self.optim.betas}")
+        check(self.optim.eps > 0, "optim.eps", f"must be > 0, got {self.optim.eps}")
+        check(self.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
+        check(self.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.optim.warmup_steps}")
+        check(0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.optim.min_lr_ratio}")
+        check(self.optim.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {self.optim.max_grad_norm}")
+        check(self.optim.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.optim.epochs}")
+        check(self.optim.max_steps is None or self.optim.max_steps >= 1, "optim.max_steps",
+              f"must be >= 1 or null, got {self.optim.max_steps}")
+        check(len(self.model.trainable_patterns) > 0, "model.trainable_patterns", "must list at least one pattern")
+        check(self.model.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
+              f"must be sdpa|eager|flash_attention_2, got {self.model.attn_implementation!r}")
+        check(len(set(self.clo.sft_sequences)) == len(self.clo.sft_sequences) and len(self.clo.sft_sequences) > 0,
+              "clo.sft_sequences", f"must be non-empty without repeats, got {self.clo.sft_sequences}")
+        check(self.train.logging_steps >= 1, "train.logging_steps", "must be >= 1")
+        check(self.train.eval_steps >= 0, "train.eval_steps", "must be >= 0")
+        check(self.train.save_steps >= 0, "train.save_steps", "must be >= 0")
+        check(self.train.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
+        check(self.train.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
+        want = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.train.precision)
+        check(want is None or self.model.dtype == want, "train.precision",
+              f"{self.train.precision} needs model.dtype: {want} (got {self.model.dtype})")
         check(self.train.precision in ("fp32", "bf16", "fp16"), "train.precision", f"unknown {self.train.precision!r}")
         check(self.train.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {self.train.head_impl!r}")
         check(self.data.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {self.data.template!r}")

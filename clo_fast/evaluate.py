@@ -127,13 +127,13 @@ def normalize_prompts(records: Sequence[dict], target_lang: str, max_per_lang: i
 
 
 def load_eval_prompts(cfg: RunConfig) -> list[dict]:
-    """Held-out rows from the text-level dataset's "eval" split (`clo_fast.data.build_text_dataset`)."""
-    try:
-        from clo_fast.data import build_text_dataset
-    except ImportError as e:
-        raise EvalError(f"cannot load the held-out prompts: clo_fast.data.build_text_dataset is unavailable ({e}); "
-                        "pass prompts explicitly (--prompts FILE.jsonl)") from e
-    dsd, _summary = build_text_dataset(cfg.data)
+    """The first eval.max_prompts rows of the text-level dataset's "eval" split
+    (`clo_fast.data.load_or_build_text_dataset`: the dataset training saved, or built from cfg.data)."""
+    import clo_fast.data as data
+
+    # the saved dataset when it matches the data config (same split as training), else build and save it
+    build = getattr(data, "load_or_build_text_dataset", None) or data.build_text_dataset
+    dsd, _summary = build(cfg.data)
     if "eval" not in dsd or len(dsd["eval"]) == 0:
         raise EvalError(
             f"no evaluation prompts: the text dataset from data.source={cfg.data.source!r} has an empty 'eval' split "
@@ -171,13 +171,17 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
-    """(model, tokenizer) from a local HF directory or a hub name; errors name the path.
+    """(model, tokenizer) from a local HF directory, a hub name or `demo`; errors name the path.
 
     The tokenizer gets a pad token (EOS when it has none). Model in eval mode, `cfg.model.dtype`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
+    if path == "demo":  # the tiny demo model (built offline and cached, as training resolves it)
+        from clo_fast.model import resolve_model_path
+
+        path = resolve_model_path(path, cfg.data.cache_dir)
     local = os.path.expanduser(path)
     if os.path.exists(local):
         if not os.path.isdir(local):
@@ -217,19 +221,20 @@ def default_device() -> torch.device:
 
 
 def format_prompt(tokenizer, text: str, data_cfg) -> str:
-    """The prompt string as training formats it (template=plain: prompt_template; chat: chat template)."""
-    if data_cfg.template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise EvalError(f"data.template is 'chat' but tokenizer {tokenizer.name_or_path!r} has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return data_cfg.prompt_template.format(instruction=text)
+    """The prompt string exactly as training formats it (`clo_fast.data.format_prompt`):
+    template=plain: data.prompt_template; template=chat: the tokenizer's chat template."""
+    from clo_fast.data import format_prompt as data_format_prompt
+
+    return data_format_prompt(text, tokenizer, data_cfg)
 
 
 def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
-    """Prompt token ids: plain template with the tokenizer's special tokens (BOS); a chat template
-    already writes its own, so none are added there."""
-    s = format_prompt(tokenizer, text, data_cfg)
-    return list(tokenizer(s, add_special_tokens=data_cfg.template != "chat")["input_ids"])
+    """Prompt token ids as `clo_fast.data.tokenize_dataset` builds them: template=plain gets the tokenizer's
+    special prefix (BOS) before the text; a chat template writes its own, so nothing is added there."""
+    from clo_fast.data import _special_prefix
+
+    prefix = _special_prefix(tokenizer) if data_cfg.template == "plain" else []
+    return prefix + list(tokenizer(format_prompt(tokenizer, text, data_cfg), add_special_tokens=False)["input_ids"])
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -84,10 +84,13 @@ def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/clo_fast") 
     return os.path.expanduser(name_or_path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(model, cache_dir: str = "~/.cache/clo_fast"):
+    """Tokenizer of a model directory / hub name, or of a `ModelConfig` (`demo` resolves to the demo model).
+    Gets a pad token (EOS) when the model has none."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    path = model if isinstance(model, (str, os.PathLike)) else resolve_model_path(model.name_or_path, cache_dir)
+    tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:  # Llama-3 / many base models ship without a pad token
         tok.pad_token = tok.eos_token
     return tok

@@ -54,7 +54,7 @@ def _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
 
 @triton.jit
 def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL,
-                        N, V, H, stride_xn, stride_wv, v_per_split,
+                        N, V, H, stride_xn, stride_wv, n_splits,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -66,8 +66,10 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL,
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     label_logit = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    # split s owns a contiguous run of vocab tiles; a split past the end stays empty (max −inf, Σexp 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
+    v_start = pid_s * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
@@ -98,7 +100,7 @@ def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
     pm = tl.load(PART_MAX + idx, mask=pmask, other=float("-inf"))
     ps = tl.load(PART_SUM + idx, mask=pmask, other=0.0)
     pl = tl.load(PART_LABEL + idx, mask=pmask, other=float("-inf"))
-    m = tl.where(mask, tl.max(pm, axis=0), 0.0)  # masked lanes: avoid (-inf) - (-inf)
+    m = tl.where(mask, tl.max(pm, axis=0), 0.0)  # masked lanes: avoid (−inf) − (−inf)
     lse = m + tl.log(tl.sum(ps * tl.exp(pm - m[None, :]), axis=0))
     y = tl.load(Y + offs, mask=mask, other=ignore_index)
     valid = mask & (y != ignore_index)

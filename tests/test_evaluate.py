@@ -5,8 +5,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
 import urllib.error  # noqa: E402
 
 import pytest  # noqa: E402
@@ -260,7 +258,7 @@ def test_chat_template_and_item_prompts(saved, tmp_path):
     assert m["ko"]["nll_per_token"] > 0 and report["template"] == "chat"
 
 
-def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):
+def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):  # the data builder itself is faked here
     datasets = pytest.importorskip("datasets")
     calls = []
 
@@ -269,7 +267,9 @@ def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):
         return datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
                                      "eval": datasets.Dataset.from_list(ROWS[1:] if data_cfg.eval_fraction else ROWS[:0])}), {}
 
-    monkeypatch.setitem(sys.modules, "clo_fast.data", types.SimpleNamespace(build_text_dataset=build_text_dataset))
+    import clo_fast.data
+
+    monkeypatch.setattr(clo_fast.data, "load_or_build_text_dataset", build_text_dataset)
     cfg = make_cfg(tmp_path, max_prompts=1)
     got = E.load_eval_prompts(cfg)
     assert calls == ["ko"] and [r["id"] for r in got] == ["b"]

@@ -13,6 +13,8 @@ from clo_fast.loss import clo_loss, reference_clo_loss
 from clo_fast.ops import linear_logprobs, sequence_logprobs
 
 IMPLS = ["torch", "triton"]
+# the triton impl runs compiled on a GPU machine, interpreted on CPU (conftest.py); torch stays on CPU
+DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, H, V): a single token, N not a multiple of the block, V prime-ish / odd, H = 48
 SHAPES = [(1, 48, 17), (37, 48, 101), (67, 48, 257)]
@@ -73,12 +75,12 @@ def check_linear(impl, dtype, N, H, V, device, seed=0, chunk_rows=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,H,V", SHAPES)
 def test_linear_logprobs_matches_float64(impl, dtype, N, H, V):
-    check_linear(impl, dtype, N, H, V, "cpu", seed=N + V)
+    check_linear(impl, dtype, N, H, V, DEVICE[impl], seed=N + V)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backward_in_several_chunks(impl):
-    check_linear(impl, torch.float32, 53, 48, 131, "cpu", seed=3, chunk_rows=16)
+    check_linear(impl, torch.float32, 53, 48, 131, DEVICE[impl], seed=3, chunk_rows=16)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -86,10 +88,10 @@ def test_forward_vocab_splits_combine(impl):
     """Forcing several vocab splits (Triton) must not change the result."""
     import clo_kernels
 
-    x, w, y, up = make(40, 48, 300, torch.float32, "cpu", 11)
+    x, w, y, up = make(40, 48, 300, torch.float32, DEVICE[impl], 11)
     ref, _, _ = reference(x, w, y, up)
     if impl == "triton":
-        for splits in (1, 2, 5):
+        for splits in (1, 2, 5, 8):  # 8 > 5 vocab tiles: empty splits too
             _, logp, _ = clo_kernels.forward(x.detach(), w.detach(), y, -100, n_splits=splits)
             assert rel(logp, ref) < 1e-5
     else:
@@ -111,7 +113,7 @@ def _clo_batch(B, T, H, V, dtype, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sequence_logprobs_and_clo_loss_match_reference(impl, dtype):
     B, T, H, V = 2, 9, 48, 97
-    hidden, w, labels, ref = _clo_batch(B, T, H, V, dtype, "cpu", 7)
+    hidden, w, labels, ref = _clo_batch(B, T, H, V, dtype, DEVICE[impl], 7)
     w.requires_grad_(True)
     logps = sequence_logprobs(hidden, w, labels, impl=impl)
     n = (labels != -100).sum(1).view(B, 4)
@@ -131,7 +133,7 @@ def test_sequence_logprobs_and_clo_loss_match_reference(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_ignored_sequence_and_single_token(impl):
-    hidden, w, labels, _ = _clo_batch(1, 5, 48, 61, torch.float32, "cpu", 9)
+    hidden, w, labels, _ = _clo_batch(1, 5, 48, 61, torch.float32, DEVICE[impl], 9)
     labels[2] = -100  # one sequence with no scored tokens
     labels[3] = -100
     labels[3, 4] = 7  # one with a single token
@@ -164,7 +166,7 @@ class _ShapeRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_head_allocates_no_weight_gradient(impl):
     V, H, N = 89, 64, 20  # N < H, so a [N, V] chunk buffer is smaller than [V, H]
-    x, w, y, up = make(N, H, V, torch.float32, "cpu", 4, w_grad=False)
+    x, w, y, up = make(N, H, V, torch.float32, DEVICE[impl], 4, w_grad=False)
     rec = _ShapeRecorder()
     with rec:
         out = linear_logprobs(x, w, y, impl=impl)
@@ -173,7 +175,7 @@ def test_frozen_head_allocates_no_weight_gradient(impl):
     big = [(f, s) for f, s in rec.shapes if s == (V, H) or (len(s) == 2 and s[0] * s[1] >= V * H)]
     assert not big, f"a [V,H]-sized tensor was allocated: {big}"
     # and the trainable head does allocate it (the recorder can see it)
-    x, w, y, up = make(N, H, V, torch.float32, "cpu", 4, w_grad=True)
+    x, w, y, up = make(N, H, V, torch.float32, DEVICE[impl], 4, w_grad=True)
     rec = _ShapeRecorder()
     with rec:
         (linear_logprobs(x, w, y, impl=impl) * up.float()).sum().backward()
