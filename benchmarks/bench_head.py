@@ -71,9 +71,9 @@ def run_reference(hidden, w, labels, ref):
 def run_cce(hidden, w, labels, ref):
     from cut_cross_entropy import linear_cross_entropy
 
-    B, T = hidden.shape[0] // 4, hidden.shape[1]
-    nll = linear_cross_entropy(hidden, w, labels, reduction="none", shift=False)  # [4B,T], 0 where ignored
-    logps = -nll.float().view(4 * B, T).sum(1)
+    B, T, H = hidden.shape[0] // 4, hidden.shape[1], hidden.shape[2]
+    nll = linear_cross_entropy(hidden.reshape(-1, H), w, labels.reshape(-1), reduction="none", shift=False)
+    logps = -nll.float().reshape(4 * B, T).sum(1)  # 0 where ignored
     n = (labels != -100).sum(1).view(B, 4)
     loss, _ = clo_loss(logps.view(B, 4), ref, n, 0.1, 0.5, validate=False)
     loss.backward()

@@ -29,9 +29,9 @@ step() {  # step NAME SECONDS CMD...
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$OUT_DIR/nvidia_smi.csv"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step gpu_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_loss.py
-step bench_head 300 python3 benchmarks/bench_head.py --out "$OUT_DIR/bench_head_gpu.json"
+step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_ops.py tests/test_loss.py
+step bench_head 200 python3 benchmarks/bench_head.py --out "$OUT_DIR/bench_head_gpu.json"
 if [ -f benchmarks/bench_step.py ] && [ "${SKIP_STEP:-0}" != 1 ]; then
-  step bench_step 200 python3 benchmarks/bench_step.py --gpu --out "$OUT_DIR/bench_step_gpu.json"
+  step bench_step 90 python3 benchmarks/bench_step.py --gpu --out "$OUT_DIR/bench_step_gpu.json"
 fi
 echo "=== summary"; printf '%s\n' "${status[@]}" | tee "$OUT_DIR/summary.txt"

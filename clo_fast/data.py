@@ -117,11 +117,10 @@ def _iter_records(cfg: DataConfig, skips: _Skips) -> Iterator[tuple[str, Any]]:
         name = f"<bundled demo>/{DEMO_FILE}"
         yield from _iter_jsonl_text(demo_data_path().read_text(encoding="utf-8"), name, skips)
         return
-    if _looks_local(src):
+    if _looks_local(src) and not Path(src).expanduser().is_dir():  # a folder goes to datasets.load_dataset
         path = Path(src).expanduser()
         if not path.is_file():
-            raise DataError(f"{src}: data file not found" + (" (it is a directory)" if path.is_dir() else ""),
-                            "missing_file")
+            raise DataError(f"{src}: data file not found", "missing_file")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             yield from _iter_jsonl_text(path.read_text(encoding="utf-8"), str(path), skips)
@@ -163,7 +162,8 @@ def _iter_records(cfg: DataConfig, skips: _Skips) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src, cfg.source_config, split=cfg.split)
+        name = os.path.expanduser(src) if os.path.isdir(os.path.expanduser(src)) else src
+        ds = datasets.load_dataset(name, cfg.source_config, split=cfg.split)
     except Exception as e:  # noqa: BLE001 - re-raised with the name
         raise DataError(f"dataset {src!r} (split {cfg.split!r}): cannot load: {e}", "missing_file") from e
     where = f"dataset {src!r} split {cfg.split!r}"
@@ -348,7 +348,13 @@ def _config_key(cfg: DataConfig) -> str:
             "source_lang", "target_lang", "max_examples", "seed", "translator", "translation_model",
             "target_instruction_field", "target_response_field", "translation_max_length",
             "translation_num_beams", "eval_fraction", "on_bad_record")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    d = {k: getattr(cfg, k) for k in keys}
+    if cfg.source == "demo":  # the bundled file changes with the package version
+        d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
+    elif _looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
+        st = os.stat(os.path.expanduser(cfg.source))
+        d["_data"] = [st.st_size, st.st_mtime_ns]
+    blob = json.dumps(d, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -640,20 +646,23 @@ def collate_clo(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of:
 
 
 # ------------------------------------------------------------------------------------- command
-def _summary_tokenizer(cfg_model: Any, explicit: str | None):
-    """A tokenizer for the token-length summary: --tokenizer, else the run's model when loadable."""
+def _summary_tokenizer(run: Any, explicit: str | None):
+    """A tokenizer for the token-length summary and the tokenization cache: --tokenizer, else the run's
+    model (`demo` resolves to the built demo model through clo_fast.model when available)."""
+    name = explicit or run.model.name_or_path
+    try:
+        from clo_fast.model import load_tokenizer  # noqa: PLC0415 - pad-token handling, demo model
+    except Exception:  # noqa: BLE001 - the data builder does not need the model module
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        if explicit:
+            return load_tokenizer(explicit)
+        return load_tokenizer(run.model, run.data.cache_dir)
+    if name == "demo":
+        return None
     from transformers import AutoTokenizer
 
-    name = explicit or getattr(cfg_model, "name_or_path", None)
-    if name and name != "demo":
-        return AutoTokenizer.from_pretrained(name)
-    try:  # the tiny demo model's tokenizer, when clo_fast.model provides one
-        from clo_fast import model as _model  # noqa: PLC0415
-
-        loader = getattr(_model, "load_tokenizer", None)
-        return loader(cfg_model) if loader else None
-    except Exception:  # noqa: BLE001 - the summary then shows character lengths only
-        return None
+    return AutoTokenizer.from_pretrained(name)
 
 
 def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
@@ -682,7 +691,7 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
             if v.get("n"):
                 p(f"{'':44}{k:8} {v['p50']:5} {v['p90']:5} {v['p99']:5} {v['max']:5}")
     else:
-        p("  character lengths (no tokenizer given; pass --tokenizer for token lengths):  p50   p90   max")
+        p("  character lengths (not tokenized; token lengths need a tokenizer):  p50   p90   max")
         for k, v in summary["char_lengths"].items():
             p(f"{'':4}{k:14} {v['p50']:6} {v['p90']:6} {v['max']:6}")
     p(f"  saved to {out}")
@@ -699,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", help="run config YAML (its `data:` section is used); defaults when omitted")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set data.target_lang=sw (repeatable)")
-    ap.add_argument("--tokenizer", help="tokenizer for token-length stats and the tokenization cache "
-                    "(default: the config's model, when it is not 'demo')")
+    ap.add_argument("--tokenizer", help="tokenizer (path or hub name) for the tokenization cache and token-length stats "
+                    "(default: the config's model; 'demo' = the built demo model)")
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -727,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = save_text_dataset(dsd, summary, cfg.output_dir)
         tok_stats = None
         if not args.no_tokenize:
-            tok = _summary_tokenizer(run.model, args.tokenizer)
+            tok = _summary_tokenizer(run, args.tokenizer)
             if tok is not None:
                 tok_stats = {}
                 for split in ("train", "eval"):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-RECIPE_VERSION = 1  # bump when the recipe below changes
+RECIPE_VERSION = 2  # bump when the recipe below changes
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
@@ -48,6 +49,10 @@ MODEL_SHAPE = dict(
 )
 VOCAB_SIZE = 1024  # BPE target size (specials included)
 SEED = 1234
+# A short causal-LM pretraining on the *English* demo pairs (all parameters) makes the demo model an
+# "English-centric base", as CLO assumes: it starts out preferring English responses.
+PRETRAIN = dict(steps=150, batch=16, lr=3e-3, max_tokens=128,
+                template="### Instruction:\n{instruction}\n\n### Response:\n")
 
 # Used only when the demo data has not been written yet (keeps the model buildable in isolation).
 _FALLBACK_TEXTS = [
@@ -82,16 +87,67 @@ def demo_texts(data_dir: Path = DEMO_DATA_DIR) -> list[str]:
                             _collect_strings(json.loads(line), texts)
                 elif f.suffix == ".json":
                     _collect_strings(json.loads(f.read_text(encoding="utf-8")), texts)
-                elif f.suffix in (".txt", ".md"):
+                elif f.suffix == ".txt":
                     texts.extend(t for t in f.read_text(encoding="utf-8").splitlines() if t.strip())
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
     return texts or list(_FALLBACK_TEXTS)
 
 
+def demo_english_pairs(data_dir: Path = DEMO_DATA_DIR) -> list[tuple[str, str]]:
+    """(instruction, response) English pairs of the demo data (records with those two fields)."""
+    pairs = []
+    if data_dir.is_dir():
+        for f in sorted(data_dir.rglob("*.jsonl")):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("instruction"), str) and isinstance(rec.get("response"), str):
+                    pairs.append((rec["instruction"], rec["response"]))
+    return pairs or [(_FALLBACK_TEXTS[i], _FALLBACK_TEXTS[i + 1]) for i in (0, 2)]
+
+
+def pretrain_english(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float]:
+    """Deterministic full-parameter LM training on English prompt+response texts; returns the losses."""
+    import torch
+
+    texts = [PRETRAIN["template"].format(instruction=x) + y for x, y in pairs]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][: PRETRAIN["max_tokens"] - 1] + [tokenizer.eos_token_id]
+            for t in texts]
+    g = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-reproducible CPU reductions
+    losses = []
+    try:
+        model.train()
+        for step in range(PRETRAIN["steps"]):
+            idx = torch.randint(len(rows), (PRETRAIN["batch"],), generator=g).tolist()
+            T = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), T), tokenizer.pad_token_id)
+            labels = torch.full((len(idx), T), -100)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for b, i in enumerate(idx):
+                r = torch.tensor(rows[i])
+                ids[b, : len(r)], labels[b, : len(r)], mask[b, : len(r)] = r, r, 1
+            for group in opt.param_groups:  # cosine decay
+                group["lr"] = PRETRAIN["lr"] * 0.5 * (1 + math.cos(math.pi * step / PRETRAIN["steps"]))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+    return losses
+
+
 def _fingerprint(texts: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": RECIPE_VERSION, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE, "seed": SEED,
+    h.update(json.dumps({"v": RECIPE_VERSION, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE, "seed": SEED, "pretrain": PRETRAIN,
                          "template": CHAT_TEMPLATE}, sort_keys=True).encode())
     for t in texts:
         h.update(t.encode("utf-8"))
@@ -129,8 +185,9 @@ def train_tokenizer(texts: list[str]):
     )
 
 
-def build_demo_model(out_dir: str | Path, texts: list[str] | None = None) -> Path:
-    """Train the tokenizer, initialise the tiny Llama under a fixed seed, save both to `out_dir`."""
+def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretrain: bool = True) -> Path:
+    """Train the tokenizer, initialise the tiny Llama under a fixed seed, pretrain it briefly on the English
+    demo pairs (unless pretrain=False), save both to `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -149,6 +206,7 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None) -> Pat
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32)
     torch.random.set_rng_state(devnull_state)
+    losses = pretrain_english(model, tokenizer, demo_english_pairs()) if pretrain else []
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
@@ -157,7 +215,8 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None) -> Pat
     tokenizer.save_pretrained(out_dir)
     (out_dir / "DEMO_MODEL.json").write_text(json.dumps(
         {"recipe_version": RECIPE_VERSION, "texts": len(texts), "fingerprint": _fingerprint(texts),
-         "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
+         "parameters": sum(p.numel() for p in model.parameters()), "pretrain": PRETRAIN,
+         "pretrain_loss_first_last": losses[:1] + losses[-1:]}, indent=1))
     return out_dir
 
 

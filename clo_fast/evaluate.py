@@ -196,15 +196,15 @@ def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
     else:
         src = path  # hub name
     dtype = getattr(torch, cfg.model.dtype)
+    where = "" if src == local else " (no such local directory; tried as a hub name)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as e:
-        raise EvalError(f"cannot load the tokenizer of model {path!r}: {type(e).__name__}: {e}") from e
+        raise EvalError(f"cannot load the tokenizer of model {path!r}{where}: {type(e).__name__}: {e}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     except Exception as e:
-        where = "local directory" if src == local else "hub name (not a local directory)"
-        raise EvalError(f"cannot load model {path!r} as a {where}: {type(e).__name__}: {e}") from e
+        raise EvalError(f"cannot load model {path!r}{where}: {type(e).__name__}: {e}") from e
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
 
@@ -235,6 +235,16 @@ def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
 
     prefix = _special_prefix(tokenizer) if data_cfg.template == "plain" else []
     return prefix + list(tokenizer(format_prompt(tokenizer, text, data_cfg), add_special_tokens=False)["input_ids"])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Short hash of the tokenizer (vocabulary, merges, special tokens): NLL per token compares only within one."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = repr((tokenizer.eos_token_id, tokenizer.bos_token_id, getattr(tokenizer, "chat_template", None)))
+    return hashlib.sha256((body + extra).encode()).hexdigest()[:12]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -342,7 +352,8 @@ def _plain_head(model) -> bool:
     c = model.config
     head = model.get_output_embeddings()
     return (
-        isinstance(head, torch.nn.Linear) and head.bias is None
+        model.base_model is not model
+        and isinstance(head, torch.nn.Linear) and head.bias is None
         and getattr(c, "final_logit_softcapping", None) is None
         and getattr(c, "logit_scale", None) in (None, 1, 1.0)
         and getattr(c, "logits_scaling", None) in (None, 1, 1.0)
@@ -546,6 +557,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| judge win rate vs {base}, {lang} (↑) | " + " | ".join(_fmt(v) for v in vals) + " |")
     elif judge.get("skipped"):
         lines += ["", f"LLM judge: skipped ({judge['skipped']})."]
+    if not report.get("nll_comparable", True):
+        lines += ["", "Note: the models use different tokenizers, so NLL per token is not comparable across them."]
     return "\n".join(lines) + "\n"
 
 
@@ -558,21 +571,25 @@ def plot_report(report: dict, path: str | Path) -> bool:
         return False
     models = list(report["models"])
     langs = report["languages"]
-    fig = Figure(figsize=(max(6.0, 1.6 * len(models) + 3), 3.6), dpi=120)
+    fig = Figure(figsize=(max(6.5, 1.4 * len(models) + 4), 4.0), dpi=120)
     axes = fig.subplots(1, 2)
-    width = 0.8 / max(1, len(langs))
-    for ax, key, title in ((axes[0], "fidelity", "language fidelity (↑)"), (axes[1], "nll_per_token", "reference NLL / token (↓)")):
+    width = min(0.35, 0.8 / max(1, len(langs)))
+    for ax, key, title, fmt in ((axes[0], "fidelity", "language fidelity (↑)", "%.2f"),
+                                (axes[1], "nll_per_token", "reference NLL / token (↓)", "%.2f")):
+        top = 0.0
         for j, lang in enumerate(langs):
             vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
             xs = [i + (j - (len(langs) - 1) / 2) * width for i in range(len(models))]
-            ax.bar(xs, [float("nan") if v is None else v for v in vals], width, label=lang)
+            bars = ax.bar(xs, [float("nan") if v is None else v for v in vals], width, label=f"{lang} prompts")
+            ax.bar_label(bars, fmt=fmt, fontsize=7)
+            top = max([top] + [v for v in vals if v is not None])
         ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models, rotation=15)
-        ax.set_title(title)
-        if key == "fidelity":
-            ax.set_ylim(0, 1.05)
-        ax.legend(title="prompt")
-    fig.tight_layout()
+        ax.set_xticklabels(models, rotation=15 if len(models) > 3 else 0)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1.1 if key == "fidelity" else max(1e-3, top) * 1.15)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(langs), frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(str(path))
     return True
 
@@ -628,6 +645,11 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
     check_eval_config(ev)
     target = normalize_lang(cfg.data.target_lang)
     specs = _parse_model_specs(model_paths)
+    for _, src in specs:  # fail before any generation when a local path is plainly wrong
+        if not isinstance(src, tuple) and _looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
+            raise EvalError(f"model path {str(src)!r} does not exist")
+    if (ev.judge_endpoint or judge_send) and ev.judge_baseline and ev.judge_baseline not in [l for l, _ in specs]:
+        raise EvalError(f"eval.judge_baseline {ev.judge_baseline!r} is not one of the model labels {[l for l, _ in specs]}")
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
@@ -651,6 +673,8 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
         else:
             model, tokenizer = src
             prepare_tokenizer(tokenizer)
+            was_training = model.training
+            model.eval()
         prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in items]
         gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
         detected = lid.detect_batch([g["text"] for g in gens])
@@ -662,7 +686,7 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
             metrics[lang].update(nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok,
                                  nll_sequences=len(ex))
         report["models"][label] = {"path": str(src) if owned else "<in-memory model>", "metrics": metrics,
-                                   "seconds": round(time.time() - t1, 2)}
+                                   "tokenizer": tokenizer_fingerprint(tokenizer), "seconds": round(time.time() - t1, 2)}
         responses[label] = [g["text"] for g in gens]
         for it, g, d in zip(items, gens, detected):
             generations.append({"model": label, "id": it["id"], "lang": it["lang"], "prompt": it["prompt"],
@@ -676,7 +700,13 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        else:
+            model.train(was_training)
 
+    fingerprints = {m["tokenizer"] for m in report["models"].values()}
+    report["nll_comparable"] = len(fingerprints) == 1
+    if not report["nll_comparable"]:
+        print("[evaluate] warning: the models use different tokenizers: NLL per token is not comparable across them")
     report["judge"] = run_judge(cfg, items, responses, langs, send=judge_send)
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, generations, out_dir if out_dir is not None else ev.output_dir)

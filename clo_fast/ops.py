@@ -83,38 +83,55 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """logp [N] (or per-sequence sums [S] when seq_ids is given) with a recompute-based backward."""
+    """logp [N] (or per-sequence sums [S] when seq_ids is given).
+
+    Backward, Triton with a frozen head: dX = g ⊙ D with D = dlogp/dx computed in the forward (exact, no
+    recompute; see clo_kernels.linear_logprobs). Otherwise the logits are recomputed chunk by chunk.
+    """
 
     @staticmethod
     def forward(ctx, x, w, y, seq_ids, num_seqs, ignore_index, impl, chunk_rows):
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        D = None
         if impl == "triton":
             import clo_kernels
 
-            lse, logp, sums = clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs)
+            deferred = need_dx and not need_dw
+            lse, logp, sums, D = clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs,
+                                                     input_grad=deferred, chunk_rows=chunk_rows)
         else:
             lse, logp = _torch_forward(x, w, y, ignore_index, chunk_rows)
             sums = None
             if seq_ids is not None:
                 sums = torch.zeros(num_seqs, device=x.device, dtype=logp.dtype).index_add_(0, seq_ids, logp)
-        ctx.save_for_backward(x, w, y, lse, seq_ids)
+        if D is not None:  # X and W are not needed again: keep D [N,H] in their place
+            ctx.save_for_backward(D, y, seq_ids)
+        else:
+            ctx.save_for_backward(x, w, y, lse, seq_ids)
+        ctx.deferred = D is not None
         ctx.ignore_index, ctx.impl, ctx.chunk_rows = ignore_index, impl, chunk_rows
         out = logp if seq_ids is None else sums
         return out if x.dtype == torch.float64 else out.float()
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, y, lse, seq_ids = ctx.saved_tensors
+        if ctx.deferred:
+            D, y, seq_ids = ctx.saved_tensors
+        else:
+            x, w, y, lse, seq_ids = ctx.saved_tensors
         # per-token upstream gradient: the gradient of the token's sequence sum (the CLO coefficient of
         # its sequence, plus the NLL weight for SFT sequences), 0 at ignored rows
         grad = grad_out if seq_ids is None else grad_out[seq_ids]
-        grad = torch.where(y != ctx.ignore_index, grad, 0.0).to(lse.dtype).contiguous()
+        grad = torch.where(y != ctx.ignore_index, grad, 0.0).float().contiguous()
+        if ctx.deferred:
+            return (grad[:, None] * D).to(D.dtype), None, None, None, None, None, None, None
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.impl == "triton":
             import clo_kernels
 
             dx, dw = clo_kernels.backward(x, w, y, lse, grad, need_dw, ctx.chunk_rows)
         else:
-            dx, dw = _torch_backward(x, w, y, lse, grad, need_dw, ctx.ignore_index, ctx.chunk_rows)
+            dx, dw = _torch_backward(x, w, y, lse, grad.to(lse.dtype), need_dw, ctx.ignore_index, ctx.chunk_rows)
         return (dx if need_dx else None), dw, None, None, None, None, None, None
 
 

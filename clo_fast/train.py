@@ -44,8 +44,13 @@ import signal  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import warnings  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+# DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 from clo_fast.config import ConfigError, RunConfig, load_config, to_dict  # noqa: E402
 
@@ -536,6 +541,7 @@ def main(argv=None) -> int:
     last_metrics: dict = {}
     engine.train()
     while step < total_steps:
+        lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
         micro = [collate([train_ds[i] for i in sampler.indices(step, m, RANK)]) for m in range(gas)]
         sft_local = sum(int(b["response_tokens"][:, list(sft_seq)].sum()) for b in micro)  # host tensors: no sync
         tokens_local += sum(int(b["attention_mask"].sum()) for b in micro)
@@ -566,7 +572,7 @@ def main(argv=None) -> int:
             now = time.perf_counter()
             gn = engine.get_global_grad_norm()
             logged["grad_norm"] = float(gn) if gn is not None else float("nan")
-            logged["learning_rate"] = float(engine.get_lr()[0])
+            logged["learning_rate"] = lr_now
             logged["tokens/s"] = logged.pop("tokens") / (now - t_last)
             logged["peak_memory_mib"] = peak_memory_mib()
             logged["epoch"] = step / sampler.steps_per_epoch

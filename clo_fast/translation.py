@@ -406,13 +406,27 @@ class HFTranslator:
             out = model.generate(**enc, **kwargs)
         self.model_calls += 1
         self.stats["model_calls"] = self.model_calls
-        return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+        drop = self._drop_ids()
+        rows = [[i for i in row.tolist() if i not in drop] for row in out]
+        return [s.strip() for s in tok.batch_decode(rows, skip_special_tokens=True)]
+
+    def _drop_ids(self) -> set[int]:
+        """Special and language-code token ids, removed before decoding (M2M100 language tokens are not
+        'special' to every tokenizer version, and must never reach the text)."""
+        if not hasattr(self, "_drop"):
+            tok = self.tokenizer
+            ids = set(getattr(tok, "all_special_ids", []) or [])
+            ids |= set((getattr(tok, "lang_code_to_id", None) or {}).values())
+            if self.family == "nllb":
+                ids |= {i for t, i in tok.get_vocab().items() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)}
+            self._drop = ids
+        return self._drop
 
     # -- pieces ----------------------------------------------------------------------------------
     def _translate_pieces(self, pieces: Iterable[str]) -> dict[str, str]:
         """Translate distinct pieces: cache first, the rest in length-sorted batches, each committed."""
         pieces = list(dict.fromkeys(pieces))
-        done = self.cache.get_many(self.name, self.src, self.tgt, pieces) if self.cache else {}
+        done = self.cache.get_many(self.name, self.src, self.tgt, pieces) if self.cache is not None else {}
         self.stats["piece_cache_hits"] += len(done)
         todo = sorted((p for p in pieces if p not in done), key=len, reverse=True)
         if not todo:
@@ -425,7 +439,7 @@ class HFTranslator:
             for i in range(0, len(todo), self.batch_size):
                 batch = todo[i : i + self.batch_size]
                 res = self._generate(batch)
-                if self.cache:
+                if self.cache is not None:
                     self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res))
                 done.update(zip(batch, res))
                 self.stats["pieces_translated"] += len(batch)
@@ -438,7 +452,7 @@ class HFTranslator:
         """Translate whole texts (any length, markdown and code allowed); same order as `texts`."""
         uniq = list(dict.fromkeys(texts))
         self.stats["texts"] += len(uniq)
-        done = self.cache.get_many(self.name, self.src, self.tgt, uniq) if self.cache else {}
+        done = self.cache.get_many(self.name, self.src, self.tgt, uniq) if self.cache is not None else {}
         self.stats["cache_hits"] += len(done)
         todo = [t for t in uniq if t not in done]
         if todo:
@@ -480,7 +494,7 @@ class HFTranslator:
                 tr = "".join(out)
                 new.append((t, tr))
                 done[t] = tr
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put_many(self.name, self.src, self.tgt, new)
             self.stats["translated"] += len(new)
         return [done[t] for t in texts]

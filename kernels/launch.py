@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .linear_logprobs import _combine_kernel, _logit_grad_kernel, _partial_lse_kernel
+from .linear_logprobs import _combine_kernel, _logit_grad_kernel, _partial_lse_kernel, _softmax_grad_rows_kernel
 
 
 def interpreting() -> bool:
@@ -19,26 +19,33 @@ def interpreting() -> bool:
 
 
 _INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=64)
+_GPU_SHAPES = [  # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the untuned default
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+]
+_TUNE_MIN_VH = 1 << 24  # smaller heads run the default tile: tuning them costs more than it saves
 
 
-def _gpu_configs():
-    shapes = [  # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-        (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 2),
-    ]
-    return [triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=w, num_stages=s)
-            for bn, bv, bh, w, s in shapes]
+def _cfg(bn, bv, bh, warps, stages):
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages)
 
 
 if interpreting():
-    _fwd_kernel, _grad_kernel = _partial_lse_kernel, _logit_grad_kernel
+    _kernels = {"fwd": (_partial_lse_kernel,) * 2, "grad": (_logit_grad_kernel,) * 2}
 else:
-    _fwd_kernel = triton.autotune(_gpu_configs(), key=["H", "V"])(_partial_lse_kernel)
-    _grad_kernel = triton.autotune(_gpu_configs(), key=["H", "V"])(_logit_grad_kernel)
+    _kernels = {
+        name: (triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
+               triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k))
+        for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_Z"]),
+                             ("grad", _logit_grad_kernel, ["H", "V"]))
+    }
 
 
-def _tile_args():
-    return dict(_INTERPRETER_TILE) if interpreting() else {}
+def _kernel(name: str, H: int, V: int):
+    """(kernel, extra launch kwargs): autotuned for large heads on GPU, fixed otherwise."""
+    tuned, fixed = _kernels[name]
+    if interpreting():
+        return tuned, dict(_INTERPRETER_TILE)
+    return (tuned if H * V >= _TUNE_MIN_VH else fixed), {}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -53,35 +60,73 @@ def _num_sms(device: torch.device) -> int:
 
 
 def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int,
-            seq_ids: torch.Tensor | None = None, num_seqs: int = 0, n_splits: int | None = None):
-    """lse [N] fp32, logp [N] fp32 (0 at ignored rows) and, with seq_ids, per-sequence sums [num_seqs] fp32."""
+            seq_ids: torch.Tensor | None = None, num_seqs: int = 0, n_splits: int | None = None,
+            input_grad: bool = False, chunk_rows: int | None = None):
+    """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
+    and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
+
+    With input_grad the rows are processed in chunks whose fp32 logits are kept for the softmax-gradient
+    pass (6·chunk_rows·V bytes); without it nothing of size V is stored.
+    """
     N, H = x.shape
     V = w.shape[0]
-    if n_splits is None:  # split the vocabulary so that about 2 programs per SM run, given 128-row blocks
-        n_splits = max(1, min(64, triton.cdiv(2 * _num_sms(x.device), triton.cdiv(N, 128))))
     dev = x.device
-    part = torch.empty((3, n_splits, N), device=dev, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
-    _fwd_kernel[grid](
-        x, w, y, part[0], part[1], part[2], N, V, H, x.stride(0), w.stride(0), n_splits,
-        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **_tile_args(),
-    )
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     has_seq = seq_ids is not None
     seq_sums = torch.zeros(max(num_seqs, 1), device=dev, dtype=torch.float32)
+    g_dtype = torch.float32 if interpreting() else x.dtype
+    if input_grad:
+        rows = chunk_rows or default_chunk_rows(V, 4 + torch.finfo(g_dtype).bits // 8, budget_bytes=384 << 20)
+        rows = max(1, min(rows, N))
+        Z = torch.empty((rows, V), device=dev, dtype=torch.float32)
+        G = torch.empty((rows, V), device=dev, dtype=g_dtype)
+        D = torch.empty((N, H), device=dev, dtype=x.dtype)
+        w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
+    else:
+        rows, Z, D = N, None, None
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        xc, yc = x[n0:n1], y[n0:n1]
+        _lse_chunk(xc, w, yc, lse[n0:n1], logp[n0:n1], seq_ids[n0:n1] if has_seq else None, seq_sums,
+                   ignore_index, n_splits, Z)
+        if input_grad:
+            block = 64 if interpreting() else 2048
+            _softmax_grad_rows_kernel[(n1 - n0, triton.cdiv(V, block))](
+                Z, yc, lse[n0:n1], G, V, Z.stride(0), G.stride(0), ignore_index, BLOCK=block)
+            if D.dtype == g_dtype:
+                torch.mm(G[: n1 - n0], w_mm, out=D[n0:n1])
+            else:
+                D[n0:n1] = G[: n1 - n0] @ w_mm
+    return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
+
+
+def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, Z):
+    """Partial log-sum-exp over vocabulary splits, then the combine kernel (writes lse, logp, seq sums)."""
+    N, H = x.shape
+    V = w.shape[0]
+    if n_splits is None:  # split the vocabulary so that about 2 programs per SM run, given 128-row blocks
+        n_splits = max(1, min(64, triton.cdiv(2 * _num_sms(x.device), triton.cdiv(N, 128))))
+    part = torch.empty((3, n_splits, N), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    kernel, tiles = _kernel("fwd", H, V)
+    kernel[grid](
+        x, w, y, part[0], part[1], part[2], Z if Z is not None else part, N, V, H, x.stride(0), w.stride(0),
+        Z.stride(0) if Z is not None else 0, n_splits,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), STORE_Z=Z is not None, **tiles,
+    )
+    has_seq = seq_ids is not None
     block = 64 if interpreting() else 256
     _combine_kernel[(triton.cdiv(N, block),)](
         part[0], part[1], part[2], y, seq_ids if has_seq else y, lse, logp, seq_sums, N, n_splits, ignore_index,
         HAS_SEQ=has_seq, BLOCK=block, SPLITS_P2=triton.next_power_of_2(n_splits),
     )
-    return lse, logp, (seq_sums[:num_seqs] if has_seq else None)
 
 
 def default_chunk_rows(V: int, elem_bytes: int, budget_bytes: int = 256 << 20) -> int:
-    """Rows per backward chunk so that the [C, V] gradient buffer stays within `budget_bytes`."""
-    rows = max(256, budget_bytes // max(1, V * elem_bytes))
-    return rows // 256 * 256
+    """Rows per chunk so that the [C, V] buffers (elem_bytes per element in all) stay within `budget_bytes`."""
+    rows = max(128, budget_bytes // max(1, V * elem_bytes))
+    return rows // 128 * 128
 
 
 def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
@@ -105,9 +150,10 @@ def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tenso
     for n0 in range(0, N, chunk_rows):
         n1 = min(n0 + chunk_rows, N)
         grid = lambda meta: (triton.cdiv(n1 - n0, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
-        _grad_kernel[grid](
+        kernel, tiles = _kernel("grad", H, V)
+        kernel[grid](
             x, w, y, lse, grad, G, n0, n1, V, H, x.stride(0), w.stride(0), G.stride(0),
-            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **_tile_args(),
+            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **tiles,
         )
         g = G[: n1 - n0]
         if dx.dtype == g_dtype:

@@ -14,7 +14,16 @@ Forward (two kernels):
   Cost: 2·N·H·V FLOPs; memory traffic ≈ N·H·(V/BV) re-reads of X tiles (mostly L2) + V·H·⌈N/BN⌉ reads of
   W; extra memory O(S·N).
 
-Backward (one kernel + one GEMM per token chunk):
+Frozen head (W needs no gradient), the training default — no recompute, exact:
+  logp_t depends on x_t only, and dlogp_t/dx_t = Σ_v (onehot(y_t) − p_t)_v W_v =: D_t does not depend on
+  the upstream gradient g_t (the CLO coefficient of the token's sequence, known only after the loss).
+  So the forward computes D [N,H] once, per chunk of C rows: `_partial_lse_kernel` with STORE_Z writes the
+  fp32 logits Z [C,V] besides its partials, `_combine_kernel` gives lse, `_softmax_grad_rows_kernel`
+  turns Z into G = onehot − softmax [C,V] (input dtype), and D_chunk = G·W is one cuBLAS GEMM. The
+  backward is then dX = g ⊙ D: O(N·H). Cost: 4·N·H·V FLOPs in all (no recompute), extra memory
+  6·C·V bytes (a fixed budget) + D [N,H] kept for the backward in place of X.
+
+Trainable head, backward (one kernel + GEMMs per token chunk; dW needs g before its GEMM):
   `_logit_grad_kernel`  grid (⌈C/BN⌉, ⌈V/BV⌉) over a chunk of C rows: recomputes the logit tile, then
       G = g ⊙ (onehot(y) − exp(z − lse)), g [N] the upstream gradient of logp (0 at ignored rows),
       written to a [C,V] buffer in the input dtype. The caller then does dX_chunk = G W (cuBLAS) and,
@@ -53,10 +62,10 @@ def _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
 
 
 @triton.jit
-def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL,
-                        N, V, H, stride_xn, stride_wv, n_splits,
+def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, Z,
+                        N, V, H, stride_xn, stride_wv, stride_zn, n_splits,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_Z: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,6 +84,9 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL,
         v_mask = offs_v < v_end
         z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+        if STORE_Z:  # fp32 logits of this chunk, for the softmax-gradient rows kernel
+            tl.store(Z + offs_n.to(tl.int64)[:, None] * stride_zn + offs_v[None, :], z,
+                     mask=n_mask[:, None] & v_mask[None, :])
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -134,3 +146,17 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
     rows = (offs_n - n_start).to(tl.int64)
     tl.store(G + rows[:, None] * stride_gn + offs_v[None, :], dz.to(G.dtype.element_ty),
              mask=n_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _softmax_grad_rows_kernel(Z, Y, LSE, G, V, stride_zn, stride_gn, ignore_index, BLOCK: tl.constexpr):
+    """G[r, v] = onehot(y_r)_v − exp(Z[r, v] − lse_r)  (d logp_r / d z_r), 0 on ignored rows."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    z = tl.load(Z + row.to(tl.int64) * stride_zn + offs, mask=mask, other=float("-inf"))
+    lse = tl.load(LSE + row)
+    y = tl.load(Y + row)
+    g = tl.where(offs == y, 1.0, 0.0) - tl.exp(z - lse)
+    g = tl.where(y != ignore_index, g, 0.0)
+    tl.store(G + row.to(tl.int64) * stride_gn + offs, g.to(G.dtype.element_ty), mask=mask)

@@ -9,7 +9,6 @@ import urllib.error  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("lingua", reason="needs lingua-language-detector (the `test` extra)")
 pytest.importorskip("matplotlib", reason="needs matplotlib (the `test` extra)")
@@ -223,6 +222,8 @@ def test_evaluate_models_end_to_end(saved, tmp_path):
     # mute model: all logits 0 -> uniform -> NLL/token is exactly log V
     assert mute["ko"]["nll_per_token"] == pytest.approx(torch.log(torch.tensor(float(len(tok)))).item(), rel=1e-6)
 
+    assert report["nll_comparable"] and report["models"]["base"]["tokenizer"] == report["models"]["mute"]["tokenizer"]
+
     # judge and the Markdown table
     res = report["judge"]["results"]
     assert report["judge"]["baseline"] == "mute" and set(res) == {"base"}
@@ -278,7 +279,11 @@ def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):  # the dat
         E.load_eval_prompts(cfg)
 
 
-def test_bad_inputs_raise_clear_errors(saved, tmp_path):
+def test_bad_inputs_raise_clear_errors(saved, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # offline even when another test module imported huggingface_hub before HF_HUB_OFFLINE was set
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = make_cfg(tmp_path)
     with pytest.raises(E.EvalError, match="no evaluation prompts"):
         E.evaluate_models(cfg, [saved["base"]], prompts=[])
@@ -417,3 +422,39 @@ def test_http_judge_builds_request(monkeypatch):
     monkeypatch.setattr(E.urllib.request, "urlopen", lambda req, timeout: Resp({"error": "bad"}))
     with pytest.raises(RuntimeError, match="unexpected judge reply"):
         send(payload)
+
+
+def test_in_memory_model_is_used_and_its_mode_restored(tmp_path):
+    tok = make_tokenizer()
+    model = make_model(tok, seed=3).train()
+    cfg = make_cfg(tmp_path, max_new_tokens=2, max_prompts=2)
+    report = E.evaluate_models(cfg, [("live", (model, tok))], prompts=ROWS)
+    assert model.training  # put back in train mode after evaluation
+    assert report["models"]["live"]["path"] == "<in-memory model>" and report["n_prompts"] == {"en": 2, "ko": 2}
+    items = [{"prompt": r["prompt_tgt"], "reference": r["response_tgt"]} for r in ROWS[:2]]
+    s, n = independent_nll(model, tok, items, cfg.data.prompt_template)
+    assert report["models"]["live"]["metrics"]["ko"]["nll_per_token"] == pytest.approx(s / n, rel=1e-5)
+
+
+def test_eval_prompts_from_the_real_demo_data(tmp_path):
+    cfg = make_cfg(tmp_path, max_prompts=3)
+    cfg.data.source, cfg.data.target_lang, cfg.data.eval_fraction = "demo", "sw", 0.1
+    cfg.data.output_dir, cfg.data.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
+    rows = E.load_eval_prompts(cfg)
+    assert len(rows) == 3 and all(r["target_lang"] == "sw" and r["prompt_tgt"].strip() for r in rows)
+    items = E.normalize_prompts(rows, "sw")
+    assert [it["lang"] for it in items] == ["en", "sw"] * 3
+    lid = get_identifier(["en", "sw"])  # the bundled references are in the languages they claim
+    assert lid.detect_batch([it["reference"] for it in items]) == [it["lang"] for it in items]
+
+
+def test_different_tokenizers_flag_nll_as_not_comparable(tmp_path):
+    tok_a, tok_b = make_tokenizer(), make_tokenizer()
+    tok_b.chat_template = "{{ messages[0]['content'] }}"
+    model = make_model(tok_a)
+    cfg = make_cfg(tmp_path, max_new_tokens=1, max_prompts=1)
+    same = E.evaluate_models(cfg, [("a", (model, tok_a)), ("a2", (model, make_tokenizer()))], prompts=ROWS)
+    assert same["nll_comparable"] is True
+    report = E.evaluate_models(cfg, [("a", (model, tok_a)), ("b", (model, tok_b))], prompts=ROWS)
+    assert report["nll_comparable"] is False
+    assert "not comparable" in (tmp_path / "eval" / "report.md").read_text()
