@@ -21,11 +21,10 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

@@ -213,8 +213,15 @@ class StepSampler:
 
 
 # ========================================================================== forward on a batch
+def h2d(t: torch.Tensor, device) -> torch.Tensor:
+    """Host → device without a stream sync: a copy from pageable memory would synchronize, pinned does not."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: h2d(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def policy_logps(engine, batch: dict, rows: list[int] | None) -> torch.Tensor:
@@ -223,7 +230,7 @@ def policy_logps(engine, batch: dict, rows: list[int] | None) -> torch.Tensor:
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if rows is None:
         return engine(ids, mask, labels).view(B, 4)
-    sel = (torch.arange(B, device=ids.device)[:, None] * 4 + torch.tensor(rows, device=ids.device)).reshape(-1)
+    sel = h2d((torch.arange(B)[:, None] * 4 + torch.tensor(rows)).reshape(-1), ids.device)
     part = engine(ids[sel], mask[sel], labels[sel]).view(B, len(rows))
     full = part.new_zeros(B, 4)
     full[:, rows] = part
@@ -545,7 +552,7 @@ def main(argv=None) -> int:
         micro = [collate([train_ds[i] for i in sampler.indices(step, m, RANK)]) for m in range(gas)]
         sft_local = sum(int(b["response_tokens"][:, list(sft_seq)].sum()) for b in micro)  # host tensors: no sync
         tokens_local += sum(int(b["attention_mask"].sum()) for b in micro)
-        sft_den = torch.tensor(float(sft_local), device=device)
+        sft_den = h2d(torch.tensor(float(sft_local)), device)
         if WORLD > 1:
             torch.distributed.all_reduce(sft_den)
         sft_den = sft_den / (G * W)
@@ -605,15 +612,20 @@ def main(argv=None) -> int:
         if export is not None:
             print(f"[train] HF model exported to {export.resolve()}")
         (out_dir / "final_metrics.json").write_text(json.dumps(last_metrics, indent=1))
-    if t.run_evaluation and export is not None and RANK == 0:
-        try:
-            from clo_fast.evaluate import evaluate_models
-        except ImportError as e:
-            print(f"[train] evaluation skipped: {e}")
-        else:
-            evaluate_models(cfg, [("base", model_path), ("trained", str(export))])
     barrier()
     torch.distributed.destroy_process_group()
+    if t.run_evaluation and export is not None and RANK == 0:  # after the ranks part: no collective timeout
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        del engine, optimizer, scheduler, policy, _keepalive
+        unset_hf_deepspeed_config()  # plain (non-ZeRO) from_pretrained for the evaluation models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        from clo_fast.evaluate import evaluate_models
+
+        report = evaluate_models(cfg, [("base", model_path), ("trained", str(export))])
+        print(f"[train] evaluation report: {Path(cfg.eval.output_dir).resolve()} "
+              f"({len(report.get('models', {}))} models)")
     return 0
 
 

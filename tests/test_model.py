@@ -93,8 +93,8 @@ def test_fused_head_matches_reference_clo_loss(demo_dir, impl):
     assert torch.allclose(loss_f, loss_r, rtol=1e-10, atol=1e-10)
     for k in ("nll", "cl_loss", "rewards/accuracies", "rewards/margins"):
         assert torch.allclose(m_f[k], m_r[k], rtol=1e-9, atol=1e-9), k
-    for a, b in zip(g_f, g_r):
-        assert (a - b).norm() <= 1e-8 * b.norm() + 1e-12
+    for a, b in zip(g_f, g_r):  # the head's backward rounds its per-token upstream gradient to fp32
+        assert (a - b).norm() <= 1e-6 * b.norm() + 1e-12
 
 
 def test_head_casts_hidden_and_reports_shape(demo_dir):

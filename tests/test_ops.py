@@ -27,7 +27,8 @@ def rel(a, b):
 
 def tol(dtype, what):
     if dtype == torch.float32:
-        return 1e-5
+        # CPU float32 lands near 1e-7; cuBLAS fp32 reductions over V = 32000 were seen at 2.2e-5 (H100)
+        return 1e-5 if what == "fwd" or not torch.cuda.is_available() else 5e-5
     # low-precision inputs: the forward accumulates in fp32 from the same rounded inputs; gradients are
     # rounded to the input dtype (and G to it on GPU)
     return 1e-5 if what == "fwd" else 1e-2
