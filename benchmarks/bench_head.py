@@ -164,19 +164,24 @@ def gemm_floor_ms(N, H, V, dtype, head_trains, reps=20):
 
 # ------------------------------------------------------------------------------ CPU memory check
 _MEM_CHILD = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from benchmarks.bench_head import make_batch, run_fused, run_reference
 torch.set_num_threads(2)
 h, w, y, ref = make_batch({B}, {T}, {H}, {V}, torch.float32, "cpu")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])  # kB
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+base = status("VmRSS:")
 {fn}(h, w, y, ref{extra})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) / 1024)
+print((status("VmHWM:") - base) / 1024)
 """
 
 
 def cpu_peak_mb(fn_name, B, T, H, V, extra=""):
+    """Peak resident memory above the inputs (MB) of one fwd+bwd, in a fresh process (Linux VmHWM)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = _MEM_CHILD.format(root=root, B=B, T=T, H=H, V=V, fn=fn_name, extra=extra)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -72,6 +72,7 @@ def run_variant(a) -> dict:
     device = torch.device(a.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     torch.set_num_threads(max(1, a.threads)) if a.device == "cpu" else None
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports, before the model
     model = make_model(a.shape, dtype, device, a.seq_len)
     batch = make_batch(model.config.vocab_size, a.examples, a.seq_len, device)
     B = a.examples
@@ -135,8 +136,8 @@ def run_variant(a) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         peak_kind = "cuda max_memory_allocated above the inputs (MiB)"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_kind = "process peak RSS (MiB)"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        peak_kind = "process peak RSS above the RSS after imports (MiB): model, batch, step"
     return {"variant": a.variant, "seconds_per_step_median": sec, "seconds_per_step": times,
             "tokens_per_step": tokens, "tokens_per_s": tokens / sec, "peak_memory_mib": peak,
             "peak_memory_kind": peak_kind, "first_loss": losses[0], "losses": losses}

@@ -470,7 +470,7 @@ def format_prompt(instruction: str, tokenizer: Any, cfg: DataConfig) -> str:
                                          add_generation_prompt=True)
 
 
-def _special_prefix(tokenizer: Any) -> list[int]:
+def special_prefix(tokenizer: Any) -> list[int]:
     """Tokens the tokenizer puts before a text (e.g. BOS), found by comparing with/without specials."""
     with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -492,7 +492,7 @@ def _tokenizer_key(tokenizer: Any) -> str:
         h.update(Hasher.hash(tokenizer).encode())
     for attr in ("chat_template", "eos_token_id", "bos_token_id", "pad_token_id"):
         h.update(repr(getattr(tokenizer, attr, None)).encode())
-    h.update(repr(_special_prefix(tokenizer)).encode())
+    h.update(repr(special_prefix(tokenizer)).encode())
     return h.hexdigest()
 
 
@@ -533,7 +533,7 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
-    prefix = _special_prefix(tokenizer) if cfg.template == "plain" else []
+    prefix = special_prefix(tokenizer) if cfg.template == "plain" else []
     prompts_en = [format_prompt(x, tokenizer, cfg) for x in ds["prompt_en"]]
     prompts_tgt = [format_prompt(x, tokenizer, cfg) for x in ds["prompt_tgt"]]
 

@@ -231,9 +231,9 @@ def format_prompt(tokenizer, text: str, data_cfg) -> str:
 def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
     """Prompt token ids as `clo_fast.data.tokenize_dataset` builds them: template=plain gets the tokenizer's
     special prefix (BOS) before the text; a chat template writes its own, so nothing is added there."""
-    from clo_fast.data import _special_prefix
+    from clo_fast.data import special_prefix
 
-    prefix = _special_prefix(tokenizer) if data_cfg.template == "plain" else []
+    prefix = special_prefix(tokenizer) if data_cfg.template == "plain" else []
     return prefix + list(tokenizer(format_prompt(tokenizer, text, data_cfg), add_special_tokens=False)["input_ids"])
 
 

@@ -477,6 +477,9 @@ def main(argv=None) -> int:
     device = torch.device(accel.device_name(local_rank)) if accel.device_name() != "cpu" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if t.head_impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"{config_path}: train.head_impl: triton needs a CUDA device (or TRITON_INTERPRET=1); "
+                          "use auto or torch on CPU")
     set_seed(o.seed)
     out_dir = Path(t.output_dir)
     if RANK == 0:
