@@ -31,22 +31,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _torch_forward(x, w, y, ignore_index, chunk_rows=None):
+def _torch_forward(x, w, y, ignore_index, chunk_rows=None, input_grad=False):
+    """lse, logp and, with input_grad (frozen head), D = dlogp/dx [N,H] from the same logits chunk."""
     N = x.shape[0]
     cd = _compute_dtype(x)
     wc = w.to(cd)
     lse = torch.empty(N, device=x.device, dtype=cd)
     logp = torch.empty(N, device=x.device, dtype=cd)
+    D = torch.empty(x.shape, device=x.device, dtype=x.dtype) if input_grad else None
     rows = _torch_chunk_rows(w.shape[0], chunk_rows)
     for n0 in range(0, N, rows):
         z = x[n0:n0 + rows].to(cd) @ wc.T
         yc = y[n0:n0 + rows]
         valid = yc != ignore_index
-        lse[n0:n0 + rows] = torch.logsumexp(z, dim=-1)
-        picked = z.gather(1, torch.where(valid, yc, 0).unsqueeze(1)).squeeze(1)
-        logp[n0:n0 + rows] = torch.where(valid, picked - lse[n0:n0 + rows], 0.0)
+        safe = torch.where(valid, yc, 0).unsqueeze(1)
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[n0:n0 + rows] = lse_c
+        logp[n0:n0 + rows] = torch.where(valid, z.gather(1, safe).squeeze(1) - lse_c, 0.0)
+        if input_grad:  # dlogp/dz = onehot(y) − softmax(z), 0 on ignored rows; D = that · W
+            g = torch.exp_(z.sub_(lse_c[:, None])).neg_()
+            g.scatter_add_(1, safe, torch.ones_like(lse_c[:, None]))
+            g.mul_(valid[:, None])
+            D[n0:n0 + rows] = g @ wc
         del z
-    return lse, logp
+    return lse, logp, D
 
 
 def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
@@ -85,22 +93,21 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
 class _LinearLogprobs(torch.autograd.Function):
     """logp [N] (or per-sequence sums [S] when seq_ids is given).
 
-    Backward, Triton with a frozen head: dX = g ⊙ D with D = dlogp/dx computed in the forward (exact, no
-    recompute; see clo_kernels.linear_logprobs). Otherwise the logits are recomputed chunk by chunk.
+    Frozen head (both implementations): dX = g ⊙ D with D = dlogp/dx computed in the forward from the same
+    logits (exact, no recompute; see clo_kernels.linear_logprobs). Trainable head: the backward recomputes
+    the logits chunk by chunk, since dW needs the upstream gradient g before its GEMM.
     """
 
     @staticmethod
     def forward(ctx, x, w, y, seq_ids, num_seqs, ignore_index, impl, chunk_rows):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        D = None
+        deferred = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]  # dX wanted, head frozen
         if impl == "triton":
             import clo_kernels
 
-            deferred = need_dx and not need_dw
             lse, logp, sums, D = clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs,
                                                      input_grad=deferred, chunk_rows=chunk_rows)
         else:
-            lse, logp = _torch_forward(x, w, y, ignore_index, chunk_rows)
+            lse, logp, D = _torch_forward(x, w, y, ignore_index, chunk_rows, input_grad=deferred)
             sums = None
             if seq_ids is not None:
                 sums = torch.zeros(num_seqs, device=x.device, dtype=logp.dtype).index_add_(0, seq_ids, logp)
@@ -122,7 +129,8 @@ class _LinearLogprobs(torch.autograd.Function):
         # per-token upstream gradient: the gradient of the token's sequence sum (the CLO coefficient of
         # its sequence, plus the NLL weight for SFT sequences), 0 at ignored rows
         grad = grad_out if seq_ids is None else grad_out[seq_ids]
-        grad = torch.where(y != ctx.ignore_index, grad, 0.0).float().contiguous()
+        acc = torch.float64 if (D if ctx.deferred else x).dtype == torch.float64 else torch.float32
+        grad = torch.where(y != ctx.ignore_index, grad, 0.0).to(acc).contiguous()
         if ctx.deferred:
             return (grad[:, None] * D).to(D.dtype), None, None, None, None, None, None, None
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

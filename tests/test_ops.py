@@ -188,6 +188,18 @@ def test_frozen_head_allocates_no_weight_gradient(impl):
     assert any(s == (V, H) for _, s in rec.shapes)
 
 
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_gradcheck_float64_torch_path(head):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=head == "trainable")
+    y = torch.tensor([1, -100, 3, 10, 0, 5, -100])
+    inputs = (x, w) if head == "trainable" else (x,)
+    f = (lambda a, b: linear_logprobs(a, b, y, impl="torch", chunk_rows=3)) if head == "trainable" \
+        else (lambda a: linear_logprobs(a, w, y, impl="torch", chunk_rows=3))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
 def test_bad_inputs():
     x = torch.randn(4, 8)
     w = torch.randn(10, 8)
