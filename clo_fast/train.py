@@ -628,7 +628,8 @@ def main(argv=None) -> int:
 
         report = evaluate_models(cfg, [("base", model_path), ("trained", str(export))])
         print(f"[train] evaluation report: {Path(cfg.eval.output_dir).resolve()} "
-              f"({len(report.get('models', {}))} models)")
+              f"({len(report.get('models', {}))} models)\n")
+        print(Path(report["files"]["markdown"]).read_text())  # the before/after table
     return 0
 
 
