@@ -5,7 +5,11 @@ with `save_pretrained` (config.json, model.safetensors, tokenizer files with a c
 trainer loads it through exactly the same `from_pretrained` path as a real hub model or local checkpoint.
 
 Deterministic: the tokenizer is a byte-level BPE trained with `tokenizers` on the bundled demo texts
-(sorted, fixed order), the weights are initialised under a fixed seed. The directory name is a hash of
+(sorted, fixed order), the weights are initialised under a fixed seed, and a short single-threaded
+pretraining (`pretrain_base`) makes it an *English-centric base*, the starting point CLO assumes: it
+follows the instruction template in English only and has read a little Swahili and Korean as plain text.
+So before CLO it answers Swahili prompts in English; CLO has to teach it to answer them in Swahili.
+The pretraining never sees the held-out pairs that the demo config evaluates on (`heldout_ids`). The directory name is a hash of
 the texts and the build recipe, so a change of the demo data or of this file's recipe builds a new one.
 Several processes may call `ensure_demo_model` at once (DeepSpeed ranks): each builds into a private
 temporary directory and publishes it with an atomic rename; the first one wins, the others discard theirs.
@@ -22,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-RECIPE_VERSION = 2  # bump when the recipe below changes
+RECIPE_VERSION = 3  # bump when the recipe below changes
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
@@ -34,11 +38,11 @@ CHAT_TEMPLATE = (
 )
 EXTRA_SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>"]
 
-# tiny Llama: ~0.2 M parameters; GQA (4 heads, 2 KV heads) and tied embeddings, like Llama-3.2 / Qwen-2.5
+# tiny Llama: ~0.8 M parameters; GQA (4 heads, 2 KV heads) and tied embeddings, like Llama-3.2 / Qwen-2.5
 MODEL_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=172,
-    num_hidden_layers=2,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=1024,
@@ -47,12 +51,20 @@ MODEL_SHAPE = dict(
     tie_word_embeddings=True,
     initializer_range=0.02,
 )
-VOCAB_SIZE = 1024  # BPE target size (specials included)
+VOCAB_SIZE = 2048  # BPE target size (specials included); ~47 tokens per demo response
 SEED = 1234
-# A short causal-LM pretraining on the *English* demo pairs (all parameters) makes the demo model an
-# "English-centric base", as CLO assumes: it starts out preferring English responses.
-PRETRAIN = dict(steps=150, batch=16, lr=3e-3, max_tokens=128,
-                template="### Instruction:\n{instruction}\n\n### Response:\n")
+# Pretraining that makes the demo model an "English-centric base", as CLO assumes (all parameters, causal LM,
+# ~45 s on one CPU thread). The documents are the demo pairs *outside* the held-out split (`heldout_ids`):
+#   - English instruction/response pairs in the instruction template (the only instruction data it sees),
+#   - Swahili and Korean pairs as plain text, "instruction\nresponse", never in the template.
+# One pass over the corpus holds every English pair `en_repeat` times, every Swahili text once and, in
+# alternating halves, every other Korean text (Korean is not the demo's target language). Passes are shuffled,
+# concatenated and cut into `block`-token rows (packed, no padding); `steps` rows×`batch` in all (~17 passes).
+# Result: English answers to English *and* Swahili prompts (held-out fidelity en 1.0, sw 0.0 at the base).
+PRETRAIN = dict(steps=480, batch=8, block=128, lr=3e-3, warmup_steps=20, en_repeat=2,
+                other_langs=("sw", "ko"), half_weight_langs=("ko",), max_tokens=128,
+                template="### Instruction:\n{instruction}\n\n### Response:\n",
+                heldout=dict(seed=0, eval_fraction=0.1))  # = data.seed / data.eval_fraction of configs/demo.yaml
 
 # Used only when the demo data has not been written yet (keeps the model buildable in isolation).
 _FALLBACK_TEXTS = [
@@ -94,9 +106,9 @@ def demo_texts(data_dir: Path = DEMO_DATA_DIR) -> list[str]:
     return texts or list(_FALLBACK_TEXTS)
 
 
-def demo_english_pairs(data_dir: Path = DEMO_DATA_DIR) -> list[tuple[str, str]]:
-    """(instruction, response) English pairs of the demo data (records with those two fields)."""
-    pairs = []
+def demo_records(data_dir: Path = DEMO_DATA_DIR) -> list[dict]:
+    """The records of the bundled demo .jsonl files (dicts with id, instruction, response, *_ko, *_sw), in order."""
+    recs = []
     if data_dir.is_dir():
         for f in sorted(data_dir.rglob("*.jsonl")):
             for line in f.read_text(encoding="utf-8").splitlines():
@@ -105,37 +117,84 @@ def demo_english_pairs(data_dir: Path = DEMO_DATA_DIR) -> list[tuple[str, str]]:
                 except json.JSONDecodeError:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("instruction"), str) and isinstance(rec.get("response"), str):
-                    pairs.append((rec["instruction"], rec["response"]))
+                    recs.append(rec)
+    return recs
+
+
+def demo_english_pairs(data_dir: Path = DEMO_DATA_DIR) -> list[tuple[str, str]]:
+    """(instruction, response) English pairs of the demo data (records with those two fields)."""
+    pairs = [(r["instruction"], r["response"]) for r in demo_records(data_dir)]
     return pairs or [(_FALLBACK_TEXTS[i], _FALLBACK_TEXTS[i + 1]) for i in (0, 2)]
 
 
-def pretrain_english(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float]:
-    """Deterministic full-parameter LM training on English prompt+response texts; returns the losses."""
+def heldout_ids(records: list[dict], seed: int = PRETRAIN["heldout"]["seed"],
+                eval_fraction: float = PRETRAIN["heldout"]["eval_fraction"]) -> set[str]:
+    """Ids of the pairs `clo_fast.data.build_text_dataset` puts in the "eval" split for this seed and
+    eval_fraction (same shuffle, same count; tests/test_model.py checks it against the demo config's split).
+    The pretraining leaves them out, so the evaluation prompts are new to the base model as well."""
+    import random
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n = len(records)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n >= 2:
+        n_eval = min(max(1, n_eval), n - 1)
+    return {str(records[i].get("id")) for i in order[:n_eval]}
+
+
+def pretrain_documents(records: list[dict]) -> tuple[list[str], dict[str, list[str]]]:
+    """(English template texts, {lang: plain texts}) of the pretraining corpus; held-out pairs excluded."""
+    held = heldout_ids(records)
+    recs = [r for r in records if str(r.get("id")) not in held]
+    english = [PRETRAIN["template"].format(instruction=r["instruction"]) + r["response"] for r in recs]
+    other = {lang: [r[f"instruction_{lang}"] + "\n" + r[f"response_{lang}"] for r in recs
+                    if isinstance(r.get(f"instruction_{lang}"), str) and isinstance(r.get(f"response_{lang}"), str)]
+             for lang in PRETRAIN["other_langs"]}
+    return english, other
+
+
+def pretrain_base(model, tokenizer, records: list[dict]) -> list[float]:
+    """Deterministic full-parameter causal-LM pretraining on the corpus of `pretrain_documents` (see PRETRAIN);
+    returns the per-step losses."""
     import torch
 
-    texts = [PRETRAIN["template"].format(instruction=x) + y for x, y in pairs]
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][: PRETRAIN["max_tokens"] - 1] + [tokenizer.eos_token_id]
-            for t in texts]
+    english, other = pretrain_documents(records)
+    if not english:  # no demo data (fallback texts): English pairs only
+        english = [PRETRAIN["template"].format(instruction=x) + y for x, y in demo_english_pairs()]
+
+    def enc(texts):
+        return [tokenizer(t, add_special_tokens=False)["input_ids"][: PRETRAIN["max_tokens"] - 1] + [tokenizer.eos_token_id]
+                for t in texts]
+
+    en_rows, other_rows = enc(english), {lang: enc(t) for lang, t in other.items()}
     g = torch.Generator().manual_seed(SEED)
+    B, L, steps = PRETRAIN["batch"], PRETRAIN["block"], PRETRAIN["steps"]
+    stream: list[int] = []
+    n_pass = 0
+    while len(stream) < steps * B * L:  # shuffled passes over the corpus, concatenated (documents end in EOS)
+        docs = en_rows * PRETRAIN["en_repeat"]
+        for lang, rows in other_rows.items():
+            docs = docs + (rows[n_pass % 2::2] if lang in PRETRAIN["half_weight_langs"] else rows)
+        for i in torch.randperm(len(docs), generator=g).tolist():
+            stream.extend(docs[i])
+        n_pass += 1
+    data = torch.tensor(stream[: steps * B * L]).view(steps, B, L)
+
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise-reproducible CPU reductions
     losses = []
     try:
         model.train()
-        for step in range(PRETRAIN["steps"]):
-            idx = torch.randint(len(rows), (PRETRAIN["batch"],), generator=g).tolist()
-            T = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), T), tokenizer.pad_token_id)
-            labels = torch.full((len(idx), T), -100)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for b, i in enumerate(idx):
-                r = torch.tensor(rows[i])
-                ids[b, : len(r)], labels[b, : len(r)], mask[b, : len(r)] = r, r, 1
-            for group in opt.param_groups:  # cosine decay
-                group["lr"] = PRETRAIN["lr"] * 0.5 * (1 + math.cos(math.pi * step / PRETRAIN["steps"]))
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for step in range(steps):
+            warm = PRETRAIN["warmup_steps"]  # linear warmup, then cosine decay to 0
+            f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in opt.param_groups:
+                group["lr"] = PRETRAIN["lr"] * f
+            loss = model(input_ids=data[step], labels=data[step]).loss
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -186,8 +245,8 @@ def train_tokenizer(texts: list[str]):
 
 
 def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretrain: bool = True) -> Path:
-    """Train the tokenizer, initialise the tiny Llama under a fixed seed, pretrain it briefly on the English
-    demo pairs (unless pretrain=False), save both to `out_dir`."""
+    """Train the tokenizer, initialise the tiny Llama under a fixed seed, pretrain it into an English-centric
+    base (`pretrain_base`; unless pretrain=False), save both to `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -206,7 +265,7 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretra
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32)
     torch.random.set_rng_state(devnull_state)
-    losses = pretrain_english(model, tokenizer, demo_english_pairs()) if pretrain else []
+    losses = pretrain_base(model, tokenizer, demo_records()) if pretrain else []
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,

@@ -22,3 +22,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A clo_fast cache dir shared by the tests that need the built demo model (test_model, test_train), so the
+    demo model (~45 s of single-threaded pretraining) is built once for them instead of once per module."""
+    return tmp_path_factory.mktemp("clo_fast_cache")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clo_fast.config import ConfigError, ModelConfig
-from clo_fast.demo_model import build_demo_model, demo_texts
+from clo_fast.demo_model import build_demo_model, demo_records, demo_texts, ensure_demo_model, heldout_ids
 from clo_fast.loss import clo_loss, reference_clo_loss
 from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy, load_tokenizer
 
@@ -16,8 +16,8 @@ ATTN = ModelConfig().trainable_patterns
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return build_demo_model(tmp_path_factory.mktemp("demo_model"))
+def demo_dir(demo_cache):
+    return ensure_demo_model(demo_cache)  # built here, reused by test_train through the shared cache
 
 
 def _digest(d):
@@ -39,6 +39,20 @@ def test_demo_model_is_deterministic_and_loads(demo_dir, tmp_path):
     assert tok.decode(ids).endswith("<|assistant|>\n")
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_demo_pretraining_leaves_out_the_demo_configs_eval_split(tmp_path):
+    """The base model is pretrained without the pairs the demo run evaluates on: heldout_ids reproduces the
+    "eval" split that clo_fast.data builds for configs/demo.yaml."""
+    from pathlib import Path
+
+    from clo_fast.config import load_config
+    from clo_fast.data import build_text_dataset
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").data
+    cfg.cache_dir = str(tmp_path)
+    dsd, _ = build_text_dataset(cfg, progress=False)
+    assert set(dsd["eval"]["id"]) == heldout_ids(demo_records()) and len(dsd["eval"]) > 0
 
 
 def _batch(vocab, B=2, T=24, seed=0):
