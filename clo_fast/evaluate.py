@@ -314,37 +314,13 @@ def build_reference_batch(examples: Sequence[tuple[list[int], list[int]]], pad_t
 def sequence_logprob_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[S] fp32 sums of log p(labels) under softmax(hidden @ weightᵀ); IGNORE_INDEX positions add 0.
 
-    Uses `clo_fast.ops.sequence_logprobs` (fused / chunked, never materialises [S,T,V]) when that module
-    exists; otherwise a chunked log_softmax + gather over the labelled rows only.
+    `clo_fast.ops.sequence_logprobs`: fused on CUDA, chunked torch on CPU (never materialises [S,T,V]).
     """
-    try:
-        from clo_fast.ops import sequence_logprobs
-    except ModuleNotFoundError as e:
-        if e.name not in ("clo_fast.ops",):
-            raise
-        sequence_logprobs = None
-    except ImportError:  # ops exists but has no sequence_logprobs (yet)
-        sequence_logprobs = None
-    if sequence_logprobs is not None:
-        # never the Triton *interpreter* here (TRITON_INTERPRET=1 in a test session): it is for kernel tests
-        impl = "auto" if hidden.is_cuda else "torch"
-        return sequence_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, impl=impl).float()
-    return _torch_sequence_logprobs(hidden, weight, labels)
+    from clo_fast.ops import sequence_logprobs
 
-
-def _torch_sequence_logprobs(hidden, weight, labels, chunk_rows: int = 1024) -> torch.Tensor:
-    S, T, H = hidden.shape
-    flat_h = hidden.reshape(-1, H)
-    flat_l = labels.reshape(-1)
-    rows = torch.nonzero(flat_l != IGNORE_INDEX).squeeze(1)
-    out = torch.zeros(S, dtype=torch.float32, device=hidden.device)
-    w = weight.float()
-    for s in range(0, rows.numel(), chunk_rows):
-        r = rows[s:s + chunk_rows]
-        logp = F.log_softmax(flat_h[r].float() @ w.T, dim=-1)
-        picked = logp.gather(1, flat_l[r].unsqueeze(1)).squeeze(1)
-        out.index_add_(0, r // T, picked)
-    return out
+    # never the Triton *interpreter* here (TRITON_INTERPRET=1 in a test session): it is for kernel tests
+    impl = "auto" if hidden.is_cuda else "torch"
+    return sequence_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, impl=impl).float()
 
 
 def _plain_head(model) -> bool:

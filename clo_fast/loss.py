@@ -120,18 +120,22 @@ def clo_loss(
     return loss, metrics
 
 
-def gather_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
-    """Plain PyTorch: per-sequence Σ log softmax(logits)[label] and response-token counts.
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Plain PyTorch: log softmax(logits)[label] per position, 0 where ignored.
 
-    logits [S,T,V] (materialized), labels [S,T] aligned with the rows they score. Computes in fp32
-    (float64 inputs stay float64). Returns (logps [S], counts [S]).
+    logits [..., V] (materialized), labels [...] aligned with the rows they score. Computes in fp32
+    (float64 inputs stay float64).
     """
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp_all = torch.log_softmax(logits.to(compute), dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    token_logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
-    return token_logp.sum(-1), mask.sum(-1)
+    return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
+
+
+def gather_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """Per-sequence Σ log softmax(logits)[label] and response-token counts from logits [S,T,V], labels [S,T]."""
+    return token_logps(logits, labels, ignore_index).sum(-1), (labels != ignore_index).sum(-1)
 
 
 def reference_clo_loss(

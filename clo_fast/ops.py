@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .loss import IGNORE_INDEX
+from .loss import IGNORE_INDEX, token_logps
 
 _CPU_CHUNK_BYTES = 32 << 20  # fp32 [chunk, V] logit buffer budget for the torch path
 
@@ -158,11 +158,7 @@ def _check_inputs(hidden, weight, labels):
 
 def _reference_logprobs(hidden, weight, labels, ignore_index):
     cd = _compute_dtype(hidden)
-    logits = hidden.to(cd) @ weight.to(cd).T
-    logp_all = torch.log_softmax(logits, dim=-1)
-    valid = labels != ignore_index
-    picked = logp_all.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, picked, 0.0)
+    return token_logps(hidden.to(cd) @ weight.to(cd).T, labels, ignore_index)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

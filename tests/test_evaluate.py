@@ -124,9 +124,9 @@ def test_sequence_logprob_sums_match_float64():
     labels[2, -2:] = E.IGNORE_INDEX
     lp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
     ref = torch.where(labels != -100, lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0).sum(1)
-    for got in (E.sequence_logprob_sums(hidden, weight, labels), E._torch_sequence_logprobs(hidden, weight, labels, chunk_rows=4)):
-        assert got.dtype == torch.float32 and got.shape == (S,)
-        assert (got.double() - ref).norm() / ref.norm() < 1e-5
+    got = E.sequence_logprob_sums(hidden, weight, labels)
+    assert got.dtype == torch.float32 and got.shape == (S,)
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
 
 
 def test_reference_batch_shifts_labels():
