@@ -48,6 +48,14 @@ def _kernel(name: str, H: int, V: int):
     return (tuned if H * V >= _TUNE_MIN_VH else fixed), {}
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a·b (cuBLAS), written in place when the dtypes allow it, else cast on the way in."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products (tf32 would cost ~3e-4 relative error); bf16/fp16 ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -94,10 +102,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int
             block = 64 if interpreting() else 2048
             _softmax_grad_rows_kernel[(n1 - n0, triton.cdiv(V, block))](
                 Z, yc, lse[n0:n1], G, V, Z.stride(0), G.stride(0), ignore_index, BLOCK=block)
-            if D.dtype == g_dtype:
-                torch.mm(G[: n1 - n0], w_mm, out=D[n0:n1])
-            else:
-                D[n0:n1] = G[: n1 - n0] @ w_mm
+            _mm_into(D[n0:n1], G[: n1 - n0], w_mm)
     return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
 
 
@@ -156,10 +161,7 @@ def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tenso
             UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **tiles,
         )
         g = G[: n1 - n0]
-        if dx.dtype == g_dtype:
-            torch.mm(g, w_mm, out=dx[n0:n1])
-        else:
-            dx[n0:n1] = g @ w_mm
+        _mm_into(dx[n0:n1], g, w_mm)
         if need_dw:  # fp32 accumulator over chunks; each chunk's GEMM runs in the input dtype
             x_c = x[n0:n1] if x.dtype == g_dtype else x[n0:n1].to(g_dtype)
             if g_dtype == torch.float32:
