@@ -19,9 +19,15 @@ def interpreting() -> bool:
 
 
 _INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=64)
-_GPU_SHAPES = [  # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the untuned default
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the untuned default. BLOCK_N is 128 in
+# every shape: the vocabulary-split grid is sized for 128-row blocks (`_vocab_splits`).
+_GPU_SHAPES = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 ]
+_ROW_BLOCK = 128
+# M (the running max per tile, for the softmax-gradient rows) is kept per GRAIN vocabulary columns:
+# the smallest BLOCK_V of the tile space, so that every tile covers whole GRAIN groups.
+_GRAIN = {True: _INTERPRETER_TILE["BLOCK_V"], False: min(c[1] for c in _GPU_SHAPES)}
 _TUNE_MIN_VH = 1 << 24  # smaller heads run the default tile: tuning them costs more than it saves
 
 
@@ -73,8 +79,9 @@ def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int
     """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
     and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
 
-    With input_grad the rows are processed in chunks whose fp32 logits are kept for the softmax-gradient
-    pass (6·chunk_rows·V bytes); without it nothing of size V is stored.
+    With input_grad the rows are processed in chunks whose within-tile probabilities P̃ [C,V] (x.dtype) are
+    kept for the softmax-gradient pass (about 2·chunk_rows·V bytes in bf16); without it nothing of size V
+    is stored.
     """
     N, H = x.shape
     V = w.shape[0]
@@ -84,41 +91,61 @@ def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int
     has_seq = seq_ids is not None
     seq_sums = torch.zeros(max(num_seqs, 1), device=dev, dtype=torch.float32)
     g_dtype = torch.float32 if interpreting() else x.dtype
+    grain = _GRAIN[interpreting()]
     if input_grad:
-        rows = chunk_rows or default_chunk_rows(V, 4 + torch.finfo(g_dtype).bits // 8, budget_bytes=384 << 20)
+        elem_bytes = torch.finfo(g_dtype).bits // 8 + 4 / grain
+        rows = chunk_rows or default_chunk_rows(V, elem_bytes, budget_bytes=CHUNK_BUDGET_BYTES)
         rows = max(1, min(rows, N))
-        Z = torch.empty((rows, V), device=dev, dtype=torch.float32)
-        G = torch.empty((rows, V), device=dev, dtype=g_dtype)
+        P = torch.empty((rows, V), device=dev, dtype=g_dtype)
+        M = torch.empty((rows, triton.cdiv(V, grain)), device=dev, dtype=torch.float32)
         D = torch.empty((N, H), device=dev, dtype=x.dtype)
         w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
     else:
-        rows, Z, D = N, None, None
+        rows, P, M, D = N, None, None, None
     for n0 in range(0, N, rows):
         n1 = min(n0 + rows, N)
         xc, yc = x[n0:n1], y[n0:n1]
         _lse_chunk(xc, w, yc, lse[n0:n1], logp[n0:n1], seq_ids[n0:n1] if has_seq else None, seq_sums,
-                   ignore_index, n_splits, Z)
+                   ignore_index, n_splits, P, M, grain)
         if input_grad:
             block = 64 if interpreting() else 2048
             _softmax_grad_rows_kernel[(n1 - n0, triton.cdiv(V, block))](
-                Z, yc, lse[n0:n1], G, V, Z.stride(0), G.stride(0), ignore_index, BLOCK=block)
-            _mm_into(D[n0:n1], G[: n1 - n0], w_mm)
+                P, M, yc, lse[n0:n1], V, P.stride(0), M.stride(0), ignore_index, BLOCK=block, GRAIN=grain)
+            _mm_into(D[n0:n1], P[: n1 - n0], w_mm)
     return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
 
 
-def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, Z):
-    """Partial log-sum-exp over vocabulary splits, then the combine kernel (writes lse, logp, seq sums)."""
+def _vocab_splits(N: int, V: int, device: torch.device) -> int:
+    """Vocabulary splits for N rows: at least two programs per SM, and the grid (row blocks × splits) as
+    close to a whole number of waves as the next few split counts allow (a last, part-empty wave idles SMs)."""
+    sms = _num_sms(device)
+    row_blocks = triton.cdiv(N, _ROW_BLOCK)
+    least = max(1, min(64, triton.cdiv(2 * sms, row_blocks)))
+    tiles = triton.cdiv(V, _GRAIN[interpreting()])
+
+    def wave_waste(s):
+        programs = row_blocks * s
+        return triton.cdiv(programs, sms) * sms / programs
+
+    candidates = [s for s in range(least, min(2 * least, 64, tiles) + 1)] or [least]
+    return min(candidates, key=lambda s: (round(wave_waste(s), 3), s))
+
+
+def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, P=None, M=None, grain=1):
+    """Partial log-sum-exp over vocabulary splits, then the combine kernel (writes lse, logp, seq sums);
+    with P/M also the within-tile probabilities and running maxima for the softmax-gradient rows."""
     N, H = x.shape
     V = w.shape[0]
-    if n_splits is None:  # split the vocabulary so that about 2 programs per SM run, given 128-row blocks
-        n_splits = max(1, min(64, triton.cdiv(2 * _num_sms(x.device), triton.cdiv(N, 128))))
+    if n_splits is None:
+        n_splits = _vocab_splits(N, V, x.device)
     part = torch.empty((3, n_splits, N), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
     kernel, tiles = _kernel("fwd", H, V)
+    store = P is not None
     kernel[grid](
-        x, w, y, part[0], part[1], part[2], Z if Z is not None else part, N, V, H, x.stride(0), w.stride(0),
-        Z.stride(0) if Z is not None else 0, n_splits,
-        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), STORE_Z=Z is not None, **tiles,
+        x, w, y, part[0], part[1], part[2], P if store else part, M if store else part, N, V, H,
+        x.stride(0), w.stride(0), P.stride(0) if store else 0, M.stride(0) if store else 0, n_splits,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), STORE_P=store, GRAIN=grain, **tiles,
     )
     has_seq = seq_ids is not None
     block = 64 if interpreting() else 256
@@ -128,9 +155,13 @@ def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, Z)
     )
 
 
-def default_chunk_rows(V: int, elem_bytes: int, budget_bytes: int = 256 << 20) -> int:
+# Bytes of [chunk, V] buffers per head call: the frozen forward's P̃ (+M), the trainable backward's G.
+CHUNK_BUDGET_BYTES = 384 << 20
+
+
+def default_chunk_rows(V: int, elem_bytes: float, budget_bytes: int = 256 << 20) -> int:
     """Rows per chunk so that the [C, V] buffers (elem_bytes per element in all) stay within `budget_bytes`."""
-    rows = max(128, budget_bytes // max(1, V * elem_bytes))
+    rows = max(128, int(budget_bytes // max(1, V * elem_bytes)))
     return rows // 128 * 128
 
 

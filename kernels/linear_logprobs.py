@@ -17,11 +17,16 @@ Forward (two kernels):
 Frozen head (W needs no gradient), the training default — no recompute, exact:
   logp_t depends on x_t only, and dlogp_t/dx_t = Σ_v (onehot(y_t) − p_t)_v W_v =: D_t does not depend on
   the upstream gradient g_t (the CLO coefficient of the token's sequence, known only after the loss).
-  So the forward computes D [N,H] once, per chunk of C rows: `_partial_lse_kernel` with STORE_Z writes the
-  fp32 logits Z [C,V] besides its partials, `_combine_kernel` gives lse, `_softmax_grad_rows_kernel`
-  turns Z into G = onehot − softmax [C,V] (input dtype), and D_chunk = G·W is one cuBLAS GEMM. The
-  backward is then dX = g ⊙ D: O(N·H). Cost: 4·N·H·V FLOPs in all (no recompute), extra memory
-  6·C·V bytes (a fixed budget) + D [N,H] kept for the backward in place of X.
+  So the forward computes D [N,H] once, per chunk of C rows: `_partial_lse_kernel` with STORE_P writes,
+  besides its partials, P̃ = exp(z − m) [C,V] in the input dtype, where m is the row's running max when
+  the tile was done (≤ the final max, so P̃ ≤ 1 and nothing overflows), and that m per tile into M
+  [C, ⌈V/GRAIN⌉] fp32; `_combine_kernel` gives lse; `_softmax_grad_rows_kernel` turns P̃ in place into
+  G = onehot − P̃·exp(M − lse) (= onehot − softmax); D_chunk = G·W is one cuBLAS GEMM. The backward is
+  then dX = g ⊙ D: O(N·H). Cost: 4·N·H·V FLOPs in all (no recompute); HBM traffic for the [C,V] buffer
+  is 8 bytes per logit in bf16 (write P̃, read P̃, write G, read G), where an fp32 logit round trip
+  costs 12; extra memory 2·C·V bytes (bf16; a fixed budget) + D [N,H] kept for the backward in place of X.
+  Precision: P̃ is rounded to the input dtype relative to a nearby max (2⁻⁹ relative in bf16), the same
+  rounding that G gets anyway.
 
 Trainable head, backward (one kernel + GEMMs per token chunk; dW needs g before its GEMM):
   `_logit_grad_kernel`  grid (⌈C/BN⌉, ⌈V/BV⌉) over a chunk of C rows: recomputes the logit tile, then
@@ -62,10 +67,11 @@ def _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
 
 
 @triton.jit
-def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, Z,
-                        N, V, H, stride_xn, stride_wv, stride_zn, n_splits,
+def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
+                        N, V, H, stride_xn, stride_wv, stride_pn, stride_mn, n_splits,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_Z: tl.constexpr):
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_P: tl.constexpr,
+                        GRAIN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,13 +90,18 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, Z,
         v_mask = offs_v < v_end
         z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-        if STORE_Z:  # fp32 logits of this chunk, for the softmax-gradient rows kernel
-            tl.store(Z + offs_n.to(tl.int64)[:, None] * stride_zn + offs_v[None, :], z,
-                     mask=n_mask[:, None] & v_mask[None, :])
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        e = tl.exp(z - m_new[:, None])
+        s = s * tl.exp(m - m_new) + tl.sum(e, axis=1)
         m = m_new
+        if STORE_P:  # P̃ = exp(z − m_run) and m_run per GRAIN columns, for the softmax-gradient rows kernel
+            rows = offs_n.to(tl.int64)[:, None]
+            tl.store(P + rows * stride_pn + offs_v[None, :], e.to(P.dtype.element_ty),
+                     mask=n_mask[:, None] & v_mask[None, :])
+            offs_t = v0 // GRAIN + tl.arange(0, BLOCK_V // GRAIN)
+            tl.store(M + rows * stride_mn + offs_t[None, :], tl.broadcast_to(m_new[:, None], (BLOCK_N, BLOCK_V // GRAIN)),
+                     mask=n_mask[:, None] & (offs_t[None, :] * GRAIN < v_end))
         hit = offs_v[None, :] == y[:, None]
         label_logit = tl.maximum(label_logit, tl.max(tl.where(hit, z, float("-inf")), axis=1))
 
@@ -149,14 +160,18 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
 
 
 @triton.jit
-def _softmax_grad_rows_kernel(Z, Y, LSE, G, V, stride_zn, stride_gn, ignore_index, BLOCK: tl.constexpr):
-    """G[r, v] = onehot(y_r)_v − exp(Z[r, v] − lse_r)  (d logp_r / d z_r), 0 on ignored rows."""
+def _softmax_grad_rows_kernel(P, M, Y, LSE, V, stride_pn, stride_mn, ignore_index,
+                              BLOCK: tl.constexpr, GRAIN: tl.constexpr):
+    """In place: P[r, v] ← onehot(y_r)_v − P̃[r, v]·exp(M[r, v // GRAIN] − lse_r)  (d logp_r / d z_r = onehot −
+    softmax), 0 on ignored rows. Reads and writes 2·C·V elements of P, C·V/GRAIN of M (cached)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < V
-    z = tl.load(Z + row.to(tl.int64) * stride_zn + offs, mask=mask, other=float("-inf"))
+    p_ptr = P + row.to(tl.int64) * stride_pn + offs
+    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + row.to(tl.int64) * stride_mn + offs // GRAIN, mask=mask, other=0.0)
     lse = tl.load(LSE + row)
     y = tl.load(Y + row)
-    g = tl.where(offs == y, 1.0, 0.0) - tl.exp(z - lse)
+    g = tl.where(offs == y, 1.0, 0.0) - p * tl.exp(m - lse)
     g = tl.where(y != ignore_index, g, 0.0)
-    tl.store(G + row.to(tl.int64) * stride_gn + offs, g.to(G.dtype.element_ty), mask=mask)
+    tl.store(p_ptr, g.to(P.dtype.element_ty), mask=mask)

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clo_fast.loss import clo_loss, reference_clo_loss
 from clo_fast.ops import linear_logprobs, sequence_logprobs
+from clo_kernels.launch import _GPU_SHAPES as GPU_TILE_SHAPES
 
 IMPLS = ["torch", "triton"]
 # the triton impl runs compiled on a GPU machine, interpreted on CPU (conftest.py); torch stays on CPU
@@ -102,6 +103,39 @@ def test_forward_vocab_splits_combine(impl):
             assert rel(logp, ref) < 1e-5
     else:
         assert rel(linear_logprobs(x, w, y, impl="torch", chunk_rows=7), ref) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_wide_logit_range(impl):
+    """Peaked rows whose running max jumps by tens of nats between vocabulary tiles (the frozen head keeps
+    exp(z − running max) per tile and rescales it by the final lse): dX still matches float64."""
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 40, 48, 300
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (0.3 / H**0.5)
+    w[V - 7] = x[:20].mean(0) * 4.0  # a late vocabulary entry with a logit tens of nats above the rest
+    y = torch.randint(0, V, (N,), generator=g)
+    y[:10] = V - 7
+    x, w = x.float().to(DEVICE[impl]).requires_grad_(True), w.float().to(DEVICE[impl])
+    y = y.to(DEVICE[impl])
+    up = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE[impl])
+    out = linear_logprobs(x, w, y, impl=impl, chunk_rows=16)
+    (dx,) = torch.autograd.grad((out.double() * up).sum(), [x])
+    ref, rdx, _ = reference(x, w, y, up)
+    z = x.detach().double() @ w.double().T
+    assert (z.max(1).values - z[:, :64].max(1).values).max() > 20  # the max does jump across tiles
+    assert rel(out, ref) < 1e-5 and rel(dx, rdx) < 1e-5, (rel(out, ref), rel(dx, rdx))
+
+
+def test_vocab_split_grid_fills_whole_waves():
+    """The split count gives at least two programs per SM and never a worse last wave than the least count."""
+    import clo_kernels.launch as launch
+
+    for N in (1, 100, 1000, 4096, 8192, 20000):
+        s = launch._vocab_splits(N, 128256, torch.device("cpu"))
+        rb = -(-N // launch._ROW_BLOCK)
+        least = max(1, min(64, -(-2 * launch._num_sms(torch.device("cpu")) // rb)))
+        assert least <= s <= 64 and rb * s >= min(2 * launch._num_sms(torch.device("cpu")), rb * 64)
 
 
 def _clo_batch(B, T, H, V, dtype, device, seed):
@@ -238,7 +272,7 @@ def test_gpu_triton_matches_float64(dtype, N, H, V, head):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", range(4))
+@pytest.mark.parametrize("config", range(len(GPU_TILE_SHAPES)))
 def test_gpu_every_autotune_config(config, monkeypatch):
     """Each tile shape the autotuner may pick computes the same function (not only the one it picks)."""
     import triton
