@@ -1,306 +1,299 @@
-"""Head + CLO loss benchmark: forward+backward time and peak memory, ours against the reference and peers.
+"""LM head + CLO loss, forward and backward: ours against the peers a user would pick, on LM-like inputs.
 
-Paths, all computing the CLO loss of DESIGN.md §1 from hidden states [4B,T,H] and the head weight [V,H]:
-  fused        clo_fast.ops.sequence_logprobs (Triton on GPU, chunked torch on CPU) + clo_loss
-  reference    materialized logits + reference_clo_loss (fp32 log-softmax)
-  liger        Liger-Kernel LigerFusedLinearDPOLoss, one call per direction, NLL on the target direction
-               (use_ref_model=False: reference log-probs are precomputed in CLO, so no extra ref GEMM)
-  cce          cut-cross-entropy linear_cross_entropy(reduction="none") + the same DPO tail (clo_loss)
-  gemm_floor   (GPU) cuBLAS matmuls with the same FLOPs: fwd X·Wᵀ, bwd recompute X·Wᵀ + G·W (+ Gᵀ·X if dW)
-each with a frozen head (attention-only CLO) and a trainable head. Liger / cut-cross-entropy are used
-only where installed.
+Every path computes the CLO loss (λ = 0.5, β = 0.1, reference log-probs precomputed) of a padded batch of
+4B sequences with the realistic length profile and LM-like logits of `benchmarks/common.py`:
+  fused          ours as the trainer runs it: only the labelled rows (indices built on the host with the
+                 batch) gathered and sent through `clo_fast.ops.packed_sequence_logprobs`, then clo_loss
+  fused_padded   ours on every padded row (`sequence_logprobs`), the trainer before row selection
+  liger          TRL + Liger semantics: LigerFusedLinearDPOLoss on the padded batch, one call per
+                 direction, the NLL on the target direction (use_ref_model=False: with precomputed
+                 reference log-probs the reference terms are a subtraction, no extra GEMM)
+  cce            cut-cross-entropy linear_cross_entropy(reduction="none") on the padded batch + the same
+                 DPO tail (clo_loss)
+  reference      materialized fp32 logits + log-softmax (TRL without Liger)
+The floor is the cuBLAS time of the GEMMs the head must do, on the labelled rows only: frozen head
+X·Wᵀ and G·W; trainable head also Gᵀ·X. Timings are interleaved across paths (median, p10, p90);
+peak memory is above the inputs; errors are against fp32 from the same rounded inputs (per-sequence
+sums where the path exposes them, the loss, and dX).
 
-    python benchmarks/bench_head.py                      # CPU: scaled-down shapes + the fallback memory check
-    python benchmarks/bench_head.py --out results.json   # GPU: DESIGN.md §6 shapes
-
-Output: JSON (device, versions, shapes, median ms, peak MB, ratios) and a Markdown table on stdout.
+    python benchmarks/bench_head.py                      # CPU: scaled-down shapes
+    python benchmarks/bench_head.py --out results.json   # GPU: Llama-3-8B, Qwen-2.5-3B, Mistral-7B heads
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 
-import torch
+from common import (ROOT, cuda_peak_mb, interleaved_timings, label_mask, lm_like_head_inputs, machine_info,
+                    utc_now, versions)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clo_fast.loss import clo_loss, reference_clo_loss  # noqa: E402
-from clo_fast.ops import sequence_logprobs  # noqa: E402
+import torch  # noqa: E402  (common puts the repo on sys.path first)
 
-GPU_SHAPES = {  # name: (H, V)
-    "llama3-8b": (4096, 128256),
-    "qwen2.5-3b": (2048, 151936),
-    "mistral-7b": (4096, 32000),
-}
-CPU_SHAPES = {"cpu-small": (256, 8000), "cpu-medium": (512, 32000)}
+from clo_fast.loss import clo_loss  # noqa: E402
+from clo_fast.ops import packed_sequence_logprobs, sequence_logprobs  # noqa: E402
+
+GPU_SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-3b": (2048, 151936), "mistral-7b": (4096, 32000)}
+CPU_SHAPES = {"cpu-small": (256, 8000)}
+BETA, LAM = 0.1, 0.5
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def make_batch(B, T, H, V, dtype, device, seed=0, head_trains=False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(4 * B, T, H, generator=g).to(dtype).to(device).requires_grad_(True)
-    w = (torch.randn(V, H, generator=g) * H**-0.5).to(dtype).to(device).requires_grad_(head_trains)
-    labels = torch.randint(0, V, (4 * B, T), generator=g)
-    labels[:, : T // 4] = -100  # prompt tokens carry no label
-    labels = labels.to(device)
-    ref = (-torch.rand(B, 4, generator=g) * 50 - 3 * T).to(device)
-    return hidden, w, labels, ref
+def make_case(profile, B, H, V, dtype, device, head_trains, seed=0):
+    """Padded hidden [4B,T,H] (requires grad), weight, labels with prompt/padding ignored, reference
+    log-probs, and the host-built labelled-row index, plus the logit statistics."""
+    mask = label_mask(profile, B, seed)
+    S, T = mask.shape
+    hidden, w, labels, stats = lm_like_head_inputs(S, T, H, V, dtype, device, seed=seed)
+    labels = torch.where(mask.to(device), labels, -100)
+    rows = mask.reshape(-1).nonzero()[:, 0]  # host: the trainer builds this with the batch
+    case = {
+        "hidden": hidden.requires_grad_(True), "w": w.requires_grad_(head_trains), "labels": labels,
+        "ref": (-2.5 * mask.sum(1).view(B, 4).double() - torch.rand(B, 4, dtype=torch.float64)).to(device),
+        "rows": rows.to(device), "seq": (rows // T).to(device), "n_tokens": mask.sum(1).view(B, 4).to(device),
+        "S": S, "T": T, "B": B,
+    }
+    stats.update(labelled_rows=int(rows.numel()), padded_rows=S * T,
+                 unlabelled_share=round(1 - rows.numel() / (S * T), 3))
+    return case, stats
+
+
+def _loss_from_logps(c, logps):
+    loss, _ = clo_loss(logps.view(c["B"], 4), c["ref"].to(logps.dtype), c["n_tokens"], BETA, LAM, validate=False)
+    return loss
 
 
 # ------------------------------------------------------------------------------------------- paths
-def run_fused(hidden, w, labels, ref, impl="auto"):
-    B = hidden.shape[0] // 4
-    logps = sequence_logprobs(hidden, w, labels, impl=impl)
-    n = (labels != -100).sum(1).view(B, 4)
-    loss, _ = clo_loss(logps.view(B, 4), ref, n, 0.1, 0.5, validate=False)
-    loss.backward()
+def fused_logps(c):
+    S, T, H = c["hidden"].shape
+    x = c["hidden"].reshape(S * T, H).index_select(0, c["rows"])
+    return packed_sequence_logprobs(x, c["w"], c["labels"].reshape(-1).index_select(0, c["rows"]), c["seq"], S)
 
 
-def run_reference(hidden, w, labels, ref):
-    logits = hidden @ w.T
-    loss, _ = reference_clo_loss(logits, labels, ref, 0.1, 0.5, validate=False)
-    loss.backward()
+def fused_padded_logps(c):
+    return sequence_logprobs(c["hidden"], c["w"], c["labels"])
 
 
-def run_cce(hidden, w, labels, ref):
+def reference_logps(c):
+    logits = (c["hidden"] @ c["w"].T).float()
+    lp = torch.log_softmax(logits, -1)
+    valid = c["labels"] != -100
+    tok = lp.gather(2, torch.where(valid, c["labels"], 0)[..., None])[..., 0]
+    return torch.where(valid, tok, 0.0).sum(1)
+
+
+def cce_logps(c):
     from cut_cross_entropy import linear_cross_entropy
 
-    B, T, H = hidden.shape[0] // 4, hidden.shape[1], hidden.shape[2]
-    nll = linear_cross_entropy(hidden.reshape(-1, H), w, labels.reshape(-1), reduction="none", shift=False)
-    logps = -nll.float().reshape(4 * B, T).sum(1)  # 0 where ignored
-    n = (labels != -100).sum(1).view(B, 4)
-    loss, _ = clo_loss(logps.view(B, 4), ref, n, 0.1, 0.5, validate=False)
-    loss.backward()
+    S, T, H = c["hidden"].shape
+    nll = linear_cross_entropy(c["hidden"].reshape(-1, H), c["w"], c["labels"].reshape(-1), reduction="none",
+                               shift=False)
+    return -nll.float().reshape(S, T).sum(1)
+
+
+def _logps_path(logps_fn):
+    def run(c):
+        loss = _loss_from_logps(c, logps_fn(c))
+        loss.backward()
+        return loss
+    return run
 
 
 def make_liger():
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    nll_loss = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=True, use_ref_model=False)
-    dpo_only = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=False)
+    with_nll = LigerFusedLinearDPOLoss(beta=BETA, compute_nll_loss=True, use_ref_model=False)
+    dpo_only = LigerFusedLinearDPOLoss(beta=BETA, compute_nll_loss=False, use_ref_model=False)
 
-    def run_liger(hidden, w, labels, ref):
+    def run(c):
+        h, y = c["hidden"], c["labels"]
         # Liger wants [chosen; rejected] stacked: English direction (0 vs 1), target direction (2 vs 3)
-        en_x = torch.cat([hidden[0::4], hidden[1::4]])
-        en_y = torch.cat([labels[0::4], labels[1::4]])
-        tg_x = torch.cat([hidden[2::4], hidden[3::4]])
-        tg_y = torch.cat([labels[2::4], labels[3::4]])
-        out_en = dpo_only(w, en_x, en_y)
-        out_tg = nll_loss(w, tg_x, tg_y)
+        out_en = dpo_only(c["w"], torch.cat([h[0::4], h[1::4]]), torch.cat([y[0::4], y[1::4]]))
+        out_tg = with_nll(c["w"], torch.cat([h[2::4], h[3::4]]), torch.cat([y[2::4], y[3::4]]))
         loss = (out_en[0] if isinstance(out_en, tuple) else out_en) + (out_tg[0] if isinstance(out_tg, tuple) else out_tg)
         loss.backward()
-
-    return run_liger
-
-
-# ----------------------------------------------------------------------------------------- timing
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+        return loss
+    return run
 
 
-def time_and_memory(fn, make_inputs, device, warmup, reps):
-    """Median ms of fwd+bwd over `reps` runs (fresh grads each run) and peak extra memory in MB."""
-    inputs = make_inputs()
-    for _ in range(warmup):
-        fn(*inputs)
-        inputs[0].grad = None
-        inputs[1].grad = None
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        inputs[0].grad = None
-        inputs[1].grad = None
-        _sync(device)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*inputs)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(*inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak_mb = None
-    if device == "cuda":
-        inputs[0].grad = None
-        inputs[1].grad = None
-        gc.collect()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(*inputs)
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del inputs
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times), peak_mb
+def available_paths(gpu: bool) -> dict:
+    paths = {"fused": _logps_path(fused_logps), "fused_padded": _logps_path(fused_padded_logps)}
+    if gpu:
+        try:
+            paths["liger"] = make_liger()
+        except ImportError:
+            pass
+        try:
+            import cut_cross_entropy  # noqa: F401
+
+            paths["cce"] = _logps_path(cce_logps)
+        except ImportError:
+            pass
+    paths["reference"] = _logps_path(reference_logps)
+    return paths
 
 
-def gemm_floor_ms(N, H, V, dtype, head_trains, reps=20):
-    """cuBLAS time for the FLOPs the head must do: fwd 2NHV; bwd 2NHV recompute + 2NHV dX (+ 2NHV dW)."""
+# ------------------------------------------------------------------------------------------ checks
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def accuracy(paths, c):
+    """Per path: relative error of the loss and of dX (and of the per-sequence sums where exposed) against
+    fp32 computed from the same rounded inputs."""
+    def grad_of(fn):
+        c["hidden"].grad = None
+        loss = fn(c)
+        return float(loss.detach()), c["hidden"].grad.detach().clone()
+
+    h32 = c["hidden"].detach().float().requires_grad_(True)
+    c32 = dict(c, hidden=h32, w=c["w"].detach().float())
+    ref_sums = reference_logps(c32)
+    ref_loss = _loss_from_logps(c32, ref_sums)
+    ref_loss.backward()
+    out = {}
+    for name, fn in paths.items():
+        if name == "reference":
+            continue
+        try:
+            loss, dx = grad_of(fn)
+            err = {"loss": _rel(torch.tensor(loss), ref_loss.detach()), "dx": _rel(dx, h32.grad)}
+            sums_fn = {"fused": fused_logps, "fused_padded": fused_padded_logps, "cce": cce_logps}.get(name)
+            if sums_fn is not None:
+                with torch.no_grad():
+                    err["sequence_sums"] = _rel(sums_fn(c), ref_sums.detach())
+            if name == "liger":
+                err["note"] = "Liger's loss averages the NLL per token over its own batch: compare dX and timings"
+            out[name] = {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in err.items()}
+        except Exception as e:  # recorded, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    c["hidden"].grad = None
+    return out
+
+
+def gemm_floor(c, head_trains, device, reps):
+    """cuBLAS time of the GEMMs the head must do on the labelled rows: X·Wᵀ and G·W (+ Gᵀ·X if W trains)."""
     import triton.testing
 
-    x = torch.randn(N, H, device="cuda", dtype=dtype)
-    w = torch.randn(V, H, device="cuda", dtype=dtype)
-    g = torch.randn(N, V, device="cuda", dtype=dtype)
-    t_xw = triton.testing.do_bench(lambda: x @ w.T, rep=reps * 10, return_mode="median")
-    t_gw = triton.testing.do_bench(lambda: g @ w, rep=reps * 10, return_mode="median")
-    t_gx = triton.testing.do_bench(lambda: g.T @ x, rep=reps * 10, return_mode="median") if head_trains else 0.0
-    del x, w, g
+    n = int(c["rows"].numel())
+    H = c["hidden"].shape[-1]
+    w = c["w"].detach()
+    x = torch.randn(n, H, device=device, dtype=w.dtype)
+    g = torch.randn(n, w.shape[0], device=device, dtype=w.dtype)
+    parts = {"x_wT": triton.testing.do_bench(lambda: x @ w.T, rep=reps * 10, return_mode="median"),
+             "g_w": triton.testing.do_bench(lambda: g @ w, rep=reps * 10, return_mode="median")}
+    if head_trains:
+        parts["gT_x"] = triton.testing.do_bench(lambda: g.T @ x, rep=reps * 10, return_mode="median")
+    del x, g
     torch.cuda.empty_cache()
-    return 2 * t_xw + t_gw + t_gx
+    return round(sum(parts.values()), 3), {k: round(v, 3) for k, v in parts.items()}
 
 
-# ------------------------------------------------------------------------------ CPU memory check
-_MEM_CHILD = r"""
-import sys, torch
-sys.path.insert(0, {root!r})
-from benchmarks.bench_head import make_batch, run_fused, run_reference
-torch.set_num_threads(2)
-h, w, y, ref = make_batch({B}, {T}, {H}, {V}, torch.float32, "cpu")
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1])  # kB
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-base = status("VmRSS:")
-{fn}(h, w, y, ref{extra})
-print((status("VmHWM:") - base) / 1024)
-"""
+def kernel_breakdown(fn, c, top=8):
+    """CUDA kernel time (ms) by kernel name over one fwd+bwd of a path, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c["hidden"].grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(c)
+        torch.cuda.synchronize()
+    # self device time: kernels only (an operator's total would count its kernels a second time)
+    rows = [(e.key, getattr(e, "self_device_time_total", 0) / 1e3) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    rows.sort(key=lambda r: -r[1])
+    c["hidden"].grad = None
+    return {k[:80]: round(v, 3) for k, v in rows[:top]}
 
 
-def cpu_peak_mb(fn_name, B, T, H, V, extra=""):
-    """Peak resident memory above the inputs (MB) of one fwd+bwd, in a fresh process (Linux VmHWM)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = _MEM_CHILD.format(root=root, B=B, T=T, H=H, V=V, fn=fn_name, extra=extra)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------------------------------- main
-def versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "liger_kernel", "cut_cross_entropy"):
-        try:
-            m = __import__(mod)
-            v[mod] = getattr(m, "__version__", "installed")
-        except Exception:
-            v[mod] = None
-    return v
-
-
+# -------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", help="subset of shape names")
-    ap.add_argument("--examples", type=int, default=None, help="B (4B sequences); default 2 on GPU, 1 on CPU")
-    ap.add_argument("--seq-len", type=int, default=None, help="T per sequence; default 1024 on GPU, 256 on CPU")
+    ap.add_argument("--profile", default="oasst", help="length profile (benchmarks/common.py)")
+    ap.add_argument("--examples", type=int, default=None, help="B (4B sequences); default 4 on GPU, 1 on CPU")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--skip-memcheck", action="store_true", help="CPU: skip the N=8192,V=32000,H=512 memory check")
+    ap.add_argument("--heads", nargs="*", default=["frozen", "trainable"])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_head_<device>.json)")
     args = ap.parse_args(argv)
 
     dev = args.device
-    gpu = dev == "cuda"
+    gpu = dev.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
-    B = args.examples or (2 if gpu else 1)
-    T = args.seq_len or (1024 if gpu else 256)
-    reps = args.reps or (10 if gpu else 3)
+    B = args.examples or (4 if gpu else 1)
+    reps = args.reps or (9 if gpu else 3)
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes}
-    device_name = torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-    paths = {"fused": run_fused, "reference": run_reference}  # peers after ours: a slow peer cannot hide our numbers
-    try:
-        import cut_cross_entropy  # noqa: F401
-
-        if gpu:
-            paths["cce"] = run_cce
-    except ImportError:
-        pass
-    try:
-        paths["liger"] = make_liger()
-    except ImportError:
-        pass
-
-    rows = []
-    result = {"device": device_name, "versions": versions(), "dtype": str(dtype), "rows": rows,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_head_{dev}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    paths = available_paths(gpu)
+    result = {"device": machine_info(dev), "versions": versions(), "dtype": str(dtype), "profile": args.profile,
+              "examples": B, "reps": reps, "time": utc_now(), "rows": []}
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_head_{dev.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     def save():  # after every row: a run cut short by a time limit still leaves its numbers
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
 
     for shape_name, (H, V) in shapes.items():
-        N = 4 * B * T
-        for head_trains in (False, True):
-            row = {"shape": shape_name, "H": H, "V": V, "N": N, "B": B, "T": T, "dtype": str(dtype),
-                   "head": "trainable" if head_trains else "frozen", "ms": {}, "peak_mb": {}, "errors": {}}
-            for name, fn in paths.items():
-                if name == "liger" and not gpu:
-                    continue  # Liger's Triton kernels need CUDA
-                try:
-                    ms, mb = time_and_memory(fn, lambda: make_batch(B, T, H, V, dtype, dev, head_trains=head_trains),
-                                             dev, warmup=2, reps=reps)
-                    row["ms"][name], row["peak_mb"][name] = round(ms, 3), (round(mb, 1) if mb is not None else None)
-                except Exception as e:  # a peer failing on a shape is a result, not a crash
-                    row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
-                    if gpu:
-                        torch.cuda.empty_cache()
+        for head in args.heads:
+            head_trains = head == "trainable"
+            c, stats = make_case(args.profile, B, H, V, dtype, dev, head_trains)
+            row = {"shape": shape_name, "H": H, "V": V, "head": head, "inputs": stats, "errors": {}}
+            fns = {name: (lambda fn=fn: fn(c)) for name, fn in paths.items()}
+
+            def on_error(name, e, row=row):
+                row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+
+            def clear_grads():
+                c["hidden"].grad = None
+                c["w"].grad = None
+
+            timed = {name: (lambda f=f: (clear_grads(), f())) for name, f in fns.items()}
+            row["ms"] = interleaved_timings(timed, dev, warmup=2, reps=reps, on_error=on_error)
             if gpu:
-                row["ms"]["gemm_floor"] = round(gemm_floor_ms(N, H, V, dtype, head_trains), 3)
-            f = row["ms"].get("fused")
-            row["ratios"] = {f"fused_vs_{k}": round(f / v, 3) for k, v in row["ms"].items() if f and k != "fused"}
-            mf = row["peak_mb"].get("fused")
-            row["memory_ratios"] = {f"{k}_over_fused": round(v / mf, 2) for k, v in row["peak_mb"].items()
-                                    if mf and v and k != "fused"}
-            rows.append(row)
+                row["peak_mb"] = {}
+                for name in row["ms"]:
+                    clear_grads()
+                    row["peak_mb"][name] = round(cuda_peak_mb(timed[name]), 1)
+                floor, parts = gemm_floor(c, head_trains, dev, reps)
+                row["floor_ms"], row["floor_parts_ms"] = floor, parts
+                row["fused_kernels_ms"] = kernel_breakdown(paths["fused"], c)
+                f = row["ms"].get("fused", {}).get("median")
+                if f:
+                    row["fused_over_floor"] = round(f / floor, 3)
+                    row["speedup_of_fused"] = {k: round(v["median"] / f, 3) for k, v in row["ms"].items() if k != "fused"}
+                    mf = row["peak_mb"].get("fused")
+                    row["memory_over_fused"] = {k: round(v / mf, 2) for k, v in row["peak_mb"].items()
+                                                if mf and k != "fused"}
+            row["accuracy"] = accuracy(paths, c)
+            clear_grads()
+            del c
+            if gpu:
+                torch.cuda.empty_cache()
+            result["rows"].append(row)
             save()
             print(json.dumps(row), flush=True)
-    if not gpu and not args.skip_memcheck:
-        # Issue 3's acceptance check: fallback peak memory vs the reference at N=8192, V=32000, H=512 (fp32)
-        mem = {"N": 8192, "V": 32000, "H": 512, "dtype": "float32"}
-        mem["fused_torch_peak_mb"] = round(cpu_peak_mb("run_fused", 8, 256, 512, 32000, extra=', impl="torch"'), 1)
-        mem["reference_peak_mb"] = round(cpu_peak_mb("run_reference", 8, 256, 512, 32000), 1)
-        mem["fused_over_reference"] = round(mem["fused_torch_peak_mb"] / mem["reference_peak_mb"], 4)
-        result["cpu_memory_check"] = mem
-        print(json.dumps(mem), flush=True)
-
     save()
     print_table(result)
     print(f"\nwrote {out}")
 
 
 def print_table(result):
-    print(f"\n## bench_head on {result['device']} ({result['dtype']})\n")
+    print(f"\n## bench_head on {result['device']} ({result['dtype']}, profile {result['profile']})\n")
     names = sorted({k for r in result["rows"] for k in r["ms"]}, key=lambda k: (k != "fused", k))
-    print("| shape | N | head | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n} MB" for n in names if n != "gemm_floor") + " |")
-    print("|" + "---|" * (3 + 2 * len(names) - ("gemm_floor" in names)))
+    print("| shape | head | rows (labelled) | floor ms | " + " | ".join(f"{n} ms" for n in names)
+          + " | " + " | ".join(f"{n} MB" for n in names) + " |")
+    print("|" + "---|" * (4 + 2 * len(names)))
     for r in result["rows"]:
-        ms = " | ".join(str(r["ms"].get(n, "-")) for n in names)
-        mb = " | ".join(str(r["peak_mb"].get(n, "-")) for n in names if n != "gemm_floor")
-        print(f"| {r['shape']} | {r['N']} | {r['head']} | {ms} | {mb} |")
+        ms = " | ".join(str(r["ms"].get(n, {}).get("median", "-")) for n in names)
+        mb = " | ".join(str(r.get("peak_mb", {}).get(n, "-")) for n in names)
+        i = r["inputs"]
+        print(f"| {r['shape']} | {r['head']} | {i['padded_rows']} ({i['labelled_rows']}) | {r.get('floor_ms', '-')} "
+              f"| {ms} | {mb} |")
         if r["errors"]:
             print(f"|   errors: {r['errors']} |")
-    if "cpu_memory_check" in result:
-        m = result["cpu_memory_check"]
-        print(f"\nCPU fallback peak {m['fused_torch_peak_mb']} MB vs reference {m['reference_peak_mb']} MB "
-              f"= {100 * m['fused_over_reference']:.1f}% (N={m['N']}, V={m['V']}, H={m['H']}, fp32)")
 
 
 if __name__ == "__main__":

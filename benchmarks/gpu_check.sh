@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# One prepared GPU check: install carried wheels, run the GPU tests and the benchmarks, write results.
+# One prepared GPU check: install carried wheels, run the GPU tests, the head benchmark and the GPU smoke
+# training (DeepSpeed, bf16, ZeRO-3, Triton head: 20 steps, checkpoint, resume, export, check), writing
+# everything under OUT_DIR.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_results)
+#   bash ../shared/tools/gpu_wheels.sh .whl          # here, once: the wheels the GPU machine lacks
+#   bash benchmarks/gpu_check.sh [OUT_DIR]           # there (OUT_DIR defaults to $OUT, else ./gpu_results)
 #
-# Wheels: liger-kernel and cut-cross-entropy (pure Python) are carried in .whl/ (see README, "GPU checks");
-# missing ones only drop those peers from the benchmark. The repo is put on PYTHONPATH with kernels/
-# exposed as `clo_kernels` (no install step, no network needed). Each step has its own time limit, and a
-# failing step does not stop the next: the summary at the end says what passed.
+# The repo is put on PYTHONPATH with kernels/ exposed as `clo_kernels` (no install step, no network).
+# Each step has its own time limit, and a failing step does not stop the next: summary.txt says what passed.
 set -u
 OUT_DIR=${1:-${OUT:-gpu_results}}
 mkdir -p "$OUT_DIR"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1
+SITE=/tmp/site
 if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl \
+    && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
 fi
 mkdir -p /tmp/clo_pkgs && ln -sfn "$ROOT/kernels" /tmp/clo_pkgs/clo_kernels
 export PYTHONPATH=/tmp/clo_pkgs:$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -29,9 +31,17 @@ step() {  # step NAME SECONDS CMD...
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$OUT_DIR/nvidia_smi.csv"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_ops.py tests/test_loss.py
-step bench_head 200 python3 benchmarks/bench_head.py --out "$OUT_DIR/bench_head_gpu.json"
-if [ -f benchmarks/bench_step.py ] && [ "${SKIP_STEP:-0}" != 1 ]; then
-  step bench_step 90 python3 benchmarks/bench_step.py --gpu --out "$OUT_DIR/bench_step_gpu.json"
-fi
+
+step gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_ops.py
+step bench_head "${T_BENCH:-180}" python3 benchmarks/bench_head.py --out "$OUT_DIR/bench_head_gpu.json"
+
+smoke() {  # build the random 1B-shaped model, train 20 steps, resume to 24, check loss/resume/export
+  local dir=outputs/gpu_smoke
+  rm -rf "$dir/run"
+  python3 benchmarks/gpu_smoke.py build "$dir/model" \
+    && deepspeed --num_gpus 1 clo_fast/train.py --config configs/gpu_smoke.yaml \
+    && deepspeed --num_gpus 1 clo_fast/train.py --config configs/gpu_smoke.yaml --resume --set optim.max_steps=24 \
+    && python3 benchmarks/gpu_smoke.py check "$dir/run" --first-steps 20 --out "$OUT_DIR/gpu_smoke.json"
+}
+step gpu_smoke "${T_SMOKE:-220}" bash -c "$(declare -f smoke); smoke"
 echo "=== summary"; printf '%s\n' "${status[@]}" | tee "$OUT_DIR/summary.txt"

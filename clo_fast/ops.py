@@ -193,3 +193,21 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     seq_ids = torch.arange(S, device=hidden.device).repeat_interleave(T)
     return _LinearLogprobs.apply(x.contiguous(), weight.contiguous(), y.contiguous(), seq_ids, S,
                                  ignore_index, impl, chunk_rows)
+
+
+def packed_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
+                             num_seqs: int, ignore_index: int = IGNORE_INDEX, impl: str = "auto",
+                             chunk_rows: int | None = None) -> torch.Tensor:
+    """Per-sequence Σ log p [num_seqs] from rows of any sequences: hidden [N,H], labels [N], seq_ids [N] (the
+    sequence each row belongs to). With only the labelled rows gathered (indices built on the host where the
+    batch is made), the head does no work for prompt and padding rows; the sums are those of
+    `sequence_logprobs` on the padded batch."""
+    _check_inputs(hidden, weight, labels)
+    if seq_ids.shape != labels.shape:
+        raise ValueError(f"seq_ids must be [N] = {labels.shape[0]}, got {tuple(seq_ids.shape)}")
+    impl = _resolve(impl, hidden)
+    if impl == "reference":
+        lp = _reference_logprobs(hidden, weight, labels, ignore_index)
+        return torch.zeros(num_seqs, device=hidden.device, dtype=lp.dtype).index_add_(0, seq_ids, lp)
+    return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(), seq_ids.contiguous(),
+                                 num_seqs, ignore_index, impl, chunk_rows)

@@ -41,7 +41,7 @@ else:
     _kernels = {
         name: (triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
                triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k))
-        for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_Z"]),
+        for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_P"]),
                              ("grad", _logit_grad_kernel, ["H", "V"]))
     }
 
