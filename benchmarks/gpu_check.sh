@@ -23,8 +23,9 @@ export PYTHONPATH=/tmp/clo_pkgs:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 cd "$ROOT"
 
 status=()
-step() {  # step NAME SECONDS CMD...
+step() {  # step NAME SECONDS CMD...   (ONLY="a b" runs just the named steps)
   local name=$1 secs=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name ($(date -u +%T))"
   if timeout "$secs" "$@" 2>&1 | tee "$OUT_DIR/$name.log"; then status+=("$name: ok"); else status+=("$name: FAILED (${PIPESTATUS[0]})"); fi
 }
