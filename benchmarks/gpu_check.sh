@@ -9,7 +9,7 @@
 # The repo is put on PYTHONPATH with kernels/ exposed as `clo_kernels` (no install step, no network).
 # Each step has its own time limit, and a failing step does not stop the next: summary.txt says what passed.
 set -u
-OUT_DIR=${1:-${OUT:-gpu_results}}
+export OUT_DIR=${1:-${OUT:-gpu_results}}
 mkdir -p "$OUT_DIR"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1
