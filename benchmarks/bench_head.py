@@ -206,6 +206,13 @@ def kernel_breakdown(fn, c, top=8):
     return {k[:80]: round(v, 3) for k, v in rows[:top]}
 
 
+def tuned_configs() -> dict:
+    """The tile shapes the autotuner picked for our kernels (for the record)."""
+    import clo_kernels.launch as launch
+
+    return {name: str(getattr(kernels[0], "best_config", None)) for name, kernels in launch._kernels.items()}
+
+
 # -------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,6 +275,8 @@ def main(argv=None):
                     row["memory_over_fused"] = {k: round(v / mf, 2) for k, v in row["peak_mb"].items()
                                                 if mf and k != "fused"}
             row["accuracy"] = accuracy(paths, c)
+            if gpu:
+                row["autotuned"] = tuned_configs()
             clear_grads()
             del c
             if gpu:

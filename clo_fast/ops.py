@@ -137,7 +137,7 @@ class _LinearLogprobs(torch.autograd.Function):
         if ctx.impl == "triton":
             import clo_kernels
 
-            dx, dw = clo_kernels.backward(x, w, y, lse, grad, need_dw, ctx.chunk_rows)
+            dx, dw = clo_kernels.backward(x, w, y, lse, grad, need_dw)
         else:
             dx, dw = _torch_backward(x, w, y, lse, grad.to(lse.dtype), need_dw, ctx.ignore_index, ctx.chunk_rows)
         return (dx if need_dx else None), dw, None, None, None, None, None, None

@@ -42,7 +42,7 @@ else:
         name: (triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
                triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k))
         for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_P"]),
-                             ("grad", _logit_grad_kernel, ["H", "V"]))
+                             ("grad", _logit_grad_kernel, ["H"]))
     }
 
 
@@ -94,7 +94,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int
     grain = _GRAIN[interpreting()]
     if input_grad:
         elem_bytes = torch.finfo(g_dtype).bits // 8 + 4 / grain
-        rows = chunk_rows or default_chunk_rows(V, elem_bytes, budget_bytes=CHUNK_BUDGET_BYTES)
+        rows = chunk_rows or min(FROZEN_CHUNK_ROWS_MAX, default_chunk_rows(V, elem_bytes, budget_bytes=CHUNK_BUDGET_BYTES))
         rows = max(1, min(rows, N))
         P = torch.empty((rows, V), device=dev, dtype=g_dtype)
         M = torch.empty((rows, triton.cdiv(V, grain)), device=dev, dtype=torch.float32)
@@ -157,6 +157,9 @@ def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, P=
 
 # Bytes of [chunk, V] buffers per head call: the frozen forward's P̃ (+M), the trainable backward's G.
 CHUNK_BUDGET_BYTES = 384 << 20
+# The frozen forward's chunk never exceeds this many rows: its P̃ buffer then scales with V (≈ 2 KB per
+# vocabulary entry in bf16), keeping small-vocabulary heads small too; 1024-row GEMMs stay compute-bound.
+FROZEN_CHUNK_ROWS_MAX = 1024
 
 
 def default_chunk_rows(V: int, elem_bytes: float, budget_bytes: int = 256 << 20) -> int:
@@ -166,37 +169,43 @@ def default_chunk_rows(V: int, elem_bytes: float, budget_bytes: int = 256 << 20)
 
 
 def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-             need_dw: bool, chunk_rows: int | None = None):
-    """dX [N,H] (x.dtype) and dW [V,H] (w.dtype, fp32-accumulated; only when need_dw) for upstream
-    gradient `grad` [N] of logp, which must be 0 at ignored rows.
+             need_dw: bool, chunk_cols: int | None = None):
+    """dX [N,H] (x.dtype) and dW [V,H] (w.dtype; only when need_dw) for upstream gradient `grad` [N] of logp,
+    which must be 0 at ignored rows.
 
-    Per chunk of C rows: the logit-gradient kernel writes G [C,V], then dX_chunk = G·W and (only if
-    need_dw) dW += Gᵀ·X_chunk as cuBLAS GEMMs.
+    Per vocabulary slice of Vc columns: the logit-gradient kernel writes G [N,Vc], then dW_slice = Gᵀ·X (one
+    GEMM into dW's own rows) and dX += G·W_slice (fp32 accumulator [N,H]).
     """
     N, H = x.shape
     V = w.shape[0]
     g_dtype = torch.float32 if interpreting() else x.dtype
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(V, torch.finfo(g_dtype).bits // 8)
-    chunk_rows = max(1, min(chunk_rows, N))
-    G = torch.empty((chunk_rows, V), device=x.device, dtype=g_dtype)
-    dx = torch.empty_like(x)
-    dw = torch.zeros((V, H), device=x.device, dtype=torch.float32) if need_dw else None
+    if chunk_cols is None:
+        chunk_cols = default_chunk_cols(N, torch.finfo(g_dtype).bits // 8, CHUNK_BUDGET_BYTES)
+    chunk_cols = max(1, min(chunk_cols, V))
+    G = torch.empty((N, chunk_cols), device=x.device, dtype=g_dtype)
+    dx = torch.zeros((N, H), device=x.device, dtype=torch.float32)
+    dw = torch.empty((V, H), device=x.device, dtype=g_dtype) if need_dw else None
     w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
-    for n0 in range(0, N, chunk_rows):
-        n1 = min(n0 + chunk_rows, N)
-        grid = lambda meta: (triton.cdiv(n1 - n0, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
-        kernel, tiles = _kernel("grad", H, V)
+    x_mm = x if x.dtype == g_dtype else x.to(g_dtype)
+    kernel, tiles = _kernel("grad", H, V)
+    for v0 in range(0, V, chunk_cols):
+        v1 = min(v0 + chunk_cols, V)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(v1 - v0, meta["BLOCK_V"]))  # noqa: E731
         kernel[grid](
-            x, w, y, lse, grad, G, n0, n1, V, H, x.stride(0), w.stride(0), G.stride(0),
+            x, w, y, lse, grad, G, 0, N, v0, v1, H, x.stride(0), w.stride(0), G.stride(0),
             UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **tiles,
         )
-        g = G[: n1 - n0]
-        _mm_into(dx[n0:n1], g, w_mm)
-        if need_dw:  # fp32 accumulator over chunks; each chunk's GEMM runs in the input dtype
-            x_c = x[n0:n1] if x.dtype == g_dtype else x[n0:n1].to(g_dtype)
-            if g_dtype == torch.float32:
-                dw.addmm_(g.t(), x_c)
-            else:
-                dw.add_(torch.mm(g.t(), x_c))
-    return dx, (dw.to(w.dtype) if need_dw else None)
+        g = G[:, : v1 - v0]
+        if g_dtype == torch.float32:
+            dx.addmm_(g, w_mm[v0:v1])
+        else:  # the GEMM accumulates in fp32 inside; its [N,H] result is added in fp32 across slices
+            dx.add_(torch.mm(g, w_mm[v0:v1]))
+        if need_dw:
+            torch.mm(g.t(), x_mm, out=dw[v0:v1])
+    return dx.to(x.dtype), (dw.to(w.dtype) if need_dw else None)
+
+
+def default_chunk_cols(N: int, elem_bytes: int, budget_bytes: int) -> int:
+    """Vocabulary columns per slice so that G [N, cols] stays within `budget_bytes` (a multiple of 128)."""
+    cols = max(128, budget_bytes // max(1, N * elem_bytes))
+    return cols // 128 * 128

@@ -28,13 +28,13 @@ Frozen head (W needs no gradient), the training default — no recompute, exact:
   Precision: P̃ is rounded to the input dtype relative to a nearby max (2⁻⁹ relative in bf16), the same
   rounding that G gets anyway.
 
-Trainable head, backward (one kernel + GEMMs per token chunk; dW needs g before its GEMM):
-  `_logit_grad_kernel`  grid (⌈C/BN⌉, ⌈V/BV⌉) over a chunk of C rows: recomputes the logit tile, then
-      G = g ⊙ (onehot(y) − exp(z − lse)), g [N] the upstream gradient of logp (0 at ignored rows),
-      written to a [C,V] buffer in the input dtype. The caller then does dX_chunk = G W (cuBLAS) and,
-      only when W trains, dW += Gᵀ X_chunk. Frozen head: no dW GEMM, no [V,H] buffer at all.
-  Cost: 2·N·H·V (recompute) + 2·N·H·V (dX) [+ 2·N·H·V (dW)] FLOPs; extra memory C·V elements (a fixed
-  budget, independent of N) — never [N,V].
+Trainable head, backward (dW needs the upstream gradient g before its GEMM, so the logits are recomputed),
+chunked by VOCABULARY: for each slice [v0, v1) of Vc columns, `_logit_grad_kernel` (grid ⌈N/BN⌉ × ⌈Vc/BV⌉)
+recomputes the logit tiles and writes G = g ⊙ (onehot(y) − exp(z − lse)) [N, Vc] in the input dtype;
+then dW[v0:v1] = Gᵀ·X is one cuBLAS GEMM written once into its own rows (no [V,H] fp32 accumulator and no
+add pass over it), and dX += G·W[v0:v1] accumulates into an fp32 [N,H] buffer (small).
+  Cost: 2·N·H·V (recompute) + 2·N·H·V (dX) + 2·N·H·V (dW) FLOPs; extra memory N·Vc elements (a fixed
+  budget) + N·H fp32 — never [N,V] and never [V,H] beyond the gradient itself.
 
 Accumulation is fp32 throughout; inputs fp32 / bf16 / fp16. Offsets are int64 where N·V or V·H can pass
 2³¹. Under TRITON_INTERPRET=1 bf16 is held as uint16, so loads are upcast to fp32 behind UPCAST (set only
@@ -137,15 +137,17 @@ def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
 
 @triton.jit
 def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
-                       n_start, n_end, V, H, stride_xn, stride_wv, stride_gn,
+                       n_start, n_end, v_start, v_end, H, stride_xn, stride_wv, stride_gn,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """G[n − n_start, v − v_start] = g_n·(onehot(y_n)_v − exp(z_nv − lse_n)) over rows [n_start, n_end) and
+    vocabulary [v_start, v_end): the logit tile is recomputed (2·BN·BV·H FLOPs per tile)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = n_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_end
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < V
+    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < v_end
     z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
                     BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
@@ -155,7 +157,7 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
     onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
     dz = g[:, None] * (onehot - p)
     rows = (offs_n - n_start).to(tl.int64)
-    tl.store(G + rows[:, None] * stride_gn + offs_v[None, :], dz.to(G.dtype.element_ty),
+    tl.store(G + rows[:, None] * stride_gn + (offs_v - v_start)[None, :], dz.to(G.dtype.element_ty),
              mask=n_mask[:, None] & v_mask[None, :])
 
 
