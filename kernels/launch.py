@@ -7,8 +7,11 @@ interpreter (TRITON_INTERPRET=1) they run with one small fixed tile shape.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+import triton.language as tl
 
 from .linear_logprobs import _combine_kernel, _logit_grad_kernel, _partial_lse_kernel, _softmax_grad_rows_kernel
 
@@ -19,11 +22,24 @@ def interpreting() -> bool:
 
 
 _INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=64)
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the untuned default. BLOCK_N is 128 in
-# every shape: the vocabulary-split grid is sized for 128-row blocks (`_vocab_splits`).
-_GPU_SHAPES = [
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, use_tma); the first is the untuned default. BLOCK_N is
+# 128 in every shape: the vocabulary-split grid is sized for 128-row blocks (`_vocab_splits`).
+_POINTER_SHAPES = [
+    (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, False),
+    (128, 256, 64, 8, 4, False), (128, 128, 128, 8, 3, False),
 ]
+_TMA_SHAPES = [(128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True),
+               (128, 128, 128, 8, 3, True)]
+
+
+def tma_available() -> bool:
+    """TMA tensor descriptors: Triton has them, the GPU is Hopper or newer, and CLO_TMA is not 0."""
+    if os.environ.get("CLO_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+_GPU_SHAPES = _POINTER_SHAPES + (_TMA_SHAPES if not interpreting() and tma_available() else [])
 _ROW_BLOCK = 128
 # M (the running max per tile, for the softmax-gradient rows) is kept per GRAIN vocabulary columns:
 # the smallest BLOCK_V of the tile space, so that every tile covers whole GRAIN groups.
@@ -31,13 +47,21 @@ _GRAIN = {True: _INTERPRETER_TILE["BLOCK_V"], False: min(c[1] for c in _GPU_SHAP
 _TUNE_MIN_VH = 1 << 24  # smaller heads run the default tile: tuning them costs more than it saves
 
 
-def _cfg(bn, bv, bh, warps, stages):
-    return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=stages)
+def _cfg(bn, bv, bh, warps, stages, use_tma=False):
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, USE_TMA=use_tma), num_warps=warps,
+                         num_stages=stages)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the tensor descriptors kernels make (Triton asks for it per launch)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 if interpreting():
     _kernels = {"fwd": (_partial_lse_kernel,) * 2, "grad": (_logit_grad_kernel,) * 2}
 else:
+    if any(c[5] for c in _GPU_SHAPES):
+        triton.set_allocator(_tma_scratch)
     _kernels = {
         name: (triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
                triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k))
@@ -46,12 +70,19 @@ else:
     }
 
 
-def _kernel(name: str, H: int, V: int):
+def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w))
+
+
+def _kernel(name: str, x: torch.Tensor, w: torch.Tensor):
     """(kernel, extra launch kwargs): autotuned for large heads on GPU, fixed otherwise."""
     tuned, fixed = _kernels[name]
     if interpreting():
         return tuned, dict(_INTERPRETER_TILE)
-    return (tuned if H * V >= _TUNE_MIN_VH else fixed), {}
+    large = x.shape[1] * w.shape[0] >= _TUNE_MIN_VH
+    tma_in_space = any(c[5] for c in _GPU_SHAPES)
+    return (tuned if large and (_tma_ok(x, w) or not tma_in_space) else fixed), {}
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -140,7 +171,7 @@ def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, P=
         n_splits = _vocab_splits(N, V, x.device)
     part = torch.empty((3, n_splits, N), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
-    kernel, tiles = _kernel("fwd", H, V)
+    kernel, tiles = _kernel("fwd", x, w)
     store = P is not None
     kernel[grid](
         x, w, y, part[0], part[1], part[2], P if store else part, M if store else part, N, V, H,
@@ -187,7 +218,7 @@ def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tenso
     dw = torch.empty((V, H), device=x.device, dtype=g_dtype) if need_dw else None
     w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
     x_mm = x if x.dtype == g_dtype else x.to(g_dtype)
-    kernel, tiles = _kernel("grad", H, V)
+    kernel, tiles = _kernel("grad", x, w)
     for v0 in range(0, V, chunk_cols):
         v1 = min(v0 + chunk_cols, V)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(v1 - v0, meta["BLOCK_V"]))  # noqa: E731

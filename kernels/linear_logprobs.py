@@ -36,6 +36,9 @@ add pass over it), and dX += G·W[v0:v1] accumulates into an fp32 [N,H] buffer (
   Cost: 2·N·H·V (recompute) + 2·N·H·V (dX) + 2·N·H·V (dW) FLOPs; extra memory N·Vc elements (a fixed
   budget) + N·H fp32 — never [N,V] and never [V,H] beyond the gradient itself.
 
+Operand loads: plain masked pointer loads, or (USE_TMA, a tile-space option on Hopper) TMA tensor
+descriptors made in the kernel, which need a global-memory scratch allocator (`launch.py` sets one).
+
 Accumulation is fp32 throughout; inputs fp32 / bf16 / fp16. Offsets are int64 where N·V or V·H can pass
 2³¹. Under TRITON_INTERPRET=1 bf16 is held as uint16, so loads are upcast to fp32 behind UPCAST (set only
 when interpreting).
@@ -47,22 +50,45 @@ import triton.language as tl
 
 
 @triton.jit
-def _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
+def _operand_sources(X, W, N, V, H, stride_xn, stride_wv,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr):
+    """What `_logit_tile` loads from: TMA tensor descriptors of X [N,H] and W [V,H] (Hopper's bulk copy engine
+    fetches whole tiles, zero-filling outside the shapes), or the plain pointers."""
+    if USE_TMA:
+        x_src = tl.make_tensor_descriptor(X, shape=[N, H], strides=[stride_xn, 1], block_shape=[BLOCK_N, BLOCK_H])
+        w_src = tl.make_tensor_descriptor(W, shape=[V, H], strides=[stride_wv, 1], block_shape=[BLOCK_V, BLOCK_H])
+    else:
+        x_src = X
+        w_src = W
+    return x_src, w_src
+
+
+@triton.jit
+def _logit_tile(x_src, w_src, n0, v0, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z[BN, BV] = X[offs_n, :] · W[offs_v, :]ᵀ, fp32 accumulation."""
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """z[BN, BV] = X[offs_n, :] · W[offs_v, :]ᵀ, fp32 accumulation (rows/columns outside the masks read 0)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    x_rows = X + offs_n.to(tl.int64)[:, None] * stride_xn
-    w_rows = W + offs_v.to(tl.int64)[:, None] * stride_wv
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        x = tl.load(x_rows + offs_h[None, :], mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_rows + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if USE_TMA:
+        for h0 in range(0, H, BLOCK_H):
+            x = x_src.load([n0, h0])
+            w = w_src.load([v0, h0])
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:
+        x_rows = x_src + offs_n.to(tl.int64)[:, None] * stride_xn
+        w_rows = w_src + offs_v.to(tl.int64)[:, None] * stride_wv
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            x = tl.load(x_rows + offs_h[None, :], mask=n_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -71,7 +97,7 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
                         N, V, H, stride_xn, stride_wv, stride_pn, stride_mn, n_splits,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_P: tl.constexpr,
-                        GRAIN: tl.constexpr):
+                        GRAIN: tl.constexpr, USE_TMA: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,11 +111,12 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
     v_start = pid_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    x_src, w_src = _operand_sources(X, W, N, V, H, stride_xn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, USE_TMA)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+        z = _logit_tile(x_src, w_src, pid_n * BLOCK_N, v0, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
+                        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION, USE_TMA)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         e = tl.exp(z - m_new[:, None])
@@ -139,7 +166,7 @@ def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
 def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
                        n_start, n_end, v_start, v_end, H, stride_xn, stride_wv, stride_gn,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False):
     """G[n − n_start, v − v_start] = g_n·(onehot(y_n)_v − exp(z_nv − lse_n)) over rows [n_start, n_end) and
     vocabulary [v_start, v_end): the logit tile is recomputed (2·BN·BV·H FLOPs per tile)."""
     pid_n = tl.program_id(0)
@@ -148,8 +175,10 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
     n_mask = offs_n < n_end
     offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < v_end
-    z = _logit_tile(X, W, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
-                    BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+    # the descriptors' shapes end at n_end / v_end: TMA zero-fills past them, as the masks do
+    x_src, w_src = _operand_sources(X, W, n_end, v_end, H, stride_xn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, USE_TMA)
+    z = _logit_tile(x_src, w_src, n_start + pid_n * BLOCK_N, v_start + pid_v * BLOCK_V, offs_n, n_mask, offs_v,
+                    v_mask, H, stride_xn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION, USE_TMA)
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
     g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)  # 0 at ignored rows (set by the caller)
     y = tl.load(Y + offs_n, mask=n_mask, other=-1)

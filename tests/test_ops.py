@@ -363,3 +363,16 @@ def test_trainable_backward_vocab_slices(need_dw):
             assert rel(dw, rdw) < 1e-5, (cols, rel(dw, rdw))
         else:
             assert dw is None
+
+
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_tma_operand_loads_match_float64(head, monkeypatch):
+    """The TMA tensor-descriptor loads (a Hopper tile-space option) compute the same function: run in the
+    interpreter on CPU, compiled in the GPU tests' every-config sweep."""
+    import clo_kernels.launch as launch
+
+    if torch.cuda.is_available():
+        pytest.skip("covered compiled by test_gpu_every_autotune_config")
+    monkeypatch.setitem(launch._INTERPRETER_TILE, "USE_TMA", True)
+    check_linear("triton", torch.float32, 53, 48, 131, "cpu", seed=4, chunk_rows=16, head_trains=head == "trainable")
+    check_linear("triton", torch.float32, 37, 64, 300, "cpu", seed=5, head_trains=head == "trainable")
