@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import _combine_kernel, _logit_grad_kernel, _partial_lse_kernel, _softmax_grad_rows_kernel
+from .linear_logprobs import (
+    _combine_kernel,
+    _logit_grad_kernel,
+    _partial_lse_kernel,
+    _rows_lse_grad_kernel,
+    _softmax_grad_rows_kernel,
+)
 
 
 def interpreting() -> bool:
@@ -104,16 +110,82 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+# How the forward makes the logits: "cublas" — an fp32-output cuBLAS GEMM per row chunk, then one Triton
+# pass per row (lse, logp, G in place); "triton" — the streaming Triton GEMM with the online log-sum-exp
+# (no fp32 logit chunk; the frozen head keeps P̃ in the input dtype). "auto" picks cublas where torch offers
+# an fp32-output GEMM for the input dtype, else triton.
+LOGITS_GEMM = "auto"
+
+
+def _logits_fp32(x: torch.Tensor, w: torch.Tensor):
+    """x·wᵀ with fp32 output (fp32 accumulation of the input-dtype product), or None where torch cannot."""
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.mm(x.float(), w.float().t())
+    if x.device.type != "cuda":
+        return None
+    try:
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # older torch: no mm(out_dtype=)
+        return None
+
+
 def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int,
             seq_ids: torch.Tensor | None = None, num_seqs: int = 0, n_splits: int | None = None,
-            input_grad: bool = False, chunk_rows: int | None = None):
+            input_grad: bool = False, chunk_rows: int | None = None, logits_gemm: str | None = None):
     """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
     and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
 
-    With input_grad the rows are processed in chunks whose within-tile probabilities P̃ [C,V] (x.dtype) are
-    kept for the softmax-gradient pass (about 2·chunk_rows·V bytes in bf16); without it nothing of size V
-    is stored.
+    logits_gemm (default `LOGITS_GEMM`): "cublas" processes row chunks of fp32 logits (4·chunk_rows·V bytes);
+    "triton" streams the vocabulary and, with input_grad, keeps P̃ [chunk, V] in x.dtype (2 B/logit in bf16).
     """
+    mode = logits_gemm or LOGITS_GEMM
+    if mode not in ("auto", "cublas", "triton"):
+        raise ValueError(f"logits_gemm must be auto|cublas|triton, got {mode!r}")
+    if mode != "triton" and x.shape[0] > 0:
+        out = _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_rows, strict=mode == "cublas")
+        if out is not None:
+            return out
+    return _forward_streaming(x, w, y, ignore_index, seq_ids, num_seqs, n_splits, input_grad, chunk_rows)
+
+
+def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_rows, strict):
+    """Row chunks: Z = X_c·Wᵀ (cuBLAS, fp32 out), `_rows_lse_grad_kernel` (lse, logp, sums, G in Z's memory),
+    D_c = G·W (cuBLAS). Returns None (caller falls back) when no fp32-output GEMM exists, unless strict."""
+    N, H = x.shape
+    V = w.shape[0]
+    dev = x.device
+    rows = chunk_rows or min(FROZEN_CHUNK_ROWS_MAX, default_chunk_rows(V, 4, budget_bytes=CHUNK_BUDGET_BYTES))
+    rows = max(1, min(rows, N))
+    lse = torch.empty(N, device=dev, dtype=torch.float32)
+    logp = torch.empty(N, device=dev, dtype=torch.float32)
+    has_seq = seq_ids is not None
+    seq_sums = torch.zeros(max(num_seqs, 1), device=dev, dtype=torch.float32)
+    g_dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
+    D = torch.empty((N, H), device=dev, dtype=x.dtype) if input_grad else None
+    w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
+    block = 64 if interpreting() else 2048
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        z = _logits_fp32(x[n0:n1], w)
+        if z is None:
+            if strict:
+                raise RuntimeError("logits_gemm='cublas' needs torch.mm(out_dtype=torch.float32) for "
+                                   f"{x.dtype} on {dev.type}; use 'triton' or 'auto'")
+            return None
+        # G [rows, V] in g_dtype over the start of each fp32 logit row (row stride in g_dtype units)
+        g = z if g_dtype == torch.float32 else z.view(g_dtype)[:, :V]
+        _rows_lse_grad_kernel[(n1 - n0,)](
+            z, y[n0:n1], seq_ids[n0:n1] if has_seq else y[n0:n1], lse[n0:n1], logp[n0:n1], seq_sums, g, V,
+            z.stride(0), g.stride(0), ignore_index, HAS_SEQ=has_seq, STORE_G=input_grad, BLOCK=block)
+        if input_grad:
+            _mm_into(D[n0:n1], g, w_mm)
+        del z, g
+    return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
+
+
+def _forward_streaming(x, w, y, ignore_index, seq_ids, num_seqs, n_splits, input_grad, chunk_rows):
+    """The streaming Triton GEMM with online log-sum-exp (vocabulary splits + combine); with input_grad the
+    rows are processed in chunks whose P̃ [C,V] (x.dtype) feeds the softmax-gradient rows and G·W."""
     N, H = x.shape
     V = w.shape[0]
     dev = x.device

@@ -206,3 +206,44 @@ def _softmax_grad_rows_kernel(P, M, Y, LSE, V, stride_pn, stride_mn, ignore_inde
     g = tl.where(offs == y, 1.0, 0.0) - p * tl.exp(m - lse)
     g = tl.where(y != ignore_index, g, 0.0)
     tl.store(p_ptr, g.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_lse_grad_kernel(Z, Y, SEQ, LSE, LOGP, SEQ_SUMS, G, V, stride_zn, stride_gn, ignore_index,
+                          HAS_SEQ: tl.constexpr, STORE_G: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of fp32 logits Z (made by a cuBLAS GEMM): lse, logp, the row's sequence sum and, with STORE_G,
+    G = onehot(y) − exp(z − lse) (0 on ignored rows) in G's dtype.
+
+    G may alias Z's memory (G row r at the start of Z row r's bytes): pass 2 reads each block before it
+    stores it, and a block's store only reaches bytes of blocks already read, so the overwrite is safe.
+    Cost per row: one (two with STORE_G) read of 4·V bytes, a write of V·sizeof(G); no FLOP-heavy work.
+    """
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_zn
+    y = tl.load(Y + row)
+    m = tl.max(tl.full((BLOCK,), float("-inf"), dtype=tl.float32), axis=0)
+    s = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
+    label = m
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        z = tl.load(z_row + offs, mask=offs < V, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        label = tl.maximum(label, tl.max(tl.where(offs == y, z, float("-inf")), axis=0))
+    lse = m + tl.log(s)
+    valid = y != ignore_index
+    logp = tl.where(valid, label - lse, 0.0)
+    tl.store(LSE + row, lse)
+    tl.store(LOGP + row, logp)
+    if HAS_SEQ:
+        tl.atomic_add(SEQ_SUMS + tl.load(SEQ + row), logp, mask=valid)
+    if STORE_G:
+        g_row = G + row.to(tl.int64) * stride_gn
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + tl.arange(0, BLOCK)
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=float("-inf"))
+            g = tl.where(offs == y, 1.0, 0.0) - tl.exp(z - lse)
+            g = tl.where(valid, g, 0.0)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)

@@ -100,7 +100,7 @@ def test_forward_vocab_splits_combine(impl):
     ref, _, _ = reference(x, w, y, up)
     if impl == "triton":
         for splits in (1, 2, 5, 8):  # 8 > 5 vocab tiles: empty splits too
-            _, logp, _, _ = clo_kernels.forward(x.detach(), w.detach(), y, -100, n_splits=splits)
+            _, logp, _, _ = clo_kernels.forward(x.detach(), w.detach(), y, -100, n_splits=splits, logits_gemm="triton")
             assert rel(logp, ref) < 1e-5
     else:
         assert rel(linear_logprobs(x, w, y, impl="torch", chunk_rows=7), ref) < 1e-5
@@ -285,6 +285,7 @@ def test_gpu_every_autotune_config(config, monkeypatch):
     fixed = {"fwd": (triton.autotune([cfg], key=[])(_partial_lse_kernel),) * 2,
              "grad": (triton.autotune([cfg], key=[])(_logit_grad_kernel),) * 2}
     monkeypatch.setattr(launch, "_kernels", fixed)
+    monkeypatch.setattr(launch, "LOGITS_GEMM", "triton")  # the tiles matter for the streaming forward
     for head_trains in (False, True):
         check_linear("triton", torch.bfloat16, 777, 512, 151936, "cuda", seed=config, head_trains=head_trains)
 
@@ -374,5 +375,40 @@ def test_tma_operand_loads_match_float64(head, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("covered compiled by test_gpu_every_autotune_config")
     monkeypatch.setitem(launch._INTERPRETER_TILE, "USE_TMA", True)
+    monkeypatch.setattr(launch, "LOGITS_GEMM", "triton")
     check_linear("triton", torch.float32, 53, 48, 131, "cpu", seed=4, chunk_rows=16, head_trains=head == "trainable")
     check_linear("triton", torch.float32, 37, 64, 300, "cpu", seed=5, head_trains=head == "trainable")
+
+
+@pytest.mark.parametrize("logits_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_both_logit_gemm_paths_match_float64(logits_gemm, head, monkeypatch):
+    """The forward's two ways to make the logits (fp32-output GEMM + rows kernel, or the streaming Triton GEMM)
+    give the same log-probs, sequence sums and gradients, with several row chunks."""
+    import clo_kernels.launch as launch
+
+    monkeypatch.setattr(launch, "LOGITS_GEMM", logits_gemm)
+    dev = DEVICE["triton"]
+    for dtype in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
+        check_linear("triton", dtype, 53, 48, 131, dev, seed=8, chunk_rows=16, head_trains=head == "trainable")
+        check_linear("triton", dtype, 37, 64, 300, dev, seed=9, head_trains=head == "trainable")
+    hidden, w, labels, _ = _clo_batch(2, 23, 48, 131, torch.float32, dev, 10)
+    got = sequence_logprobs(hidden, w, labels, impl="triton")
+    want = sequence_logprobs(hidden.double(), w.double(), labels, impl="reference")
+    assert rel(got, want) < 1e-5
+
+
+def test_cublas_logits_path_needs_an_fp32_output_gemm():
+    """Forcing the cuBLAS path where torch has no fp32-output GEMM for the dtype is a clear error; auto falls back."""
+    import clo_kernels.launch as launch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA has the fp32-output GEMM")
+    x = torch.randn(5, 16).bfloat16()
+    w = torch.randn(40, 16).bfloat16()
+    y = torch.randint(0, 40, (5,))
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        launch.forward(x, w, y, -100, logits_gemm="cublas")
+    lse, logp, _, _ = launch.forward(x, w, y, -100, logits_gemm="auto")  # streaming fallback
+    ref = torch.log_softmax(x.double() @ w.double().T, -1).gather(1, y[:, None])[:, 0]
+    assert rel(logp, ref) < 1e-5
