@@ -1,9 +1,10 @@
 """Host-side launchers for the kernels in `linear_logprobs.py` (grids, block sizes, buffers).
 
 No autograd here: `clo_fast.ops` wraps these in a torch.autograd.Function. Nothing in this file reads a
-tensor's values on the host, so the launches are free of host synchronisation. On a GPU the two big
-kernels are autotuned once per (H, V) over a few Hopper-friendly tile shapes; in Triton's CPU
-interpreter (TRITON_INTERPRET=1) they run with one small fixed tile shape.
+tensor's values on the host, so the launches are free of host synchronisation. The forward makes its
+logits with fp32-output cuBLAS chunks or with the streaming Triton GEMM (`LOGITS_GEMM`). On a GPU the
+Triton GEMM kernels are autotuned once per shape over Hopper-friendly tile shapes (TMA loads among them
+where available); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with one small fixed tile.
 """
 from __future__ import annotations
 

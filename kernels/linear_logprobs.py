@@ -3,7 +3,15 @@
 Notation: X [N,H] hidden states, W [V,H] LM-head weight, y [N] labels (ignore_index = skipped),
 z = X Wᵀ (never stored whole), lse_i = log Σ_v exp z_iv, logp_i = z_{i,y_i} − lse_i.
 
-Forward (two kernels):
+Two ways to make the logits (`launch.LOGITS_GEMM`; the benchmark measures both):
+  cuBLAS chunks — Z = X_c·Wᵀ by an fp32-output cuBLAS GEMM per chunk of C rows (4·C·V bytes), then
+      `_rows_lse_grad_kernel`, one program per row: online max / Σexp and the label's logit over Z (lse,
+      logp, the sequence sum by atomics) and, for a frozen head, G = onehot − exp(z − lse) written in the
+      input dtype over the start of Z's own row; D_c = G·W by cuBLAS. 4·N·H·V FLOPs, all in cuBLAS; HBM
+      traffic 16 B per logit in bf16 (write Z 4, read Z 4 + 4, write G 2, read G 2), minus what stays in L2.
+  Streaming Triton GEMM — the kernels below; no fp32 logit chunk.
+
+Streaming forward (two kernels):
   `_partial_lse_kernel`  grid (⌈N/BN⌉, S): program (n, s) streams the vocab tiles of split s, each tile
       z = X_n W_tileᵀ by `tl.dot` over H in fp32, keeping an online max / Σexp per row and the label's
       logit when it falls in the tile. Writes per-split (max, Σexp, label logit): 3·S·N floats.
