@@ -35,6 +35,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 # TMA tile shapes join the autotune space on Hopper; if they do not compile or compute right here, drop them
 if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" tma_probe "* ]]; then
+  export CLO_TMA=1
   step tma_probe 60 python3 benchmarks/tma_probe.py || true
   case "${status[-1]}" in *FAILED*) export CLO_TMA=0; echo "TMA disabled for the remaining steps";; esac
 fi

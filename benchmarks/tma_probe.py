@@ -14,7 +14,7 @@ from clo_fast.ops import linear_logprobs
 
 
 def main() -> int:
-    if not launch.tma_available():
+    if not launch.tma_available():  # needs CLO_TMA=1 (gpu_check.sh sets it for the probe)
         print("TMA not available here")
         return 1
     tma = [c for c in launch._GPU_SHAPES if c[5]]

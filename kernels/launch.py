@@ -40,8 +40,9 @@ _TMA_SHAPES = [(128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 256
 
 
 def tma_available() -> bool:
-    """TMA tensor descriptors: Triton has them, the GPU is Hopper or newer, and CLO_TMA is not 0."""
-    if os.environ.get("CLO_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+    """TMA tensor descriptors: asked for (CLO_TMA=1; off by default until timed on a GPU), Triton has them,
+    and the GPU is Hopper or newer."""
+    if os.environ.get("CLO_TMA", "0") != "1" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
@@ -111,11 +112,12 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-# How the forward makes the logits: "cublas" — an fp32-output cuBLAS GEMM per row chunk, then one Triton
-# pass per row (lse, logp, G in place); "triton" — the streaming Triton GEMM with the online log-sum-exp
-# (no fp32 logit chunk; the frozen head keeps P̃ in the input dtype). "auto" picks cublas where torch offers
-# an fp32-output GEMM for the input dtype, else triton.
-LOGITS_GEMM = "auto"
+# How the forward makes the logits: "triton" — the streaming Triton GEMM with the online log-sum-exp (no
+# fp32 logit chunk; the frozen head keeps P̃ in the input dtype): the default, the path measured on an H200
+# (benchmarks/results/bench_head_h200.json). "cublas" — an fp32-output cuBLAS GEMM per row chunk, then one
+# Triton pass per row (lse, logp, G in place): tested against float64, not yet timed on a GPU
+# (benchmarks/NOTES.md). "auto" — cublas where torch offers an fp32-output GEMM for the dtype, else triton.
+LOGITS_GEMM = "triton"
 
 
 def _logits_fp32(x: torch.Tensor, w: torch.Tensor):
