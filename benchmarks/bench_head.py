@@ -5,7 +5,7 @@ Every path computes the CLO loss (λ = 0.5, β = 0.1, reference log-probs precom
   fused          ours as the trainer runs it: only the labelled rows (indices built on the host with the
                  batch) gathered and sent through `clo_fast.ops.packed_sequence_logprobs`, then clo_loss
   fused_padded   ours on every padded row (`sequence_logprobs`), the trainer before row selection
-  fused_streaming  (GPU) `fused` with the streaming Triton logit GEMM instead of fp32-output cuBLAS chunks
+  fused_cublas   (GPU) `fused` with fp32-output cuBLAS logit chunks instead of the streaming Triton GEMM
   liger          TRL + Liger semantics: LigerFusedLinearDPOLoss on the padded batch, one call per
                  direction, the NLL on the target direction (use_ref_model=False: with precomputed
                  reference log-probs the reference terms are a subtraction, no extra GEMM)
@@ -132,8 +132,8 @@ def _with_logits_gemm(mode, fn):
 
 def available_paths(gpu: bool) -> dict:
     paths = {"fused": _logps_path(fused_logps), "fused_padded": _logps_path(fused_padded_logps)}
-    if gpu:  # the other way to make the logits, measured in the same run (the default is "auto")
-        paths["fused_streaming"] = _with_logits_gemm("triton", _logps_path(fused_logps))
+    if gpu:  # the other way to make the logits, measured in the same run (launch.LOGITS_GEMM is the default)
+        paths["fused_cublas"] = _with_logits_gemm("cublas", _logps_path(fused_logps))
     if gpu:
         try:
             paths["liger"] = make_liger()
@@ -176,7 +176,7 @@ def accuracy(paths, c):
             loss, dx = grad_of(fn)
             err = {"loss": _rel(torch.tensor(loss), ref_loss.detach()), "dx": _rel(dx, h32.grad)}
             sums_fn = {"fused": fused_logps, "fused_padded": fused_padded_logps, "cce": cce_logps,
-                       "fused_streaming": _with_logits_gemm("triton", fused_logps)}.get(name)
+                       "fused_cublas": _with_logits_gemm("cublas", fused_logps)}.get(name)
             if sums_fn is not None:
                 with torch.no_grad():
                     err["sequence_sums"] = _rel(sums_fn(c), ref_sums.detach())
