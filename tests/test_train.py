@@ -166,7 +166,7 @@ def test_zero3_fused_head_matches_reference_on_first_batch(run_a):
     from clo_fast.data import collate_clo
     from clo_fast.loss import reference_clo_loss
     from clo_fast.model import apply_trainable_patterns, load_tokenizer
-    from clo_fast.train import StepSampler
+    from clo_fast.training.sampler import StepSampler
 
     out, _ = run_a
     run = out / "run"
@@ -237,7 +237,9 @@ BAD = [
     ("clo:\n  beta: -1\n", "clo.beta"),
     ("optim:\n  lr: 0\n", "optim.lr"),
     ("optim:\n  micro_batch_sizes: 2\n", "optim.micro_batch_sizes: unknown key"),
-    ("train:\n  precision: bf16\n", "train.precision"),  # model.dtype stays float32
+    ("train:\n  precision: bf16\n", "train.precision: removed: the precision is stated once, as model.dtype"),
+    ("eval:\n  batch_size: 0\n", "eval.batch_size"),  # at load, not after training (train.run_evaluation)
+    ("data:\n  target_lang: en\n", "data.target_lang"),
     ("optim:\n  schedule: step\n", "optim.schedule"),
     ("model:\n  trainable_patterns: []\n", "model.trainable_patterns"),
     ("optim:\n  betas: [0.9]\n", "optim.betas"),
@@ -251,6 +253,22 @@ def test_bad_config_names_the_field(tmp_path, text, field):
     p.write_text(text)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(p)
+
+
+def test_override_errors_name_the_flag(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("clo:\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be > 0"):
+        load_config(p, ["clo.beta=-1"])
+    with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: optim\.lrr: unknown key"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta: expected FIELD=VALUE"):
+        load_config(p, ["clo.beta"])
+    p.write_text("clo:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: clo\.beta"):  # a bad value in the file names the file
+        load_config(p, ["clo.lam=0.3"])
+    assert load_config(p, ["clo.beta=0.5"]).clo.beta == 0.5
+    assert load_config(None, ["data.target_lang=sw"]).data.target_lang == "sw"  # defaults + overrides
 
 
 def test_train_script_fails_fast_on_bad_config(tmp_path):
@@ -269,7 +287,7 @@ def test_train_script_fails_fast_on_bad_config(tmp_path):
 
 
 def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
-    from clo_fast.train import build_ds_config
+    from clo_fast.training.ds_config import build_ds_config
 
     js = tmp_path / "ds.json"
     js.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 8}))
@@ -286,11 +304,11 @@ def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
 
 
 def test_sampler_covers_each_epoch_once_and_is_layout_independent():
-    from clo_fast.train import StepSampler
+    from clo_fast.training.sampler import StepSampler
 
     n = 37
-    two = StepSampler(n, micro=2, gas=2, world=2, seed=5)
-    one = StepSampler(n, micro=2, gas=4, world=1, seed=5)
+    two = StepSampler(n, micro=2, accumulation_steps=2, world=2, seed=5)
+    one = StepSampler(n, micro=2, accumulation_steps=4, world=1, seed=5)
     assert two.steps_per_epoch == one.steps_per_epoch == 4
     seen = []
     for s in range(4):
@@ -303,7 +321,7 @@ def test_sampler_covers_each_epoch_once_and_is_layout_independent():
 
 
 def test_lr_schedule():
-    from clo_fast.train import lr_multiplier
+    from clo_fast.training.optim import lr_multiplier
 
     assert [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in (0, 1)] == [0.5, 1.0]
     assert lr_multiplier(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
