@@ -22,9 +22,10 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from clo_fast.atomic import atomic_directory
+from clo_fast.constants import DEFAULT_CACHE_DIR
 
 RECIPE_VERSION = 3  # bump when the recipe below changes
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -39,18 +40,18 @@ CHAT_TEMPLATE = (
 EXTRA_SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # tiny Llama: ~0.8 M parameters; GQA (4 heads, 2 KV heads) and tied embeddings, like Llama-3.2 / Qwen-2.5
-MODEL_SHAPE = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    initializer_range=0.02,
-)
+MODEL_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+}
 VOCAB_SIZE = 2048  # BPE target size (specials included); ~47 tokens per demo response
 SEED = 1234
 # Pretraining that makes the demo model an "English-centric base", as CLO assumes (all parameters, causal LM,
@@ -61,10 +62,10 @@ SEED = 1234
 # alternating halves, every other Korean text (Korean is not the demo's target language). Passes are shuffled,
 # concatenated and cut into `block`-token rows (packed, no padding); `steps` rows×`batch` in all (~17 passes).
 # Result: English answers to English *and* Swahili prompts (held-out fidelity en 1.0, sw 0.0 at the base).
-PRETRAIN = dict(steps=480, batch=8, block=128, lr=3e-3, warmup_steps=20, en_repeat=2,
-                other_langs=("sw", "ko"), half_weight_langs=("ko",), max_tokens=128,
-                template="### Instruction:\n{instruction}\n\n### Response:\n",
-                heldout=dict(seed=0, eval_fraction=0.1))  # = data.seed / data.eval_fraction of configs/demo.yaml
+PRETRAIN = {"steps": 480, "batch": 8, "block": 128, "lr": 3e-3, "warmup_steps": 20, "en_repeat": 2,
+                "other_langs": ("sw", "ko"), "half_weight_langs": ("ko",), "max_tokens": 128,
+                "template": "### Instruction:\n{instruction}\n\n### Response:\n",
+                "heldout": {"seed": 0, "eval_fraction": 0.1}}  # = data.seed / data.eval_fraction of configs/demo.yaml
 
 # Used only when the demo data has not been written yet (keeps the model buildable in isolation).
 _FALLBACK_TEXTS = [
@@ -132,15 +133,10 @@ def heldout_ids(records: list[dict], seed: int = PRETRAIN["heldout"]["seed"],
     """Ids of the pairs `clo_fast.data.build_text_dataset` puts in the "eval" split for this seed and
     eval_fraction (same shuffle, same count; tests/test_model.py checks it against the demo config's split).
     The pretraining leaves them out, so the evaluation prompts are new to the base model as well."""
-    import random
+    from clo_fast.data.split import eval_size, shuffled_order
 
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n = len(records)
-    n_eval = int(round(n * eval_fraction))
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(1, n_eval), n - 1)
-    return {str(records[i].get("id")) for i in order[:n_eval]}
+    order = shuffled_order(len(records), seed)
+    return {str(records[i].get("id")) for i in order[: eval_size(len(records), eval_fraction)]}
 
 
 def pretrain_documents(records: list[dict]) -> tuple[list[str], dict[str, list[str]]]:
@@ -279,25 +275,16 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretra
     return out_dir
 
 
-def ensure_demo_model(cache_dir: str | Path = "~/.cache/clo_fast") -> Path:
+def ensure_demo_model(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     """Path of the demo model directory under `cache_dir`, building it first if needed (safe across processes)."""
     texts = demo_texts()
     root = Path(os.path.expanduser(str(cache_dir))) / "demo_model"
     final = root / _fingerprint(texts)
     if (final / "config.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
+    # several processes (ranks, test workers) may build it at once: the first to publish wins
+    with atomic_directory(final, per_process=True, replace=False) as tmp:
         build_demo_model(tmp, texts)
-        try:
-            os.rename(tmp, final)  # atomic publish; fails if another process published first
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -122,7 +122,7 @@ class LanguageIdentifier:
         out: list[str | None] = [None] * len(texts)
         if idx:
             found = self._detector.detect_languages_in_parallel_of([texts[i] for i in idx])
-            for i, lang in zip(idx, found):
+            for i, lang in zip(idx, found, strict=False):
                 out[i] = self._code(lang)
         return out
 

@@ -9,7 +9,7 @@ returns hidden states, never logits) and `lm_head` (`FusedLogprobHead`, owning t
 state-dict keys are exactly the HF model's and DeepSpeed's `save_16bit_model` writes a file that
 `AutoModelForCausalLM.from_pretrained` loads.
 
-ZeRO-3 (DESIGN.md §4): a parameter read outside its module's forward is an empty shard. The head weight is
+ZeRO-3 (docs/DESIGN.md §4): a parameter read outside its module's forward is an empty shard. The head weight is
 therefore only read inside `FusedLogprobHead.forward`, where DeepSpeed's module hooks have gathered it
 (and release it afterwards). With tied embeddings the head owns the *same* Parameter as
 `model.embed_tokens`; ZeRO-3 keeps shared parameters shared (one ds_id).
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from clo_fast.config import ConfigError, ModelConfig
+from clo_fast.pretrained import load_tokenizer, resolve_model_path  # noqa: F401  (public here too)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,28 +72,6 @@ class CLOPolicy(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.lm_head(hidden, labels)
-
-
-# ------------------------------------------------------------------------------------------ paths
-def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/clo_fast") -> str:
-    """`demo` → the built (cached) demo model directory; anything else is passed to from_pretrained."""
-    if name_or_path == "demo":
-        from clo_fast.demo_model import ensure_demo_model
-
-        return str(ensure_demo_model(cache_dir))
-    return os.path.expanduser(name_or_path)
-
-
-def load_tokenizer(model, cache_dir: str = "~/.cache/clo_fast"):
-    """Tokenizer of a model directory / hub name, or of a `ModelConfig` (`demo` resolves to the demo model).
-    Gets a pad token (EOS) when the model has none."""
-    from transformers import AutoTokenizer
-
-    path = model if isinstance(model, (str, os.PathLike)) else resolve_model_path(model.name_or_path, cache_dir)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:  # Llama-3 / many base models ship without a pad token
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 # -------------------------------------------------------------------------------------- freezing

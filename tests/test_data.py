@@ -18,10 +18,10 @@ from clo_fast.data import (  # noqa: E402
     demo_data_path,
     format_prompt,
     load_or_build_text_dataset,
-    main,
     save_text_dataset,
     tokenize_dataset,
 )
+from clo_fast.data.cli import main  # noqa: E402
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -32,22 +32,9 @@ def _demo_rows():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """A tiny BPE tokenizer trained on the demo texts (all three languages); adds BOS like Llama."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [v for r in _demo_rows() for k, v in r.items() if k != "id"]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
-    tk = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>")
-    tk.chat_template = CHAT
-    return tk
+def tok(demo_tokenizer):
+    """The session's tiny demo tokenizer (tests/conftest.py): trained on the demo texts, adds BOS like Llama."""
+    return demo_tokenizer
 
 
 def _cfg(tmp_path, **kw):
@@ -127,7 +114,7 @@ def test_sequence_order_and_label_masks(tmp_path, tok):
         pe = [bos] + _enc(tok, "### Instruction:\n" + ex["prompt_en"] + "\n\n### Response:\n")
         pt = [bos] + _enc(tok, "### Instruction:\n" + ex["prompt_tgt"] + "\n\n### Response:\n")
         re_, rt = _enc(tok, ex["response_en"]) + [eos], _enc(tok, ex["response_tgt"]) + [eos]
-        expected = [(pe, re_), (pe, rt), (pt, rt), (pt, re_)]  # DESIGN.md §1 order
+        expected = [(pe, re_), (pe, rt), (pt, rt), (pt, re_)]  # docs/DESIGN.md §1 order
         assert len(t["input_ids"]) == len(t["labels"]) == 4
         for k, (p, r) in enumerate(expected):
             assert t["input_ids"][k] == p + r, (i, SEQUENCE_KINDS[k])
@@ -163,7 +150,7 @@ def test_truncation_keeps_prompt_cuts_response_and_drops_long_prompts(tmp_path, 
     assert dropped > 0 and sum(truncated) > 0  # the setting exercises both paths
     assert stats["dropped"]["prompt_too_long"] == dropped and len(out) == len(kept)
     assert list(stats["truncated"].values()) == truncated
-    for (ex_id, seqs), t in zip(kept, out):
+    for (ex_id, seqs), t in zip(kept, out, strict=False):
         assert t["id"] == ex_id
         for k, (p, r) in enumerate(seqs):
             ids, lab = t["input_ids"][k], t["labels"][k]
@@ -280,7 +267,7 @@ def test_local_sources(tmp_path, fmt):
         path.mkdir()
         (path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     dsd, summary = build_text_dataset(_cfg(tmp_path, source=str(path), **_fields()), progress=False)
-    got = sorted(zip(dsd["train"]["prompt_en"], dsd["train"]["response_en"], dsd["train"]["response_tgt"]))
+    got = sorted(zip(dsd["train"]["prompt_en"], dsd["train"]["response_en"], dsd["train"]["response_tgt"], strict=False))
     assert got == sorted((r["q"], r["a"], r["a_sw"]) for r in recs)
     assert summary["records_read"] == 3
 
@@ -307,8 +294,8 @@ def _oasst_flat():
     m = []
 
     def add(mid, parent, role, text, lang="en", rank=None, **kw):
-        m.append(dict(message_id=mid, parent_id=parent, role=role, text=text, lang=lang, rank=rank,
-                      message_tree_id=kw.pop("tree", "t"), deleted=kw.pop("deleted", False), review_result=True))
+        m.append({"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": lang, "rank": rank,
+                      "message_tree_id": kw.pop("tree", "t"), "deleted": kw.pop("deleted", False), "review_result": True})
 
     add("r1", None, "prompter", "How do I bake bread?")
     add("a1", "r1", "assistant", "Second-best answer.", rank=1)
@@ -329,10 +316,10 @@ def test_oasst_flat_message_table(tmp_path):
     path = tmp_path / "oasst.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _oasst_flat()))
     cfg = _cfg(tmp_path, source=str(path), source_format="oasst", translator="hf", eval_fraction=0.0)
-    from clo_fast.data import read_pairs, _Skips
+    from clo_fast.data.sources import BadRecords, read_pairs
 
     filtered = {}
-    pairs, n = read_pairs(cfg, _Skips("error"), filtered)
+    pairs, n = read_pairs(cfg, BadRecords("error"), filtered)
     assert n == 12
     assert sorted((p.id, p.instruction, p.response) for p in pairs) == [
         ("r1", "How do I bake bread?", "Mix flour, water, yeast and salt, then bake."),

@@ -7,10 +7,11 @@ import re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import sentencepiece  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
 
 from clo_fast.config import DataConfig  # noqa: E402
 from clo_fast.data import DataError, build_text_dataset, demo_data_path  # noqa: E402
-from clo_fast.translation import (  # noqa: E402
+from clo_fast.data.translate import (  # noqa: E402
     HFTranslator,
     TranslationCache,
     UnknownLanguageError,
@@ -19,8 +20,6 @@ from clo_fast.translation import (  # noqa: E402
     resolve_language_codes,
     segment_text,
 )
-
-import sentencepiece  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
 
 
 def _demo_rows():

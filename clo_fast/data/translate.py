@@ -18,8 +18,9 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 __all__ = [
     "TranslationError",
@@ -399,7 +400,7 @@ class HFTranslator:
                   truncation=True, max_length=self.max_length)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         in_len = int(enc["input_ids"].shape[1])
-        kwargs = dict(num_beams=self.num_beams, max_new_tokens=min(self.max_length, 2 * in_len + 16))
+        kwargs = {"num_beams": self.num_beams, "max_new_tokens": min(self.max_length, 2 * in_len + 16)}
         if self.codes["forced_bos_token_id"] is not None:
             kwargs["forced_bos_token_id"] = self.codes["forced_bos_token_id"]
         with torch.inference_mode():
@@ -440,8 +441,8 @@ class HFTranslator:
                 batch = todo[i : i + self.batch_size]
                 res = self._generate(batch)
                 if self.cache is not None:
-                    self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res))
-                done.update(zip(batch, res))
+                    self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res, strict=False))
+                done.update(zip(batch, res, strict=False))
                 self.stats["pieces_translated"] += len(batch)
                 bar.update(len(batch))
         finally:
@@ -505,7 +506,7 @@ class HFTranslator:
         texts = [p.instruction for p in pairs] + [p.response for p in pairs]
         out = self.translate(texts)
         n = len(pairs)
-        return list(zip(out[:n], out[n:]))
+        return list(zip(out[:n], out[n:], strict=False))
 
 
 def _rebuild_around_code(orig: str, table: dict[str, str]) -> str:
