@@ -1,4 +1,4 @@
-"""The CLO loss (DESIGN.md §1) from per-sequence log-prob sums, and its materialized-logits reference.
+"""The CLO loss (docs/DESIGN.md §1) from per-sequence log-prob sums, and its materialized-logits reference.
 
 Sequence order, per example b (always):
     0: (x_en, y_en)   1: (x_en, y_tgt)   2: (x_tgt, y_tgt)   3: (x_tgt, y_en)
@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from clo_fast.constants import IGNORE_INDEX
+from clo_fast.ops import token_logps
+
 _DIRECTIONS = {"en": (0, 1), "tgt": (2, 3)}
 
 
@@ -118,19 +120,6 @@ def clo_loss(
         add("en/", slice(0, 1))
         add("tgt/", slice(1, 2))
     return loss, metrics
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Plain PyTorch: log softmax(logits)[label] per position, 0 where ignored.
-
-    logits [..., V] (materialized), labels [...] aligned with the rows they score. Computes in fp32
-    (float64 inputs stay float64).
-    """
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp_all = torch.log_softmax(logits.to(compute), dim=-1)
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
 
 
 def gather_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
