@@ -2,7 +2,7 @@
 
 Every section is a dataclass; every field has a default and a comment saying what it does. Loading
 rejects unknown keys and wrong types with an error that names the file and the dotted field
-(`configs/x.yaml: clo.beta: must be > 0, got -1`). Sections are owned by the module that uses them,
+(`configs/<run>.yaml: clo.beta: must be > 0, got -1`). Sections are owned by the module that uses them,
 but live here so that one file documents a whole run.
 """
 from __future__ import annotations

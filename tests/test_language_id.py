@@ -1,7 +1,6 @@
 """The language-ID wrapper (clo_fast.language_id) on canned sentences with known languages."""
-import pytest
-
 import lingua  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
+import pytest
 
 from clo_fast.language_id import (  # noqa: E402
     LanguageIdentifier,
