@@ -21,15 +21,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 if os.path.dirname(_HERE) not in sys.path:
     sys.path.append(os.path.dirname(_HERE))
 
-import argparse  # noqa: E402  (after the sys.path fix above)
-import json  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import warnings
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict  # noqa: E402
+from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -38,8 +37,13 @@ warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (see configs/demo.yaml for every field)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint in <output_dir>/checkpoints: a tag, or 'latest' (default)")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint in <output_dir>/checkpoints: a tag, or 'latest' (default)",
+    )
     add_override_argument(p)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the launcher
     return p.parse_args(argv)
@@ -60,8 +64,10 @@ class Run:
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
         self.device = dist.init_process_group()
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"{self.config_path}: train.head_impl: triton needs a CUDA device (or "
-                              "TRITON_INTERPRET=1); use auto or torch on CPU")  # fmt: skip
+            raise ConfigError(
+                f"{self.config_path}: train.head_impl: triton needs a CUDA device (or "
+                "TRITON_INTERPRET=1); use auto or torch on CPU"
+            )
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
         self.out_dir = Path(t.output_dir)
@@ -72,13 +78,15 @@ class Run:
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
         c = self.cfg.clo
-        dist.log0(f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "
-                  f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}")  # fmt: skip
+        dist.log0(
+            f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "
+            f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}"
+        )
 
     def data(self) -> None:
         """Text dataset (rank 0 builds/caches it first), tokenizer, tokenized splits, batch order."""
         from clo_fast.data import build_text_dataset, collate_clo, tokenize_dataset
-        from clo_fast.model import load_tokenizer, resolve_model_path
+        from clo_fast.pretrained import load_tokenizer, resolve_model_path
         from clo_fast.training.distributed import log0, rank0_first, world_size
         from clo_fast.training.sampler import StepSampler
 
@@ -92,8 +100,9 @@ class Run:
             self.eval_ds = rank0_first(lambda: tokenize_dataset(texts["eval"], self.tokenizer, cfg.data))
         pad_id, multiple = self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of
         self.collate = lambda examples: collate_clo(examples, pad_id, pad_to_multiple_of=multiple)
-        self.sampler = StepSampler(len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps,
-                                   world_size(), o.seed)  # fmt: skip
+        self.sampler = StepSampler(
+            len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps, world_size(), o.seed
+        )
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
                 f"{self.config_path}: optim.micro_batch_examples: a global batch of {self.sampler.global_batch} "
@@ -102,8 +111,10 @@ class Run:
             )
         self.total_steps = o.max_steps or o.epochs * self.sampler.steps_per_epoch
         n_eval = len(self.eval_ds) if self.eval_ds else 0
-        log0(f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
-             f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps")  # fmt: skip
+        log0(
+            f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
+            f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps"
+        )
 
     def model(self) -> None:
         """ZeRO-3 partitioned while loading, frozen but for trainable_patterns, fused head; the engine; the
@@ -117,13 +128,17 @@ class Run:
         from clo_fast.training.reference import with_reference_logps
 
         cfg = self.cfg
-        policy, info, _, self._keepalive = load_policy(cfg.model, ds_config=self.ds_config,
-                                                       head_impl=cfg.train.head_impl, cache_dir=cfg.data.cache_dir)  # fmt: skip
-        log0(f"model {self.model_path}: {info.trainable / 1e6:.2f}M of {info.total / 1e6:.2f}M parameters train "
-             f"({len(info.names)} tensors, e.g. {info.names[0]})")  # fmt: skip
+        policy, info, _, self._keepalive = load_policy(
+            cfg.model, ds_config=self.ds_config, head_impl=cfg.train.head_impl, cache_dir=cfg.data.cache_dir
+        )
+        log0(
+            f"model {self.model_path}: {info.trainable / 1e6:.2f}M of {info.total / 1e6:.2f}M parameters train "
+            f"({len(info.names)} tensors, e.g. {info.names[0]})"
+        )
         optimizer, scheduler = build_optimizer(policy, cfg.optim, self.total_steps)
-        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=self.ds_config)  # fmt: skip
+        self.engine, *_ = deepspeed.initialize(
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
         if self.loss_setup.use_reference:
             args = (self.engine, self.collate, cfg, self.model_path, self.device)
             self.train_ds = with_reference_logps(self.train_ds, "train", *args)
@@ -134,8 +149,9 @@ class Run:
     def evaluate_loss(self, step: int) -> None:
         from clo_fast.training.scoring import held_out_loss
 
-        m = held_out_loss(self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples,
-                          self.device, self.loss_setup)  # fmt: skip
+        m = held_out_loss(
+            self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples, self.device, self.loss_setup
+        )
         self.sink.write(step, m)
         self.last_metrics.update(m)
 
@@ -143,52 +159,53 @@ class Run:
         from tqdm.auto import tqdm
 
         from clo_fast.training.checkpoint import save_checkpoint
-        from clo_fast.training.distributed import log0, maybe_crash, peak_memory_mib, rank, world_size
-        from clo_fast.training.metrics import MetricsSink, reduce_mean
+        from clo_fast.training.distributed import log0, maybe_crash, rank
+        from clo_fast.training.metrics import MetricsSink, StepLog
         from clo_fast.training.step import train_step
 
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
         if self.eval_ds is not None and t.eval_steps > 0 and self.step == 0:
             self.evaluate_loss(0)
-            log0("eval @0: " + ", ".join(f"{k}={v:.4f}" for k, v in self.last_metrics.items()
-                                         if k in ("eval/loss", "eval/rewards/accuracies")))  # fmt: skip
+            log0(
+                "eval @0: "
+                + ", ".join(
+                    f"{k}={v:.4f}"
+                    for k, v in self.last_metrics.items()
+                    if k in ("eval/loss", "eval/rewards/accuracies")
+                )
+            )
         bar = tqdm(total=self.total_steps, initial=self.step, disable=rank() != 0, desc="train", dynamic_ncols=True)
-        totals: dict[str, torch.Tensor] = {}  # metric sums since the last log line (device scalars)
-        tokens, t_last, steps_since_log = 0, time.perf_counter(), 0
+        log = StepLog(self.sink, self.device)
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
-            micro = [self.collate([self.train_ds[i] for i in self.sampler.indices(self.step, m, rank())])
-                     for m in range(o.gradient_accumulation_steps)]  # fmt: skip
-            tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-            for k, v in train_step(engine, micro, self.loss_setup, self.device).items():
-                totals[k] = totals[k] + v if k in totals else v
+            micro = [
+                self.collate([self.train_ds[i] for i in self.sampler.indices(self.step, m, rank())])
+                for m in range(o.gradient_accumulation_steps)
+            ]
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            log.add(train_step(engine, micro, self.loss_setup, self.device), tokens)
             self.step += 1
-            steps_since_log += 1
             bar.update(1)
             maybe_crash("after_step", self.step)
             step, last = self.step, self.step == self.total_steps
             if step % t.logging_steps == 0 or last:
-                logged = reduce_mean({**{k: v / steps_since_log for k, v in totals.items()},
-                                      "tokens": torch.tensor(float(tokens * world_size()), device=self.device)})  # fmt: skip
-                grad_norm = engine.get_global_grad_norm()
-                logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-                logged["learning_rate"] = lr_now
-                logged["tokens/s"] = logged.pop("tokens") / (time.perf_counter() - t_last)
-                logged["peak_memory_mib"] = peak_memory_mib()
-                logged["epoch"] = step / self.sampler.steps_per_epoch
-                self.sink.write(step, logged)
+                logged = log.write(
+                    step,
+                    grad_norm=engine.get_global_grad_norm(),
+                    learning_rate=lr_now,
+                    epoch=step / self.sampler.steps_per_epoch,
+                )
                 accuracy = logged.get("rewards/accuracies", float("nan"))
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{accuracy:.2f}", lr=f"{lr_now:.2e}")
                 self.last_metrics.update(logged)
-                totals, tokens, t_last, steps_since_log = {}, 0, time.perf_counter(), 0
             if self.eval_ds is not None and ((t.eval_steps and step % t.eval_steps == 0) or last):
                 self.evaluate_loss(step)
-                t_last = time.perf_counter()  # eval time is not training throughput
+                log.restart_clock()  # eval time is not training throughput
             if (t.save_steps and step % t.save_steps == 0) or last:
                 save_checkpoint(engine, cfg, step, {"metrics": self.last_metrics})
-                t_last = time.perf_counter()
+                log.restart_clock()
         bar.close()
         self.sink.close()
 
@@ -200,10 +217,16 @@ class Run:
         from clo_fast.training.metrics import format_metrics
 
         cfg = self.cfg
-        summary = {"steps": self.step, "world_size": world_size(), "final_metrics": self.last_metrics,
-                   "config": to_dict(cfg), "base_model": self.model_path}  # fmt: skip
+        summary = {
+            "steps": self.step,
+            "world_size": world_size(),
+            "final_metrics": self.last_metrics,
+            "config": to_dict(cfg),
+            "base_model": self.model_path,
+        }
         export = export_hf(self.engine, cfg, self.tokenizer, summary) if cfg.train.export_hf else None
-        if rank() == 0:
+        is_rank0 = rank() == 0  # read before the process group goes: afterwards every process reports rank 0
+        if is_rank0:
             print("[train] final metrics: " + format_metrics(self.last_metrics))
             print(f"[train] metrics log: {self.out_dir / 'metrics.jsonl'}; checkpoints: {checkpoint_root(cfg)}")
             if export is not None:
@@ -211,7 +234,7 @@ class Run:
             (self.out_dir / "final_metrics.json").write_text(json.dumps(self.last_metrics, indent=1))
         barrier()
         torch.distributed.destroy_process_group()
-        if cfg.train.run_evaluation and export is not None and rank() == 0:  # after the ranks part: no timeout
+        if cfg.train.run_evaluation and export is not None and is_rank0:  # after the ranks part: no timeout
             self.evaluate_models(export)
 
     def evaluate_models(self, export: Path) -> None:
@@ -224,8 +247,10 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         report = evaluate_models(self.cfg, [("base", self.model_path), ("trained", str(export))])
-        print(f"[train] evaluation report: {Path(self.cfg.eval.output_dir).resolve()} "
-              f"({len(report.get('models', {}))} models)\n")  # fmt: skip
+        print(
+            f"[train] evaluation report: {Path(self.cfg.eval.output_dir).resolve()} "
+            f"({len(report.get('models', {}))} models)\n"
+        )
         print(Path(report["files"]["markdown"]).read_text())  # the before/after table
 
 

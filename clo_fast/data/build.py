@@ -30,10 +30,26 @@ def _text_features():
 
 
 def _config_key(cfg: DataConfig) -> str:
-    keys = ("source", "source_format", "split", "source_config", "instruction_field", "response_field",
-            "source_lang", "target_lang", "max_examples", "seed", "translator", "translation_model",
-            "target_instruction_field", "target_response_field", "translation_max_length",
-            "translation_num_beams", "eval_fraction", "on_bad_record")
+    keys = (
+        "source",
+        "source_format",
+        "split",
+        "source_config",
+        "instruction_field",
+        "response_field",
+        "source_lang",
+        "target_lang",
+        "max_examples",
+        "seed",
+        "translator",
+        "translation_model",
+        "target_instruction_field",
+        "target_response_field",
+        "translation_max_length",
+        "translation_num_beams",
+        "eval_fraction",
+        "on_bad_record",
+    )
     d = {k: getattr(cfg, k) for k in keys}
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
@@ -72,13 +88,22 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         try:
             for fld, v in (("instruction", ti), ("response", tr)):
                 if not isinstance(v, str) or not v.strip():
-                    raise DataError(f"{p.where}: field {fld!r}: the {cfg.target_lang} translation is empty",
-                                    "empty_translation")
+                    raise DataError(
+                        f"{p.where}: field {fld!r}: the {cfg.target_lang} translation is empty", "empty_translation"
+                    )
         except DataError as e:
             skips.handle(e)
             continue
-        rows.append({"id": p.id, "prompt_en": p.instruction, "response_en": p.response,
-                     "prompt_tgt": ti.strip(), "response_tgt": tr.strip(), "target_lang": cfg.target_lang})
+        rows.append(
+            {
+                "id": p.id,
+                "prompt_en": p.instruction,
+                "response_en": p.response,
+                "prompt_tgt": ti.strip(),
+                "response_tgt": tr.strip(),
+                "target_lang": cfg.target_lang,
+            }
+        )
 
     n = len(rows)
     n_eval = eval_size(n, cfg.eval_fraction)
@@ -88,18 +113,28 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         return datasets.Dataset.from_dict({c: [r[c] for r in rs] for c in TEXT_COLUMNS}, features=feats)
 
     if n == 0:
-        raise DataError(f"{cfg.source}: no usable examples (read {n_records} records; skipped: {skips.counts}; "
-                        f"filtered: {filtered})", "empty_dataset")
+        raise DataError(
+            f"{cfg.source}: no usable examples (read {n_records} records; skipped: {skips.counts}; "
+            f"filtered: {filtered})",
+            "empty_dataset",
+        )
     dsd = datasets.DatasetDict({"train": to_ds(rows[n_eval:]), "eval": to_ds(rows[:n_eval])})
 
     char_lengths = {k: percentiles([len(r[k]) for r in rows]) for k in TEXT_COLUMNS[1:5]}
     summary = {
         "config_key": _config_key(cfg),
-        "source": cfg.source, "source_format": cfg.source_format, "target_lang": cfg.target_lang,
+        "source": cfg.source,
+        "source_format": cfg.source_format,
+        "target_lang": cfg.target_lang,
         "translator": cfg.translator,
-        "records_read": n_records, "valid_pairs": n_valid, "selected": len(selected),
-        "kept": n, "train": n - n_eval, "eval": n_eval,
-        "skipped_bad_records": dict(skips.counts), "skipped_examples": list(skips.examples),
+        "records_read": n_records,
+        "valid_pairs": n_valid,
+        "selected": len(selected),
+        "kept": n,
+        "train": n - n_eval,
+        "eval": n_eval,
+        "skipped_bad_records": dict(skips.counts),
+        "skipped_examples": list(skips.examples),
         "filtered": filtered,
         "translation": dict(getattr(translator, "stats", {}) or {}),
         "char_lengths": char_lengths,
@@ -111,7 +146,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
 def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path:
     """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json."""
     out = Path(output_dir).expanduser()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
         dsd.save_to_disk(str(tmp))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return out
@@ -134,4 +169,3 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
     dsd, summary = build_text_dataset(cfg, progress=progress)
     save_text_dataset(dsd, summary, out)
     return dsd, summary
-
