@@ -54,9 +54,14 @@ def parse_model_specs(model_paths) -> list[tuple[str, Any]]:
     return specs
 
 
-
-def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None = None,
-                    out_dir: str | Path | None = None, *, judge_send: Callable[[dict], str] | None = None) -> dict:
+def evaluate_models(
+    cfg: RunConfig,
+    model_paths,
+    prompts: Sequence[dict] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    judge_send: Callable[[dict], str] | None = None,
+) -> dict:
     """Evaluate models side by side and write the report files. Returns the report dict.
 
     model_paths: list of 'path', 'label=path' or (label, path) / (label, (model, tokenizer)) — an
@@ -73,8 +78,14 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
     for _, src in specs:  # fail before any generation when a local path is plainly wrong
         if not isinstance(src, tuple) and looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
             raise EvalError(f"model path {str(src)!r} does not exist")
-    if (ev.judge_endpoint or judge_send) and ev.judge_baseline and ev.judge_baseline not in [label for label, _ in specs]:
-        raise EvalError(f"eval.judge_baseline {ev.judge_baseline!r} is not one of the model labels {[label for label, _ in specs]}")
+    if (
+        (ev.judge_endpoint or judge_send)
+        and ev.judge_baseline
+        and ev.judge_baseline not in [label for label, _ in specs]
+    ):
+        raise EvalError(
+            f"eval.judge_baseline {ev.judge_baseline!r} is not one of the model labels {[label for label, _ in specs]}"
+        )
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
@@ -84,9 +95,13 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
     t0 = time.time()
 
     report: dict = {
-        "target_lang": target, "languages": langs, "n_prompts": {lang: sum(it["lang"] == lang for it in items) for lang in langs},
-        "eval_config": dataclasses.asdict(ev), "template": cfg.data.template,
-        "detector_languages": list(lid.languages), "models": {},
+        "target_lang": target,
+        "languages": langs,
+        "n_prompts": {lang: sum(it["lang"] == lang for it in items) for lang in langs},
+        "eval_config": dataclasses.asdict(ev),
+        "template": cfg.data.template,
+        "detector_languages": list(lid.languages),
+        "models": {},
     }
     generations: list[dict] = []
     responses: dict[str, list[str]] = {}
@@ -100,26 +115,32 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
             ensure_pad_token(tokenizer)
             was_training = model.training
             model.eval()
-        prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in items]
-        gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
-        detected = lid.detect_batch([g["text"] for g in gens])
-        refs = reference_examples(tokenizer, items, cfg.data)
-        metrics = response_metrics(items, gens, detected)
-        for lang in langs:
-            ex = [refs[i] for i, it in enumerate(items) if it["lang"] == lang and refs[i] is not None]
-            nll_sum, nll_tok = reference_nll(model, tokenizer, ex, batch_size=ev.batch_size) if ex else (0.0, 0)
-            metrics[lang].update(nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok,
-                                 nll_sequences=len(ex))
-        report["models"][label] = {"path": str(src) if owned else "<in-memory model>", "metrics": metrics,
-                                   "tokenizer": tokenizer_fingerprint(tokenizer)[:12], "seconds": round(time.time() - t1, 2)}
+        gens, detected, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
+        report["models"][label] = {
+            "path": str(src) if owned else "<in-memory model>",
+            "metrics": metrics,
+            "tokenizer": tokenizer_fingerprint(tokenizer)[:12],
+            "seconds": round(time.time() - t1, 2),
+        }
         responses[label] = [g["text"] for g in gens]
-        for it, g, d in zip(items, gens, detected, strict=False):
-            generations.append({"model": label, "id": it["id"], "lang": it["lang"], "prompt": it["prompt"],
-                                "response": g["text"], "response_tokens": g["tokens"], "finished": g["finished"],
-                                "detected": d})
-        print(f"[evaluate] {label}: " + "; ".join(
-            f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}" for lang in langs)
-            + f" ({time.time() - t1:.1f}s)", flush=True)
+        for it, g, d in zip(items, gens, detected, strict=True):
+            generations.append(
+                {
+                    "model": label,
+                    "id": it["id"],
+                    "lang": it["lang"],
+                    "prompt": it["prompt"],
+                    "response": g["text"],
+                    "response_tokens": g["tokens"],
+                    "finished": g["finished"],
+                    "detected": d,
+                }
+            )
+        summary = "; ".join(
+            f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
+            for lang in langs
+        )
+        print(f"[evaluate] {label}: {summary} ({time.time() - t1:.1f}s)", flush=True)
         if owned:
             del model
             gc.collect()
@@ -136,3 +157,21 @@ def evaluate_models(cfg: RunConfig, model_paths, prompts: Sequence[dict] | None 
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, generations, out_dir if out_dir is not None else ev.output_dir)
     return report
+
+
+def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, cfg: RunConfig):
+    """One model on every item: greedy responses, their detected languages, and the metrics per language
+    (fidelity, lengths, reference NLL per token)."""
+    ev = cfg.eval
+    prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in items]
+    gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    detected = lid.detect_batch([g["text"] for g in gens])
+    refs = reference_examples(tokenizer, items, cfg.data)
+    metrics = response_metrics(items, gens, detected)
+    for lang in langs:
+        ex = [refs[i] for i, it in enumerate(items) if it["lang"] == lang and refs[i] is not None]
+        nll_sum, nll_tok = reference_nll(model, tokenizer, ex, batch_size=ev.batch_size) if ex else (0.0, 0)
+        metrics[lang].update(
+            nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok, nll_sequences=len(ex)
+        )
+    return gens, detected, metrics

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from clo_fast.config import RunConfig
-from clo_fast.training.distributed import rank, world_size
+from clo_fast.training.distributed import peak_memory_mib, rank, world_size
 
 FINAL_METRIC_KEYS = (
-    "loss", "nll", "cl_loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
-    "tokens/s", "peak_memory_mib",
-)  # fmt: skip
+    "loss",
+    "nll",
+    "cl_loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "eval/loss",
+    "eval/rewards/accuracies",
+    "tokens/s",
+    "peak_memory_mib",
+)
 
 
 class MetricsSink:
@@ -65,3 +73,37 @@ def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def format_metrics(metrics: dict, keys=FINAL_METRIC_KEYS) -> str:
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+class StepLog:
+    """What the loop logs every `train.logging_steps`: the mean of each step metric since the last line, over
+    steps and ranks, plus grad norm, LR, tokens/s (eval and checkpoint time excluded), peak memory, epoch."""
+
+    def __init__(self, sink: MetricsSink, device):
+        self.sink, self.device = sink, device
+        self.totals: dict[str, torch.Tensor] = {}  # device scalars: no host sync until a line is written
+        self.tokens, self.steps = 0, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def add(self, step_metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        for k, v in step_metrics.items():
+            self.totals[k] = self.totals[k] + v if k in self.totals else v
+        self.tokens += tokens
+        self.steps += 1
+
+    def write(self, step: int, *, grad_norm, learning_rate: float, epoch: float) -> dict:
+        means = {k: v / self.steps for k, v in self.totals.items()}
+        tokens = torch.tensor(float(self.tokens * world_size()), device=self.device)
+        logged = reduce_mean({**means, "tokens": tokens})
+        logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        logged["learning_rate"] = learning_rate
+        logged["tokens/s"] = logged.pop("tokens") / (time.perf_counter() - self.t_start)
+        logged["peak_memory_mib"] = peak_memory_mib()
+        logged["epoch"] = epoch
+        self.sink.write(step, logged)
+        self.totals, self.tokens, self.steps = {}, 0, 0
+        self.restart_clock()
+        return logged
