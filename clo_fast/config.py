@@ -5,6 +5,7 @@ rejects unknown keys and wrong types with an error that names the file and the d
 (`configs/<run>.yaml: clo.beta: must be > 0, got -1`). Sections are owned by the module that uses them,
 but live here so that one file documents a whole run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,9 @@ class CLOConfig:
     beta: float = 0.1  # DPO temperature β
     lam: float = 0.5  # λ, weight of the target-language NLL (mode clo only)
     reference_free: bool = False  # drop the π_ref terms (no reference pass)
-    sft_sequences: list[int] = field(default_factory=lambda: [2])  # sequences the NLL covers (sft mode: [0, 2] = both languages)
+    sft_sequences: list[int] = field(
+        default_factory=lambda: [2]
+    )  # sequences the NLL covers (sft mode: [0, 2] = both languages)
 
 
 @dataclass
@@ -118,7 +121,9 @@ class EvalConfig:
     max_prompts: int = 32  # held-out prompts per language (from the text dataset's "eval" split)
     max_new_tokens: int = 64  # greedy decoding length cap per response
     batch_size: int = 8  # prompts per generation / reference-NLL batch
-    detector_languages: list[str] = field(default_factory=list)  # extra language-ID candidates (ISO 639-1) beyond the defaults
+    detector_languages: list[str] = field(
+        default_factory=list
+    )  # extra language-ID candidates (ISO 639-1) beyond the defaults
     judge_endpoint: str | None = None  # OpenAI-compatible base URL (…/v1) for the optional LLM judge; null = skipped
     judge_model: str | None = None  # model name sent to the judge endpoint
     judge_baseline: str | None = None  # model label the others are judged against (default: the first --model)
@@ -156,8 +161,11 @@ def validate_model(cfg: RunConfig, origin) -> None:
     check, m = _checker(origin), cfg.model
     check(m.dtype in DTYPE_NAMES, "model.dtype", f"must be {'|'.join(DTYPE_NAMES)}, got {m.dtype!r}")
     check(len(m.trainable_patterns) > 0, "model.trainable_patterns", "must list at least one pattern")
-    check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
-          f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}")  # fmt: skip
+    check(
+        m.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+        "model.attn_implementation",
+        f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}",
+    )
 
 
 def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") -> None:
@@ -169,15 +177,27 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
     check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
-    check(d.template != "plain" or "{instruction}" in d.prompt_template, "data.prompt_template",
-          "must contain {instruction}")  # fmt: skip
-    check(d.max_examples is None or d.max_examples >= 1, "data.max_examples",
-          f"must be >= 1 or null, got {d.max_examples}")  # fmt: skip
-    check(not (d.translator == "columns" and d.source_format == "oasst"), "data.translator",
-          "oasst data carries no translations: use translator=hf")  # fmt: skip
-    check(not (d.source == "demo" and d.translator == "columns" and d.target_lang not in DEMO_LANGS),
-          "data.target_lang", f"the bundled demo data has translations for {', '.join(DEMO_LANGS)} only, "
-          f"got {d.target_lang!r} (use translator=hf for other languages)")  # fmt: skip
+    check(
+        d.template != "plain" or "{instruction}" in d.prompt_template,
+        "data.prompt_template",
+        "must contain {instruction}",
+    )
+    check(
+        d.max_examples is None or d.max_examples >= 1,
+        "data.max_examples",
+        f"must be >= 1 or null, got {d.max_examples}",
+    )
+    check(
+        not (d.translator == "columns" and d.source_format == "oasst"),
+        "data.translator",
+        "oasst data carries no translations: use translator=hf",
+    )
+    check(
+        not (d.source == "demo" and d.translator == "columns" and d.target_lang not in DEMO_LANGS),
+        "data.target_lang",
+        f"the bundled demo data has translations for {', '.join(DEMO_LANGS)} only, "
+        f"got {d.target_lang!r} (use translator=hf for other languages)",
+    )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
 
 
@@ -187,8 +207,11 @@ def validate_clo(cfg: RunConfig, origin) -> None:
     check(c.beta > 0, "clo.beta", f"must be > 0, got {c.beta}")
     check(0.0 <= c.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {c.lam}")
     check(all(s in (0, 1, 2, 3) for s in c.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
-    check(len(set(c.sft_sequences)) == len(c.sft_sequences) and len(c.sft_sequences) > 0,
-          "clo.sft_sequences", f"must be non-empty without repeats, got {c.sft_sequences}")  # fmt: skip
+    check(
+        len(set(c.sft_sequences)) == len(c.sft_sequences) and len(c.sft_sequences) > 0,
+        "clo.sft_sequences",
+        f"must be non-empty without repeats, got {c.sft_sequences}",
+    )
 
 
 def validate_optim(cfg: RunConfig, origin) -> None:
@@ -197,8 +220,11 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(o.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
     check(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
     check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {o.schedule!r}")
-    check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
-          f"must be two numbers in [0, 1), got {o.betas}")  # fmt: skip
+    check(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {o.betas}",
+    )
     check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
@@ -289,9 +315,12 @@ def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], pref
 def add_override_argument(parser) -> None:
     """The `--set FIELD=VALUE` option, the same for every command line (train, data, evaluate)."""
     parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="override a config field, e.g. --set optim.max_steps=10 (value parsed as YAML; repeatable)",
-    )  # fmt: skip
+    )
 
 
 def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]]:

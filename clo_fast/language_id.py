@@ -14,6 +14,7 @@ Codes are ISO 639-1 (`ko`, `sw`, ...); a region or script suffix is dropped (`zh
 `pt_BR` -> `pt`). Texts with no letters (empty, digits, punctuation) are identified as None, which
 counts as *not* the prompt's language in the fidelity.
 """
+
 from __future__ import annotations
 
 import functools

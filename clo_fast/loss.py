@@ -10,6 +10,7 @@ English direction: chosen 0, rejected 1.  Target direction: chosen 2, rejected 3
     Δ[b,en]  = β·[(logπ[b,0] − logπ_ref[b,0]) − (logπ[b,1] − logπ_ref[b,1])]
     Δ[b,tgt] = β·[(logπ[b,2] − logπ_ref[b,2]) − (logπ[b,3] − logπ_ref[b,3])]
 """
+
 from __future__ import annotations
 
 import torch
@@ -142,7 +143,9 @@ def reference_clo_loss(
     Extra keyword arguments go to `clo_loss`.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [4B,T,V] and labels [4B,T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"logits must be [4B,T,V] and labels [4B,T]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[0] % 4 != 0:
         raise ValueError(f"logits has {logits.shape[0]} rows; CLO needs 4 sequences per example (4B rows)")
     logps, counts = gather_sequence_logps(logits, labels, ignore_index)

@@ -16,6 +16,7 @@ therefore only read inside `FusedLogprobHead.forward`, where DeepSpeed's module 
 
 Imports of deepspeed happen only when a DeepSpeed config is given: the benchmark loads models without it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from clo_fast.config import ConfigError, ModelConfig
-from clo_fast.pretrained import load_tokenizer, resolve_model_path  # noqa: F401  (public here too)
+from clo_fast.pretrained import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,8 +113,10 @@ def apply_trainable_patterns(module: nn.Module, patterns: list[str]) -> Trainabl
 # --------------------------------------------------------------------------------------- loading
 def _check_attn(attn: str) -> None:
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                          "(pip install 'clo-fast[gpu]'); use sdpa")
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+            "(pip install 'clo-fast[gpu]'); use sdpa"
+        )
 
 
 def load_hf_model(path: str, cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None):
@@ -139,12 +142,22 @@ def build_policy(hf_model, head_impl: str = "auto", gradient_checkpointing: bool
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
-    return CLOPolicy(backbone, FusedLogprobHead(head_weight, head_impl), hf_model.config,
-                     getattr(hf_model, "generation_config", None))
+    return CLOPolicy(
+        backbone,
+        FusedLogprobHead(head_weight, head_impl),
+        hf_model.config,
+        getattr(hf_model, "generation_config", None),
+    )
 
 
-def load_policy(cfg: ModelConfig, *, dtype: torch.dtype | None = None, ds_config: dict | None = None,
-                head_impl: str = "auto", cache_dir: str = "~/.cache/clo_fast"):
+def load_policy(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    ds_config: dict | None = None,
+    head_impl: str = "auto",
+    cache_dir: str = "~/.cache/clo_fast",
+):
     """Load, split and freeze. Returns (policy, info: TrainableInfo, path, keepalive)."""
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     dtype = dtype or DTYPES[cfg.dtype]

@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402  (TRITON_INTERPRET must be set before anything imports triton)
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,10 +38,16 @@ def make_bpe_tokenizer(texts, *, vocab_size, special_tokens, unk_token=None, cha
     tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     extra = {"unk_token": unk_token} if unk_token else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **extra)
     if chat_template:
@@ -58,10 +64,13 @@ def demo_tokenizer():
 
     rows = [json.loads(line) for line in demo_data_path().read_text(encoding="utf-8").splitlines()]
     texts = [v for r in rows for k, v in r.items() if k != "id"]
-    chat = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # fmt: skip
-    return make_bpe_tokenizer(texts, vocab_size=800, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], unk_token="<unk>",
-                              chat_template=chat)  # fmt: skip
+    chat = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return make_bpe_tokenizer(
+        texts, vocab_size=800, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], unk_token="<unk>", chat_template=chat
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,18 @@ LAYERS = [
     ("model", ["clo_fast.demo_model", "clo_fast.pretrained", "clo_fast.model"]),
     ("training", ["clo_fast.training"]),
     ("evaluation", ["clo_fast.evaluate"]),
-    ("entry points", ["clo_fast.train", "clo_fast.data.cli", "clo_fast.data.__main__", "clo_fast.evaluate.cli",
-                      "clo_fast.evaluate.__main__", "clo_fast.__init__"]),
-]  # fmt: skip
+    (
+        "entry points",
+        [
+            "clo_fast.train",
+            "clo_fast.data.cli",
+            "clo_fast.data.__main__",
+            "clo_fast.evaluate.cli",
+            "clo_fast.evaluate.__main__",
+            "clo_fast.__init__",
+        ],
+    ),
+]
 
 
 def layer_of(module: str) -> int:

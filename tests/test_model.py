@@ -1,5 +1,6 @@
 """clo_fast.model and clo_fast.demo_model: the demo model build, freezing, and the fused head against
 `reference_clo_loss` (loss and gradients on the same batch). In-process, CPU, no DeepSpeed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,8 @@ import torch
 from clo_fast.config import ConfigError, ModelConfig
 from clo_fast.demo_model import build_demo_model, demo_records, demo_texts, heldout_ids
 from clo_fast.loss import clo_loss, reference_clo_loss
-from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy, load_tokenizer
+from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy
+from clo_fast.pretrained import load_tokenizer
 
 ATTN = ModelConfig().trainable_patterns
 
@@ -34,8 +36,9 @@ def test_demo_model_is_deterministic_and_loads(demo_dir, tmp_path):
     tok = load_tokenizer(str(demo_dir))
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
-    enc = tok.apply_chat_template([{"role": "user", "content": demo_texts()[0]}], add_generation_prompt=True,
-                                  tokenize=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": demo_texts()[0]}], add_generation_prompt=True, tokenize=True
+    )
     ids = enc["input_ids"]
     assert tok.decode(ids).endswith("<|assistant|>\n")
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
@@ -96,7 +99,9 @@ def test_fused_head_matches_reference_clo_loss(demo_dir, impl):
     ids, mask, labels, resp = _batch(hf.config.vocab_size)
     B = resp.shape[0]
     with torch.no_grad():
-        ref = policy(ids, mask, labels).view(B, 4) + torch.randn(B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ref = policy(ids, mask, labels).view(B, 4) + torch.randn(
+            B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        )
     params = [p for p in policy.parameters() if p.requires_grad]
 
     logps = policy(ids, mask, labels).view(B, 4)

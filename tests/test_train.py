@@ -4,6 +4,7 @@ One uninterrupted demo run (A) is shared by most checks; a crashed-then-resumed 
 with twice the accumulation (C) are compared with it. Fast checks (config errors, schedule, sampler) run
 in-process.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def _have_deepspeed_launcher():
 def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False):
     """deepspeed --num_gpus <ranks> clo_fast/train.py --config configs/demo.yaml (+ test overrides)."""
     sets = {
-        "train.output_dir": str(out / "run"), "data.output_dir": str(out / "data"), "data.cache_dir": str(cache),
-        "optim.max_steps": STEPS, "train.save_steps": 4, "train.eval_steps": 4, "train.save_total_limit": 3,
+        "train.output_dir": str(out / "run"),
+        "data.output_dir": str(out / "data"),
+        "data.cache_dir": str(cache),
+        "optim.max_steps": STEPS,
+        "train.save_steps": 4,
+        "train.eval_steps": 4,
+        "train.save_total_limit": 3,
     }
     for kv in extra:
         k, v = kv.split("=", 1)
@@ -48,8 +54,9 @@ def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False)
     e.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; the trainer uses the torch head on CPU
     log = out / "launch.log"
     with open(log, "w") as f, open(out / "launch.err", "w") as ferr:
-        rc = subprocess.run(cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL,
-                            timeout=LAUNCH_TIMEOUT).returncode
+        rc = subprocess.run(
+            cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT
+        ).returncode
     return subprocess.CompletedProcess(cmd, rc, log.read_text(), (out / "launch.err").read_text())
 
 
@@ -108,9 +115,23 @@ def test_demo_trains_loss_falls_accuracy_rises(run_a):
     steps = sorted(s for s in m if s >= 1 and "loss" in m[s])
     assert steps == list(range(1, STEPS + 1))
     first, last = m[steps[0]], m[steps[-1]]
-    for key in ("loss", "nll", "cl_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "logps/chosen", "logps/rejected", "en/rewards/accuracies",
-                "tgt/rewards/accuracies", "grad_norm", "learning_rate", "tokens/s", "peak_memory_mib"):
+    for key in (
+        "loss",
+        "nll",
+        "cl_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "en/rewards/accuracies",
+        "tgt/rewards/accuracies",
+        "grad_norm",
+        "learning_rate",
+        "tokens/s",
+        "peak_memory_mib",
+    ):
         assert key in last and math.isfinite(last[key]), key
     assert first["cl_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     early = sum(m[s]["loss"] for s in steps[:3]) / 3
@@ -139,7 +160,7 @@ def test_only_trainable_parameters_change_and_export_generates(run_a):
     assert base.keys() == new.keys()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     attn = {k for k in base if any(f"self_attn.{p}_proj" in k for p in "qkvo")}
-    assert changed == attn, (sorted(changed ^ attn))
+    assert changed == attn, sorted(changed ^ attn)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +186,8 @@ def test_zero3_fused_head_matches_reference_on_first_batch(run_a):
 
     from clo_fast.data import collate_clo
     from clo_fast.loss import reference_clo_loss
-    from clo_fast.model import apply_trainable_patterns, load_tokenizer
+    from clo_fast.model import apply_trainable_patterns
+    from clo_fast.pretrained import load_tokenizer
     from clo_fast.training.sampler import StepSampler
 
     out, _ = run_a
@@ -220,8 +242,17 @@ def test_crash_mid_checkpoint_then_resume_matches_uninterrupted(run_a, tmp_path,
 def test_one_rank_accumulation_equals_two_ranks(run_a, tmp_path, cache):
     """1 rank × 4 micro-batches == 2 ranks × 2 micro-batches (same global batch, same examples)."""
     out_a, _ = run_a
-    r = launch(tmp_path, cache, ranks=1, extra=["optim.gradient_accumulation_steps=4", "train.eval_steps=0",
-                                                "train.save_steps=0", "train.export_hf=true"])
+    r = launch(
+        tmp_path,
+        cache,
+        ranks=1,
+        extra=[
+            "optim.gradient_accumulation_steps=4",
+            "train.eval_steps=0",
+            "train.save_steps=0",
+            "train.export_hf=true",
+        ],
+    )
     assert r.returncode == 0, f"1-rank run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
     a, c = metrics(out_a / "run"), metrics(tmp_path / "run")
     for s in range(1, STEPS + 1):
@@ -274,15 +305,22 @@ def test_override_errors_name_the_flag(tmp_path):
 def test_train_script_fails_fast_on_bad_config(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  deepspeed_config: nowhere.json\n")
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "train.deepspeed_config" in r.stderr and "nowhere.json" in r.stderr
     p.write_text("optim:\n  gradient_accumulation_steps: 0\n")
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "optim.gradient_accumulation_steps" in r.stderr
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(DEMO), "--set", "clo.lam=2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(DEMO), "--set", "clo.lam=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "clo.lam" in r.stderr
 
 

@@ -37,9 +37,18 @@ def tiny_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=PAD, tie_word_embeddings=False, initializer_range=0.2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -80,8 +89,9 @@ def test_accumulated_step_equals_the_whole_batch_gradient(mode):
     whole = collate_clo(exs, PAD, pad_to_multiple_of=8)
     logits = hf(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
     ref = whole["ref_logps"] if setup.use_reference else None
-    loss, ref_metrics = reference_clo_loss(logits, whole["labels"], ref, setup.beta, setup.lam,
-                                           sft_sequences=setup.sft_sequences)  # fmt: skip
+    loss, ref_metrics = reference_clo_loss(
+        logits, whole["labels"], ref, setup.beta, setup.lam, sft_sequences=setup.sft_sequences
+    )
     loss.backward()
     want = grads(hf)
 

@@ -25,10 +25,14 @@ def _summary_tokenizer(run: Any, explicit: str | None):
 
 def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
     p = print
-    p(f"\nclo-fast data: {summary['source']} ({summary['source_format']}) -> {summary['target_lang']} "
-      f"via {summary['translator']}  [{summary['seconds']} s]")
-    p(f"  records read {summary['records_read']}, valid pairs {summary['valid_pairs']}, "
-      f"selected {summary['selected']}, kept {summary['kept']} (train {summary['train']}, eval {summary['eval']})")
+    p(
+        f"\nclo-fast data: {summary['source']} ({summary['source_format']}) -> {summary['target_lang']} "
+        f"via {summary['translator']}  [{summary['seconds']} s]"
+    )
+    p(
+        f"  records read {summary['records_read']}, valid pairs {summary['valid_pairs']}, "
+        f"selected {summary['selected']}, kept {summary['kept']} (train {summary['train']}, eval {summary['eval']})"
+    )
     if summary["skipped_bad_records"]:
         p(f"  skipped bad records: {summary['skipped_bad_records']}")
         for e in summary["skipped_examples"][:5]:
@@ -37,13 +41,17 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
         p(f"  filtered (oasst): {summary['filtered']}")
     tr = summary.get("translation") or {}
     if tr.get("backend") == "hf":
-        p(f"  translation: {tr['texts']} texts, cache hits {tr['cache_hits']}, newly translated {tr['translated']} "
-          f"({tr['pieces_translated']} pieces in {tr['model_calls']} model calls, "
-          f"piece cache hits {tr['piece_cache_hits']})")
+        p(
+            f"  translation: {tr['texts']} texts, cache hits {tr['cache_hits']}, newly translated {tr['translated']} "
+            f"({tr['pieces_translated']} pieces in {tr['model_calls']} model calls, "
+            f"piece cache hits {tr['piece_cache_hits']})"
+        )
     if tok_stats:
         for split, st in tok_stats.items():
-            p(f"  tokenized {split}: kept {st['kept']}/{st['examples']}, dropped {st['dropped']}, "
-              f"truncated {st['truncated']} (max_length {st['max_length']}, cache hit {st['cache_hit']})")
+            p(
+                f"  tokenized {split}: kept {st['kept']}/{st['examples']}, dropped {st['dropped']}, "
+                f"truncated {st['truncated']} (max_length {st['max_length']}, cache hit {st['cache_hit']})"
+            )
         p("  token lengths (train, after truncation):  kind      p50   p90   p99   max")
         for k, v in tok_stats["train"]["token_lengths"].items():
             if v.get("n"):
@@ -62,8 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clo-fast-data", description="Build a cross-lingual CLO dataset.")
     ap.add_argument("--config", help="run config YAML (its `data:` section is used); defaults when omitted")
     add_override_argument(ap)
-    ap.add_argument("--tokenizer", help="tokenizer (path or hub name) for the tokenization cache and token-length "
-                    "stats (default: the config's model; 'demo' = the built demo model)")  # fmt: skip
+    ap.add_argument(
+        "--tokenizer",
+        help="tokenizer (path or hub name) for the tokenization cache and token-length "
+        "stats (default: the config's model; 'demo' = the built demo model)",
+    )
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -43,8 +43,7 @@ def collate_clo(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of:
         unshifted[r, :n] = torch.tensor(lab, dtype=torch.long)
     labels = shift_labels(unshifted)
     response_tokens = (labels != IGNORE_INDEX).sum(dim=1).view(-1, SEQUENCES_PER_EXAMPLE)
-    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-             "response_tokens": response_tokens}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "response_tokens": response_tokens}
     if all(ex.get("ref_logps") is not None for ex in examples):
         batch["ref_logps"] = torch.tensor([list(ex["ref_logps"]) for ex in examples], dtype=torch.float32)
     return batch

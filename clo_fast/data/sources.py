@@ -126,7 +126,7 @@ def _iter_hub_dataset(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     try:
         name = os.path.expanduser(src) if os.path.isdir(os.path.expanduser(src)) else src
         ds = datasets.load_dataset(name, cfg.source_config, split=cfg.split)
-    except Exception as e:  # noqa: BLE001 - re-raised with the name
+    except Exception as e:  # any failure of the loader: re-raised with the name
         raise DataError(f"dataset {src!r} (split {cfg.split!r}): cannot load: {e}", "missing_file") from e
     where = f"dataset {src!r} split {cfg.split!r}"
     for i, rec in enumerate(ds):
@@ -140,8 +140,7 @@ def _iter_jsonl_text(text: str, name: str, skips: BadRecords) -> Iterator[tuple[
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            skips.handle(DataError(f"{name}: line {n}: malformed JSON ({e.msg} at column {e.colno})",
-                                   "malformed_line"))
+            skips.handle(DataError(f"{name}: line {n}: malformed JSON ({e.msg} at column {e.colno})", "malformed_line"))
             continue
         yield f"{name}: line {n}", rec
 
@@ -161,11 +160,15 @@ def _text_field(rec: Any, fld: str, where: str) -> str:
 
 
 def _target_fields(cfg: DataConfig) -> tuple[str, str]:
-    return (cfg.target_instruction_field.replace("{lang}", cfg.target_lang),
-            cfg.target_response_field.replace("{lang}", cfg.target_lang))
+    return (
+        cfg.target_instruction_field.replace("{lang}", cfg.target_lang),
+        cfg.target_response_field.replace("{lang}", cfg.target_lang),
+    )
 
 
-def read_pairs(cfg: DataConfig, skips: BadRecords | None = None, filtered: dict | None = None) -> tuple[list[Pair], int]:
+def read_pairs(
+    cfg: DataConfig, skips: BadRecords | None = None, filtered: dict | None = None
+) -> tuple[list[Pair], int]:
     """All valid English pairs of the source (plus given translations for translator=columns).
 
     Returns (pairs, records_read). Bad records raise DataError, or are counted in `skips` when
@@ -203,6 +206,7 @@ def _oasst_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadReco
     Accepts the flat message table of `OpenAssistant/oasst1` (message_id, parent_id, role, text, lang,
     rank, deleted, review_result) and the nested tree export (records with a "prompt" holding "replies").
     """
+
     def bump(key: str) -> None:
         filtered[key] = filtered.get(key, 0) + 1
 
@@ -242,8 +246,11 @@ def _oasst_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadReco
         if root.get("lang", cfg.source_lang) != cfg.source_lang:
             bump("oasst_other_language")
             continue
-        ranked = [r for r in replies if r.get("role", "assistant") == "assistant" and usable(r)
-                  and isinstance(r.get("rank"), (int, float))]
+        ranked = [
+            r
+            for r in replies
+            if r.get("role", "assistant") == "assistant" and usable(r) and isinstance(r.get("rank"), (int, float))
+        ]
         if not ranked:
             bump("oasst_no_ranked_reply")
             continue
@@ -257,4 +264,3 @@ def _oasst_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadReco
         rid = root.get("message_id") or root.get("message_tree_id") or f"{len(pairs):06d}"
         pairs.append(Pair(id=str(rid), instruction=instr, response=resp, where=where))
     return pairs
-

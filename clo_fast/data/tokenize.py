@@ -20,10 +20,13 @@ def format_prompt(instruction: str, tokenizer: Any, cfg: DataConfig) -> str:
     if cfg.template == "plain":
         return cfg.prompt_template.replace("{instruction}", instruction)
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"data.template: 'chat' but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
-                          "has no chat template (use template: plain)")
-    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                         add_generation_prompt=True)
+        raise ConfigError(
+            f"data.template: 'chat' but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
+            "has no chat template (use template: plain)"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -65,7 +68,14 @@ def _dataset_key(ds) -> str:
 
 def _cache_key(ds, tokenizer: Any, cfg: DataConfig) -> str:
     plain_template = cfg.prompt_template if cfg.template == "plain" else None
-    parts = [FORMAT_VERSION, _dataset_key(ds), tokenizer_fingerprint(tokenizer), cfg.template, plain_template, cfg.max_length]
+    parts = [
+        FORMAT_VERSION,
+        _dataset_key(ds),
+        tokenizer_fingerprint(tokenizer),
+        cfg.template,
+        plain_template,
+        cfg.max_length,
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -90,8 +100,11 @@ def _encode_pieces(ds, tokenizer: Any, cfg: DataConfig) -> dict[str, list[list[i
 
 # (prompt, response) of sequences 0..3, in SEQUENCE_KINDS order
 _SEQUENCE_PIECES = (
-    ("prompt_en", "response_en"), ("prompt_en", "response_tgt"), ("prompt_tgt", "response_tgt"), ("prompt_tgt", "response_en"),
-)  # fmt: skip
+    ("prompt_en", "response_en"),
+    ("prompt_en", "response_tgt"),
+    ("prompt_tgt", "response_tgt"),
+    ("prompt_tgt", "response_en"),
+)
 
 
 def _pair_sequences(ids: list[str], pieces: dict[str, list[list[int]]], max_length: int) -> tuple[dict, dict]:
@@ -118,11 +131,14 @@ def _pair_sequences(ids: list[str], pieces: dict[str, list[list[int]]], max_leng
         rows["input_ids"].append(ids4)
         rows["labels"].append(lab4)
     stats = {
-        "examples": len(ids), "kept": len(rows["id"]), "dropped": dropped,
-        "truncated": dict(zip(SEQUENCE_KINDS, truncated, strict=True)), "max_length": max_length,
+        "examples": len(ids),
+        "kept": len(rows["id"]),
+        "dropped": dropped,
+        "truncated": dict(zip(SEQUENCE_KINDS, truncated, strict=True)),
+        "max_length": max_length,
         "token_lengths": {k: percentiles(v) for k, v in lengths.items()},
         "token_lengths_before_truncation": {k: percentiles(v) for k, v in raw.items()},
-    }  # fmt: skip
+    }
     return rows, stats
 
 

@@ -17,8 +17,13 @@ from clo_fast.language_id import UnknownLanguageError
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clo_fast.evaluate", description="Evaluate models side by side.")
     ap.add_argument("--config", required=True, help="run config YAML (data.* gives prompts/template, eval.* the rest)")
-    ap.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
-                    help="model directory or hub name; repeat for a side-by-side table (e.g. base=... clo=...)")  # fmt: skip
+    ap.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH",
+        help="model directory or hub name; repeat for a side-by-side table (e.g. base=... clo=...)",
+    )
     ap.add_argument("--prompts", help="JSON/JSONL prompt records instead of the dataset's eval split")
     ap.add_argument("--out-dir", help="output folder (default eval.output_dir)")
     add_override_argument(ap)
@@ -26,8 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("max_prompts", "max_new_tokens", "batch_size"):
         ap.add_argument("--" + flag.replace("_", "-"), type=int, help=f"same as --set eval.{flag}=N")
     args = ap.parse_args(argv)
-    shorthands = [f"eval.{k}={getattr(args, k)}" for k in ("max_prompts", "max_new_tokens", "batch_size")
-                  if getattr(args, k) is not None]  # fmt: skip
+    shorthands = [
+        f"eval.{k}={getattr(args, k)}"
+        for k in ("max_prompts", "max_new_tokens", "batch_size")
+        if getattr(args, k) is not None
+    ]
     try:
         cfg = load_config(args.config, args.set + shorthands)
         prompts = read_prompts_file(args.prompts) if args.prompts else None

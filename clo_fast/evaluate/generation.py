@@ -22,7 +22,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_responses(model, tokenizer, prompt_ids: Sequence[list[int]], *, max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_responses(
+    model, tokenizer, prompt_ids: Sequence[list[int]], *, max_new_tokens: int, batch_size: int
+) -> list[dict]:
     """Batched greedy decoding. Prompts are left-padded (with an attention mask) and batched by length.
 
     Returns, per prompt in input order, `{"text", "tokens", "finished"}`: decoded response (special
@@ -34,28 +36,37 @@ def generate_responses(model, tokenizer, prompt_ids: Sequence[list[int]], *, max
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[dict | None] = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(prompt_ids[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             p = prompt_ids[i]
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-            pad_token_id=pad, eos_token_id=eos or None,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=eos or None,
         )
         new = gen[:, width:].cpu().tolist()
         for r, i in enumerate(idx):
             toks = new[r]
             stop = next((t for t, tok in enumerate(toks) if tok in eos), None)
             kept = toks if stop is None else toks[:stop]
-            out[i] = {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(), "tokens": len(kept),
-                      "finished": stop is not None}
+            out[i] = {
+                "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                "tokens": len(kept),
+                "finished": stop is not None,
+            }
     return out  # type: ignore[return-value]
-
 
 
 def build_reference_batch(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
@@ -77,7 +88,6 @@ def build_reference_batch(examples: Sequence[tuple[list[int], list[int]]], pad_t
     return {"input_ids": ids, "attention_mask": mask, "labels": shift_labels(unshifted)}
 
 
-
 def sequence_logprob_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[S] fp32 sums of log p(labels) under softmax(hidden @ weightᵀ); IGNORE_INDEX positions add 0.
 
@@ -90,23 +100,24 @@ def sequence_logprob_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return sequence_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, impl=impl).float()
 
 
-
 def _plain_head(model) -> bool:
     """True when logits == last hidden @ lm_head.weightᵀ (no bias, soft-capping or scaling)."""
     c = model.config
     head = model.get_output_embeddings()
     return (
         model.base_model is not model
-        and isinstance(head, torch.nn.Linear) and head.bias is None
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
         and getattr(c, "final_logit_softcapping", None) is None
         and getattr(c, "logit_scale", None) in (None, 1, 1.0)
         and getattr(c, "logits_scaling", None) in (None, 1, 1.0)
     )
 
 
-
 @torch.inference_mode()
-def reference_nll(model, tokenizer, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int) -> tuple[float, int]:
+def reference_nll(
+    model, tokenizer, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int
+) -> tuple[float, int]:
     """Teacher-forced NLL of responses given prompts: (sum of -log p over response tokens, token count).
 
     `examples` are (prompt_ids, response_ids) with the closing EOS already in response_ids.
@@ -115,7 +126,7 @@ def reference_nll(model, tokenizer, examples: Sequence[tuple[list[int], list[int
     total, count = 0.0, 0
     plain = _plain_head(model)
     for s in range(0, len(examples), batch_size):
-        batch = build_reference_batch(examples[s:s + batch_size], tokenizer.pad_token_id)
+        batch = build_reference_batch(examples[s : s + batch_size], tokenizer.pad_token_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         if plain:
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -126,7 +137,6 @@ def reference_nll(model, tokenizer, examples: Sequence[tuple[list[int], list[int
         total += -float(sums.double().sum())
         count += int((labels != IGNORE_INDEX).sum())
     return total, count
-
 
 
 def reference_examples(tokenizer, items: Sequence[dict], data_cfg) -> list[tuple[list[int], list[int]] | None]:

@@ -29,10 +29,15 @@ def judge_url(endpoint: str) -> str:
 
 def build_judge_request(instruction: str, answer_a: str, answer_b: str, model: str | None) -> dict:
     """The OpenAI chat-completions payload asking which of two answers is better."""
-    user = (f"# Instruction\n{instruction}\n\n# Answer A\n{answer_a}\n\n# Answer B\n{answer_b}\n\n"
-            "Which answer is better? End with 'Verdict: A', 'Verdict: B' or 'Verdict: TIE'.")
-    payload = {"messages": [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}],
-               "temperature": 0, "max_tokens": 512}
+    user = (
+        f"# Instruction\n{instruction}\n\n# Answer A\n{answer_a}\n\n# Answer B\n{answer_b}\n\n"
+        "Which answer is better? End with 'Verdict: A', 'Verdict: B' or 'Verdict: TIE'."
+    )
+    payload = {
+        "messages": [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}],
+        "temperature": 0,
+        "max_tokens": 512,
+    }
     if model:
         payload["model"] = model
     return payload
@@ -75,8 +80,14 @@ def http_judge(endpoint: str, api_key: str | None = None, timeout: float = 60.0)
     return send
 
 
-def judge_pairwise(instructions: Sequence[str], candidate: Sequence[str], baseline: Sequence[str],
-                   send: Callable[[dict], str], model: str | None = None, seed: int = 0) -> dict:
+def judge_pairwise(
+    instructions: Sequence[str],
+    candidate: Sequence[str],
+    baseline: Sequence[str],
+    send: Callable[[dict], str],
+    model: str | None = None,
+    seed: int = 0,
+) -> dict:
     """Pairwise win rate of `candidate` over `baseline` answers (AlpacaEval-style, ties count half).
 
     The candidate is shown as A or B at random (seeded) against position bias. Failed requests and
@@ -105,14 +116,25 @@ def judge_pairwise(instructions: Sequence[str], candidate: Sequence[str], baseli
         else:
             losses += 1
     decided = wins + losses + ties
-    return {"win_rate": (wins + 0.5 * ties) / decided if decided else None, "wins": wins, "losses": losses,
-            "ties": ties, "invalid": invalid, "errors": errors, "n": len(instructions),
-            **({"first_error": first_error} if first_error else {})}
+    return {
+        "win_rate": (wins + 0.5 * ties) / decided if decided else None,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "invalid": invalid,
+        "errors": errors,
+        "n": len(instructions),
+        **({"first_error": first_error} if first_error else {}),
+    }
 
 
-
-def run_judge(cfg: RunConfig, items: list[dict], responses: dict[str, list[str]], langs: list[str],
-              send: Callable[[dict], str] | None = None) -> dict:
+def run_judge(
+    cfg: RunConfig,
+    items: list[dict],
+    responses: dict[str, list[str]],
+    langs: list[str],
+    send: Callable[[dict], str] | None = None,
+) -> dict:
     """Win rate of every model against the baseline (eval.judge_baseline, default: the first model)."""
     ev = cfg.eval
     labels = list(responses)
@@ -128,8 +150,11 @@ def run_judge(cfg: RunConfig, items: list[dict], responses: dict[str, list[str]]
     if base not in responses:
         raise EvalError(f"eval.judge_baseline {base!r} is not one of the model labels {labels}")
     if send is None:
-        send = http_judge(ev.judge_endpoint, os.environ.get(ev.judge_api_key_env) if ev.judge_api_key_env else None,
-                          ev.judge_timeout_s)
+        send = http_judge(
+            ev.judge_endpoint,
+            os.environ.get(ev.judge_api_key_env) if ev.judge_api_key_env else None,
+            ev.judge_timeout_s,
+        )
     results: dict = {}
     for label in labels:
         if label == base:
@@ -137,9 +162,16 @@ def run_judge(cfg: RunConfig, items: list[dict], responses: dict[str, list[str]]
         results[label] = {}
         for lang in langs:
             idx = [i for i, it in enumerate(items) if it["lang"] == lang]
-            results[label][lang] = judge_pairwise([items[i]["prompt"] for i in idx], [responses[label][i] for i in idx],
-                                                  [responses[base][i] for i in idx], send, ev.judge_model)
+            results[label][lang] = judge_pairwise(
+                [items[i]["prompt"] for i in idx],
+                [responses[label][i] for i in idx],
+                [responses[base][i] for i in idx],
+                send,
+                ev.judge_model,
+            )
             r = results[label][lang]
-            print(f"[evaluate] judge {label} vs {base} ({lang}): win rate {fmt(r['win_rate'])} "
-                  f"(W{r['wins']}/L{r['losses']}/T{r['ties']}, invalid {r['invalid']}, errors {r['errors']})")
+            print(
+                f"[evaluate] judge {label} vs {base} ({lang}): win rate {fmt(r['win_rate'])} "
+                f"(W{r['wins']}/L{r['losses']}/T{r['ties']}, invalid {r['invalid']}, errors {r['errors']})"
+            )
     return {"baseline": base, "endpoint": ev.judge_endpoint, "judge_model": ev.judge_model, "results": results}

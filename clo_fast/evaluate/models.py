@@ -42,7 +42,9 @@ def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
     except Exception as e:
         raise EvalError(f"cannot load the tokenizer of model {path!r}{where}: {type(e).__name__}: {e}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+        )
     except Exception as e:
         raise EvalError(f"cannot load model {path!r}{where}: {type(e).__name__}: {e}") from e
     try:

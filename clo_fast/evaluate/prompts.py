@@ -43,7 +43,6 @@ def normalize_prompts(records: Sequence[dict], target_lang: str, max_per_lang: i
     return items
 
 
-
 def load_eval_prompts(cfg: RunConfig) -> list[dict]:
     """The first eval.max_prompts rows of the text-level dataset's "eval" split
     (`clo_fast.data.load_or_build_text_dataset`: the dataset training saved, or built from cfg.data)."""
@@ -58,7 +57,6 @@ def load_eval_prompts(cfg: RunConfig) -> list[dict]:
         )
     n = min(len(dsd["eval"]), cfg.eval.max_prompts)
     return [dict(r) for r in dsd["eval"].select(range(n))]
-
 
 
 def read_prompts_file(path: str | Path) -> list[dict]:
@@ -76,7 +74,6 @@ def read_prompts_file(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON: {e}") from None
-
 
 
 def format_prompt(tokenizer, text: str, data_cfg) -> str:
@@ -103,7 +100,9 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
             raise EvalError(f"prompt record {i} (id {rid}): missing or non-string {', '.join(missing)}")
         rec_lang = normalize_lang(rec.get("target_lang") or target)
         if rec_lang != target:
-            raise EvalError(f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}")
+            raise EvalError(
+                f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}"
+            )
         return [
             {"id": rid, "lang": "en", "prompt": rec["prompt_en"], "reference": rec.get("response_en")},
             {"id": rid, "lang": target, "prompt": rec["prompt_tgt"], "reference": rec.get("response_tgt")},

@@ -28,7 +28,6 @@ def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequ
     return metrics
 
 
-
 def fmt(v, digits=3) -> str:
     return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -37,9 +36,14 @@ def render_markdown(report: dict) -> str:
     """Metrics as rows, models as columns."""
     models = list(report["models"])
     langs = report["languages"]
-    lines = [f"Evaluation on held-out prompts (target language: {report['target_lang']}; "
-             + ", ".join(f"{lang}: {report['n_prompts'][lang]} prompts" for lang in langs) + ")", "",
-             "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    lines = [
+        f"Evaluation on held-out prompts (target language: {report['target_lang']}; "
+        + ", ".join(f"{lang}: {report['n_prompts'][lang]} prompts" for lang in langs)
+        + ")",
+        "",
+        "| metric | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
 
     def row(name, key, lang, digits=3):
         vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
@@ -76,8 +80,10 @@ def plot_report(report: dict, path: str | Path) -> bool:
     fig = Figure(figsize=(max(6.5, 1.4 * len(models) + 4), 4.0), dpi=120)
     axes = fig.subplots(1, 2)
     width = min(0.35, 0.8 / max(1, len(langs)))
-    for ax, key, title, fmt in ((axes[0], "fidelity", "language fidelity (↑)", "%.2f"),
-                                (axes[1], "nll_per_token", "reference NLL / token (↓)", "%.2f")):
+    for ax, key, title, fmt in (
+        (axes[0], "fidelity", "language fidelity (↑)", "%.2f"),
+        (axes[1], "nll_per_token", "reference NLL / token (↓)", "%.2f"),
+    ):
         top = 0.0
         for j, lang in enumerate(langs):
             vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
@@ -100,8 +106,12 @@ def write_report(report: dict, generations: list[dict], out_dir: str | Path) -> 
     """report.json, report.md, report.png, generations.jsonl under out_dir; returns their paths."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "report.png",
-             "generations": out / "generations.jsonl"}
+    files = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "plot": out / "report.png",
+        "generations": out / "generations.jsonl",
+    }
     report["files"] = {k: str(v) for k, v in files.items()}
     if not plot_report(report, files["plot"]):
         report["files"].pop("plot")

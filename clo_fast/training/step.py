@@ -50,8 +50,15 @@ class LossSetup:
         """(loss, metrics) of one batch; metrics limited to the ones defined for this mode."""
         ref = batch.get("ref_logps") if self.use_reference else None
         loss, metrics = clo_loss(
-            logps, ref, batch["response_tokens"], self.beta, self.lam, sft_sequences=self.sft_sequences,
-            sft_denominator=sft_denominator, cl_denominator=cl_denominator, validate=False,
+            logps,
+            ref,
+            batch["response_tokens"],
+            self.beta,
+            self.lam,
+            sft_sequences=self.sft_sequences,
+            sft_denominator=sft_denominator,
+            cl_denominator=cl_denominator,
+            validate=False,
         )
         if self.sequences_run is not None:
             metrics = {k: metrics[k] for k in SFT_ONLY_METRICS}
