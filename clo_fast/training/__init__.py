@@ -9,5 +9,5 @@ scoring      no-grad log-probs of a whole split (reference pass, held-out loss)
 reference    the `ref_logps` column: computed once, stored with the data, reused on resume
 checkpoint   atomic DeepSpeed checkpoints and resume
 export       the Hugging Face model written at the end
-metrics      metric sinks (JSONL, TensorBoard) and the cross-rank mean
+metrics      metric sinks (JSONL, TensorBoard), the step log (averages, throughput) and the cross-rank mean
 """
