@@ -75,17 +75,7 @@ def evaluate_models(
     validate_eval(cfg, lambda _name: "<config>")  # configs built in code skip load_config
     target = normalize_lang(cfg.data.target_lang)
     specs = parse_model_specs(model_paths)
-    for _, src in specs:  # fail before any generation when a local path is plainly wrong
-        if not isinstance(src, tuple) and looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
-            raise EvalError(f"model path {str(src)!r} does not exist")
-    if (
-        (ev.judge_endpoint or judge_send)
-        and ev.judge_baseline
-        and ev.judge_baseline not in [label for label, _ in specs]
-    ):
-        raise EvalError(
-            f"eval.judge_baseline {ev.judge_baseline!r} is not one of the model labels {[label for label, _ in specs]}"
-        )
+    _check_before_generating(specs, cfg, judging=bool(ev.judge_endpoint or judge_send))
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
@@ -123,19 +113,7 @@ def evaluate_models(
             "seconds": round(time.time() - t1, 2),
         }
         responses[label] = [g["text"] for g in gens]
-        for it, g, d in zip(items, gens, detected, strict=True):
-            generations.append(
-                {
-                    "model": label,
-                    "id": it["id"],
-                    "lang": it["lang"],
-                    "prompt": it["prompt"],
-                    "response": g["text"],
-                    "response_tokens": g["tokens"],
-                    "finished": g["finished"],
-                    "detected": d,
-                }
-            )
+        generations += _generation_records(label, items, gens, detected)
         summary = "; ".join(
             f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
             for lang in langs
@@ -175,3 +153,31 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
             nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok, nll_sequences=len(ex)
         )
     return gens, detected, metrics
+
+
+def _check_before_generating(specs: list[tuple[str, Any]], cfg: RunConfig, *, judging: bool) -> None:
+    """Fail before any generation when a local model path is plainly wrong or the judge baseline is unknown."""
+    for _, src in specs:
+        if not isinstance(src, tuple) and looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
+            raise EvalError(f"model path {str(src)!r} does not exist")
+    labels = [label for label, _ in specs]
+    baseline = cfg.eval.judge_baseline
+    if judging and baseline and baseline not in labels:
+        raise EvalError(f"eval.judge_baseline {baseline!r} is not one of the model labels {labels}")
+
+
+def _generation_records(label: str, items: list[dict], gens: list[dict], detected: list) -> list[dict]:
+    """One generations.jsonl line per prompt: what the model answered and which language it was detected as."""
+    return [
+        {
+            "model": label,
+            "id": it["id"],
+            "lang": it["lang"],
+            "prompt": it["prompt"],
+            "response": g["text"],
+            "response_tokens": g["tokens"],
+            "finished": g["finished"],
+            "detected": d,
+        }
+        for it, g, d in zip(items, gens, detected, strict=True)
+    ]
