@@ -2,17 +2,29 @@
 
 Every section is a dataclass; every field has a default and a comment saying what it does. Loading
 rejects unknown keys and wrong types with an error that names the file and the dotted field
-(`configs/x.yaml: clo.beta: must be > 0, got -1`). Sections are owned by the module that uses them,
+(`configs/<run>.yaml: clo.beta: must be > 0, got -1`). Sections are owned by the module that uses them,
 but live here so that one file documents a whole run.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clo_fast.constants import ATTENTION_ONLY_PATTERNS, DEMO_LANGS, PRECISION_DTYPE_NAMES
+
+DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
+
+# Keys that existed once: loading one says what replaced it instead of "unknown key".
+REMOVED_KEYS = {
+    "train.precision": "removed: the precision is stated once, as model.dtype (float32 | bfloat16 | float16); "
+    "DeepSpeed's bf16/fp16 mode follows it",
+}
 
 
 class ConfigError(ValueError):
@@ -23,14 +35,12 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # hub name or local path; "demo" = the tiny Llama built from the demo data
-    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16; must agree with train.precision
+    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # Modules whose parameters train (fnmatch patterns on parameter names, e.g. model.layers.0.self_attn.q_proj.weight;
     # a tied head/embedding trains when any of its names matches); attention-only by default.
-    trainable_patterns: list[str] = field(
-        default_factory=lambda: ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
-    )
+    trainable_patterns: list[str] = field(default_factory=lambda: list(ATTENTION_ONLY_PATTERNS))
 
 
 @dataclass
@@ -69,7 +79,9 @@ class CLOConfig:
     beta: float = 0.1  # DPO temperature β
     lam: float = 0.5  # λ, weight of the target-language NLL (mode clo only)
     reference_free: bool = False  # drop the π_ref terms (no reference pass)
-    sft_sequences: list[int] = field(default_factory=lambda: [2])  # sequences the NLL covers (sft mode: [0, 2] = both languages)
+    sft_sequences: list[int] = field(
+        default_factory=lambda: [2]
+    )  # sequences the NLL covers (sft mode: [0, 2] = both languages)
 
 
 @dataclass
@@ -91,7 +103,6 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed mixed precision; model.dtype must match)
     deepspeed_config: str = "configs/ds_zero3.json"  # ZeRO-3 JSON; batch sizes, precision, clipping filled from here
     output_dir: str = "outputs/run"  # checkpoints/, hf_model/, metrics.jsonl, tensorboard/, ref_data/
     logging_steps: int = 1  # metrics to console/JSONL/TensorBoard every N steps (the only host syncs)
@@ -110,7 +121,9 @@ class EvalConfig:
     max_prompts: int = 32  # held-out prompts per language (from the text dataset's "eval" split)
     max_new_tokens: int = 64  # greedy decoding length cap per response
     batch_size: int = 8  # prompts per generation / reference-NLL batch
-    detector_languages: list[str] = field(default_factory=list)  # extra language-ID candidates (ISO 639-1) beyond the defaults
+    detector_languages: list[str] = field(
+        default_factory=list
+    )  # extra language-ID candidates (ISO 639-1) beyond the defaults
     judge_endpoint: str | None = None  # OpenAI-compatible base URL (…/v1) for the optional LLM judge; null = skipped
     judge_model: str | None = None  # model name sent to the judge endpoint
     judge_baseline: str | None = None  # model label the others are judged against (default: the first --model)
@@ -128,52 +141,123 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self, where: str = "<config>") -> "RunConfig":
-        def check(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"{where}: {name}: {msg}")
-
-        check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.model.dtype!r}")
-        check(self.clo.mode in ("clo", "sft", "dpo"), "clo.mode", f"must be clo|sft|dpo, got {self.clo.mode!r}")
-        check(self.clo.beta > 0, "clo.beta", f"must be > 0, got {self.clo.beta}")
-        check(0.0 <= self.clo.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {self.clo.lam}")
-        check(all(s in (0, 1, 2, 3) for s in self.clo.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
-        check(self.optim.lr > 0, "optim.lr", f"must be > 0, got {self.optim.lr}")
-        check(self.optim.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
-        check(self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
-        check(self.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {self.optim.schedule!r}")
-        check(len(self.optim.betas) == 2 and all(0.0 <= b < 1.0 for b in self.optim.betas), "optim.betas",
-              f"must be two numbers in [0, 1), got {self.optim.betas}")
-        check(self.optim.eps > 0, "optim.eps", f"must be > 0, got {self.optim.eps}")
-        check(self.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
-        check(self.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.optim.warmup_steps}")
-        check(0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.optim.min_lr_ratio}")
-        check(self.optim.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {self.optim.max_grad_norm}")
-        check(self.optim.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.optim.epochs}")
-        check(self.optim.max_steps is None or self.optim.max_steps >= 1, "optim.max_steps",
-              f"must be >= 1 or null, got {self.optim.max_steps}")
-        check(len(self.model.trainable_patterns) > 0, "model.trainable_patterns", "must list at least one pattern")
-        check(self.model.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
-              f"must be sdpa|eager|flash_attention_2, got {self.model.attn_implementation!r}")
-        check(len(set(self.clo.sft_sequences)) == len(self.clo.sft_sequences) and len(self.clo.sft_sequences) > 0,
-              "clo.sft_sequences", f"must be non-empty without repeats, got {self.clo.sft_sequences}")
-        check(self.train.logging_steps >= 1, "train.logging_steps", "must be >= 1")
-        check(self.train.eval_steps >= 0, "train.eval_steps", "must be >= 0")
-        check(self.train.save_steps >= 0, "train.save_steps", "must be >= 0")
-        check(self.train.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
-        check(self.train.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
-        want = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.train.precision)
-        check(want is None or self.model.dtype == want, "train.precision",
-              f"{self.train.precision} needs model.dtype: {want} (got {self.model.dtype})")
-        check(self.train.precision in ("fp32", "bf16", "fp16"), "train.precision", f"unknown {self.train.precision!r}")
-        check(self.train.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {self.train.head_impl!r}")
-        check(self.data.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {self.data.template!r}")
-        check(self.data.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {self.data.translator!r}")
-        check(self.data.source_format in ("pairs", "oasst"), "data.source_format", f"must be pairs|oasst")
-        check(self.data.on_bad_record in ("error", "skip"), "data.on_bad_record", "must be error|skip")
-        check(self.data.max_length >= 8, "data.max_length", f"must be >= 8, got {self.data.max_length}")
-        check(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    def validate(self, where: str | Callable[[str], str] = "<config>") -> RunConfig:
+        """Check every section; raise ConfigError naming the source (file or --set flag) and the field."""
+        origin = where if callable(where) else (lambda _name: where)
+        for section in (validate_model, validate_data, validate_clo, validate_optim, validate_train, validate_eval):
+            section(self, origin)
         return self
+
+
+def _checker(origin: Callable[[str], str]):
+    def check(ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{origin(name)}: {name}: {msg}")
+
+    return check
+
+
+def validate_model(cfg: RunConfig, origin) -> None:
+    check, m = _checker(origin), cfg.model
+    check(m.dtype in DTYPE_NAMES, "model.dtype", f"must be {'|'.join(DTYPE_NAMES)}, got {m.dtype!r}")
+    check(len(m.trainable_patterns) > 0, "model.trainable_patterns", "must list at least one pattern")
+    check(
+        m.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+        "model.attn_implementation",
+        f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}",
+    )
+
+
+def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") -> None:
+    """The `data` section; also called by `clo_fast.data.build_text_dataset` for configs built in code."""
+    check, d = _checker(origin), (cfg.data if isinstance(cfg, RunConfig) else cfg)
+    check(d.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {d.template!r}")
+    check(d.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {d.translator!r}")
+    check(d.source_format in ("pairs", "oasst"), "data.source_format", f"must be pairs|oasst, got {d.source_format!r}")
+    check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
+    check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
+    check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    check(
+        d.template != "plain" or "{instruction}" in d.prompt_template,
+        "data.prompt_template",
+        "must contain {instruction}",
+    )
+    check(
+        d.max_examples is None or d.max_examples >= 1,
+        "data.max_examples",
+        f"must be >= 1 or null, got {d.max_examples}",
+    )
+    check(
+        not (d.translator == "columns" and d.source_format == "oasst"),
+        "data.translator",
+        "oasst data carries no translations: use translator=hf",
+    )
+    check(
+        not (d.source == "demo" and d.translator == "columns" and d.target_lang not in DEMO_LANGS),
+        "data.target_lang",
+        f"the bundled demo data has translations for {', '.join(DEMO_LANGS)} only, "
+        f"got {d.target_lang!r} (use translator=hf for other languages)",
+    )
+    check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+
+
+def validate_clo(cfg: RunConfig, origin) -> None:
+    check, c = _checker(origin), cfg.clo
+    check(c.mode in ("clo", "sft", "dpo"), "clo.mode", f"must be clo|sft|dpo, got {c.mode!r}")
+    check(c.beta > 0, "clo.beta", f"must be > 0, got {c.beta}")
+    check(0.0 <= c.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {c.lam}")
+    check(all(s in (0, 1, 2, 3) for s in c.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
+    check(
+        len(set(c.sft_sequences)) == len(c.sft_sequences) and len(c.sft_sequences) > 0,
+        "clo.sft_sequences",
+        f"must be non-empty without repeats, got {c.sft_sequences}",
+    )
+
+
+def validate_optim(cfg: RunConfig, origin) -> None:
+    check, o = _checker(origin), cfg.optim
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
+    check(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
+    check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {o.schedule!r}")
+    check(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {o.betas}",
+    )
+    check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
+    check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    check(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", f"must be >= 1 or null, got {o.max_steps}")
+
+
+def validate_train(cfg: RunConfig, origin) -> None:
+    check, t = _checker(origin), cfg.train
+    check(t.logging_steps >= 1, "train.logging_steps", "must be >= 1")
+    check(t.eval_steps >= 0, "train.eval_steps", "must be >= 0")
+    check(t.save_steps >= 0, "train.save_steps", "must be >= 0")
+    check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
+    check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
+    check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
+
+
+def validate_eval(cfg: RunConfig, origin) -> None:
+    """Checked for every run, so a run with train.run_evaluation fails at start-up, not after training."""
+    from clo_fast.language_id import UnknownLanguageError, normalize_lang
+
+    check, e = _checker(origin), cfg.eval
+    check(e.max_prompts >= 1, "eval.max_prompts", f"must be >= 1, got {e.max_prompts}")
+    check(e.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}")
+    check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    check(e.judge_timeout_s > 0, "eval.judge_timeout_s", f"must be > 0, got {e.judge_timeout_s}")
+    for code in e.detector_languages:
+        try:
+            normalize_lang(code)
+        except UnknownLanguageError as err:
+            raise ConfigError(f"{origin('eval.detector_languages')}: eval.detector_languages: {err}") from None
 
 
 # ------------------------------------------------------------------------------- generic machinery
@@ -197,50 +281,106 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def parse_dataclass(cls: type, raw: Any, where: str, prefix: str = ""):
+def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], prefix: str = ""):
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields.
 
-    Unknown keys and wrong types raise ConfigError naming `where` (the file) and the dotted field.
+    Unknown keys and wrong types raise ConfigError naming the source (`where`: a string, or a function of
+    the dotted field name giving the file or the --set flag it came from) and the dotted field.
     """
+    origin = where if callable(where) else (lambda _name: where)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or '<top level>'}: expected a mapping, got {type(raw).__name__}")
+        name = prefix.rstrip(".") or "<top level>"
+        raise ConfigError(f"{origin(name)}: {name}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{where}: {prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    for key in sorted(set(raw) - names):
+        dotted = f"{prefix}{key}"
+        why = REMOVED_KEYS.get(dotted, f"unknown key (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"{origin(dotted)}: {dotted}: {why}")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = parse_dataclass(tp, value, where, f"{prefix}{name}.")
+            kwargs[name] = parse_dataclass(tp, value, origin, f"{prefix}{name}.")
             continue
         if not _type_ok(value, tp):
-            raise ConfigError(f"{where}: {prefix}{name}: expected {tp}, got {value!r}")
+            raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: expected {tp}, got {value!r}")
         kwargs[name] = float(value) if tp is float else value
     return cls(**kwargs)
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read, merge dotted `overrides` ({"clo.beta": 0.2}), parse and validate a run config."""
+# ---------------------------------------------------------------------------- loading and overrides
+def add_override_argument(parser) -> None:
+    """The `--set FIELD=VALUE` option, the same for every command line (train, data, evaluate)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set optim.max_steps=10 (value parsed as YAML; repeatable)",
+    )
+
+
+def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]]:
+    """`["clo.beta=0.2"]` → {"clo.beta": (0.2, "--set clo.beta=0.2")}; a dict {"clo.beta": 0.2} is accepted
+    as well (API callers). The second element names the source in error messages."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    for dotted, value in (overrides or {}).items():
+    if isinstance(items, dict):
+        return {k: (v, f"override {k}={v!r}") for k, v in items.items()}
+    out = {}
+    for item in items or []:
+        flag = f"--set {item}"
+        if "=" not in item:
+            raise ConfigError(f"{flag}: expected FIELD=VALUE")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not key:
+            raise ConfigError(f"{flag}: expected FIELD=VALUE")
+        try:
+            out[key] = (yaml.safe_load(value), flag)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{flag}: the value is not valid YAML: {e}") from None
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Read (defaults when `path` is None), apply --set overrides, parse and validate a run config.
+
+    Every section is validated here, before any work starts. Errors name the file, or the --set flag
+    when the offending field was overridden."""
+    import yaml
+
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    parsed = parse_overrides(overrides)
+    for dotted, (value, flag) in parsed.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{flag}: {p} is not a section")
+            node = child
         node[leaf] = value
-    return parse_dataclass(RunConfig, raw, str(path)).validate(str(path))
+
+    def origin(name: str) -> str:
+        flag = parsed.get(name, (None, None))[1]
+        return flag or source
+
+    return parse_dataclass(RunConfig, raw, origin).validate(origin)
 
 
 def to_dict(cfg) -> dict:

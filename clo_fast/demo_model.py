@@ -9,22 +9,25 @@ Deterministic: the tokenizer is a byte-level BPE trained with `tokenizers` on th
 pretraining (`pretrain_base`) makes it an *English-centric base*, the starting point CLO assumes: it
 follows the instruction template in English only and has read a little Swahili and Korean as plain text.
 So before CLO it answers Swahili prompts in English; CLO has to teach it to answer them in Swahili.
-The pretraining never sees the held-out pairs that the demo config evaluates on (`heldout_ids`). The directory name is a hash of
-the texts and the build recipe, so a change of the demo data or of this file's recipe builds a new one.
+The pretraining never sees the held-out pairs that the demo config evaluates on (`heldout_ids`). The directory
+name is a hash of the texts and the build recipe, so a change of the demo data or of this file's recipe builds a
+new one.
 Several processes may call `ensure_demo_model` at once (DeepSpeed ranks): each builds into a private
 temporary directory and publishes it with an atomic rename; the first one wins, the others discard theirs.
 
     python -m clo_fast.demo_model [--out DIR]     # build (or find) it and print its path
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from clo_fast.atomic import atomic_directory
+from clo_fast.constants import DEFAULT_CACHE_DIR
 
 RECIPE_VERSION = 3  # bump when the recipe below changes
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -39,18 +42,18 @@ CHAT_TEMPLATE = (
 EXTRA_SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # tiny Llama: ~0.8 M parameters; GQA (4 heads, 2 KV heads) and tied embeddings, like Llama-3.2 / Qwen-2.5
-MODEL_SHAPE = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    initializer_range=0.02,
-)
+MODEL_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+}
 VOCAB_SIZE = 2048  # BPE target size (specials included); ~47 tokens per demo response
 SEED = 1234
 # Pretraining that makes the demo model an "English-centric base", as CLO assumes (all parameters, causal LM,
@@ -61,17 +64,30 @@ SEED = 1234
 # alternating halves, every other Korean text (Korean is not the demo's target language). Passes are shuffled,
 # concatenated and cut into `block`-token rows (packed, no padding); `steps` rows×`batch` in all (~17 passes).
 # Result: English answers to English *and* Swahili prompts (held-out fidelity en 1.0, sw 0.0 at the base).
-PRETRAIN = dict(steps=480, batch=8, block=128, lr=3e-3, warmup_steps=20, en_repeat=2,
-                other_langs=("sw", "ko"), half_weight_langs=("ko",), max_tokens=128,
-                template="### Instruction:\n{instruction}\n\n### Response:\n",
-                heldout=dict(seed=0, eval_fraction=0.1))  # = data.seed / data.eval_fraction of configs/demo.yaml
+PRETRAIN = {
+    "steps": 480,
+    "batch": 8,
+    "block": 128,
+    "lr": 3e-3,
+    "warmup_steps": 20,
+    "en_repeat": 2,
+    "other_langs": ("sw", "ko"),
+    "half_weight_langs": ("ko",),
+    "max_tokens": 128,
+    "template": "### Instruction:\n{instruction}\n\n### Response:\n",
+    "heldout": {"seed": 0, "eval_fraction": 0.1},
+}  # = data.seed / data.eval_fraction of configs/demo.yaml
 
 # Used only when the demo data has not been written yet (keeps the model buildable in isolation).
 _FALLBACK_TEXTS = [
-    "What is the capital of France?", "The capital of France is Paris.",
-    "Give me three tips for staying healthy.", "Eat well, sleep enough and exercise every day.",
-    "Mji mkuu wa Ufaransa ni upi?", "Mji mkuu wa Ufaransa ni Paris.",
-    "프랑스의 수도는 어디입니까?", "프랑스의 수도는 파리입니다.",
+    "What is the capital of France?",
+    "The capital of France is Paris.",
+    "Give me three tips for staying healthy.",
+    "Eat well, sleep enough and exercise every day.",
+    "Mji mkuu wa Ufaransa ni upi?",
+    "Mji mkuu wa Ufaransa ni Paris.",
+    "프랑스의 수도는 어디입니까?",
+    "프랑스의 수도는 파리입니다.",
 ]
 
 
@@ -116,7 +132,11 @@ def demo_records(data_dir: Path = DEMO_DATA_DIR) -> list[dict]:
                     rec = json.loads(line) if line.strip() else None
                 except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("instruction"), str) and isinstance(rec.get("response"), str):
+                if (
+                    isinstance(rec, dict)
+                    and isinstance(rec.get("instruction"), str)
+                    and isinstance(rec.get("response"), str)
+                ):
                     recs.append(rec)
     return recs
 
@@ -127,20 +147,18 @@ def demo_english_pairs(data_dir: Path = DEMO_DATA_DIR) -> list[tuple[str, str]]:
     return pairs or [(_FALLBACK_TEXTS[i], _FALLBACK_TEXTS[i + 1]) for i in (0, 2)]
 
 
-def heldout_ids(records: list[dict], seed: int = PRETRAIN["heldout"]["seed"],
-                eval_fraction: float = PRETRAIN["heldout"]["eval_fraction"]) -> set[str]:
+def heldout_ids(
+    records: list[dict],
+    seed: int = PRETRAIN["heldout"]["seed"],
+    eval_fraction: float = PRETRAIN["heldout"]["eval_fraction"],
+) -> set[str]:
     """Ids of the pairs `clo_fast.data.build_text_dataset` puts in the "eval" split for this seed and
     eval_fraction (same shuffle, same count; tests/test_model.py checks it against the demo config's split).
     The pretraining leaves them out, so the evaluation prompts are new to the base model as well."""
-    import random
+    from clo_fast.data.split import eval_size, shuffled_order
 
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n = len(records)
-    n_eval = int(round(n * eval_fraction))
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(1, n_eval), n - 1)
-    return {str(records[i].get("id")) for i in order[:n_eval]}
+    order = shuffled_order(len(records), seed)
+    return {str(records[i].get("id")) for i in order[: eval_size(len(records), eval_fraction)]}
 
 
 def pretrain_documents(records: list[dict]) -> tuple[list[str], dict[str, list[str]]]:
@@ -148,9 +166,14 @@ def pretrain_documents(records: list[dict]) -> tuple[list[str], dict[str, list[s
     held = heldout_ids(records)
     recs = [r for r in records if str(r.get("id")) not in held]
     english = [PRETRAIN["template"].format(instruction=r["instruction"]) + r["response"] for r in recs]
-    other = {lang: [r[f"instruction_{lang}"] + "\n" + r[f"response_{lang}"] for r in recs
-                    if isinstance(r.get(f"instruction_{lang}"), str) and isinstance(r.get(f"response_{lang}"), str)]
-             for lang in PRETRAIN["other_langs"]}
+    other = {
+        lang: [
+            r[f"instruction_{lang}"] + "\n" + r[f"response_{lang}"]
+            for r in recs
+            if isinstance(r.get(f"instruction_{lang}"), str) and isinstance(r.get(f"response_{lang}"), str)
+        ]
+        for lang in PRETRAIN["other_langs"]
+    }
     return english, other
 
 
@@ -164,8 +187,10 @@ def pretrain_base(model, tokenizer, records: list[dict]) -> list[float]:
         english = [PRETRAIN["template"].format(instruction=x) + y for x, y in demo_english_pairs()]
 
     def enc(texts):
-        return [tokenizer(t, add_special_tokens=False)["input_ids"][: PRETRAIN["max_tokens"] - 1] + [tokenizer.eos_token_id]
-                for t in texts]
+        return [
+            tokenizer(t, add_special_tokens=False)["input_ids"][: PRETRAIN["max_tokens"] - 1] + [tokenizer.eos_token_id]
+            for t in texts
+        ]
 
     en_rows, other_rows = enc(english), {lang: enc(t) for lang, t in other.items()}
     g = torch.Generator().manual_seed(SEED)
@@ -175,7 +200,7 @@ def pretrain_base(model, tokenizer, records: list[dict]) -> list[float]:
     while len(stream) < steps * B * L:  # shuffled passes over the corpus, concatenated (documents end in EOS)
         docs = en_rows * PRETRAIN["en_repeat"]
         for lang, rows in other_rows.items():
-            docs = docs + (rows[n_pass % 2::2] if lang in PRETRAIN["half_weight_langs"] else rows)
+            docs = docs + (rows[n_pass % 2 :: 2] if lang in PRETRAIN["half_weight_langs"] else rows)
         for i in torch.randperm(len(docs), generator=g).tolist():
             stream.extend(docs[i])
         n_pass += 1
@@ -206,8 +231,19 @@ def pretrain_base(model, tokenizer, records: list[dict]) -> list[float]:
 
 def _fingerprint(texts: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": RECIPE_VERSION, "shape": MODEL_SHAPE, "vocab": VOCAB_SIZE, "seed": SEED, "pretrain": PRETRAIN,
-                         "template": CHAT_TEMPLATE}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "v": RECIPE_VERSION,
+                "shape": MODEL_SHAPE,
+                "vocab": VOCAB_SIZE,
+                "seed": SEED,
+                "pretrain": PRETRAIN,
+                "template": CHAT_TEMPLATE,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for t in texts:
         h.update(t.encode("utf-8"))
         h.update(b"\0")
@@ -267,37 +303,39 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretra
     torch.random.set_rng_state(devnull_state)
     losses = pretrain_base(model, tokenizer, demo_records()) if pretrain else []
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "DEMO_MODEL.json").write_text(json.dumps(
-        {"recipe_version": RECIPE_VERSION, "texts": len(texts), "fingerprint": _fingerprint(texts),
-         "parameters": sum(p.numel() for p in model.parameters()), "pretrain": PRETRAIN,
-         "pretrain_loss_first_last": losses[:1] + losses[-1:]}, indent=1))
+    (out_dir / "DEMO_MODEL.json").write_text(
+        json.dumps(
+            {
+                "recipe_version": RECIPE_VERSION,
+                "texts": len(texts),
+                "fingerprint": _fingerprint(texts),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "pretrain": PRETRAIN,
+                "pretrain_loss_first_last": losses[:1] + losses[-1:],
+            },
+            indent=1,
+        )
+    )
     return out_dir
 
 
-def ensure_demo_model(cache_dir: str | Path = "~/.cache/clo_fast") -> Path:
+def ensure_demo_model(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     """Path of the demo model directory under `cache_dir`, building it first if needed (safe across processes)."""
     texts = demo_texts()
     root = Path(os.path.expanduser(str(cache_dir))) / "demo_model"
     final = root / _fingerprint(texts)
     if (final / "config.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
+    # several processes (ranks, test workers) may build it at once: the first to publish wins
+    with atomic_directory(final, per_process=True, replace=False) as tmp:
         build_demo_model(tmp, texts)
-        try:
-            os.rename(tmp, final)  # atomic publish; fails if another process published first
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

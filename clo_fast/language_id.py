@@ -14,6 +14,7 @@ Codes are ISO 639-1 (`ko`, `sw`, ...); a region or script suffix is dropped (`zh
 `pt_BR` -> `pt`). Texts with no letters (empty, digits, punctuation) are identified as None, which
 counts as *not* the prompt's language in the fidelity.
 """
+
 from __future__ import annotations
 
 import functools
@@ -122,7 +123,7 @@ class LanguageIdentifier:
         out: list[str | None] = [None] * len(texts)
         if idx:
             found = self._detector.detect_languages_in_parallel_of([texts[i] for i in idx])
-            for i, lang in zip(idx, found):
+            for i, lang in zip(idx, found, strict=False):
                 out[i] = self._code(lang)
         return out
 

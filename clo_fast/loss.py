@@ -1,4 +1,4 @@
-"""The CLO loss (DESIGN.md §1) from per-sequence log-prob sums, and its materialized-logits reference.
+"""The CLO loss (docs/DESIGN.md §1) from per-sequence log-prob sums, and its materialized-logits reference.
 
 Sequence order, per example b (always):
     0: (x_en, y_en)   1: (x_en, y_tgt)   2: (x_tgt, y_tgt)   3: (x_tgt, y_en)
@@ -10,12 +10,15 @@ English direction: chosen 0, rejected 1.  Target direction: chosen 2, rejected 3
     Δ[b,en]  = β·[(logπ[b,0] − logπ_ref[b,0]) − (logπ[b,1] − logπ_ref[b,1])]
     Δ[b,tgt] = β·[(logπ[b,2] − logπ_ref[b,2]) − (logπ[b,3] − logπ_ref[b,3])]
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from clo_fast.constants import IGNORE_INDEX
+from clo_fast.ops import token_logps
+
 _DIRECTIONS = {"en": (0, 1), "tgt": (2, 3)}
 
 
@@ -120,19 +123,6 @@ def clo_loss(
     return loss, metrics
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Plain PyTorch: log softmax(logits)[label] per position, 0 where ignored.
-
-    logits [..., V] (materialized), labels [...] aligned with the rows they score. Computes in fp32
-    (float64 inputs stay float64).
-    """
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp_all = torch.log_softmax(logits.to(compute), dim=-1)
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
-
-
 def gather_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
     """Per-sequence Σ log softmax(logits)[label] and response-token counts from logits [S,T,V], labels [S,T]."""
     return token_logps(logits, labels, ignore_index).sum(-1), (labels != ignore_index).sum(-1)
@@ -153,7 +143,9 @@ def reference_clo_loss(
     Extra keyword arguments go to `clo_loss`.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [4B,T,V] and labels [4B,T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"logits must be [4B,T,V] and labels [4B,T]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[0] % 4 != 0:
         raise ValueError(f"logits has {logits.shape[0]} rows; CLO needs 4 sequences per example (4B rows)")
     logps, counts = gather_sequence_logps(logits, labels, ignore_index)

@@ -9,24 +9,25 @@ returns hidden states, never logits) and `lm_head` (`FusedLogprobHead`, owning t
 state-dict keys are exactly the HF model's and DeepSpeed's `save_16bit_model` writes a file that
 `AutoModelForCausalLM.from_pretrained` loads.
 
-ZeRO-3 (DESIGN.md §4): a parameter read outside its module's forward is an empty shard. The head weight is
+ZeRO-3 (docs/DESIGN.md §4): a parameter read outside its module's forward is an empty shard. The head weight is
 therefore only read inside `FusedLogprobHead.forward`, where DeepSpeed's module hooks have gathered it
 (and release it afterwards). With tied embeddings the head owns the *same* Parameter as
 `model.embed_tokens`; ZeRO-3 keeps shared parameters shared (one ds_id).
 
 Imports of deepspeed happen only when a DeepSpeed config is given: the benchmark loads models without it.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import importlib.util
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from clo_fast.config import ConfigError, ModelConfig
+from clo_fast.pretrained import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,28 +75,6 @@ class CLOPolicy(nn.Module):
         return self.lm_head(hidden, labels)
 
 
-# ------------------------------------------------------------------------------------------ paths
-def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/clo_fast") -> str:
-    """`demo` → the built (cached) demo model directory; anything else is passed to from_pretrained."""
-    if name_or_path == "demo":
-        from clo_fast.demo_model import ensure_demo_model
-
-        return str(ensure_demo_model(cache_dir))
-    return os.path.expanduser(name_or_path)
-
-
-def load_tokenizer(model, cache_dir: str = "~/.cache/clo_fast"):
-    """Tokenizer of a model directory / hub name, or of a `ModelConfig` (`demo` resolves to the demo model).
-    Gets a pad token (EOS) when the model has none."""
-    from transformers import AutoTokenizer
-
-    path = model if isinstance(model, (str, os.PathLike)) else resolve_model_path(model.name_or_path, cache_dir)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:  # Llama-3 / many base models ship without a pad token
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 # -------------------------------------------------------------------------------------- freezing
 @dataclass
 class TrainableInfo:
@@ -134,8 +113,10 @@ def apply_trainable_patterns(module: nn.Module, patterns: list[str]) -> Trainabl
 # --------------------------------------------------------------------------------------- loading
 def _check_attn(attn: str) -> None:
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                          "(pip install 'clo-fast[gpu]'); use sdpa")
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+            "(pip install 'clo-fast[gpu]'); use sdpa"
+        )
 
 
 def load_hf_model(path: str, cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None):
@@ -161,12 +142,22 @@ def build_policy(hf_model, head_impl: str = "auto", gradient_checkpointing: bool
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
-    return CLOPolicy(backbone, FusedLogprobHead(head_weight, head_impl), hf_model.config,
-                     getattr(hf_model, "generation_config", None))
+    return CLOPolicy(
+        backbone,
+        FusedLogprobHead(head_weight, head_impl),
+        hf_model.config,
+        getattr(hf_model, "generation_config", None),
+    )
 
 
-def load_policy(cfg: ModelConfig, *, dtype: torch.dtype | None = None, ds_config: dict | None = None,
-                head_impl: str = "auto", cache_dir: str = "~/.cache/clo_fast"):
+def load_policy(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    ds_config: dict | None = None,
+    head_impl: str = "auto",
+    cache_dir: str = "~/.cache/clo_fast",
+):
     """Load, split and freeze. Returns (policy, info: TrainableInfo, path, keepalive)."""
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     dtype = dtype or DTYPES[cfg.dtype]

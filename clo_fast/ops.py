@@ -14,10 +14,12 @@ dW work and allocates no [V,H] buffer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .loss import IGNORE_INDEX, token_logps
+from clo_fast.constants import IGNORE_INDEX
 
 _CPU_CHUNK_BYTES = 32 << 20  # fp32 [chunk, V] logit buffer budget for the torch path
 
@@ -31,8 +33,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _torch_forward(x, w, y, ignore_index, chunk_rows=None, input_grad=False):
-    """lse, logp and, with input_grad (frozen head), D = dlogp/dx [N,H] from the same logits chunk."""
+def _torch_forward(x, w, y, ignore_index, seq_ids=None, num_seqs=0, input_grad=False, chunk_rows=None):
+    """lse, logp, per-sequence sums (with seq_ids) and, with input_grad (frozen head), D = dlogp/dx [N,H]
+    from the same logits chunk."""
     N = x.shape[0]
     cd = _compute_dtype(x)
     wc = w.to(cd)
@@ -54,10 +57,14 @@ def _torch_forward(x, w, y, ignore_index, chunk_rows=None, input_grad=False):
             g.mul_(valid[:, None])
             D[n0:n0 + rows] = g @ wc
         del z
-    return lse, logp, D
+    sums = None
+    if seq_ids is not None:
+        sums = torch.zeros(num_seqs, device=x.device, dtype=logp.dtype).index_add_(0, seq_ids, logp)
+    return lse, logp, sums, D
 
 
 def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
+    """dX and (need_dw) dW for upstream gradient `grad` [N] of logp (0 at ignored rows)."""
     N = x.shape[0]
     cd = _compute_dtype(x)
     wc = w.to(cd)
@@ -77,6 +84,34 @@ def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
             dw.addmm_(g.T, xc)
         del z, g
     return dx, (dw.to(w.dtype) if need_dw else None)
+
+
+# ------------------------------------------------------------------------------------ the backends
+def _triton_forward(x, w, y, ignore_index, seq_ids=None, num_seqs=0, input_grad=False, chunk_rows=None):
+    import clo_kernels
+
+    return clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs, input_grad=input_grad, chunk_rows=chunk_rows)
+
+
+def _triton_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
+    import clo_kernels
+
+    del ignore_index  # the kernels need none: grad is already 0 at ignored rows
+    return clo_kernels.backward(x, w, y, lse, grad, need_dw)  # chunk_rows shapes the forward only
+
+
+class Backend(NamedTuple):
+    """One implementation of the fused head, behind the same two calls.
+
+    forward(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_rows) -> (lse, logp, sums | None, D | None)
+    backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows) -> (dX, dW | None)
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+BACKENDS = {"triton": Backend(_triton_forward, _triton_backward), "torch": Backend(_torch_forward, _torch_backward)}
 
 
 # ---------------------------------------------------------------------------------------- dispatch
@@ -101,16 +136,7 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, y, seq_ids, num_seqs, ignore_index, impl, chunk_rows):
         deferred = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]  # dX wanted, head frozen
-        if impl == "triton":
-            import clo_kernels
-
-            lse, logp, sums, D = clo_kernels.forward(x, w, y, ignore_index, seq_ids, num_seqs,
-                                                     input_grad=deferred, chunk_rows=chunk_rows)
-        else:
-            lse, logp, D = _torch_forward(x, w, y, ignore_index, chunk_rows, input_grad=deferred)
-            sums = None
-            if seq_ids is not None:
-                sums = torch.zeros(num_seqs, device=x.device, dtype=logp.dtype).index_add_(0, seq_ids, logp)
+        lse, logp, sums, D = BACKENDS[impl].forward(x, w, y, ignore_index, seq_ids, num_seqs, deferred, chunk_rows)
         if D is not None:  # X and W are not needed again: keep D [N,H] in their place
             ctx.save_for_backward(D, y, seq_ids)
         else:
@@ -134,13 +160,21 @@ class _LinearLogprobs(torch.autograd.Function):
         if ctx.deferred:
             return (grad[:, None] * D).to(D.dtype), None, None, None, None, None, None, None
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.impl == "triton":
-            import clo_kernels
-
-            dx, dw = clo_kernels.backward(x, w, y, lse, grad, need_dw)
-        else:
-            dx, dw = _torch_backward(x, w, y, lse, grad.to(lse.dtype), need_dw, ctx.ignore_index, ctx.chunk_rows)
+        dx, dw = BACKENDS[ctx.impl].backward(x, w, y, lse, grad, need_dw, ctx.ignore_index, ctx.chunk_rows)
         return (dx if need_dx else None), dw, None, None, None, None, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Plain PyTorch: log softmax(logits)[label] per position, 0 where ignored.
+
+    logits [..., V] (materialized), labels [...] aligned with the rows they score. Computes in fp32
+    (float64 inputs stay float64).
+    """
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp_all = torch.log_softmax(logits.to(compute), dim=-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
 
 
 def _check_inputs(hidden, weight, labels):

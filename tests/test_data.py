@@ -1,15 +1,16 @@
 """Dataset builder: sources, selection, the four CLO sequences, truncation, collation, bad input."""
+
 import csv
 import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from clo_fast.config import ConfigError, DataConfig  # noqa: E402
-from clo_fast.data import (  # noqa: E402
+from clo_fast.config import ConfigError, DataConfig
+from clo_fast.data import (
     SEQUENCE_KINDS,
     TEXT_COLUMNS,
     DataError,
@@ -18,13 +19,15 @@ from clo_fast.data import (  # noqa: E402
     demo_data_path,
     format_prompt,
     load_or_build_text_dataset,
-    main,
     save_text_dataset,
     tokenize_dataset,
 )
+from clo_fast.data.cli import main
 
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _demo_rows():
@@ -32,22 +35,9 @@ def _demo_rows():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """A tiny BPE tokenizer trained on the demo texts (all three languages); adds BOS like Llama."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [v for r in _demo_rows() for k, v in r.items() if k != "id"]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
-    tk = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>")
-    tk.chat_template = CHAT
-    return tk
+def tok(demo_tokenizer):
+    """The session's tiny demo tokenizer (tests/conftest.py): trained on the demo texts, adds BOS like Llama."""
+    return demo_tokenizer
 
 
 def _cfg(tmp_path, **kw):
@@ -127,7 +117,7 @@ def test_sequence_order_and_label_masks(tmp_path, tok):
         pe = [bos] + _enc(tok, "### Instruction:\n" + ex["prompt_en"] + "\n\n### Response:\n")
         pt = [bos] + _enc(tok, "### Instruction:\n" + ex["prompt_tgt"] + "\n\n### Response:\n")
         re_, rt = _enc(tok, ex["response_en"]) + [eos], _enc(tok, ex["response_tgt"]) + [eos]
-        expected = [(pe, re_), (pe, rt), (pt, rt), (pt, re_)]  # DESIGN.md §1 order
+        expected = [(pe, re_), (pe, rt), (pt, rt), (pt, re_)]  # docs/DESIGN.md §1 order
         assert len(t["input_ids"]) == len(t["labels"]) == 4
         for k, (p, r) in enumerate(expected):
             assert t["input_ids"][k] == p + r, (i, SEQUENCE_KINDS[k])
@@ -163,13 +153,13 @@ def test_truncation_keeps_prompt_cuts_response_and_drops_long_prompts(tmp_path, 
     assert dropped > 0 and sum(truncated) > 0  # the setting exercises both paths
     assert stats["dropped"]["prompt_too_long"] == dropped and len(out) == len(kept)
     assert list(stats["truncated"].values()) == truncated
-    for (ex_id, seqs), t in zip(kept, out):
+    for (ex_id, seqs), t in zip(kept, out, strict=False):
         assert t["id"] == ex_id
         for k, (p, r) in enumerate(seqs):
             ids, lab = t["input_ids"][k], t["labels"][k]
             assert len(ids) == min(L, len(p) + len(r))
             assert ids[: len(p)] == p  # the prompt is whole
-            assert lab[: len(p)] == [-100] * len(p) and lab[len(p):] == r[: L - len(p)]
+            assert lab[: len(p)] == [-100] * len(p) and lab[len(p) :] == r[: L - len(p)]
             if len(p) + len(r) > L:
                 assert ids[-1] != eos or r[L - len(p) - 1] == eos  # the end (EOS) was cut
     assert stats["token_lengths"]["en_en"]["max"] <= L
@@ -206,11 +196,16 @@ def test_tokenization_is_cached(tmp_path, tok):
 # ------------------------------------------------------------------------------------------ collate
 def test_collate_clo_shapes_shift_and_padding():
     exs = [
-        {"input_ids": [[1, 2, 3, 4], [1, 2, 5], [6, 7, 8, 9, 10], [6, 7, 3]],
-         "labels": [[-100, -100, 3, 4], [-100, -100, 5], [-100, -100, -100, 9, 10], [-100, -100, 3]],
-         "ref_logps": [-1.0, -2.0, -3.0, -4.0]},
-        {"input_ids": [[1, 3], [1, 4], [2, 3], [2, 4]],
-         "labels": [[-100, 3], [-100, 4], [-100, 3], [-100, 4]], "ref_logps": [0.5, 0.25, 0.0, -1.0]},
+        {
+            "input_ids": [[1, 2, 3, 4], [1, 2, 5], [6, 7, 8, 9, 10], [6, 7, 3]],
+            "labels": [[-100, -100, 3, 4], [-100, -100, 5], [-100, -100, -100, 9, 10], [-100, -100, 3]],
+            "ref_logps": [-1.0, -2.0, -3.0, -4.0],
+        },
+        {
+            "input_ids": [[1, 3], [1, 4], [2, 3], [2, 4]],
+            "labels": [[-100, 3], [-100, 4], [-100, 3], [-100, 4]],
+            "ref_logps": [0.5, 0.25, 0.0, -1.0],
+        },
     ]
     b = collate_clo(exs, pad_token_id=0, pad_to_multiple_of=8)
     assert b["input_ids"].shape == (8, 8) and b["input_ids"].dtype == torch.long
@@ -241,8 +236,11 @@ def test_collate_on_tokenized_demo(tmp_path, tok):
 
 
 # ------------------------------------------------------------------------------------------ sources
-RECS = [{"q": "What is two plus two?", "a": "Four."}, {"q": "Name a colour.", "a": "Blue."},
-        {"q": "Say hello.", "a": "Hello!"}]
+RECS = [
+    {"q": "What is two plus two?", "a": "Four."},
+    {"q": "Name a colour.", "a": "Blue."},
+    {"q": "Say hello.", "a": "Hello!"},
+]
 
 
 def _cols(recs):
@@ -250,8 +248,15 @@ def _cols(recs):
 
 
 def _fields(**kw):
-    return dict(instruction_field="q", response_field="a", target_lang="sw", target_instruction_field="q_{lang}",
-                target_response_field="a_{lang}", eval_fraction=0.0, **kw)
+    return dict(
+        instruction_field="q",
+        response_field="a",
+        target_lang="sw",
+        target_instruction_field="q_{lang}",
+        target_response_field="a_{lang}",
+        eval_fraction=0.0,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "folder"])
@@ -280,7 +285,9 @@ def test_local_sources(tmp_path, fmt):
         path.mkdir()
         (path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     dsd, summary = build_text_dataset(_cfg(tmp_path, source=str(path), **_fields()), progress=False)
-    got = sorted(zip(dsd["train"]["prompt_en"], dsd["train"]["response_en"], dsd["train"]["response_tgt"]))
+    got = sorted(
+        zip(dsd["train"]["prompt_en"], dsd["train"]["response_en"], dsd["train"]["response_tgt"], strict=False)
+    )
     assert got == sorted((r["q"], r["a"], r["a_sw"]) for r in recs)
     assert summary["records_read"] == 3
 
@@ -307,8 +314,19 @@ def _oasst_flat():
     m = []
 
     def add(mid, parent, role, text, lang="en", rank=None, **kw):
-        m.append(dict(message_id=mid, parent_id=parent, role=role, text=text, lang=lang, rank=rank,
-                      message_tree_id=kw.pop("tree", "t"), deleted=kw.pop("deleted", False), review_result=True))
+        m.append(
+            {
+                "message_id": mid,
+                "parent_id": parent,
+                "role": role,
+                "text": text,
+                "lang": lang,
+                "rank": rank,
+                "message_tree_id": kw.pop("tree", "t"),
+                "deleted": kw.pop("deleted", False),
+                "review_result": True,
+            }
+        )
 
     add("r1", None, "prompter", "How do I bake bread?")
     add("a1", "r1", "assistant", "Second-best answer.", rank=1)
@@ -329,10 +347,10 @@ def test_oasst_flat_message_table(tmp_path):
     path = tmp_path / "oasst.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _oasst_flat()))
     cfg = _cfg(tmp_path, source=str(path), source_format="oasst", translator="hf", eval_fraction=0.0)
-    from clo_fast.data import read_pairs, _Skips
+    from clo_fast.data.sources import BadRecords, read_pairs
 
     filtered = {}
-    pairs, n = read_pairs(cfg, _Skips("error"), filtered)
+    pairs, n = read_pairs(cfg, BadRecords("error"), filtered)
     assert n == 12
     assert sorted((p.id, p.instruction, p.response) for p in pairs) == [
         ("r1", "How do I bake bread?", "Mix flour, water, yeast and salt, then bake."),
@@ -343,11 +361,29 @@ def test_oasst_flat_message_table(tmp_path):
 
 def test_oasst_nested_trees(tmp_path):
     trees = [
-        {"message_tree_id": "t1", "prompt": {"message_id": "r1", "role": "prompter", "lang": "en", "text": "Hi there?",
-                                             "replies": [{"role": "assistant", "rank": 1, "text": "B"},
-                                                         {"role": "assistant", "rank": 0, "text": "A", "replies": []}]}},
-        {"message_tree_id": "t2", "prompt": {"message_id": "r2", "role": "prompter", "lang": "es", "text": "Hola?",
-                                             "replies": [{"role": "assistant", "rank": 0, "text": "Hola"}]}},
+        {
+            "message_tree_id": "t1",
+            "prompt": {
+                "message_id": "r1",
+                "role": "prompter",
+                "lang": "en",
+                "text": "Hi there?",
+                "replies": [
+                    {"role": "assistant", "rank": 1, "text": "B"},
+                    {"role": "assistant", "rank": 0, "text": "A", "replies": []},
+                ],
+            },
+        },
+        {
+            "message_tree_id": "t2",
+            "prompt": {
+                "message_id": "r2",
+                "role": "prompter",
+                "lang": "es",
+                "text": "Hola?",
+                "replies": [{"role": "assistant", "rank": 0, "text": "Hola"}],
+            },
+        },
     ]
     path = tmp_path / "trees.jsonl"
     path.write_text("\n".join(json.dumps(t) for t in trees))
@@ -372,23 +408,33 @@ def _write_jsonl(tmp_path, lines):
 GOOD = json.dumps(_cols(RECS)[0])
 
 
-@pytest.mark.parametrize("line,pattern,reason", [
-    ('{"q": "Hi", "a": "Ok", "q_sw": "x"}', r"bad.jsonl: line 2: field 'a_sw': missing", "missing_field"),
-    ('{"a": "Ok", "q_sw": "x", "a_sw": "y"}', r"bad.jsonl: line 2: field 'q': missing", "missing_field"),
-    ('{"q": 5, "a": "Ok", "q_sw": "x", "a_sw": "y"}', r"bad.jsonl: line 2: field 'q': expected a string, got int",
-     "non_string_field"),
-    ('{"q": "Hi", "a": "", "q_sw": "x", "a_sw": "y"}', r"bad.jsonl: line 2: field 'a': empty", "empty_text"),
-    ('{"q": "Hi", "a": "Ok", "q_sw": "  \\n\\t", "a_sw": "y"}', r"bad.jsonl: line 2: field 'q_sw': empty",
-     "empty_text"),
-    ('{"q": "Hi", "a": "Ok", ', r"bad.jsonl: line 2: malformed JSON", "malformed_line"),
-    ('["q", "a"]', r"bad.jsonl: line 2: record is not an object", "not_an_object"),
-])
+@pytest.mark.parametrize(
+    "line,pattern,reason",
+    [
+        ('{"q": "Hi", "a": "Ok", "q_sw": "x"}', r"bad.jsonl: line 2: field 'a_sw': missing", "missing_field"),
+        ('{"a": "Ok", "q_sw": "x", "a_sw": "y"}', r"bad.jsonl: line 2: field 'q': missing", "missing_field"),
+        (
+            '{"q": 5, "a": "Ok", "q_sw": "x", "a_sw": "y"}',
+            r"bad.jsonl: line 2: field 'q': expected a string, got int",
+            "non_string_field",
+        ),
+        ('{"q": "Hi", "a": "", "q_sw": "x", "a_sw": "y"}', r"bad.jsonl: line 2: field 'a': empty", "empty_text"),
+        (
+            '{"q": "Hi", "a": "Ok", "q_sw": "  \\n\\t", "a_sw": "y"}',
+            r"bad.jsonl: line 2: field 'q_sw': empty",
+            "empty_text",
+        ),
+        ('{"q": "Hi", "a": "Ok", ', r"bad.jsonl: line 2: malformed JSON", "malformed_line"),
+        ('["q", "a"]', r"bad.jsonl: line 2: record is not an object", "not_an_object"),
+    ],
+)
 def test_bad_records_error_or_skip(tmp_path, line, pattern, reason):
     path = _write_jsonl(tmp_path, [GOOD, line, GOOD.replace("two", "three")])
     with pytest.raises(DataError, match=pattern):
         build_text_dataset(_cfg(tmp_path, source=str(path), **_fields()), progress=False)
-    dsd, summary = build_text_dataset(_cfg(tmp_path, source=str(path), on_bad_record="skip", **_fields()),
-                                      progress=False)
+    dsd, summary = build_text_dataset(
+        _cfg(tmp_path, source=str(path), on_bad_record="skip", **_fields()), progress=False
+    )
     assert len(dsd["train"]) == 2 and summary["skipped_bad_records"] == {reason: 1}
     assert any("line 2" in e for e in summary["skipped_examples"])
 
@@ -418,8 +464,9 @@ def test_command_line(tmp_path, tok, capsys):
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(f"data:\n  target_lang: sw\n  max_length: 64\n  cache_dir: {tmp_path / 'c'}\n"
-                        f"  output_dir: {tmp_path / 'out'}\n")
+    cfg_path.write_text(
+        f"data:\n  target_lang: sw\n  max_length: 64\n  cache_dir: {tmp_path / 'c'}\n  output_dir: {tmp_path / 'out'}\n"
+    )
     assert main(["--config", str(cfg_path), "--tokenizer", str(tok_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "kept 135" in out and "tgt_tgt" in out and "p90" in out

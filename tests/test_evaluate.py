@@ -1,24 +1,28 @@
 """clo_fast.evaluate on a tiny random Llama saved to disk and loaded through the real path (offline)."""
+
+import importlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import json  # noqa: E402
-import re  # noqa: E402
-import urllib.error  # noqa: E402
+import json
+import re
+import urllib.error
+import urllib.request
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from conftest import make_bpe_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import lingua  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
-import matplotlib  # noqa: E402,F401
+from clo_fast import evaluate as E
+from clo_fast.config import ConfigError, RunConfig
+from clo_fast.constants import IGNORE_INDEX
+from clo_fast.evaluate import cli as eval_cli
+from clo_fast.language_id import UnknownLanguageError, get_identifier
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-from clo_fast import evaluate as E  # noqa: E402
-from clo_fast.config import ConfigError, RunConfig  # noqa: E402
-from clo_fast.language_id import UnknownLanguageError, get_identifier  # noqa: E402
+for extra in ("lingua", "matplotlib"):  # the `test` extra: a missing package fails, never skips
+    importlib.import_module(extra)
 
 CORPUS = [
     "Explain why the sky is blue in simple words.",
@@ -36,34 +40,55 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ROWS = [
-    {"id": "a", "prompt_en": "Explain why the sky is blue.", "response_en": "Air scatters blue light more than red light.",
-     "prompt_tgt": "하늘이 왜 파란지 설명해 주세요.", "response_tgt": "공기가 파란빛을 더 많이 흩뜨립니다.", "target_lang": "ko"},
-    {"id": "b", "prompt_en": "Write a short poem about the sea.", "response_en": "The sea and the wind sing together.",
-     "prompt_tgt": "바다에 대한 짧은 시를 써 주세요.", "response_tgt": "바다와 바람이 함께 노래합니다.", "target_lang": "ko"},
-    {"id": "c", "prompt_en": "Give me three tips for learning a new language quickly, please.",
-     "response_en": "Practice every day.", "prompt_tgt": "새로운 언어를 빨리 배우는 방법을 알려 주세요.",
-     "response_tgt": "매일 연습하세요. 그리고 많이 들으세요.", "target_lang": "ko"},
+    {
+        "id": "a",
+        "prompt_en": "Explain why the sky is blue.",
+        "response_en": "Air scatters blue light more than red light.",
+        "prompt_tgt": "하늘이 왜 파란지 설명해 주세요.",
+        "response_tgt": "공기가 파란빛을 더 많이 흩뜨립니다.",
+        "target_lang": "ko",
+    },
+    {
+        "id": "b",
+        "prompt_en": "Write a short poem about the sea.",
+        "response_en": "The sea and the wind sing together.",
+        "prompt_tgt": "바다에 대한 짧은 시를 써 주세요.",
+        "response_tgt": "바다와 바람이 함께 노래합니다.",
+        "target_lang": "ko",
+    },
+    {
+        "id": "c",
+        "prompt_en": "Give me three tips for learning a new language quickly, please.",
+        "response_en": "Practice every day.",
+        "prompt_tgt": "새로운 언어를 빨리 배우는 방법을 알려 주세요.",
+        "response_tgt": "매일 연습하세요. 그리고 많이 들으세요.",
+        "target_lang": "ko",
+    },
 ]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["</s>", "<s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """Byte-level BPE with EOS = id 0 (the `mute` model relies on it) and a chat template."""
+    return make_bpe_tokenizer(
+        CORPUS, vocab_size=420, special_tokens=["</s>", "<s>", "<pad>"], chat_template=CHAT_TEMPLATE
+    )
 
 
 def make_model(tok, seed=0, mute=False) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     if mute:  # final norm 0 -> all logits 0 -> greedy picks id 0, which is EOS: every response is empty
@@ -120,8 +145,8 @@ def test_sequence_logprob_sums_match_float64():
     S, T, H, V = 3, 7, 16, 50
     hidden, weight = torch.randn(S, T, H), torch.randn(V, H)
     labels = torch.randint(0, V, (S, T))
-    labels[0, :3] = E.IGNORE_INDEX
-    labels[2, -2:] = E.IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, -2:] = IGNORE_INDEX
     lp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
     ref = torch.where(labels != -100, lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0).sum(1)
     got = E.sequence_logprob_sums(hidden, weight, labels)
@@ -165,7 +190,7 @@ def test_reference_nll_matches_float64(saved, tmp_path):
     cfg = make_cfg(tmp_path)
     model, tok = E.load_model(saved["base"], cfg)
     items = [it for it in E.normalize_prompts(ROWS, "ko") if it["lang"] == "ko"]
-    ex = [e for e in E.reference_examples(tok, items, cfg.data)]
+    ex = list(E.reference_examples(tok, items, cfg.data))
     got_sum, got_n = E.reference_nll(model, tok, ex, batch_size=2)
     ref_sum, ref_n = independent_nll(model, tok, items, cfg.data.prompt_template)
     assert got_n == ref_n > 0
@@ -180,8 +205,9 @@ def test_evaluate_models_end_to_end(saved, tmp_path):
         a = re.search(r"# Answer A\n(.*?)\n\n# Answer B\n", text, re.S).group(1)
         return "I compared both.\nVerdict: A" if a.strip() else "Verdict: B"
 
-    report = E.evaluate_models(cfg, [f"base={saved['base']}", f"mute={saved['mute']}"], prompts=ROWS,
-                               judge_send=fake_judge)
+    report = E.evaluate_models(
+        cfg, [f"base={saved['base']}", f"mute={saved['mute']}"], prompts=ROWS, judge_send=fake_judge
+    )
     out = tmp_path / "eval"
     for name in ("report.json", "report.md", "report.png", "generations.jsonl"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -203,8 +229,8 @@ def test_evaluate_models_end_to_end(saved, tmp_path):
             assert m["fidelity"] == pytest.approx(sum(d == lang for d in det) / len(det))
             assert m["mean_response_tokens"] == pytest.approx(sum(x["response_tokens"] for x in g) / len(g))
     mute = report["models"]["mute"]["metrics"]
-    assert all(mute[l]["fidelity"] == 0.0 and mute[l]["mean_response_tokens"] == 0.0 for l in ("en", "ko"))
-    assert all(mute[l]["finished_share"] == 1.0 and mute[l]["detected"] == {"none": 3} for l in ("en", "ko"))
+    assert all(mute[lang]["fidelity"] == 0.0 and mute[lang]["mean_response_tokens"] == 0.0 for lang in ("en", "ko"))
+    assert all(mute[lang]["finished_share"] == 1.0 and mute[lang]["detected"] == {"none": 3} for lang in ("en", "ko"))
     assert report["models"]["base"]["metrics"]["en"]["mean_response_tokens"] > 0
 
     # NLL per token against an independent float64 computation
@@ -251,8 +277,10 @@ def test_chat_template_and_item_prompts(saved, tmp_path):
     assert s == "<s><|user|>\nHi there</s>\n<|assistant|>\n"
     ids = E.encode_prompt(tok, "Hi there", cfg.data)
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # no second BOS
-    prompts = [{"prompt": "Explain why the sky is blue.", "lang": "en"},
-               {"prompt": "하늘이 왜 파란지 설명해 주세요.", "lang": "ko", "reference": "공기가 파란빛을 흩뜨립니다."}]
+    prompts = [
+        {"prompt": "Explain why the sky is blue.", "lang": "en"},
+        {"prompt": "하늘이 왜 파란지 설명해 주세요.", "lang": "ko", "reference": "공기가 파란빛을 흩뜨립니다."},
+    ]
     report = E.evaluate_models(cfg, [("m", saved["base"])], prompts=prompts)
     m = report["models"]["m"]["metrics"]
     assert m["en"]["nll_per_token"] is None and m["en"]["nll_sequences"] == 0  # no reference given
@@ -266,8 +294,12 @@ def test_prompts_from_text_dataset_eval_split(monkeypatch, tmp_path):  # the dat
 
     def build_text_dataset(data_cfg):
         calls.append(data_cfg.target_lang)
-        return datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
-                                     "eval": datasets.Dataset.from_list(ROWS[1:] if data_cfg.eval_fraction else ROWS[:0])}), {}
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_list(ROWS[:1]),
+                "eval": datasets.Dataset.from_list(ROWS[1:] if data_cfg.eval_fraction else ROWS[:0]),
+            }
+        ), {}
 
     import clo_fast.data
 
@@ -319,29 +351,47 @@ def test_bad_inputs_raise_clear_errors(saved, tmp_path, monkeypatch):
     with pytest.raises(E.EvalError, match="empty prompt"):
         E.normalize_prompts([{"prompt": "  ", "lang": "en"}], "ko")
     with pytest.raises(E.EvalError, match="used twice"):
-        E._parse_model_specs([saved["base"], saved["base"]])
+        E.parse_model_specs([saved["base"], saved["base"]])
     with pytest.raises(ConfigError, match="eval.batch_size"):
         E.evaluate_models(make_cfg(tmp_path, batch_size=0), [saved["base"]], prompts=ROWS)
     with pytest.raises(ConfigError, match="eval.detector_languages"):
-        E.check_eval_config(make_cfg(tmp_path, detector_languages=["zz"]).eval)
+        make_cfg(tmp_path, detector_languages=["zz"]).validate()
     with pytest.raises(E.EvalError, match="judge_baseline 'nope'"):
-        E.evaluate_models(make_cfg(tmp_path, judge_baseline="nope", max_new_tokens=1), [f"a={saved['base']}", f"b={saved['mute']}"],
-                          prompts=ROWS[:1], judge_send=lambda p: "Verdict: A")
+        E.evaluate_models(
+            make_cfg(tmp_path, judge_baseline="nope", max_new_tokens=1),
+            [f"a={saved['base']}", f"b={saved['mute']}"],
+            prompts=ROWS[:1],
+            judge_send=lambda p: "Verdict: A",
+        )
 
 
 def test_cli(saved, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS[:2]), encoding="utf-8")
     conf = tmp_path / "run.yaml"
-    conf.write_text(f"data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 3\n  output_dir: {tmp_path / 'cli'}\n")
-    rc = E.main(["--config", str(conf), "--model", f"base={saved['base']}", "--model", saved["mute"],
-                 "--prompts", str(prompts), "--batch-size", "3"])
+    conf.write_text(
+        f"data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 3\n  output_dir: {tmp_path / 'cli'}\n"
+    )
+    rc = eval_cli.main(
+        [
+            "--config",
+            str(conf),
+            "--model",
+            f"base={saved['base']}",
+            "--model",
+            saved["mute"],
+            "--prompts",
+            str(prompts),
+            "--batch-size",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "| metric | base | mute |" in out
     rep = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert rep["eval_config"]["batch_size"] == 3 and rep["n_prompts"] == {"en": 2, "ko": 2}
     missing = str(tmp_path / "nowhere" / "model")
-    rc = E.main(["--config", str(conf), "--model", missing, "--prompts", str(prompts)])
+    rc = eval_cli.main(["--config", str(conf), "--model", missing, "--prompts", str(prompts)])
     err = capsys.readouterr().err
     assert rc == 2 and missing in err and err.startswith("error: ")
 
@@ -358,12 +408,27 @@ def test_judge_request_and_url():
     assert E.judge_url("http://h/v1/chat/completions/") == "http://h/v1/chat/completions"
 
 
-@pytest.mark.parametrize("reply, verdict", [
-    ("Verdict: A", "A"), ("verdict: b", "B"), ("Verdict: TIE", "tie"), ("**Verdict:** (B)", "B"), ("Verdict: [tie]", "tie"), ("verdicts: none", None),
-    ("Answer A is a better start. Verdict: B", "B"), ("Verdict: A ... on reflection Verdict: B", "B"),
-    ("A", "A"), (" b. ", "B"), ("Output (a)", "A"), ("tie", "tie"), ("I cannot decide", None), ("", None),
-    ("A bit of both", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("Verdict: A", "A"),
+        ("verdict: b", "B"),
+        ("Verdict: TIE", "tie"),
+        ("**Verdict:** (B)", "B"),
+        ("Verdict: [tie]", "tie"),
+        ("verdicts: none", None),
+        ("Answer A is a better start. Verdict: B", "B"),
+        ("Verdict: A ... on reflection Verdict: B", "B"),
+        ("A", "A"),
+        (" b. ", "B"),
+        ("Output (a)", "A"),
+        ("tie", "tie"),
+        ("I cannot decide", None),
+        ("", None),
+        ("A bit of both", None),
+        (None, None),
+    ],
+)
 def test_parse_verdict(reply, verdict):
     assert E.parse_verdict(reply) == verdict
 
@@ -414,13 +479,13 @@ def test_http_judge_builds_request(monkeypatch):
         seen.update(url=req.full_url, headers=dict(req.header_items()), body=json.loads(req.data), timeout=timeout)
         return Resp({"choices": [{"message": {"content": "Verdict: B"}}]})
 
-    monkeypatch.setattr(E.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     send = E.http_judge("http://judge.local/v1", api_key="k123", timeout=5)
     payload = E.build_judge_request("q", "a", "b", "j")
     assert send(payload) == "Verdict: B"
     assert seen["url"] == "http://judge.local/v1/chat/completions" and seen["timeout"] == 5
     assert seen["headers"]["Authorization"] == "Bearer k123" and seen["body"] == payload
-    monkeypatch.setattr(E.urllib.request, "urlopen", lambda req, timeout: Resp({"error": "bad"}))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda req, timeout: Resp({"error": "bad"}))
     with pytest.raises(RuntimeError, match="unexpected judge reply"):
         send(payload)
 

@@ -1,9 +1,10 @@
 """The language-ID wrapper (clo_fast.language_id) on canned sentences with known languages."""
+
+import importlib
+
 import pytest
 
-import lingua  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
-
-from clo_fast.language_id import (  # noqa: E402
+from clo_fast.language_id import (
     LanguageIdentifier,
     UnknownLanguageError,
     candidate_languages,
@@ -11,6 +12,8 @@ from clo_fast.language_id import (  # noqa: E402
     language_fidelity,
     normalize_lang,
 )
+
+importlib.import_module("lingua")  # the `test` extra: a missing package fails, never skips
 
 CANNED = {
     "en": "The weather is lovely today, so we are going for a walk in the park after lunch.",

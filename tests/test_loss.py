@@ -1,4 +1,5 @@
 """clo_loss and reference_clo_loss against hand-computed values, limits, gradcheck and bad inputs."""
+
 import math
 
 import pytest
@@ -24,7 +25,10 @@ def test_hand_computed_single_example():
     loss, m = clo_loss(pol, ref, n, beta, lam)
     d_en = 0.1 * ((-10 + 11) - (-14 + 13))  # 0.2
     d_tgt = 0.1 * ((-12 + 12.5) - (-9 + 10))  # -0.05
-    sp = lambda d: math.log1p(math.exp(-d))  # -log σ(d)
+
+    def sp(d):
+        return math.log1p(math.exp(-d))  # -log σ(d)
+
     cl = (sp(d_en) + sp(d_tgt)) / 2
     nll = 12.0 / 4
     assert loss.item() == pytest.approx(0.5 * nll + 0.5 * cl, rel=1e-12)
@@ -106,14 +110,16 @@ def test_global_denominators_make_microbatches_sum_to_full_batch():
     pol, ref, n = _rand_inputs(6, 6)
     pol.requires_grad_(True)
     full, _ = clo_loss(pol, ref, n, 0.2, 0.5)
-    g_full, = torch.autograd.grad(full, pol)
+    (g_full,) = torch.autograd.grad(full, pol)
     splits = [slice(0, 1), slice(1, 4), slice(4, 6)]  # uneven micro-batches, uneven token counts
     k = len(splits)
     sft_den = n[:, 2].sum().double() / k
     cl_den = 2 * 6 / k
-    parts = [clo_loss(pol[s], ref[s], n[s], 0.2, 0.5, sft_denominator=sft_den, cl_denominator=cl_den)[0] for s in splits]
+    parts = [
+        clo_loss(pol[s], ref[s], n[s], 0.2, 0.5, sft_denominator=sft_den, cl_denominator=cl_den)[0] for s in splits
+    ]
     mean = torch.stack(parts).mean()  # what DeepSpeed's 1/G scaling and rank-averaging compute
-    g_acc, = torch.autograd.grad(mean, pol)
+    (g_acc,) = torch.autograd.grad(mean, pol)
     assert mean.item() == pytest.approx(full.item(), rel=1e-12)
     assert torch.allclose(g_acc, g_full, rtol=1e-12, atol=1e-15)
     # and the naive per-micro-batch mean is different (the test can fail)
@@ -124,21 +130,30 @@ def test_global_denominators_make_microbatches_sum_to_full_batch():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(pol=torch.zeros(2, 3)), r"\[B, 4\]"),
-        (dict(pol=torch.zeros(0, 4), n=torch.ones(0, 4, dtype=torch.long), ref=None), "B = 0"),
-        (dict(ref=torch.zeros(3, 4)), "ref_logps must match"),
-        (dict(n=torch.ones(2, 3, dtype=torch.long)), "response_tokens"),
-        (dict(beta=0.0), "beta"),
-        (dict(beta=-1.0), "beta"),
-        (dict(lam=1.5), "lam"),
-        (dict(lam=-0.1), "lam"),
-        (dict(pol=torch.tensor([[-1.0, float("nan"), -1.0, -1.0], [-1.0] * 4])), "non-finite.*example 0, sequence 1"),
-        (dict(ref=torch.tensor([[-1.0] * 4, [-1.0, -1.0, float("inf"), -1.0]])), "ref_logps has a non-finite.*example 1, sequence 2"),
-        (dict(n=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])), "example 1, sequence 2"),
+        ({"pol": torch.zeros(2, 3)}, r"\[B, 4\]"),
+        ({"pol": torch.zeros(0, 4), "n": torch.ones(0, 4, dtype=torch.long), "ref": None}, "B = 0"),
+        ({"ref": torch.zeros(3, 4)}, "ref_logps must match"),
+        ({"n": torch.ones(2, 3, dtype=torch.long)}, "response_tokens"),
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
+        ({"lam": 1.5}, "lam"),
+        ({"lam": -0.1}, "lam"),
+        ({"pol": torch.tensor([[-1.0, float("nan"), -1.0, -1.0], [-1.0] * 4])}, "non-finite.*example 0, sequence 1"),
+        (
+            {"ref": torch.tensor([[-1.0] * 4, [-1.0, -1.0, float("inf"), -1.0]])},
+            "ref_logps has a non-finite.*example 1, sequence 2",
+        ),
+        ({"n": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])}, "example 1, sequence 2"),
     ],
 )
 def test_bad_inputs_raise(kwargs, match):
-    args = dict(pol=-torch.ones(2, 4), ref=-torch.ones(2, 4), n=torch.ones(2, 4, dtype=torch.long), beta=0.1, lam=0.5)
+    args = {
+        "pol": -torch.ones(2, 4),
+        "ref": -torch.ones(2, 4),
+        "n": torch.ones(2, 4, dtype=torch.long),
+        "beta": 0.1,
+        "lam": 0.5,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         clo_loss(args["pol"], args["ref"], args["n"], args["beta"], args["lam"])

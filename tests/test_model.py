@@ -1,5 +1,6 @@
 """clo_fast.model and clo_fast.demo_model: the demo model build, freezing, and the fused head against
 `reference_clo_loss` (loss and gradients on the same batch). In-process, CPU, no DeepSpeed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,22 +9,24 @@ import pytest
 import torch
 
 from clo_fast.config import ConfigError, ModelConfig
-from clo_fast.demo_model import build_demo_model, demo_records, demo_texts, ensure_demo_model, heldout_ids
+from clo_fast.demo_model import build_demo_model, demo_records, demo_texts, heldout_ids
 from clo_fast.loss import clo_loss, reference_clo_loss
-from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy, load_tokenizer
+from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy
+from clo_fast.pretrained import load_tokenizer
 
 ATTN = ModelConfig().trainable_patterns
 
 
 @pytest.fixture(scope="module")
-def demo_dir(demo_cache):
-    return ensure_demo_model(demo_cache)  # built here, reused by test_train through the shared cache
+def demo_dir(demo_model_dir):
+    return demo_model_dir  # built once per session (tests/conftest.py), reused by test_train through the cache
 
 
 def _digest(d):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # builds the demo model (once per session)
 def test_demo_model_is_deterministic_and_loads(demo_dir, tmp_path):
     again = build_demo_model(tmp_path / "again")
     assert _digest(demo_dir) == _digest(again)
@@ -33,8 +36,9 @@ def test_demo_model_is_deterministic_and_loads(demo_dir, tmp_path):
     tok = load_tokenizer(str(demo_dir))
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
-    enc = tok.apply_chat_template([{"role": "user", "content": demo_texts()[0]}], add_generation_prompt=True,
-                                  tokenize=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": demo_texts()[0]}], add_generation_prompt=True, tokenize=True
+    )
     ids = enc["input_ids"]
     assert tok.decode(ids).endswith("<|assistant|>\n")
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
@@ -67,6 +71,7 @@ def _batch(vocab, B=2, T=24, seed=0):
     return ids, mask, labels, resp
 
 
+@pytest.mark.slow  # builds the demo model (once per session)
 def test_freezing_attention_only_with_tied_embeddings(demo_dir):
     policy, info, _, _ = load_policy(ModelConfig(name_or_path=str(demo_dir)), head_impl="torch")
     assert policy.config.tie_word_embeddings
@@ -81,6 +86,7 @@ def test_freezing_attention_only_with_tied_embeddings(demo_dir):
         apply_trainable_patterns(policy, ["*no_such_module*"])
 
 
+@pytest.mark.slow  # builds the demo model (once per session)
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 def test_fused_head_matches_reference_clo_loss(demo_dir, impl):
     """Same batch, same weights: the backbone→fused head→clo_loss path and the materialized-logits
@@ -93,7 +99,9 @@ def test_fused_head_matches_reference_clo_loss(demo_dir, impl):
     ids, mask, labels, resp = _batch(hf.config.vocab_size)
     B = resp.shape[0]
     with torch.no_grad():
-        ref = policy(ids, mask, labels).view(B, 4) + torch.randn(B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ref = policy(ids, mask, labels).view(B, 4) + torch.randn(
+            B, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        )
     params = [p for p in policy.parameters() if p.requires_grad]
 
     logps = policy(ids, mask, labels).view(B, 4)
@@ -107,10 +115,11 @@ def test_fused_head_matches_reference_clo_loss(demo_dir, impl):
     assert torch.allclose(loss_f, loss_r, rtol=1e-10, atol=1e-10)
     for k in ("nll", "cl_loss", "rewards/accuracies", "rewards/margins"):
         assert torch.allclose(m_f[k], m_r[k], rtol=1e-9, atol=1e-9), k
-    for a, b in zip(g_f, g_r):  # the head's backward rounds its per-token upstream gradient to fp32
+    for a, b in zip(g_f, g_r, strict=False):  # the head's backward rounds its per-token upstream gradient to fp32
         assert (a - b).norm() <= 1e-6 * b.norm() + 1e-12
 
 
+@pytest.mark.slow  # builds the demo model (once per session)
 def test_head_casts_hidden_and_reports_shape(demo_dir):
     w = torch.nn.Parameter(torch.randn(50, 8), requires_grad=False)
     head = FusedLogprobHead(w, impl="torch")

@@ -4,6 +4,7 @@ One uninterrupted demo run (A) is shared by most checks; a crashed-then-resumed 
 with twice the accumulation (C) are compared with it. Fast checks (config errors, schedule, sampler) run
 in-process.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def _have_deepspeed_launcher():
 def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False):
     """deepspeed --num_gpus <ranks> clo_fast/train.py --config configs/demo.yaml (+ test overrides)."""
     sets = {
-        "train.output_dir": str(out / "run"), "data.output_dir": str(out / "data"), "data.cache_dir": str(cache),
-        "optim.max_steps": STEPS, "train.save_steps": 4, "train.eval_steps": 4, "train.save_total_limit": 3,
+        "train.output_dir": str(out / "run"),
+        "data.output_dir": str(out / "data"),
+        "data.cache_dir": str(cache),
+        "optim.max_steps": STEPS,
+        "train.save_steps": 4,
+        "train.eval_steps": 4,
+        "train.save_total_limit": 3,
     }
     for kv in extra:
         k, v = kv.split("=", 1)
@@ -48,8 +54,9 @@ def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False)
     e.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; the trainer uses the torch head on CPU
     log = out / "launch.log"
     with open(log, "w") as f, open(out / "launch.err", "w") as ferr:
-        rc = subprocess.run(cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL,
-                            timeout=LAUNCH_TIMEOUT).returncode
+        rc = subprocess.run(
+            cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT
+        ).returncode
     return subprocess.CompletedProcess(cmd, rc, log.read_text(), (out / "launch.err").read_text())
 
 
@@ -108,9 +115,23 @@ def test_demo_trains_loss_falls_accuracy_rises(run_a):
     steps = sorted(s for s in m if s >= 1 and "loss" in m[s])
     assert steps == list(range(1, STEPS + 1))
     first, last = m[steps[0]], m[steps[-1]]
-    for key in ("loss", "nll", "cl_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "logps/chosen", "logps/rejected", "en/rewards/accuracies",
-                "tgt/rewards/accuracies", "grad_norm", "learning_rate", "tokens/s", "peak_memory_mib"):
+    for key in (
+        "loss",
+        "nll",
+        "cl_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "en/rewards/accuracies",
+        "tgt/rewards/accuracies",
+        "grad_norm",
+        "learning_rate",
+        "tokens/s",
+        "peak_memory_mib",
+    ):
         assert key in last and math.isfinite(last[key]), key
     assert first["cl_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     early = sum(m[s]["loss"] for s in steps[:3]) / 3
@@ -139,7 +160,7 @@ def test_only_trainable_parameters_change_and_export_generates(run_a):
     assert base.keys() == new.keys()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     attn = {k for k in base if any(f"self_attn.{p}_proj" in k for p in "qkvo")}
-    assert changed == attn, (sorted(changed ^ attn))
+    assert changed == attn, sorted(changed ^ attn)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,8 +186,9 @@ def test_zero3_fused_head_matches_reference_on_first_batch(run_a):
 
     from clo_fast.data import collate_clo
     from clo_fast.loss import reference_clo_loss
-    from clo_fast.model import apply_trainable_patterns, load_tokenizer
-    from clo_fast.train import StepSampler
+    from clo_fast.model import apply_trainable_patterns
+    from clo_fast.pretrained import load_tokenizer
+    from clo_fast.training.sampler import StepSampler
 
     out, _ = run_a
     run = out / "run"
@@ -220,8 +242,17 @@ def test_crash_mid_checkpoint_then_resume_matches_uninterrupted(run_a, tmp_path,
 def test_one_rank_accumulation_equals_two_ranks(run_a, tmp_path, cache):
     """1 rank × 4 micro-batches == 2 ranks × 2 micro-batches (same global batch, same examples)."""
     out_a, _ = run_a
-    r = launch(tmp_path, cache, ranks=1, extra=["optim.gradient_accumulation_steps=4", "train.eval_steps=0",
-                                                "train.save_steps=0", "train.export_hf=true"])
+    r = launch(
+        tmp_path,
+        cache,
+        ranks=1,
+        extra=[
+            "optim.gradient_accumulation_steps=4",
+            "train.eval_steps=0",
+            "train.save_steps=0",
+            "train.export_hf=true",
+        ],
+    )
     assert r.returncode == 0, f"1-rank run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
     a, c = metrics(out_a / "run"), metrics(tmp_path / "run")
     for s in range(1, STEPS + 1):
@@ -237,7 +268,9 @@ BAD = [
     ("clo:\n  beta: -1\n", "clo.beta"),
     ("optim:\n  lr: 0\n", "optim.lr"),
     ("optim:\n  micro_batch_sizes: 2\n", "optim.micro_batch_sizes: unknown key"),
-    ("train:\n  precision: bf16\n", "train.precision"),  # model.dtype stays float32
+    ("train:\n  precision: bf16\n", "train.precision: removed: the precision is stated once, as model.dtype"),
+    ("eval:\n  batch_size: 0\n", "eval.batch_size"),  # at load, not after training (train.run_evaluation)
+    ("data:\n  target_lang: en\n", "data.target_lang"),
     ("optim:\n  schedule: step\n", "optim.schedule"),
     ("model:\n  trainable_patterns: []\n", "model.trainable_patterns"),
     ("optim:\n  betas: [0.9]\n", "optim.betas"),
@@ -253,23 +286,46 @@ def test_bad_config_names_the_field(tmp_path, text, field):
         load_config(p)
 
 
+def test_override_errors_name_the_flag(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("clo:\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be > 0"):
+        load_config(p, ["clo.beta=-1"])
+    with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: optim\.lrr: unknown key"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta: expected FIELD=VALUE"):
+        load_config(p, ["clo.beta"])
+    p.write_text("clo:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: clo\.beta"):  # a bad value in the file names the file
+        load_config(p, ["clo.lam=0.3"])
+    assert load_config(p, ["clo.beta=0.5"]).clo.beta == 0.5
+    assert load_config(None, ["data.target_lang=sw"]).data.target_lang == "sw"  # defaults + overrides
+
+
 def test_train_script_fails_fast_on_bad_config(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  deepspeed_config: nowhere.json\n")
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "train.deepspeed_config" in r.stderr and "nowhere.json" in r.stderr
     p.write_text("optim:\n  gradient_accumulation_steps: 0\n")
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(p)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "optim.gradient_accumulation_steps" in r.stderr
-    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(DEMO), "--set", "clo.lam=2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(DEMO), "--set", "clo.lam=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "clo.lam" in r.stderr
 
 
 def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
-    from clo_fast.train import build_ds_config
+    from clo_fast.training.ds_config import build_ds_config
 
     js = tmp_path / "ds.json"
     js.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 8}))
@@ -286,11 +342,11 @@ def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
 
 
 def test_sampler_covers_each_epoch_once_and_is_layout_independent():
-    from clo_fast.train import StepSampler
+    from clo_fast.training.sampler import StepSampler
 
     n = 37
-    two = StepSampler(n, micro=2, gas=2, world=2, seed=5)
-    one = StepSampler(n, micro=2, gas=4, world=1, seed=5)
+    two = StepSampler(n, micro=2, accumulation_steps=2, world=2, seed=5)
+    one = StepSampler(n, micro=2, accumulation_steps=4, world=1, seed=5)
     assert two.steps_per_epoch == one.steps_per_epoch == 4
     seen = []
     for s in range(4):
@@ -303,7 +359,7 @@ def test_sampler_covers_each_epoch_once_and_is_layout_independent():
 
 
 def test_lr_schedule():
-    from clo_fast.train import lr_multiplier
+    from clo_fast.training.optim import lr_multiplier
 
     assert [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in (0, 1)] == [0.5, 1.0]
     assert lr_multiplier(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)

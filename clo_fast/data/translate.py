@@ -12,14 +12,16 @@ Every piece and every whole text the model translates is stored in `TranslationC
 transaction per batch) keyed by (model, source language, target language, text): an interrupted run
 keeps every finished batch, and a rerun sends only what is missing to the model.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 __all__ = [
     "TranslationError",
@@ -130,21 +132,79 @@ class ColumnsTranslator:
 # ------------------------------------------------------------------------------- language codes
 # ISO 639-1 -> FLORES-200 (NLLB) codes for the common cases; users may also give FLORES codes directly.
 _FLORES = {
-    "en": "eng_Latn", "ko": "kor_Hang", "sw": "swh_Latn", "zh": "zho_Hans", "de": "deu_Latn", "id": "ind_Latn",
-    "yo": "yor_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ja": "jpn_Jpan", "ru": "rus_Cyrl", "ar": "arb_Arab",
-    "hi": "hin_Deva", "pt": "por_Latn", "it": "ita_Latn", "vi": "vie_Latn", "th": "tha_Thai", "tr": "tur_Latn",
-    "nl": "nld_Latn", "pl": "pol_Latn", "uk": "ukr_Cyrl", "bn": "ben_Beng", "ta": "tam_Taml", "te": "tel_Telu",
-    "ur": "urd_Arab", "fa": "pes_Arab", "he": "heb_Hebr", "el": "ell_Grek", "cs": "ces_Latn", "sv": "swe_Latn",
-    "fi": "fin_Latn", "da": "dan_Latn", "hu": "hun_Latn", "ro": "ron_Latn", "ms": "zsm_Latn", "tl": "tgl_Latn",
-    "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn", "zu": "zul_Latn", "xh": "xho_Latn", "so": "som_Latn",
-    "rw": "kin_Latn", "bg": "bul_Cyrl", "ca": "cat_Latn", "hr": "hrv_Latn", "sk": "slk_Latn", "sl": "slv_Latn",
-    "sr": "srp_Cyrl", "lt": "lit_Latn", "lv": "lvs_Latn", "et": "est_Latn", "no": "nob_Latn", "nb": "nob_Latn",
-    "mr": "mar_Deva", "gu": "guj_Gujr", "kn": "kan_Knda", "ml": "mal_Mlym", "pa": "pan_Guru", "ne": "npi_Deva",
+    "en": "eng_Latn",
+    "ko": "kor_Hang",
+    "sw": "swh_Latn",
+    "zh": "zho_Hans",
+    "de": "deu_Latn",
+    "id": "ind_Latn",
+    "yo": "yor_Latn",
+    "fr": "fra_Latn",
+    "es": "spa_Latn",
+    "ja": "jpn_Jpan",
+    "ru": "rus_Cyrl",
+    "ar": "arb_Arab",
+    "hi": "hin_Deva",
+    "pt": "por_Latn",
+    "it": "ita_Latn",
+    "vi": "vie_Latn",
+    "th": "tha_Thai",
+    "tr": "tur_Latn",
+    "nl": "nld_Latn",
+    "pl": "pol_Latn",
+    "uk": "ukr_Cyrl",
+    "bn": "ben_Beng",
+    "ta": "tam_Taml",
+    "te": "tel_Telu",
+    "ur": "urd_Arab",
+    "fa": "pes_Arab",
+    "he": "heb_Hebr",
+    "el": "ell_Grek",
+    "cs": "ces_Latn",
+    "sv": "swe_Latn",
+    "fi": "fin_Latn",
+    "da": "dan_Latn",
+    "hu": "hun_Latn",
+    "ro": "ron_Latn",
+    "ms": "zsm_Latn",
+    "tl": "tgl_Latn",
+    "am": "amh_Ethi",
+    "ha": "hau_Latn",
+    "ig": "ibo_Latn",
+    "zu": "zul_Latn",
+    "xh": "xho_Latn",
+    "so": "som_Latn",
+    "rw": "kin_Latn",
+    "bg": "bul_Cyrl",
+    "ca": "cat_Latn",
+    "hr": "hrv_Latn",
+    "sk": "slk_Latn",
+    "sl": "slv_Latn",
+    "sr": "srp_Cyrl",
+    "lt": "lit_Latn",
+    "lv": "lvs_Latn",
+    "et": "est_Latn",
+    "no": "nob_Latn",
+    "nb": "nob_Latn",
+    "mr": "mar_Deva",
+    "gu": "guj_Gujr",
+    "kn": "kan_Knda",
+    "ml": "mal_Mlym",
+    "pa": "pan_Guru",
+    "ne": "npi_Deva",
 }
 _ISO1_FROM_FLORES = {v: k for k, v in _FLORES.items()}
 # Macrolanguage / alternative 3-letter codes Marian models may use.
-_ISO3_ALT = {"sw": ["swa", "swh"], "zh": ["zho", "cmn"], "ar": ["ara", "arb"], "fa": ["fas", "pes"], "ms": ["msa", "zsm"],
-             "no": ["nor", "nob"], "lv": ["lav", "lvs"], "et": ["est", "ekk"]}
+_ISO3_ALT = {
+    "sw": ["swa", "swh"],
+    "zh": ["zho", "cmn"],
+    "ar": ["ara", "arb"],
+    "fa": ["fas", "pes"],
+    "ms": ["msa", "zsm"],
+    "no": ["nor", "nob"],
+    "lv": ["lav", "lvs"],
+    "et": ["est", "ekk"],
+}
 
 
 def _marian_candidates(code: str) -> list[str]:
@@ -174,6 +234,7 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
     Returns {"src": code, "tgt": code, "forced_bos_token_id": int | None, "prefix": str}; raises
     UnknownLanguageError naming the model and the code when the model does not know a language.
     """
+
     def unknown(code: str, which: str, known: Sequence[str]) -> UnknownLanguageError:
         sample = ", ".join(sorted(known)[:40])
         return UnknownLanguageError(
@@ -189,8 +250,12 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
             if c not in known:
                 raise unknown(code, which, known)
             codes[which] = c
-        return {"src": codes["source"], "tgt": codes["target"], "prefix": "",
-                "forced_bos_token_id": tokenizer.get_lang_id(codes["target"])}
+        return {
+            "src": codes["source"],
+            "tgt": codes["target"],
+            "prefix": "",
+            "forced_bos_token_id": tokenizer.get_lang_id(codes["target"]),
+        }
     if family == "nllb":
         vocab = tokenizer.get_vocab()
         known = [t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
@@ -200,8 +265,12 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
             if c not in vocab:
                 raise unknown(code, which, known)
             codes[which] = c
-        return {"src": codes["source"], "tgt": codes["target"], "prefix": "",
-                "forced_bos_token_id": tokenizer.convert_tokens_to_ids(codes["target"])}
+        return {
+            "src": codes["source"],
+            "tgt": codes["target"],
+            "prefix": "",
+            "forced_bos_token_id": tokenizer.convert_tokens_to_ids(codes["target"]),
+        }
     if family == "marian":
         supported = list(getattr(tokenizer, "supported_language_codes", None) or [])
         if supported:  # multi-target model: the target is chosen by a ">>xxx<<" prefix
@@ -250,9 +319,9 @@ def segment_text(text: str) -> list[tuple[str, str]]:
             continue
         line = lines[i]
         body = line.rstrip()
-        trail = line[len(body):]
+        trail = line[len(body) :]
         prefix = _LINE_PREFIX.match(body).group(1)
-        core = body[len(prefix):]
+        core = body[len(prefix) :]
         if prefix:
             parts.append(("code", prefix))
         if core and re.search(r"[^\W\d_]", _INLINE_CODE.sub("", core)):
@@ -332,9 +401,20 @@ class HFTranslator:
     `model_calls` counts `generate` batches (tests check that a cached rerun makes none).
     """
 
-    def __init__(self, model_name: str, src: str, tgt: str, *, cache: TranslationCache | None,
-                 batch_size: int = 16, max_length: int = 512, num_beams: int = 4, device: str = "auto",
-                 dtype: str = "auto", progress: bool = True):
+    def __init__(
+        self,
+        model_name: str,
+        src: str,
+        tgt: str,
+        *,
+        cache: TranslationCache | None,
+        batch_size: int = 16,
+        max_length: int = 512,
+        num_beams: int = 4,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress: bool = True,
+    ):
         from transformers import AutoTokenizer
 
         self.model_name = model_name
@@ -346,7 +426,7 @@ class HFTranslator:
         self.src, self.tgt = src, tgt
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-        except Exception as e:  # noqa: BLE001 - re-raised with the model named
+        except Exception as e:  # any failure of the loader: re-raised with the model named
             raise TranslationError(f"cannot load the tokenizer of translation model {model_name!r}: {e}") from e
         self.family = model_family(self.tokenizer)
         self.codes = resolve_language_codes(self.family, src, tgt, self.tokenizer, model_name)
@@ -355,9 +435,17 @@ class HFTranslator:
         # cache key: the model plus the decoding setting that changes its output
         self.name = f"{model_name}|beams={self.num_beams}"
         self.model_calls = 0
-        self.stats: dict = {"backend": "hf", "model": model_name, "texts": 0, "cache_hits": 0,
-                            "translated": 0, "pieces_translated": 0, "piece_cache_hits": 0,
-                            "model_calls": 0, "inline_code_fallbacks": 0}
+        self.stats: dict = {
+            "backend": "hf",
+            "model": model_name,
+            "texts": 0,
+            "cache_hits": 0,
+            "translated": 0,
+            "pieces_translated": 0,
+            "piece_cache_hits": 0,
+            "model_calls": 0,
+            "inline_code_fallbacks": 0,
+        }
 
     # -- model -----------------------------------------------------------------------------------
     def _load_model(self):
@@ -368,8 +456,11 @@ class HFTranslator:
 
         dev = self._device_arg
         if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else ("mps" if getattr(torch.backends, "mps", None)
-                                                              and torch.backends.mps.is_available() else "cpu")
+            dev = (
+                "cuda"
+                if torch.cuda.is_available()
+                else ("mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+            )
         dt = self._dtype_arg
         if dt == "auto":
             if dev.startswith("cuda"):
@@ -378,7 +469,7 @@ class HFTranslator:
                 dt = "float32"
         try:
             model = AutoModelForSeq2SeqLM.from_pretrained(self.model_name, dtype=getattr(torch, dt))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TranslationError(f"cannot load translation model {self.model_name!r}: {e}") from e
         self._model = model.to(dev).eval()
         self.device = dev
@@ -395,11 +486,16 @@ class HFTranslator:
         tok = self.tokenizer
         if self.family in ("m2m100", "nllb"):
             tok.src_lang = self.codes["src"]
-        enc = tok([self.codes["prefix"] + t for t in texts], return_tensors="pt", padding=True,
-                  truncation=True, max_length=self.max_length)
+        enc = tok(
+            [self.codes["prefix"] + t for t in texts],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+        )
         enc = {k: v.to(self.device) for k, v in enc.items()}
         in_len = int(enc["input_ids"].shape[1])
-        kwargs = dict(num_beams=self.num_beams, max_new_tokens=min(self.max_length, 2 * in_len + 16))
+        kwargs = {"num_beams": self.num_beams, "max_new_tokens": min(self.max_length, 2 * in_len + 16)}
         if self.codes["forced_bos_token_id"] is not None:
             kwargs["forced_bos_token_id"] = self.codes["forced_bos_token_id"]
         with torch.inference_mode():
@@ -433,15 +529,14 @@ class HFTranslator:
             return done
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"translate {self.src}->{self.tgt}", unit="piece",
-                   disable=not self.progress)
+        bar = tqdm(total=len(todo), desc=f"translate {self.src}->{self.tgt}", unit="piece", disable=not self.progress)
         try:
             for i in range(0, len(todo), self.batch_size):
                 batch = todo[i : i + self.batch_size]
                 res = self._generate(batch)
                 if self.cache is not None:
-                    self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res))
-                done.update(zip(batch, res))
+                    self.cache.put_many(self.name, self.src, self.tgt, zip(batch, res, strict=False))
+                done.update(zip(batch, res, strict=False))
                 self.stats["pieces_translated"] += len(batch)
                 bar.update(len(batch))
         finally:
@@ -505,7 +600,7 @@ class HFTranslator:
         texts = [p.instruction for p in pairs] + [p.response for p in pairs]
         out = self.translate(texts)
         n = len(pairs)
-        return list(zip(out[:n], out[n:]))
+        return list(zip(out[:n], out[n:], strict=False))
 
 
 def _rebuild_around_code(orig: str, table: dict[str, str]) -> str:
@@ -525,7 +620,7 @@ def _translate_fragment(frag: str, table: dict[str, str]) -> str:
     if not core or not re.search(r"[^\W\d_]", core):
         return frag
     lead = frag[: len(frag) - len(frag.lstrip())]
-    trail = frag[len(frag.rstrip()):]
+    trail = frag[len(frag.rstrip()) :]
     return lead + table.get(core, core) + trail
 
 
@@ -537,9 +632,15 @@ def make_translator(cfg: Any, *, progress: bool = True) -> Translator:
     if cfg.translator == "hf":
         cache = TranslationCache(Path(cfg.cache_dir).expanduser() / "translations.sqlite")
         return HFTranslator(
-            cfg.translation_model, cfg.source_lang, cfg.target_lang, cache=cache,
-            batch_size=cfg.translation_batch_size, max_length=cfg.translation_max_length,
-            num_beams=cfg.translation_num_beams, device=cfg.translation_device, dtype=cfg.translation_dtype,
+            cfg.translation_model,
+            cfg.source_lang,
+            cfg.target_lang,
+            cache=cache,
+            batch_size=cfg.translation_batch_size,
+            max_length=cfg.translation_max_length,
+            num_beams=cfg.translation_num_beams,
+            device=cfg.translation_device,
+            dtype=cfg.translation_dtype,
             progress=progress,
         )
     raise TranslationError(f"unknown translator {cfg.translator!r} (columns | hf)")

@@ -1,4 +1,6 @@
 """Translation backends and cache: a tiny random M2M100 built here, loaded through the real `hf` path."""
+
+import importlib
 import io
 import json
 import os
@@ -6,11 +8,11 @@ import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from clo_fast.config import DataConfig  # noqa: E402
-from clo_fast.data import DataError, build_text_dataset, demo_data_path  # noqa: E402
-from clo_fast.translation import (  # noqa: E402
+from clo_fast.config import DataConfig
+from clo_fast.data import DataError, build_text_dataset, demo_data_path
+from clo_fast.data.translate import (
     HFTranslator,
     TranslationCache,
     UnknownLanguageError,
@@ -20,7 +22,7 @@ from clo_fast.translation import (  # noqa: E402
     segment_text,
 )
 
-import sentencepiece  # noqa: E402,F401  (the `test` extra: a missing package fails, never skips)
+importlib.import_module("sentencepiece")  # the `test` extra: a missing package fails, never skips
 
 
 def _demo_rows():
@@ -37,8 +39,18 @@ def tiny_m2m(tmp_path_factory):
     d = tmp_path_factory.mktemp("m2m")
     texts = [r[k] for r in _demo_rows() for k in ("instruction", "response", "instruction_sw", "response_sw")]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=300, model_type="bpe",
-                                   character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=300,
+        model_type="bpe",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (d / "sentencepiece.bpe.model").write_bytes(buf.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
@@ -47,10 +59,21 @@ def tiny_m2m(tmp_path_factory):
     (d / "vocab.json").write_text(json.dumps(vocab))
     tok = M2M100Tokenizer(str(d / "vocab.json"), str(d / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="sw")
     torch.manual_seed(0)
-    cfg = M2M100Config(vocab_size=max(tok.lang_code_to_id.values()) + 1, d_model=16, encoder_layers=1,
-                       decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                       decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=0,
-                       eos_token_id=2, decoder_start_token_id=2)
+    cfg = M2M100Config(
+        vocab_size=max(tok.lang_code_to_id.values()) + 1,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
     model_dir = d / "model"
     M2M100ForConditionalGeneration(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -149,7 +172,12 @@ def test_segment_text_roundtrip_and_code_kept():
         for t in (r["response"], r["instruction"]):
             assert "".join(s for _, s in segment_text(t)) == t
     parts = segment_text("Intro.\n```\ncode here\n```\n## Title\n42\n")
-    assert parts == [("prose", "Intro."), ("code", "\n```\ncode here\n```\n## "), ("prose", "Title"), ("code", "\n42\n")]
+    assert parts == [
+        ("prose", "Intro."),
+        ("code", "\n```\ncode here\n```\n## "),
+        ("prose", "Title"),
+        ("code", "\n42\n"),
+    ]
     # unterminated fence: the rest is code
     assert segment_text("Hi.\n```\nx = 1") == [("prose", "Hi."), ("code", "\n```\nx = 1")]
 
@@ -178,8 +206,13 @@ def test_unknown_language_code_names_model_and_code(tiny_m2m, tmp_path):
     with pytest.raises(UnknownLanguageError, match=r"does not know target language 'xx'") as e:
         _translator(tiny_m2m, tmp_path / "c.sqlite", tgt="xx")
     assert tiny_m2m in str(e.value)
-    cfg = DataConfig(translator="hf", translation_model=tiny_m2m, target_lang="qq", cache_dir=str(tmp_path),
-                     output_dir=str(tmp_path / "out"))
+    cfg = DataConfig(
+        translator="hf",
+        translation_model=tiny_m2m,
+        target_lang="qq",
+        cache_dir=str(tmp_path),
+        output_dir=str(tmp_path / "out"),
+    )
     with pytest.raises(UnknownLanguageError, match="'qq'"):
         build_text_dataset(cfg, progress=False)
     # a FLORES code for a language M2M100 knows is accepted
@@ -218,10 +251,20 @@ def test_language_code_families():
 
 
 def test_build_text_dataset_with_hf_backend_and_cached_rebuild(tiny_m2m, tmp_path):
-    cfg = DataConfig(translator="hf", translation_model=tiny_m2m, target_lang="sw", max_examples=6,
-                     translation_batch_size=8, translation_max_length=20, translation_num_beams=1,
-                     translation_device="cpu", cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
-                     on_bad_record="skip", eval_fraction=0.0)
+    cfg = DataConfig(
+        translator="hf",
+        translation_model=tiny_m2m,
+        target_lang="sw",
+        max_examples=6,
+        translation_batch_size=8,
+        translation_max_length=20,
+        translation_num_beams=1,
+        translation_device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        on_bad_record="skip",
+        eval_fraction=0.0,
+    )
     dsd, summary = build_text_dataset(cfg, progress=False)
     tr = summary["translation"]
     assert tr["model_calls"] > 0 and tr["cache_hits"] == 0
@@ -244,5 +287,7 @@ def test_empty_translation_is_an_error_naming_record(tmp_path):
             return [("x", "") for _ in pairs]
 
     cfg = DataConfig(translator="hf", max_examples=2, cache_dir=str(tmp_path), output_dir=str(tmp_path / "o"))
-    with pytest.raises(DataError, match=r"demo_en_ko_sw.jsonl: line \d+: field 'response': the ko translation is empty"):
+    with pytest.raises(
+        DataError, match=r"demo_en_ko_sw.jsonl: line \d+: field 'response': the ko translation is empty"
+    ):
         build_text_dataset(cfg, translator=Blank(), progress=False)

@@ -1,0 +1,19 @@
+"""Facts shared by several modules, stated once."""
+
+from __future__ import annotations
+
+# Label value that marks a position as not scored (prompt tokens, padding); the PyTorch convention.
+IGNORE_INDEX = -100
+
+# Every CLO example is four sequences, in this order (docs/DESIGN.md §1); batch row 4b+k = example b, sequence k.
+SEQUENCES_PER_EXAMPLE = 4
+SEQUENCE_KINDS = ("en_en", "en_tgt", "tgt_tgt", "tgt_en")  # (prompt language, response language)
+
+# The default trainable modules: attention projections only (the CLO paper's setting).
+ATTENTION_ONLY_PATTERNS = ("*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*")
+
+# DeepSpeed precision mode ↔ model.dtype name (the one place precision names are mapped).
+PRECISION_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+DEFAULT_CACHE_DIR = "~/.cache/clo_fast"
+DEMO_LANGS = ("ko", "sw")  # target languages the bundled demo data carries translations for

@@ -1,0 +1,100 @@
+"""The data builder's command line (`python -m clo_fast.data`, console script `clo-fast-data`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clo_fast.config import ConfigError, add_override_argument, load_config
+from clo_fast.data.build import build_text_dataset, save_text_dataset
+from clo_fast.data.sources import DataError
+from clo_fast.data.tokenize import tokenize_dataset
+
+
+def _summary_tokenizer(run: Any, explicit: str | None):
+    """A tokenizer for the token-length summary and the tokenization cache: --tokenizer, else the run's
+    model (`demo` resolves to the built demo model)."""
+    from clo_fast.pretrained import load_tokenizer
+
+    return load_tokenizer(explicit) if explicit else load_tokenizer(run.model, run.data.cache_dir)
+
+
+def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
+    p = print
+    p(
+        f"\nclo-fast data: {summary['source']} ({summary['source_format']}) -> {summary['target_lang']} "
+        f"via {summary['translator']}  [{summary['seconds']} s]"
+    )
+    p(
+        f"  records read {summary['records_read']}, valid pairs {summary['valid_pairs']}, "
+        f"selected {summary['selected']}, kept {summary['kept']} (train {summary['train']}, eval {summary['eval']})"
+    )
+    if summary["skipped_bad_records"]:
+        p(f"  skipped bad records: {summary['skipped_bad_records']}")
+        for e in summary["skipped_examples"][:5]:
+            p(f"    e.g. {e}")
+    if summary["filtered"]:
+        p(f"  filtered (oasst): {summary['filtered']}")
+    tr = summary.get("translation") or {}
+    if tr.get("backend") == "hf":
+        p(
+            f"  translation: {tr['texts']} texts, cache hits {tr['cache_hits']}, newly translated {tr['translated']} "
+            f"({tr['pieces_translated']} pieces in {tr['model_calls']} model calls, "
+            f"piece cache hits {tr['piece_cache_hits']})"
+        )
+    if tok_stats:
+        for split, st in tok_stats.items():
+            p(
+                f"  tokenized {split}: kept {st['kept']}/{st['examples']}, dropped {st['dropped']}, "
+                f"truncated {st['truncated']} (max_length {st['max_length']}, cache hit {st['cache_hit']})"
+            )
+        p("  token lengths (train, after truncation):  kind      p50   p90   p99   max")
+        for k, v in tok_stats["train"]["token_lengths"].items():
+            if v.get("n"):
+                p(f"{'':44}{k:8} {v['p50']:5} {v['p90']:5} {v['p99']:5} {v['max']:5}")
+    else:
+        p("  character lengths (not tokenized; token lengths need a tokenizer):  p50   p90   max")
+        for k, v in summary["char_lengths"].items():
+            p(f"{'':4}{k:14} {v['p50']:6} {v['p90']:6} {v['max']:6}")
+    p(f"  saved to {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m clo_fast.data --config configs/<run>.yaml [--tokenizer NAME] [--set data.key=value ...]`."""
+    from clo_fast.data.translate import TranslationError
+
+    ap = argparse.ArgumentParser(prog="clo-fast-data", description="Build a cross-lingual CLO dataset.")
+    ap.add_argument("--config", help="run config YAML (its `data:` section is used); defaults when omitted")
+    add_override_argument(ap)
+    ap.add_argument(
+        "--tokenizer",
+        help="tokenizer (path or hub name) for the tokenization cache and token-length "
+        "stats (default: the config's model; 'demo' = the built demo model)",
+    )
+    ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        run = load_config(args.config, args.set)
+        cfg = run.data
+        dsd, summary = build_text_dataset(cfg, progress=not args.no_progress)
+        out = save_text_dataset(dsd, summary, cfg.output_dir)
+        tok_stats = None
+        if not args.no_tokenize:
+            tok = _summary_tokenizer(run, args.tokenizer)
+            tok_stats = {}
+            for split in ("train", "eval"):
+                st: dict = {}
+                tokenize_dataset(dsd[split], tok, cfg, stats=st)
+                tok_stats[split] = st
+            summary["tokenized"] = tok_stats
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    except (DataError, ConfigError, TranslationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(summary, tok_stats, out)
+    return 0

@@ -1,0 +1,266 @@
+"""Reading the English source: the bundled demo, a HF dataset, a local json/jsonl/parquet/csv file or folder,
+or oasst1 message trees, into `Pair`s. Bad records raise `DataError` or are counted (data.on_bad_record)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clo_fast.config import DataConfig
+from clo_fast.paths import looks_local
+
+DEMO_FILE = "demo_en_ko_sw.jsonl"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (or dataset), the record and the field.
+
+    `reason` is a short key used for the summary's skip counts (missing_field, non_string_field,
+    empty_text, malformed_line, not_an_object, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_record"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Pair:
+    """One English source pair (and, for translator=columns, its given translation)."""
+
+    id: str
+    instruction: str
+    response: str
+    where: str  # "file: line 3" / "dataset 'x' split 'train': record 7" — used in error messages
+    instruction_tgt: str | None = None
+    response_tgt: str | None = None
+
+
+class BadRecords:
+    """Applies on_bad_record: raise (error) or count by reason (skip), keeping a few example messages."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.counts: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def handle(self, err: DataError) -> None:
+        if self.mode != "skip":
+            raise err
+        self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
+        if len(self.examples) < 10:
+            self.examples.append(str(err))
+
+
+# ------------------------------------------------------------------------------------- reading
+def demo_data_path():
+    """The bundled demo file (an importlib.resources Traversable; works from a wheel too)."""
+    from importlib.resources import files
+
+    return files("clo_fast").joinpath("demo_data").joinpath(DEMO_FILE)
+
+
+def _iter_records(cfg: DataConfig, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    """Yield (where, record) for every record of the source; malformed lines go through `skips`."""
+    src = cfg.source
+    if src == "demo":
+        name = f"<bundled demo>/{DEMO_FILE}"
+        yield from _iter_jsonl_text(demo_data_path().read_text(encoding="utf-8"), name, skips)
+    elif looks_local(src) and not Path(src).expanduser().is_dir():  # a folder goes to datasets.load_dataset
+        yield from _iter_local_file(Path(src).expanduser(), src, skips)
+    else:
+        yield from _iter_hub_dataset(cfg)
+
+
+def _iter_local_file(path: Path, src: str, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{src}: data file not found", "missing_file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl_text(path.read_text(encoding="utf-8"), str(path), skips)
+    elif suffix == ".json":
+        yield from _iter_json_file(path, skips)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: record {i}", rec
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for i, rec in enumerate(reader):
+                yield f"{path}: record {i} (line {reader.line_num})", rec
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .parquet or .csv)", "bad_file")
+
+
+def _iter_json_file(path: Path, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        # JSON Lines saved as .json is common: read it line by line (errors name the line)
+        yield from _iter_jsonl_text(text, str(path), skips)
+        return
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of records (or an object holding one list)", "bad_file")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}", "bad_file")
+    for i, rec in enumerate(data):
+        yield f"{path}: record {i}", rec
+
+
+def _iter_hub_dataset(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    """A Hugging Face dataset name (or a local dataset folder), loaded with datasets.load_dataset."""
+    import datasets
+
+    src = cfg.source
+    try:
+        name = os.path.expanduser(src) if os.path.isdir(os.path.expanduser(src)) else src
+        ds = datasets.load_dataset(name, cfg.source_config, split=cfg.split)
+    except Exception as e:  # any failure of the loader: re-raised with the name
+        raise DataError(f"dataset {src!r} (split {cfg.split!r}): cannot load: {e}", "missing_file") from e
+    where = f"dataset {src!r} split {cfg.split!r}"
+    for i, rec in enumerate(ds):
+        yield f"{where}: record {i}", rec
+
+
+def _iter_jsonl_text(text: str, name: str, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            skips.handle(DataError(f"{name}: line {n}: malformed JSON ({e.msg} at column {e.colno})", "malformed_line"))
+            continue
+        yield f"{name}: line {n}", rec
+
+
+def _text_field(rec: Any, fld: str, where: str) -> str:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: record is not an object (got {type(rec).__name__})", "not_an_object")
+    if fld not in rec or rec[fld] is None:
+        have = ", ".join(sorted(map(str, rec))[:20])
+        raise DataError(f"{where}: field {fld!r}: missing (record has: {have})", "missing_field")
+    v = rec[fld]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {fld!r}: expected a string, got {type(v).__name__}", "non_string_field")
+    if not v.strip():
+        raise DataError(f"{where}: field {fld!r}: empty or whitespace-only text", "empty_text")
+    return v.strip()
+
+
+def _target_fields(cfg: DataConfig) -> tuple[str, str]:
+    return (
+        cfg.target_instruction_field.replace("{lang}", cfg.target_lang),
+        cfg.target_response_field.replace("{lang}", cfg.target_lang),
+    )
+
+
+def read_pairs(
+    cfg: DataConfig, skips: BadRecords | None = None, filtered: dict | None = None
+) -> tuple[list[Pair], int]:
+    """All valid English pairs of the source (plus given translations for translator=columns).
+
+    Returns (pairs, records_read). Bad records raise DataError, or are counted in `skips` when
+    cfg.on_bad_record == "skip"; oasst filtering (non-English roots, no ranked reply) counts in `filtered`.
+    """
+    skips = skips or BadRecords(cfg.on_bad_record)
+    filtered = {} if filtered is None else filtered
+    records = list(_iter_records(cfg, skips))
+    if cfg.source_format == "oasst":
+        return _oasst_pairs(records, cfg, skips, filtered), len(records)
+    columns = cfg.translator == "columns"
+    ti, tr = _target_fields(cfg)
+    pairs = []
+    for k, (where, rec) in enumerate(records):
+        try:
+            p = Pair(
+                id=str(rec["id"]) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"{k:06d}",
+                instruction=_text_field(rec, cfg.instruction_field, where),
+                response=_text_field(rec, cfg.response_field, where),
+                where=where,
+            )
+            if columns:
+                p.instruction_tgt = _text_field(rec, ti, where)
+                p.response_tgt = _text_field(rec, tr, where)
+        except DataError as e:
+            skips.handle(e)
+            continue
+        pairs.append(p)
+    return pairs, len(records)
+
+
+def _oasst_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadRecords, filtered: dict) -> list[Pair]:
+    """English root prompts with their best-ranked (lowest rank, normally 0) assistant reply.
+
+    Accepts the flat message table of `OpenAssistant/oasst1` (message_id, parent_id, role, text, lang,
+    rank, deleted, review_result) and the nested tree export (records with a "prompt" holding "replies").
+    """
+
+    def bump(key: str) -> None:
+        filtered[key] = filtered.get(key, 0) + 1
+
+    def usable(msg: dict) -> bool:
+        return not msg.get("deleted", False) and msg.get("review_result", True) is not False
+
+    trees: list[tuple[str, dict, list[dict]]] = []  # (where, root, replies)
+    nested = bool(records) and isinstance(records[0][1], dict) and isinstance(records[0][1].get("prompt"), dict)
+    if nested:
+        for where, rec in records:
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), dict):
+                skips.handle(DataError(f"{where}: field 'prompt': missing or not a message object", "missing_field"))
+                continue
+            root = rec["prompt"]
+            trees.append((where, root, [r for r in root.get("replies") or [] if isinstance(r, dict)]))
+    else:
+        children: dict[str, list[dict]] = {}
+        roots: list[tuple[str, dict]] = []
+        for where, rec in records:
+            if not isinstance(rec, dict):
+                skips.handle(DataError(f"{where}: record is not an object (got {type(rec).__name__})", "not_an_object"))
+                continue
+            if "message_id" not in rec:
+                skips.handle(DataError(f"{where}: field 'message_id': missing (is this oasst data?)", "missing_field"))
+                continue
+            rec = dict(rec, _where=where)
+            if rec.get("parent_id") in (None, ""):
+                roots.append((where, rec))
+            else:
+                children.setdefault(str(rec["parent_id"]), []).append(rec)
+        trees = [(w, r, children.get(str(r["message_id"]), [])) for w, r in roots]
+    pairs = []
+    for where, root, replies in trees:
+        if root.get("role", "prompter") != "prompter" or not usable(root):
+            bump("oasst_unusable_root")
+            continue
+        if root.get("lang", cfg.source_lang) != cfg.source_lang:
+            bump("oasst_other_language")
+            continue
+        ranked = [
+            r
+            for r in replies
+            if r.get("role", "assistant") == "assistant" and usable(r) and isinstance(r.get("rank"), (int, float))
+        ]
+        if not ranked:
+            bump("oasst_no_ranked_reply")
+            continue
+        best = min(ranked, key=lambda r: r["rank"])
+        try:
+            instr = _text_field(root, "text", where)
+            resp = _text_field(best, "text", best.get("_where", f"{where}: best reply"))
+        except DataError as e:
+            skips.handle(e)
+            continue
+        rid = root.get("message_id") or root.get("message_tree_id") or f"{len(pairs):06d}"
+        pairs.append(Pair(id=str(rid), instruction=instr, response=resp, where=where))
+    return pairs

@@ -1,0 +1,49 @@
+"""`python -m clo_fast.evaluate --config <run>.yaml --model base=<path> --model clo=<path>` (clo-fast-eval)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from clo_fast.config import ConfigError, add_override_argument, load_config
+from clo_fast.evaluate.errors import EvalError
+from clo_fast.evaluate.prompts import read_prompts_file
+from clo_fast.evaluate.report import render_markdown
+from clo_fast.evaluate.run import evaluate_models
+from clo_fast.language_id import UnknownLanguageError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m clo_fast.evaluate", description="Evaluate models side by side.")
+    ap.add_argument("--config", required=True, help="run config YAML (data.* gives prompts/template, eval.* the rest)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH",
+        help="model directory or hub name; repeat for a side-by-side table (e.g. base=... clo=...)",
+    )
+    ap.add_argument("--prompts", help="JSON/JSONL prompt records instead of the dataset's eval split")
+    ap.add_argument("--out-dir", help="output folder (default eval.output_dir)")
+    add_override_argument(ap)
+    # shorthands kept from before --set existed: --max-prompts N is --set eval.max_prompts=N
+    for flag in ("max_prompts", "max_new_tokens", "batch_size"):
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, help=f"same as --set eval.{flag}=N")
+    args = ap.parse_args(argv)
+    shorthands = [
+        f"eval.{k}={getattr(args, k)}"
+        for k in ("max_prompts", "max_new_tokens", "batch_size")
+        if getattr(args, k) is not None
+    ]
+    try:
+        cfg = load_config(args.config, args.set + shorthands)
+        prompts = read_prompts_file(args.prompts) if args.prompts else None
+        report = evaluate_models(cfg, args.model, prompts=prompts, out_dir=args.out_dir)
+    except (EvalError, ConfigError, UnknownLanguageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(render_markdown(report))
+    print("files: " + ", ".join(report["files"].values()))
+    return 0

@@ -1,0 +1,121 @@
+"""Evaluation prompts: from the text dataset's held-out split or a file, normalised to one item per language,
+and encoded exactly as training encodes them."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from clo_fast.config import RunConfig
+from clo_fast.data.tokenize import format_prompt as data_format_prompt
+from clo_fast.data.tokenize import special_prefix
+from clo_fast.evaluate.errors import EvalError
+from clo_fast.language_id import normalize_lang
+
+
+def normalize_prompts(records: Sequence[dict], target_lang: str, max_per_lang: int | None = None) -> list[dict]:
+    """Turn prompt records into evaluation items `{"id", "lang", "prompt", "reference"}`.
+
+    A record is either a row of the text-level dataset (`prompt_en`, `response_en`, `prompt_tgt`,
+    `response_tgt`, optional `id`, `target_lang`: gives one English and one target-language item), or one
+    item (`prompt`, `lang`, optional `reference`, `id`). `reference` may be None (no NLL for that item).
+    Keeps at most `max_per_lang` items per language, in input order.
+    """
+    target = normalize_lang(target_lang)
+    items: list[dict] = []
+    for i, rec in enumerate(records):
+        items += _record_items(i, rec, target)
+    for it in items:
+        if not it["prompt"].strip():
+            raise EvalError(f"prompt id {it['id']} ({it['lang']}): empty prompt")
+    if max_per_lang is not None:
+        seen: Counter = Counter()
+        kept = []
+        for it in items:
+            if seen[it["lang"]] < max_per_lang:
+                seen[it["lang"]] += 1
+                kept.append(it)
+        items = kept
+    if not items:
+        raise EvalError("no evaluation prompts: the prompt list is empty")
+    return items
+
+
+def load_eval_prompts(cfg: RunConfig) -> list[dict]:
+    """The first eval.max_prompts rows of the text-level dataset's "eval" split
+    (`clo_fast.data.load_or_build_text_dataset`: the dataset training saved, or built from cfg.data)."""
+    import clo_fast.data as data
+
+    # the saved dataset when it matches the data config (same split as training), else build and save it
+    dsd, _summary = data.load_or_build_text_dataset(cfg.data)
+    if "eval" not in dsd or len(dsd["eval"]) == 0:
+        raise EvalError(
+            f"no evaluation prompts: the text dataset from data.source={cfg.data.source!r} has an empty 'eval' split "
+            f"(data.eval_fraction={cfg.data.eval_fraction}); raise data.eval_fraction or pass --prompts FILE.jsonl"
+        )
+    n = min(len(dsd["eval"]), cfg.eval.max_prompts)
+    return [dict(r) for r in dsd["eval"].select(range(n))]
+
+
+def read_prompts_file(path: str | Path) -> list[dict]:
+    """A .jsonl (one record per line) or .json (a list of records) file of prompt records."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EvalError(f"prompts file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+            if not isinstance(data, list):
+                raise EvalError(f"{path}: expected a JSON list of prompt records")
+            return data
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON: {e}") from None
+
+
+def format_prompt(tokenizer, text: str, data_cfg) -> str:
+    """The prompt string exactly as training formats it (`clo_fast.data.format_prompt`):
+    template=plain: data.prompt_template; template=chat: the tokenizer's chat template."""
+    return data_format_prompt(text, tokenizer, data_cfg)
+
+
+def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
+    """Prompt token ids as `clo_fast.data.tokenize_dataset` builds them: template=plain gets the tokenizer's
+    special prefix (BOS) before the text; a chat template writes its own, so nothing is added there."""
+    prefix = special_prefix(tokenizer) if data_cfg.template == "plain" else []
+    return prefix + list(tokenizer(format_prompt(tokenizer, text, data_cfg), add_special_tokens=False)["input_ids"])
+
+
+def _record_items(i: int, rec, target: str) -> list[dict]:
+    """The evaluation items of one prompt record (a dataset row gives two, an item record one)."""
+    if not isinstance(rec, dict):
+        raise EvalError(f"prompt record {i}: expected a dict, got {type(rec).__name__}")
+    rid = str(rec.get("id", i))
+    if "prompt_en" in rec or "prompt_tgt" in rec:
+        missing = [k for k in ("prompt_en", "prompt_tgt") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise EvalError(f"prompt record {i} (id {rid}): missing or non-string {', '.join(missing)}")
+        rec_lang = normalize_lang(rec.get("target_lang") or target)
+        if rec_lang != target:
+            raise EvalError(
+                f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}"
+            )
+        return [
+            {"id": rid, "lang": "en", "prompt": rec["prompt_en"], "reference": rec.get("response_en")},
+            {"id": rid, "lang": target, "prompt": rec["prompt_tgt"], "reference": rec.get("response_tgt")},
+        ]
+    if "prompt" in rec:
+        if "lang" not in rec:
+            raise EvalError(f"prompt record {i} (id {rid}): has 'prompt' but no 'lang'")
+        if not isinstance(rec["prompt"], str):
+            raise EvalError(f"prompt record {i} (id {rid}): 'prompt' must be a string")
+        ref = rec.get("reference")
+        if ref is not None and not isinstance(ref, str):
+            raise EvalError(f"prompt record {i} (id {rid}): 'reference' must be a string or null")
+        return [{"id": rid, "lang": normalize_lang(rec["lang"]), "prompt": rec["prompt"], "reference": ref}]
+    raise EvalError(
+        f"prompt record {i}: expected keys prompt_en/prompt_tgt (dataset row) or prompt/lang (item), got {sorted(rec)}"
+    )

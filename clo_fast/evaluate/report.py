@@ -1,0 +1,123 @@
+"""The report: per-language metrics, the markdown table (models as columns), the plot and the files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from clo_fast.language_id import language_fidelity
+
+
+def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> dict:
+    """Per prompt language: n_prompts, fidelity, detected-language counts, mean response tokens and the
+    share of responses that ended with EOS. `gens[i]` is {"tokens", "finished", ...} for `items[i]`."""
+    if not (len(items) == len(gens) == len(detected)):
+        raise ValueError("response_metrics: items, gens and detected must have the same length")
+    metrics = {}
+    for lang in dict.fromkeys(it["lang"] for it in items):
+        idx = [i for i, it in enumerate(items) if it["lang"] == lang]
+        metrics[lang] = {
+            "n_prompts": len(idx),
+            "fidelity": language_fidelity([detected[i] for i in idx], lang),
+            "detected": dict(Counter(detected[i] or "none" for i in idx).most_common()),
+            "mean_response_tokens": sum(gens[i]["tokens"] for i in idx) / len(idx),
+            "finished_share": sum(bool(gens[i]["finished"]) for i in idx) / len(idx),
+        }
+    return metrics
+
+
+def fmt(v, digits=3) -> str:
+    return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def render_markdown(report: dict) -> str:
+    """Metrics as rows, models as columns."""
+    models = list(report["models"])
+    langs = report["languages"]
+    lines = [
+        f"Evaluation on held-out prompts (target language: {report['target_lang']}; "
+        + ", ".join(f"{lang}: {report['n_prompts'][lang]} prompts" for lang in langs)
+        + ")",
+        "",
+        "| metric | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+
+    def row(name, key, lang, digits=3):
+        vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
+        lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in vals) + " |")
+
+    for lang in langs:
+        row(f"fidelity {lang} (↑)", "fidelity", lang)
+    for lang in langs:
+        row(f"reference NLL/token {lang} (↓)", "nll_per_token", lang)
+    for lang in langs:
+        row(f"mean response tokens {lang}", "mean_response_tokens", lang, 1)
+    judge = report.get("judge", {})
+    if judge.get("results"):
+        base = judge["baseline"]
+        for lang in langs:
+            vals = [judge["results"].get(m, {}).get(lang, {}).get("win_rate") if m != base else None for m in models]
+            lines.append(f"| judge win rate vs {base}, {lang} (↑) | " + " | ".join(fmt(v) for v in vals) + " |")
+    elif judge.get("skipped"):
+        lines += ["", f"LLM judge: skipped ({judge['skipped']})."]
+    if not report.get("nll_comparable", True):
+        lines += ["", "Note: the models use different tokenizers, so NLL per token is not comparable across them."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: str | Path) -> bool:
+    """PNG with two panels: fidelity and reference NLL/token, one bar group per model. False if no matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'clo-fast[eval]')")
+        return False
+    models = list(report["models"])
+    langs = report["languages"]
+    fig = Figure(figsize=(max(6.5, 1.4 * len(models) + 4), 4.0), dpi=120)
+    axes = fig.subplots(1, 2)
+    width = min(0.35, 0.8 / max(1, len(langs)))
+    for ax, key, title, fmt in (
+        (axes[0], "fidelity", "language fidelity (↑)", "%.2f"),
+        (axes[1], "nll_per_token", "reference NLL / token (↓)", "%.2f"),
+    ):
+        top = 0.0
+        for j, lang in enumerate(langs):
+            vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
+            xs = [i + (j - (len(langs) - 1) / 2) * width for i in range(len(models))]
+            bars = ax.bar(xs, [float("nan") if v is None else v for v in vals], width, label=f"{lang} prompts")
+            ax.bar_label(bars, fmt=fmt, fontsize=7)
+            top = max([top] + [v for v in vals if v is not None])
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=15 if len(models) > 3 else 0)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1.1 if key == "fidelity" else max(1e-3, top) * 1.15)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(langs), frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(str(path))
+    return True
+
+
+def write_report(report: dict, generations: list[dict], out_dir: str | Path) -> dict:
+    """report.json, report.md, report.png, generations.jsonl under out_dir; returns their paths."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "plot": out / "report.png",
+        "generations": out / "generations.jsonl",
+    }
+    report["files"] = {k: str(v) for k, v in files.items()}
+    if not plot_report(report, files["plot"]):
+        report["files"].pop("plot")
+    files["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    with files["generations"].open("w", encoding="utf-8") as f:
+        for g in generations:
+            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    files["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report["files"]

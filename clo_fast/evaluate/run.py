@@ -1,0 +1,183 @@
+"""The driver: every model on the same prompts, side by side; `evaluate_models` is the Python API."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clo_fast.config import RunConfig, validate_eval
+from clo_fast.data.tokenize import tokenizer_fingerprint
+from clo_fast.evaluate.errors import EvalError
+from clo_fast.evaluate.generation import generate_responses, reference_examples, reference_nll
+from clo_fast.evaluate.judge import run_judge
+from clo_fast.evaluate.models import load_model
+from clo_fast.evaluate.prompts import encode_prompt, load_eval_prompts, normalize_prompts
+from clo_fast.evaluate.report import fmt, response_metrics, write_report
+from clo_fast.language_id import get_identifier, normalize_lang
+from clo_fast.paths import looks_local
+from clo_fast.pretrained import ensure_pad_token
+
+
+def parse_model_specs(model_paths) -> list[tuple[str, Any]]:
+    """[(label, path-or-(model, tokenizer))] from 'path', 'label=path', (label, x) or {label: x}."""
+    if isinstance(model_paths, (str, os.PathLike)):
+        model_paths = [model_paths]
+    if isinstance(model_paths, dict):
+        model_paths = list(model_paths.items())
+    specs = []
+    for m in model_paths:
+        if isinstance(m, tuple):
+            label, src = m
+        else:
+            m = os.fspath(m)
+            head, sep, tail = m.partition("=")
+            if sep and head and re.fullmatch(r"[\w.\-]+", head) and tail:
+                label, src = head, tail
+            else:
+                label, src = (Path(m.rstrip("/")).name or m), m
+        specs.append((str(label), src))
+    if not specs:
+        raise EvalError("no models to evaluate: pass at least one --model")
+    labels = [s[0] for s in specs]
+    dup = [label for label, c in Counter(labels).items() if c > 1]
+    if dup:
+        raise EvalError(f"model label {dup[0]!r} is used twice: name them, e.g. --model base=PATH --model clo=PATH")
+    return specs
+
+
+def evaluate_models(
+    cfg: RunConfig,
+    model_paths,
+    prompts: Sequence[dict] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    judge_send: Callable[[dict], str] | None = None,
+) -> dict:
+    """Evaluate models side by side and write the report files. Returns the report dict.
+
+    model_paths: list of 'path', 'label=path' or (label, path) / (label, (model, tokenizer)) — an
+      already-loaded pair is used as is (and not freed). Labels default to the path's last component.
+    prompts: records as in `normalize_prompts`; default: the "eval" split of the text-level dataset.
+    out_dir: default `cfg.eval.output_dir`.
+    judge_send: replaces the HTTP call of the LLM judge (tests); the judge runs only when
+      `cfg.eval.judge_endpoint` is set or judge_send is given.
+    """
+    ev = cfg.eval
+    validate_eval(cfg, lambda _name: "<config>")  # configs built in code skip load_config
+    target = normalize_lang(cfg.data.target_lang)
+    specs = parse_model_specs(model_paths)
+    _check_before_generating(specs, cfg, judging=bool(ev.judge_endpoint or judge_send))
+    records = load_eval_prompts(cfg) if prompts is None else list(prompts)
+    if not records:
+        raise EvalError("no evaluation prompts: the prompt list is empty")
+    items = normalize_prompts(records, target, ev.max_prompts)
+    langs = sorted({it["lang"] for it in items}, key=lambda lang: (lang != "en", lang != target, lang))
+    lid = get_identifier(langs, ev.detector_languages)
+    t0 = time.time()
+
+    report: dict = {
+        "target_lang": target,
+        "languages": langs,
+        "n_prompts": {lang: sum(it["lang"] == lang for it in items) for lang in langs},
+        "eval_config": dataclasses.asdict(ev),
+        "template": cfg.data.template,
+        "detector_languages": list(lid.languages),
+        "models": {},
+    }
+    generations: list[dict] = []
+    responses: dict[str, list[str]] = {}
+    for label, src in specs:
+        t1 = time.time()
+        owned = not isinstance(src, tuple)
+        if owned:
+            model, tokenizer = load_model(str(src), cfg)
+        else:
+            model, tokenizer = src
+            ensure_pad_token(tokenizer)
+            was_training = model.training
+            model.eval()
+        gens, detected, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
+        report["models"][label] = {
+            "path": str(src) if owned else "<in-memory model>",
+            "metrics": metrics,
+            "tokenizer": tokenizer_fingerprint(tokenizer)[:12],
+            "seconds": round(time.time() - t1, 2),
+        }
+        responses[label] = [g["text"] for g in gens]
+        generations += _generation_records(label, items, gens, detected)
+        summary = "; ".join(
+            f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
+            for lang in langs
+        )
+        print(f"[evaluate] {label}: {summary} ({time.time() - t1:.1f}s)", flush=True)
+        if owned:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            model.train(was_training)
+
+    fingerprints = {m["tokenizer"] for m in report["models"].values()}
+    report["nll_comparable"] = len(fingerprints) == 1
+    if not report["nll_comparable"]:
+        print("[evaluate] warning: the models use different tokenizers: NLL per token is not comparable across them")
+    report["judge"] = run_judge(cfg, items, responses, langs, send=judge_send)
+    report["seconds"] = round(time.time() - t0, 2)
+    write_report(report, generations, out_dir if out_dir is not None else ev.output_dir)
+    return report
+
+
+def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, cfg: RunConfig):
+    """One model on every item: greedy responses, their detected languages, and the metrics per language
+    (fidelity, lengths, reference NLL per token)."""
+    ev = cfg.eval
+    prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in items]
+    gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    detected = lid.detect_batch([g["text"] for g in gens])
+    refs = reference_examples(tokenizer, items, cfg.data)
+    metrics = response_metrics(items, gens, detected)
+    for lang in langs:
+        ex = [refs[i] for i, it in enumerate(items) if it["lang"] == lang and refs[i] is not None]
+        nll_sum, nll_tok = reference_nll(model, tokenizer, ex, batch_size=ev.batch_size) if ex else (0.0, 0)
+        metrics[lang].update(
+            nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok, nll_sequences=len(ex)
+        )
+    return gens, detected, metrics
+
+
+def _check_before_generating(specs: list[tuple[str, Any]], cfg: RunConfig, *, judging: bool) -> None:
+    """Fail before any generation when a local model path is plainly wrong or the judge baseline is unknown."""
+    for _, src in specs:
+        if not isinstance(src, tuple) and looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
+            raise EvalError(f"model path {str(src)!r} does not exist")
+    labels = [label for label, _ in specs]
+    baseline = cfg.eval.judge_baseline
+    if judging and baseline and baseline not in labels:
+        raise EvalError(f"eval.judge_baseline {baseline!r} is not one of the model labels {labels}")
+
+
+def _generation_records(label: str, items: list[dict], gens: list[dict], detected: list) -> list[dict]:
+    """One generations.jsonl line per prompt: what the model answered and which language it was detected as."""
+    return [
+        {
+            "model": label,
+            "id": it["id"],
+            "lang": it["lang"],
+            "prompt": it["prompt"],
+            "response": g["text"],
+            "response_tokens": g["tokens"],
+            "finished": g["finished"],
+            "detected": d,
+        }
+        for it, g, d in zip(items, gens, detected, strict=True)
+    ]

@@ -1,0 +1,113 @@
+"""Process set-up: the process group and device, rank-0 helpers, seeds, RNG state, test crash hook.
+
+Rank and world size are read from torch.distributed when it is initialized, else 0 and 1, so every
+helper here also works in a plain single process (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import sys
+
+import numpy as np
+import torch
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def init_process_group() -> torch.device:
+    """DeepSpeed's process group (env:// from the launcher); returns this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed()
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    device = torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def log0(*args) -> None:
+    if rank() == 0:
+        print("[train]", *args, flush=True)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def rank0_first(fn):
+    """Run fn on rank 0, then on the other ranks (they find rank 0's on-disk caches)."""
+    if rank() == 0:
+        out = fn()
+        barrier()
+    else:
+        barrier()
+        out = fn()
+    return out
+
+
+def h2d(t: torch.Tensor, device) -> torch.Tensor:
+    """Host → device without a stream sync: a copy from pageable memory would synchronize, pinned does not."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: h2d(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.random.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
+
+
+def maybe_crash(point: str, step: int) -> None:
+    """Test hook: CLO_FAST_TEST_CRASH=<point>:<step> kills this process (SIGKILL) there."""
+    spec = os.environ.get("CLO_FAST_TEST_CRASH", "")
+    if spec == f"{point}:{step}":
+        print(f"[train] rank {rank()}: test crash at {spec}", flush=True)
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,47 @@
+"""The reference model's log-probs: one no-grad pass with the starting weights, stored with the data.
+
+The engine holds the starting weights before the first update, so it *is* the reference model then; the
+result is saved as a `ref_logps` column under <output_dir>/ref_data/<split> and reused by every resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from clo_fast.atomic import atomic_directory
+from clo_fast.config import RunConfig
+from clo_fast.training.distributed import barrier, log0, rank
+from clo_fast.training.scoring import score_dataset
+
+META_FILE = "clo_ref_meta.json"
+
+
+def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_path: str, device):
+    """The dataset with a `ref_logps` column: loaded when it was computed for the same model, data and
+    precision, else computed (every rank) and saved (rank 0)."""
+    import datasets
+
+    key = {
+        "model": model_path,
+        "data": getattr(ds, "_fingerprint", None),
+        "rows": len(ds),
+        "precision": cfg.model.dtype,
+        "head_impl": cfg.train.head_impl,
+    }
+    where = Path(cfg.train.output_dir) / "ref_data" / split
+    meta = where / META_FILE
+    if meta.is_file() and json.loads(meta.read_text()) == key:
+        log0(f"reference log-probs ({split}): reusing {where}")
+        return datasets.load_from_disk(str(where))
+    t0 = time.time()
+    ref, _ = score_dataset(engine, ds, collate, cfg.optim.micro_batch_examples, device, desc=f"reference ({split})")
+    ds = ds.add_column("ref_logps", ref.cpu().tolist())
+    if rank() == 0:
+        with atomic_directory(where) as tmp:
+            ds.save_to_disk(str(tmp))
+            (tmp / META_FILE).write_text(json.dumps(key))
+    barrier()
+    log0(f"reference log-probs ({split}): {len(ds)} examples in {time.time() - t0:.1f}s → {where}")
+    return ds

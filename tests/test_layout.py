@@ -1,0 +1,81 @@
+"""The layering of docs/DESIGN.md §2: a module imports only from its own layer or lower ones."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "clo_fast"
+
+# lowest first; a module is in the first layer whose prefix matches its dotted name
+LAYERS = [
+    ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id"]),
+    ("config", ["clo_fast.config"]),
+    ("maths", ["clo_fast.ops", "clo_fast.loss"]),
+    ("data", ["clo_fast.data"]),
+    ("model", ["clo_fast.demo_model", "clo_fast.pretrained", "clo_fast.model"]),
+    ("training", ["clo_fast.training"]),
+    ("evaluation", ["clo_fast.evaluate"]),
+    (
+        "entry points",
+        [
+            "clo_fast.train",
+            "clo_fast.data.cli",
+            "clo_fast.data.__main__",
+            "clo_fast.evaluate.cli",
+            "clo_fast.evaluate.__main__",
+            "clo_fast.__init__",
+        ],
+    ),
+]
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            matches = module == p or module.startswith(p + ".")
+            if matches and (best is None or len(p) > best[1]):  # the longest matching prefix decides
+                best = (rank, len(p))
+    assert best is not None, f"{module} is in no layer: add it to docs/DESIGN.md §2 and LAYERS"
+    return best[0]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts)
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clo_fast"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("clo_fast"))
+    return found
+
+
+def test_lower_layers_never_import_higher_ones():
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        mod = module_name(path)
+        for dep in imports(path):
+            if layer_of(dep) > layer_of(mod):
+                wrong.append(f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_cited_file_exists():
+    """Code and docs cite files by path (e.g. docs/DESIGN.md §3): each must be in the repository."""
+    import re
+
+    root = PKG.parent
+    cited = re.compile(r"\b((?:docs|clo_fast|kernels|benchmarks|configs|tests)/[\w./-]+\.(?:md|py|yaml|json))")
+    bare = re.compile(r"(?<![/\w])(DESIGN|INTERFACES)\.md")  # a doc cited without its folder
+    missing = []
+    for path in [*root.glob("*.md"), *root.glob("docs/*.md"), *PKG.rglob("*.py"), *root.glob("tests/*.py")]:
+        text = path.read_text()
+        missing += [f"{path.relative_to(root)} cites {ref}" for ref in cited.findall(text) if not (root / ref).exists()]
+        missing += [f"{path.relative_to(root)} cites {m.group(0)} without docs/" for m in bare.finditer(text)]
+    assert not missing, "\n".join(missing)
