@@ -20,16 +20,26 @@ sums where the path exposes them, the loss, and dX).
     python benchmarks/bench_head.py                      # CPU: scaled-down shapes
     python benchmarks/bench_head.py --out results.json   # GPU: Llama-3-8B, Qwen-2.5-3B, Mistral-7B heads
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 
-from common import (ROOT, cuda_peak_mb, interleaved_timings, label_mask, lm_like_head_inputs, machine_info,
-                    utc_now, versions)
-
 import torch  # noqa: E402  (common puts the repo on sys.path first)
+from common import (
+    ROOT,
+    cuda_peak_mb,
+    interleaved_timings,
+    label_mask,
+    lm_like_head_inputs,
+    machine_info,
+    utc_now,
+    versions,
+)
 
 from clo_fast.loss import clo_loss  # noqa: E402
 from clo_fast.ops import packed_sequence_logprobs, sequence_logprobs  # noqa: E402
@@ -49,13 +59,20 @@ def make_case(profile, B, H, V, dtype, device, head_trains, seed=0):
     labels = torch.where(mask.to(device), labels, -100)
     rows = mask.reshape(-1).nonzero()[:, 0]  # host: the trainer builds this with the batch
     case = {
-        "hidden": hidden.requires_grad_(True), "w": w.requires_grad_(head_trains), "labels": labels,
+        "hidden": hidden.requires_grad_(True),
+        "w": w.requires_grad_(head_trains),
+        "labels": labels,
         "ref": (-2.5 * mask.sum(1).view(B, 4).double() - torch.rand(B, 4, dtype=torch.float64)).to(device),
-        "rows": rows.to(device), "seq": (rows // T).to(device), "n_tokens": mask.sum(1).view(B, 4).to(device),
-        "S": S, "T": T, "B": B,
+        "rows": rows.to(device),
+        "seq": (rows // T).to(device),
+        "n_tokens": mask.sum(1).view(B, 4).to(device),
+        "S": S,
+        "T": T,
+        "B": B,
     }
-    stats.update(labelled_rows=int(rows.numel()), padded_rows=S * T,
-                 unlabelled_share=round(1 - rows.numel() / (S * T), 3))
+    stats.update(
+        labelled_rows=int(rows.numel()), padded_rows=S * T, unlabelled_share=round(1 - rows.numel() / (S * T), 3)
+    )
     return case, stats
 
 
@@ -87,8 +104,9 @@ def cce_logps(c):
     from cut_cross_entropy import linear_cross_entropy
 
     S, T, H = c["hidden"].shape
-    nll = linear_cross_entropy(c["hidden"].reshape(-1, H), c["w"], c["labels"].reshape(-1), reduction="none",
-                               shift=False)
+    nll = linear_cross_entropy(
+        c["hidden"].reshape(-1, H), c["w"], c["labels"].reshape(-1), reduction="none", shift=False
+    )
     return -nll.float().reshape(S, T).sum(1)
 
 
@@ -97,6 +115,7 @@ def _logps_path(logps_fn):
         loss = _loss_from_logps(c, logps_fn(c))
         loss.backward()
         return loss
+
     return run
 
 
@@ -111,9 +130,12 @@ def make_liger():
         # Liger wants [chosen; rejected] stacked: English direction (0 vs 1), target direction (2 vs 3)
         out_en = dpo_only(c["w"], torch.cat([h[0::4], h[1::4]]), torch.cat([y[0::4], y[1::4]]))
         out_tg = with_nll(c["w"], torch.cat([h[2::4], h[3::4]]), torch.cat([y[2::4], y[3::4]]))
-        loss = (out_en[0] if isinstance(out_en, tuple) else out_en) + (out_tg[0] if isinstance(out_tg, tuple) else out_tg)
+        loss = (out_en[0] if isinstance(out_en, tuple) else out_en) + (
+            out_tg[0] if isinstance(out_tg, tuple) else out_tg
+        )
         loss.backward()
         return loss
+
     return run
 
 
@@ -127,6 +149,7 @@ def _with_logits_gemm(mode, fn):
             return fn(c)
         finally:
             launch.LOGITS_GEMM = before
+
     return run
 
 
@@ -135,16 +158,10 @@ def available_paths(gpu: bool) -> dict:
     if gpu:  # the other way to make the logits, measured in the same run (launch.LOGITS_GEMM is the default)
         paths["fused_cublas"] = _with_logits_gemm("cublas", _logps_path(fused_logps))
     if gpu:
-        try:
+        with contextlib.suppress(ImportError):
             paths["liger"] = make_liger()
-        except ImportError:
-            pass
-        try:
-            import cut_cross_entropy  # noqa: F401
-
+        if importlib.util.find_spec("cut_cross_entropy") is not None:
             paths["cce"] = _logps_path(cce_logps)
-        except ImportError:
-            pass
     paths["reference"] = _logps_path(reference_logps)
     return paths
 
@@ -158,6 +175,7 @@ def _rel(a, b):
 def accuracy(paths, c):
     """Per path: relative error of the loss and of dX (and of the per-sequence sums where exposed) against
     fp32 computed from the same rounded inputs."""
+
     def grad_of(fn):
         c["hidden"].grad = None
         loss = fn(c)
@@ -175,8 +193,12 @@ def accuracy(paths, c):
         try:
             loss, dx = grad_of(fn)
             err = {"loss": _rel(torch.tensor(loss), ref_loss.detach()), "dx": _rel(dx, h32.grad)}
-            sums_fn = {"fused": fused_logps, "fused_padded": fused_padded_logps, "cce": cce_logps,
-                       "fused_cublas": _with_logits_gemm("cublas", fused_logps)}.get(name)
+            sums_fn = {
+                "fused": fused_logps,
+                "fused_padded": fused_padded_logps,
+                "cce": cce_logps,
+                "fused_cublas": _with_logits_gemm("cublas", fused_logps),
+            }.get(name)
             if sums_fn is not None:
                 with torch.no_grad():
                     err["sequence_sums"] = _rel(sums_fn(c), ref_sums.detach())
@@ -198,12 +220,12 @@ def gemm_floor(c, head_trains, device, reps):
     w = c["w"].detach()
     x = torch.randn(n, H, device=device, dtype=w.dtype)
     g = torch.randn(n, w.shape[0], device=device, dtype=w.dtype)
-    parts = {"x_wT": triton.testing.do_bench(lambda: x @ w.T, rep=reps * 10, return_mode="median"),
-             "g_w": triton.testing.do_bench(lambda: g @ w, rep=reps * 10, return_mode="median")}
+    parts = {
+        "x_wT": triton.testing.do_bench(lambda: x @ w.T, rep=reps * 10, return_mode="median"),
+        "g_w": triton.testing.do_bench(lambda: g @ w, rep=reps * 10, return_mode="median"),
+    }
     if head_trains:
         parts["gT_x"] = triton.testing.do_bench(lambda: g.T @ x, rep=reps * 10, return_mode="median")
-    del x, g
-    torch.cuda.empty_cache()
     return round(sum(parts.values()), 3), {k: round(v, 3) for k, v in parts.items()}
 
 
@@ -251,8 +273,16 @@ def main(argv=None):
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes}
     paths = available_paths(gpu)
-    result = {"device": machine_info(dev), "versions": versions(), "dtype": str(dtype), "profile": args.profile,
-              "examples": B, "reps": reps, "time": utc_now(), "rows": []}
+    result = {
+        "device": machine_info(dev),
+        "versions": versions(),
+        "dtype": str(dtype),
+        "profile": args.profile,
+        "examples": B,
+        "reps": reps,
+        "time": utc_now(),
+        "rows": [],
+    }
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_head_{dev.split(':')[0]}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
@@ -265,12 +295,12 @@ def main(argv=None):
             head_trains = head == "trainable"
             c, stats = make_case(args.profile, B, H, V, dtype, dev, head_trains)
             row = {"shape": shape_name, "H": H, "V": V, "head": head, "inputs": stats, "errors": {}}
-            fns = {name: (lambda fn=fn: fn(c)) for name, fn in paths.items()}
+            fns = {name: (lambda fn=fn, c=c: fn(c)) for name, fn in paths.items()}
 
             def on_error(name, e, row=row):
                 row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
 
-            def clear_grads():
+            def clear_grads(c=c):
                 c["hidden"].grad = None
                 c["w"].grad = None
 
@@ -287,15 +317,18 @@ def main(argv=None):
                 f = row["ms"].get("fused", {}).get("median")
                 if f:
                     row["fused_over_floor"] = round(f / floor, 3)
-                    row["speedup_of_fused"] = {k: round(v["median"] / f, 3) for k, v in row["ms"].items() if k != "fused"}
+                    row["speedup_of_fused"] = {
+                        k: round(v["median"] / f, 3) for k, v in row["ms"].items() if k != "fused"
+                    }
                     mf = row["peak_mb"].get("fused")
-                    row["memory_over_fused"] = {k: round(v / mf, 2) for k, v in row["peak_mb"].items()
-                                                if mf and k != "fused"}
+                    row["memory_over_fused"] = {
+                        k: round(v / mf, 2) for k, v in row["peak_mb"].items() if mf and k != "fused"
+                    }
             row["accuracy"] = accuracy(paths, c)
             if gpu:
                 row["autotuned"] = tuned_configs()
             clear_grads()
-            del c
+            c = None  # free this shape's inputs before the next one is made
             if gpu:
                 torch.cuda.empty_cache()
             result["rows"].append(row)
@@ -309,15 +342,22 @@ def main(argv=None):
 def print_table(result):
     print(f"\n## bench_head on {result['device']} ({result['dtype']}, profile {result['profile']})\n")
     names = sorted({k for r in result["rows"] for k in r["ms"]}, key=lambda k: (k != "fused", k))
-    print("| shape | head | rows (labelled) | floor ms | " + " | ".join(f"{n} ms" for n in names)
-          + " | " + " | ".join(f"{n} MB" for n in names) + " |")
+    print(
+        "| shape | head | rows (labelled) | floor ms | "
+        + " | ".join(f"{n} ms" for n in names)
+        + " | "
+        + " | ".join(f"{n} MB" for n in names)
+        + " |"
+    )
     print("|" + "---|" * (4 + 2 * len(names)))
     for r in result["rows"]:
         ms = " | ".join(str(r["ms"].get(n, {}).get("median", "-")) for n in names)
         mb = " | ".join(str(r.get("peak_mb", {}).get(n, "-")) for n in names)
         i = r["inputs"]
-        print(f"| {r['shape']} | {r['head']} | {i['padded_rows']} ({i['labelled_rows']}) | {r.get('floor_ms', '-')} "
-              f"| {ms} | {mb} |")
+        print(
+            f"| {r['shape']} | {r['head']} | {i['padded_rows']} ({i['labelled_rows']}) | {r.get('floor_ms', '-')} "
+            f"| {ms} | {mb} |"
+        )
         if r["errors"]:
             print(f"|   errors: {r['errors']} |")
 

@@ -11,6 +11,7 @@ Each variant runs in its own subprocess, so peak memory is that variant's alone 
 CPU: peak RSS of the process). Does not need DeepSpeed (a single device, no ZeRO): it measures the
 head + loss + reference-model cost that ZeRO-3 does not change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,25 @@ if str(ROOT) not in sys.path:
 
 SHAPES = {
     # name: LlamaConfig fields
-    "cpu-small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "cpu-small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
 }
 ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
 
@@ -57,10 +73,13 @@ def make_batch(vocab: int, examples: int, seq_len: int, device):
     S = 4 * examples
     ids = torch.randint(8, vocab, (S, seq_len), generator=g)
     labels = torch.full((S, seq_len), -100, dtype=torch.long)
-    labels[:, seq_len // 2 - 1:-1] = ids[:, seq_len // 2:]  # shifted: position t scores token t+1
+    labels[:, seq_len // 2 - 1 : -1] = ids[:, seq_len // 2 :]  # shifted: position t scores token t+1
     mask = torch.ones_like(ids)
     resp = (labels != -100).sum(1).view(examples, 4)
-    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, response_tokens=resp).items()}
+    return {
+        k: v.to(device)
+        for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, response_tokens=resp).items()
+    }
 
 
 def run_variant(a) -> dict:
@@ -138,9 +157,17 @@ def run_variant(a) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
         peak_kind = "process peak RSS above the RSS after imports (MiB): model, batch, step"
-    return {"variant": a.variant, "seconds_per_step_median": sec, "seconds_per_step": times,
-            "tokens_per_step": tokens, "tokens_per_s": tokens / sec, "peak_memory_mib": peak,
-            "peak_memory_kind": peak_kind, "first_loss": losses[0], "losses": losses}
+    return {
+        "variant": a.variant,
+        "seconds_per_step_median": sec,
+        "seconds_per_step": times,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / sec,
+        "peak_memory_mib": peak,
+        "peak_memory_kind": peak_kind,
+        "first_loss": losses[0],
+        "losses": losses,
+    }
 
 
 def machine(device: str) -> str:
@@ -172,7 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto", help="head impl for ours: auto | triton | torch")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     p.add_argument("--variants", default="ours,reference")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)"
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -193,9 +222,32 @@ def main(argv=None) -> int:
     for v in a.variants.split(","):
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "r.json"
-            cmd = [sys.executable, __file__, "--variant", v, "--json-out", str(out), "--shape", a.shape, "--device", a.device,
-                   "--dtype", a.dtype, "--seq-len", str(a.seq_len), "--examples", str(a.examples), "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--impl", a.impl, "--threads", str(a.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--variant",
+                v,
+                "--json-out",
+                str(out),
+                "--shape",
+                a.shape,
+                "--device",
+                a.device,
+                "--dtype",
+                a.dtype,
+                "--seq-len",
+                str(a.seq_len),
+                "--examples",
+                str(a.examples),
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+                "--impl",
+                a.impl,
+                "--threads",
+                str(a.threads),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0 or not out.is_file():
                 errors[v] = (r.stderr or r.stdout)[-2000:]
@@ -203,10 +255,21 @@ def main(argv=None) -> int:
                 continue
             results[v] = json.loads(out.read_text())
     report = {
-        "benchmark": "bench_step", "machine": machine(a.device), "device": a.device, "shape": a.shape,
-        "model": SHAPES[a.shape], "dtype": a.dtype, "seq_len": a.seq_len, "examples": a.examples,
-        "sequences": 4 * a.examples, "head_impl": a.impl, "steps": a.steps, "warmup": a.warmup,
-        "trainable": "attention q/k/v/o only", "results": results, "errors": errors,
+        "benchmark": "bench_step",
+        "machine": machine(a.device),
+        "device": a.device,
+        "shape": a.shape,
+        "model": SHAPES[a.shape],
+        "dtype": a.dtype,
+        "seq_len": a.seq_len,
+        "examples": a.examples,
+        "sequences": 4 * a.examples,
+        "head_impl": a.impl,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "trainable": "attention q/k/v/o only",
+        "results": results,
+        "errors": errors,
     }
     if "ours" in results and "reference" in results:
         o, r = results["ours"], results["reference"]
@@ -216,14 +279,20 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"bench_step_{a.shape}_{a.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {4 * a.examples} seqs x {a.seq_len} tokens  [{report['machine']}]")
+    print(
+        f"bench_step  {a.shape}  {a.device} {a.dtype}  {4 * a.examples} seqs x {a.seq_len} tokens  [{report['machine']}]"
+    )
     print(f"{'variant':10} {'s/step':>9} {'tokens/s':>10} {'peak MiB':>10} {'loss@1':>10}")
     for v, res in results.items():
-        print(f"{v:10} {res['seconds_per_step_median']:9.4f} {res['tokens_per_s']:10.1f} {res['peak_memory_mib']:10.1f} "
-              f"{res['first_loss']:10.5f}")
+        print(
+            f"{v:10} {res['seconds_per_step_median']:9.4f} {res['tokens_per_s']:10.1f} {res['peak_memory_mib']:10.1f} "
+            f"{res['first_loss']:10.5f}"
+        )
     if "speedup_vs_reference" in report:
-        print(f"ours/reference: {report['speedup_vs_reference']:.2f}x tokens/s, "
-              f"{report['peak_memory_ratio_vs_reference']:.2f}x peak memory")
+        print(
+            f"ours/reference: {report['speedup_vs_reference']:.2f}x tokens/s, "
+            f"{report['peak_memory_ratio_vs_reference']:.2f}x peak memory"
+        )
     print(f"written: {out}")
     return 0 if not errors else 1
 

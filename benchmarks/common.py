@@ -12,6 +12,7 @@ Realistic inputs, because the head's cost depends on them:
   entropy of a few nats and a label NLL close to it (both measured and reported), where `randn` inputs
   give p ≈ 1/V everywhere (entropy ≈ ln V), which no trained LM produces.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,15 @@ IGNORE = -100
 # result they give — 55–65% of padded rows unlabelled — matches what issue #10 measured on the real
 # configs' padding (60–64%). "demo": the bundled demo data's profile (short pairs, 128-token cap).
 LENGTH_PROFILES = {
-    "oasst": dict(prompt_median=60, response_median=220, sigma=0.8, tgt_ratio=1.4, max_len=1024, pad_to=64),
-    "demo": dict(prompt_median=14, response_median=30, sigma=0.4, tgt_ratio=1.5, max_len=128, pad_to=16),
+    "oasst": {
+        "prompt_median": 60,
+        "response_median": 220,
+        "sigma": 0.8,
+        "tgt_ratio": 1.4,
+        "max_len": 1024,
+        "pad_to": 64,
+    },
+    "demo": {"prompt_median": 14, "response_median": 30, "sigma": 0.4, "tgt_ratio": 1.5, "max_len": 128, "pad_to": 16},
 }
 
 
@@ -137,8 +145,12 @@ def sample_lengths(profile: str, examples: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(examples):
         x_en, y_en = draw(p["prompt_median"]), draw(p["response_median"])
-        ex = {"x_en": x_en, "y_en": y_en, "x_tgt": max(2, round(x_en * p["tgt_ratio"])),
-              "y_tgt": max(2, round(y_en * p["tgt_ratio"]))}
+        ex = {
+            "x_en": x_en,
+            "y_en": y_en,
+            "x_tgt": max(2, round(x_en * p["tgt_ratio"])),
+            "y_tgt": max(2, round(y_en * p["tgt_ratio"])),
+        }
         # cut responses (as the data builder does) so that every sequence fits max_len
         for x, y in (("x_en", "y_en"), ("x_en", "y_tgt"), ("x_tgt", "y_tgt"), ("x_tgt", "y_en")):
             ex[x] = min(ex[x], p["max_len"] // 2)
@@ -159,17 +171,18 @@ def label_mask(profile: str, examples: int, seed: int = 0) -> torch.Tensor:
     T = min(p["max_len"], -(-T // p["pad_to"]) * p["pad_to"])
     mask = torch.zeros(len(seqs), T, dtype=torch.bool)
     for s, (a, b) in enumerate(seqs):
-        mask[s, a: min(T, a + b)] = True
+        mask[s, a : min(T, a + b)] = True
     return mask
 
 
 # --------------------------------------------------------------------------------------- LM-like head
-def lm_like_head_inputs(S: int, T: int, H: int, V: int, dtype, device, *, seed: int = 0,
-                        boost=(6.0, 14.0), zipf_s: float = 1.1):
+def lm_like_head_inputs(
+    S: int, T: int, H: int, V: int, dtype, device, *, seed: int = 0, boost=(6.0, 14.0), zipf_s: float = 1.1
+):
     """hidden [S,T,H], weight [V,H] and labels [S,T] (all positions labelled; mask them afterwards) with
     LM-like logits. Returns (hidden, weight, labels, stats) with the mean entropy and label NLL in nats."""
     g = torch.Generator(device=device).manual_seed(seed)  # built where it is used: GPU shapes are large
-    f32 = dict(device=device, dtype=torch.float32)
+    f32 = {"device": device, "dtype": torch.float32}
     w = torch.randn(V, H, generator=g, **f32) / math.sqrt(H)
     u = torch.randn(H, generator=g, **f32)
     u /= u.norm()
@@ -190,13 +203,16 @@ def lm_like_head_inputs(S: int, T: int, H: int, V: int, dtype, device, *, seed: 
     nll = torch.zeros((), **f32)
     step = max(1, (256 << 20) // (4 * V))  # fp32 logit rows per chunk while sampling
     for n0 in range(0, N, step):
-        lp = torch.log_softmax(x[n0:n0 + step].float() @ w.float().T, -1)
+        lp = torch.log_softmax(x[n0 : n0 + step].float() @ w.float().T, -1)
         yc = torch.multinomial(lp.exp(), 1, generator=g)[:, 0]
-        labels[n0:n0 + step] = yc
+        labels[n0 : n0 + step] = yc
         ent -= (lp.exp() * lp).sum()
         nll -= lp.gather(1, yc[:, None]).sum()
         del lp
     ent, nll = float(ent), float(nll)
-    stats = {"mean_entropy_nats": round(ent / N, 3), "mean_label_nll_nats": round(nll / N, 3),
-             "uniform_entropy_nats": round(math.log(V), 3)}
+    stats = {
+        "mean_entropy_nats": round(ent / N, 3),
+        "mean_label_nll_nats": round(nll / N, 3),
+        "uniform_entropy_nats": round(math.log(V), 3),
+    }
     return x.view(S, T, H), w, labels.view(S, T), stats

@@ -11,6 +11,7 @@ subset of the vocabulary). `check` reads metrics.jsonl and fails unless the loss
 the resumed run continued from the checkpoint's step, and the HF export loads and scores a prompt.
 `--tiny` builds a small model of the same family, for trying the flow on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                    max_position_embeddings=2048, rms_norm_eps=1e-5)
-TINY = dict(LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+LLAMA_3_2_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+}
+TINY = dict(
+    LLAMA_3_2_1B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def build(out_dir: Path, tiny: bool) -> None:
@@ -36,8 +52,12 @@ def build(out_dir: Path, tiny: bool) -> None:
     from clo_fast.demo_model import demo_texts, train_tokenizer
 
     tok = train_tokenizer(demo_texts())
-    cfg = LlamaConfig(**(TINY if tiny else LLAMA_3_2_1B), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        **(TINY if tiny else LLAMA_3_2_1B),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -59,9 +79,16 @@ def check(run_dir: Path, first_steps: int, out: Path | None) -> int:
     resumed = [r for r in train if r["step"] > first_steps]
     head = sum(r["loss"] for r in first[:3]) / max(1, len(first[:3]))
     tail = sum(r["loss"] for r in first[-3:]) / max(1, len(first[-3:]))
-    result = {"steps_first_run": len(first), "steps_resumed": len(resumed), "loss_first3": head, "loss_last3": tail,
-              "loss_fell": tail < head, "resumed_from_checkpoint": bool(resumed) and resumed[0]["step"] == first_steps + 1,
-              "tokens_per_s": [r.get("tokens/s") for r in train[-3:]], "peak_memory_mib": train[-1].get("peak_memory_mib")}
+    result = {
+        "steps_first_run": len(first),
+        "steps_resumed": len(resumed),
+        "loss_first3": head,
+        "loss_last3": tail,
+        "loss_fell": tail < head,
+        "resumed_from_checkpoint": bool(resumed) and resumed[0]["step"] == first_steps + 1,
+        "tokens_per_s": [r.get("tokens/s") for r in train[-3:]],
+        "peak_memory_mib": train[-1].get("peak_memory_mib"),
+    }
     export = run_dir / "hf_model"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).to(device)

@@ -3,6 +3,7 @@
 gpu_check.sh runs this first and sets CLO_TMA=0 for every later step when it fails, so a Triton or driver
 without working tensor descriptors costs the TMA configs only, not the whole check.
 """
+
 import sys
 
 import common  # noqa: F401  (repo on sys.path)
@@ -25,8 +26,10 @@ def main() -> int:
     ref = torch.log_softmax(x.double() @ w.double().T, -1).gather(1, y[:, None])[:, 0]
     for c in tma:
         cfg = launch._cfg(*c)
-        launch._kernels = {name: (triton.autotune([cfg], key=[])(k),) * 2 for name, k in
-                           (("fwd", launch._partial_lse_kernel), ("grad", launch._logit_grad_kernel))}
+        launch._kernels = {
+            name: (triton.autotune([cfg], key=[])(k),) * 2
+            for name, k in (("fwd", launch._partial_lse_kernel), ("grad", launch._logit_grad_kernel))
+        }
         for trains in (False, True):
             xg = x.clone().requires_grad_(True)
             out = linear_logprobs(xg, w.clone().requires_grad_(trains), y, impl="triton")

@@ -11,6 +11,7 @@ Neither materializes [N,V] logits. Implementations (`impl`):
 The head weight gets a gradient only when it requires one: a frozen head (attention-only CLO) does no
 dW work and allocates no [V,H] buffer.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,18 +45,18 @@ def _torch_forward(x, w, y, ignore_index, seq_ids=None, num_seqs=0, input_grad=F
     D = torch.empty(x.shape, device=x.device, dtype=x.dtype) if input_grad else None
     rows = _torch_chunk_rows(w.shape[0], chunk_rows)
     for n0 in range(0, N, rows):
-        z = x[n0:n0 + rows].to(cd) @ wc.T
-        yc = y[n0:n0 + rows]
+        z = x[n0 : n0 + rows].to(cd) @ wc.T
+        yc = y[n0 : n0 + rows]
         valid = yc != ignore_index
         safe = torch.where(valid, yc, 0).unsqueeze(1)
         lse_c = torch.logsumexp(z, dim=-1)
-        lse[n0:n0 + rows] = lse_c
-        logp[n0:n0 + rows] = torch.where(valid, z.gather(1, safe).squeeze(1) - lse_c, 0.0)
+        lse[n0 : n0 + rows] = lse_c
+        logp[n0 : n0 + rows] = torch.where(valid, z.gather(1, safe).squeeze(1) - lse_c, 0.0)
         if input_grad:  # dlogp/dz = onehot(y) − softmax(z), 0 on ignored rows; D = that · W
             g = torch.exp_(z.sub_(lse_c[:, None])).neg_()
             g.scatter_add_(1, safe, torch.ones_like(lse_c[:, None]))
             g.mul_(valid[:, None])
-            D[n0:n0 + rows] = g @ wc
+            D[n0 : n0 + rows] = g @ wc
         del z
     sums = None
     if seq_ids is not None:
@@ -72,14 +73,14 @@ def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
     dw = torch.zeros(w.shape, device=w.device, dtype=cd) if need_dw else None
     rows = _torch_chunk_rows(w.shape[0], chunk_rows)
     for n0 in range(0, N, rows):
-        xc = x[n0:n0 + rows].to(cd)
+        xc = x[n0 : n0 + rows].to(cd)
         z = xc @ wc.T
         # dlogp/dz = onehot(y) − softmax(z); scaled by the upstream gradient (0 at ignored rows)
-        g = torch.exp_(z.sub_(lse[n0:n0 + rows, None].to(cd))).mul_(-grad[n0:n0 + rows, None].to(cd))
-        yc = y[n0:n0 + rows]
+        g = torch.exp_(z.sub_(lse[n0 : n0 + rows, None].to(cd))).mul_(-grad[n0 : n0 + rows, None].to(cd))
+        yc = y[n0 : n0 + rows]
         valid = yc != ignore_index
-        g.scatter_add_(1, torch.where(valid, yc, 0).unsqueeze(1), grad[n0:n0 + rows, None].to(cd))
-        dx[n0:n0 + rows] = g @ wc
+        g.scatter_add_(1, torch.where(valid, yc, 0).unsqueeze(1), grad[n0 : n0 + rows, None].to(cd))
+        dx[n0 : n0 + rows] = g @ wc
         if need_dw:
             dw.addmm_(g.T, xc)
         del z, g
@@ -195,8 +196,14 @@ def _reference_logprobs(hidden, weight, labels, ignore_index):
     return token_logps(hidden.to(cd) @ weight.to(cd).T, labels, ignore_index)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    ignore_index: int = IGNORE_INDEX, impl: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """log p(labels[i]) under softmax(hidden @ weightᵀ) [N] float32 (float64 for float64 inputs); 0 where ignored.
 
     Differentiable w.r.t. hidden, and weight when it requires grad. Never materializes [N,V]
@@ -206,18 +213,27 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     impl = _resolve(impl, hidden)
     if impl == "reference":
         return _reference_logprobs(hidden, weight, labels, ignore_index)
-    return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
-                                 None, 0, ignore_index, impl, chunk_rows)
+    return _LinearLogprobs.apply(
+        hidden.contiguous(), weight.contiguous(), labels.contiguous(), None, 0, ignore_index, impl, chunk_rows
+    )
 
 
-def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      ignore_index: int = IGNORE_INDEX, impl: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """Per-sequence Σ_t log p(labels[s,t]) [S] from hidden [S,T,H]: the paired-sequence gathering, fused.
 
     Rows 4b+k of a CLO batch give `logps.view(B, 4)` for `clo_fast.loss.clo_loss`.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"hidden must be [S,T,H] and labels [S,T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"hidden must be [S,T,H] and labels [S,T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     S, T, H = hidden.shape
     x, y = hidden.reshape(S * T, H), labels.reshape(S * T)
     _check_inputs(x, weight, y)
@@ -225,13 +241,21 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if impl == "reference":
         return _reference_logprobs(x, weight, y, ignore_index).view(S, T).sum(1)
     seq_ids = torch.arange(S, device=hidden.device).repeat_interleave(T)
-    return _LinearLogprobs.apply(x.contiguous(), weight.contiguous(), y.contiguous(), seq_ids, S,
-                                 ignore_index, impl, chunk_rows)
+    return _LinearLogprobs.apply(
+        x.contiguous(), weight.contiguous(), y.contiguous(), seq_ids, S, ignore_index, impl, chunk_rows
+    )
 
 
-def packed_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
-                             num_seqs: int, ignore_index: int = IGNORE_INDEX, impl: str = "auto",
-                             chunk_rows: int | None = None) -> torch.Tensor:
+def packed_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    ignore_index: int = IGNORE_INDEX,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """Per-sequence Σ log p [num_seqs] from rows of any sequences: hidden [N,H], labels [N], seq_ids [N] (the
     sequence each row belongs to). With only the labelled rows gathered (indices built on the host where the
     batch is made), the head does no work for prompt and padding rows; the sums are those of
@@ -243,5 +267,13 @@ def packed_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     if impl == "reference":
         lp = _reference_logprobs(hidden, weight, labels, ignore_index)
         return torch.zeros(num_seqs, device=hidden.device, dtype=lp.dtype).index_add_(0, seq_ids, lp)
-    return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(), seq_ids.contiguous(),
-                                 num_seqs, ignore_index, impl, chunk_rows)
+    return _LinearLogprobs.apply(
+        hidden.contiguous(),
+        weight.contiguous(),
+        labels.contiguous(),
+        seq_ids.contiguous(),
+        num_seqs,
+        ignore_index,
+        impl,
+        chunk_rows,
+    )

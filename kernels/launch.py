@@ -6,6 +6,7 @@ logits with fp32-output cuBLAS chunks or with the streaming Triton GEMM (`LOGITS
 Triton GEMM kernels are autotuned once per shape over Hopper-friendly tile shapes (TMA loads among them
 where available); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with one small fixed tile.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,22 @@ def interpreting() -> bool:
     return type(_partial_lse_kernel).__name__ == "InterpretedFunction"
 
 
-_INTERPRETER_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=64)
+_INTERPRETER_TILE = {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 64}
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, use_tma); the first is the untuned default. BLOCK_N is
 # 128 in every shape: the vocabulary-split grid is sized for 128-row blocks (`_vocab_splits`).
 _POINTER_SHAPES = [
-    (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, False),
-    (128, 256, 64, 8, 4, False), (128, 128, 128, 8, 3, False),
+    (128, 128, 64, 8, 3, False),
+    (128, 256, 64, 8, 3, False),
+    (128, 128, 64, 4, 4, False),
+    (128, 256, 64, 8, 4, False),
+    (128, 128, 128, 8, 3, False),
 ]
-_TMA_SHAPES = [(128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True),
-               (128, 128, 128, 8, 3, True)]
+_TMA_SHAPES = [
+    (128, 128, 64, 8, 3, True),
+    (128, 256, 64, 8, 3, True),
+    (128, 256, 64, 8, 4, True),
+    (128, 128, 128, 8, 3, True),
+]
 
 
 def tma_available() -> bool:
@@ -56,8 +64,9 @@ _TUNE_MIN_VH = 1 << 24  # smaller heads run the default tile: tuning them costs 
 
 
 def _cfg(bn, bv, bh, warps, stages, use_tma=False):
-    return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, USE_TMA=use_tma), num_warps=warps,
-                         num_stages=stages)
+    return triton.Config(
+        {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "USE_TMA": use_tma}, num_warps=warps, num_stages=stages
+    )
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -71,10 +80,11 @@ else:
     if any(c[5] for c in _GPU_SHAPES):
         triton.set_allocator(_tma_scratch)
     _kernels = {
-        name: (triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
-               triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k))
-        for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_P"]),
-                             ("grad", _logit_grad_kernel, ["H"]))
+        name: (
+            triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
+            triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k),
+        )
+        for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_P"]), ("grad", _logit_grad_kernel, ["H"]))
     }
 
 
@@ -132,9 +142,18 @@ def _logits_fp32(x: torch.Tensor, w: torch.Tensor):
         return None
 
 
-def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int,
-            seq_ids: torch.Tensor | None = None, num_seqs: int = 0, n_splits: int | None = None,
-            input_grad: bool = False, chunk_rows: int | None = None, logits_gemm: str | None = None):
+def forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    ignore_index: int,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int = 0,
+    n_splits: int | None = None,
+    input_grad: bool = False,
+    chunk_rows: int | None = None,
+    logits_gemm: str | None = None,
+):
     """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
     and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
 
@@ -172,14 +191,29 @@ def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_
         z = _logits_fp32(x[n0:n1], w)
         if z is None:
             if strict:
-                raise RuntimeError("logits_gemm='cublas' needs torch.mm(out_dtype=torch.float32) for "
-                                   f"{x.dtype} on {dev.type}; use 'triton' or 'auto'")
+                raise RuntimeError(
+                    "logits_gemm='cublas' needs torch.mm(out_dtype=torch.float32) for "
+                    f"{x.dtype} on {dev.type}; use 'triton' or 'auto'"
+                )
             return None
         # G [rows, V] in g_dtype over the start of each fp32 logit row (row stride in g_dtype units)
         g = z if g_dtype == torch.float32 else z.view(g_dtype)[:, :V]
         _rows_lse_grad_kernel[(n1 - n0,)](
-            z, y[n0:n1], seq_ids[n0:n1] if has_seq else y[n0:n1], lse[n0:n1], logp[n0:n1], seq_sums, g, V,
-            z.stride(0), g.stride(0), ignore_index, HAS_SEQ=has_seq, STORE_G=input_grad, BLOCK=block)
+            z,
+            y[n0:n1],
+            seq_ids[n0:n1] if has_seq else y[n0:n1],
+            lse[n0:n1],
+            logp[n0:n1],
+            seq_sums,
+            g,
+            V,
+            z.stride(0),
+            g.stride(0),
+            ignore_index,
+            HAS_SEQ=has_seq,
+            STORE_G=input_grad,
+            BLOCK=block,
+        )
         if input_grad:
             _mm_into(D[n0:n1], g, w_mm)
         del z, g
@@ -200,7 +234,9 @@ def _forward_streaming(x, w, y, ignore_index, seq_ids, num_seqs, n_splits, input
     grain = _GRAIN[interpreting()]
     if input_grad:
         elem_bytes = torch.finfo(g_dtype).bits // 8 + 4 / grain
-        rows = chunk_rows or min(FROZEN_CHUNK_ROWS_MAX, default_chunk_rows(V, elem_bytes, budget_bytes=CHUNK_BUDGET_BYTES))
+        rows = chunk_rows or min(
+            FROZEN_CHUNK_ROWS_MAX, default_chunk_rows(V, elem_bytes, budget_bytes=CHUNK_BUDGET_BYTES)
+        )
         rows = max(1, min(rows, N))
         P = torch.empty((rows, V), device=dev, dtype=g_dtype)
         M = torch.empty((rows, triton.cdiv(V, grain)), device=dev, dtype=torch.float32)
@@ -211,12 +247,25 @@ def _forward_streaming(x, w, y, ignore_index, seq_ids, num_seqs, n_splits, input
     for n0 in range(0, N, rows):
         n1 = min(n0 + rows, N)
         xc, yc = x[n0:n1], y[n0:n1]
-        _lse_chunk(xc, w, yc, lse[n0:n1], logp[n0:n1], seq_ids[n0:n1] if has_seq else None, seq_sums,
-                   ignore_index, n_splits, P, M, grain)
+        _lse_chunk(
+            xc,
+            w,
+            yc,
+            lse[n0:n1],
+            logp[n0:n1],
+            seq_ids[n0:n1] if has_seq else None,
+            seq_sums,
+            ignore_index,
+            n_splits,
+            P,
+            M,
+            grain,
+        )
         if input_grad:
             block = 64 if interpreting() else 2048
             _softmax_grad_rows_kernel[(n1 - n0, triton.cdiv(V, block))](
-                P, M, yc, lse[n0:n1], V, P.stride(0), M.stride(0), ignore_index, BLOCK=block, GRAIN=grain)
+                P, M, yc, lse[n0:n1], V, P.stride(0), M.stride(0), ignore_index, BLOCK=block, GRAIN=grain
+            )
             _mm_into(D[n0:n1], P[: n1 - n0], w_mm)
     return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
 
@@ -233,7 +282,7 @@ def _vocab_splits(N: int, V: int, device: torch.device) -> int:
         programs = row_blocks * s
         return triton.cdiv(programs, sms) * sms / programs
 
-    candidates = [s for s in range(least, min(2 * least, 64, tiles) + 1)] or [least]
+    candidates = list(range(least, min(2 * least, 64, tiles) + 1)) or [least]
     return min(candidates, key=lambda s: (round(wave_waste(s), 3), s))
 
 
@@ -249,15 +298,45 @@ def _lse_chunk(x, w, y, lse, logp, seq_ids, seq_sums, ignore_index, n_splits, P=
     kernel, tiles = _kernel("fwd", x, w)
     store = P is not None
     kernel[grid](
-        x, w, y, part[0], part[1], part[2], P if store else part, M if store else part, N, V, H,
-        x.stride(0), w.stride(0), P.stride(0) if store else 0, M.stride(0) if store else 0, n_splits,
-        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), STORE_P=store, GRAIN=grain, **tiles,
+        x,
+        w,
+        y,
+        part[0],
+        part[1],
+        part[2],
+        P if store else part,
+        M if store else part,
+        N,
+        V,
+        H,
+        x.stride(0),
+        w.stride(0),
+        P.stride(0) if store else 0,
+        M.stride(0) if store else 0,
+        n_splits,
+        UPCAST=interpreting(),
+        DOT_PRECISION=_dot_precision(x.dtype),
+        STORE_P=store,
+        GRAIN=grain,
+        **tiles,
     )
     has_seq = seq_ids is not None
     block = 64 if interpreting() else 256
     _combine_kernel[(triton.cdiv(N, block),)](
-        part[0], part[1], part[2], y, seq_ids if has_seq else y, lse, logp, seq_sums, N, n_splits, ignore_index,
-        HAS_SEQ=has_seq, BLOCK=block, SPLITS_P2=triton.next_power_of_2(n_splits),
+        part[0],
+        part[1],
+        part[2],
+        y,
+        seq_ids if has_seq else y,
+        lse,
+        logp,
+        seq_sums,
+        N,
+        n_splits,
+        ignore_index,
+        HAS_SEQ=has_seq,
+        BLOCK=block,
+        SPLITS_P2=triton.next_power_of_2(n_splits),
     )
 
 
@@ -274,8 +353,15 @@ def default_chunk_rows(V: int, elem_bytes: float, budget_bytes: int = 256 << 20)
     return rows // 128 * 128
 
 
-def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-             need_dw: bool, chunk_cols: int | None = None):
+def backward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    need_dw: bool,
+    chunk_cols: int | None = None,
+):
     """dX [N,H] (x.dtype) and dW [V,H] (w.dtype; only when need_dw) for upstream gradient `grad` [N] of logp,
     which must be 0 at ignored rows.
 
@@ -296,10 +382,25 @@ def backward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, lse: torch.Tenso
     kernel, tiles = _kernel("grad", x, w)
     for v0 in range(0, V, chunk_cols):
         v1 = min(v0 + chunk_cols, V)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(v1 - v0, meta["BLOCK_V"]))  # noqa: E731
+        grid = lambda meta, cols=v1 - v0: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(cols, meta["BLOCK_V"]))  # noqa: E731
         kernel[grid](
-            x, w, y, lse, grad, G, 0, N, v0, v1, H, x.stride(0), w.stride(0), G.stride(0),
-            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(x.dtype), **tiles,
+            x,
+            w,
+            y,
+            lse,
+            grad,
+            G,
+            0,
+            N,
+            v0,
+            v1,
+            H,
+            x.stride(0),
+            w.stride(0),
+            G.stride(0),
+            UPCAST=interpreting(),
+            DOT_PRECISION=_dot_precision(x.dtype),
+            **tiles,
         )
         g = G[:, : v1 - v0]
         if g_dtype == torch.float32:

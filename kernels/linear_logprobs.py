@@ -51,6 +51,7 @@ Accumulation is fp32 throughout; inputs fp32 / bf16 / fp16. Offsets are int64 wh
 2³¹. Under TRITON_INTERPRET=1 bf16 is held as uint16, so loads are upcast to fp32 behind UPCAST (set only
 when interpreting).
 """
+
 from __future__ import annotations
 
 import triton
@@ -58,8 +59,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _operand_sources(X, W, N, V, H, stride_xn, stride_wv,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr):
+def _operand_sources(
+    X,
+    W,
+    N,
+    V,
+    H,
+    stride_xn,
+    stride_wv,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """What `_logit_tile` loads from: TMA tensor descriptors of X [N,H] and W [V,H] (Hopper's bulk copy engine
     fetches whole tiles, zero-filling outside the shapes), or the plain pointers."""
     if USE_TMA:
@@ -72,9 +84,25 @@ def _operand_sources(X, W, N, V, H, stride_xn, stride_wv,
 
 
 @triton.jit
-def _logit_tile(x_src, w_src, n0, v0, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+def _logit_tile(
+    x_src,
+    w_src,
+    n0,
+    v0,
+    offs_n,
+    n_mask,
+    offs_v,
+    v_mask,
+    H,
+    stride_xn,
+    stride_wv,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """z[BN, BV] = X[offs_n, :] · W[offs_v, :]ᵀ, fp32 accumulation (rows/columns outside the masks read 0)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if USE_TMA:
@@ -101,11 +129,32 @@ def _logit_tile(x_src, w_src, n0, v0, offs_n, n_mask, offs_v, v_mask, H, stride_
 
 
 @triton.jit
-def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
-                        N, V, H, stride_xn, stride_wv, stride_pn, stride_mn, n_splits,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_P: tl.constexpr,
-                        GRAIN: tl.constexpr, USE_TMA: tl.constexpr = False):
+def _partial_lse_kernel(
+    X,
+    W,
+    Y,
+    PART_MAX,
+    PART_SUM,
+    PART_LABEL,
+    P,
+    M,
+    N,
+    V,
+    H,
+    stride_xn,
+    stride_wv,
+    stride_pn,
+    stride_mn,
+    n_splits,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    STORE_P: tl.constexpr,
+    GRAIN: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,8 +172,25 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        z = _logit_tile(x_src, w_src, pid_n * BLOCK_N, v0, offs_n, n_mask, offs_v, v_mask, H, stride_xn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION, USE_TMA)
+        z = _logit_tile(
+            x_src,
+            w_src,
+            pid_n * BLOCK_N,
+            v0,
+            offs_n,
+            n_mask,
+            offs_v,
+            v_mask,
+            H,
+            stride_xn,
+            stride_wv,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            UPCAST,
+            DOT_PRECISION,
+            USE_TMA,
+        )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         e = tl.exp(z - m_new[:, None])
@@ -132,11 +198,15 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
         m = m_new
         if STORE_P:  # P̃ = exp(z − m_run) and m_run per GRAIN columns, for the softmax-gradient rows kernel
             rows = offs_n.to(tl.int64)[:, None]
-            tl.store(P + rows * stride_pn + offs_v[None, :], e.to(P.dtype.element_ty),
-                     mask=n_mask[:, None] & v_mask[None, :])
+            tl.store(
+                P + rows * stride_pn + offs_v[None, :], e.to(P.dtype.element_ty), mask=n_mask[:, None] & v_mask[None, :]
+            )
             offs_t = v0 // GRAIN + tl.arange(0, BLOCK_V // GRAIN)
-            tl.store(M + rows * stride_mn + offs_t[None, :], tl.broadcast_to(m_new[:, None], (BLOCK_N, BLOCK_V // GRAIN)),
-                     mask=n_mask[:, None] & (offs_t[None, :] * GRAIN < v_end))
+            tl.store(
+                M + rows * stride_mn + offs_t[None, :],
+                tl.broadcast_to(m_new[:, None], (BLOCK_N, BLOCK_V // GRAIN)),
+                mask=n_mask[:, None] & (offs_t[None, :] * GRAIN < v_end),
+            )
         hit = offs_v[None, :] == y[:, None]
         label_logit = tl.maximum(label_logit, tl.max(tl.where(hit, z, float("-inf")), axis=1))
 
@@ -147,9 +217,22 @@ def _partial_lse_kernel(X, W, Y, PART_MAX, PART_SUM, PART_LABEL, P, M,
 
 
 @triton.jit
-def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
-                    N, n_splits, ignore_index,
-                    HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, SPLITS_P2: tl.constexpr):
+def _combine_kernel(
+    PART_MAX,
+    PART_SUM,
+    PART_LABEL,
+    Y,
+    SEQ,
+    LSE,
+    LOGP,
+    SEQ_SUMS,
+    N,
+    n_splits,
+    ignore_index,
+    HAS_SEQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     splits = tl.arange(0, SPLITS_P2)
@@ -171,10 +254,28 @@ def _combine_kernel(PART_MAX, PART_SUM, PART_LABEL, Y, SEQ, LSE, LOGP, SEQ_SUMS,
 
 
 @triton.jit
-def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
-                       n_start, n_end, v_start, v_end, H, stride_xn, stride_wv, stride_gn,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False):
+def _logit_grad_kernel(
+    X,
+    W,
+    Y,
+    LSE,
+    GRAD,
+    G,
+    n_start,
+    n_end,
+    v_start,
+    v_end,
+    H,
+    stride_xn,
+    stride_wv,
+    stride_gn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+):
     """G[n − n_start, v − v_start] = g_n·(onehot(y_n)_v − exp(z_nv − lse_n)) over rows [n_start, n_end) and
     vocabulary [v_start, v_end): the logit tile is recomputed (2·BN·BV·H FLOPs per tile)."""
     pid_n = tl.program_id(0)
@@ -185,8 +286,25 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
     v_mask = offs_v < v_end
     # the descriptors' shapes end at n_end / v_end: TMA zero-fills past them, as the masks do
     x_src, w_src = _operand_sources(X, W, n_end, v_end, H, stride_xn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, USE_TMA)
-    z = _logit_tile(x_src, w_src, n_start + pid_n * BLOCK_N, v_start + pid_v * BLOCK_V, offs_n, n_mask, offs_v,
-                    v_mask, H, stride_xn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION, USE_TMA)
+    z = _logit_tile(
+        x_src,
+        w_src,
+        n_start + pid_n * BLOCK_N,
+        v_start + pid_v * BLOCK_V,
+        offs_n,
+        n_mask,
+        offs_v,
+        v_mask,
+        H,
+        stride_xn,
+        stride_wv,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        UPCAST,
+        DOT_PRECISION,
+        USE_TMA,
+    )
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
     g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)  # 0 at ignored rows (set by the caller)
     y = tl.load(Y + offs_n, mask=n_mask, other=-1)
@@ -194,13 +312,17 @@ def _logit_grad_kernel(X, W, Y, LSE, GRAD, G,
     onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
     dz = g[:, None] * (onehot - p)
     rows = (offs_n - n_start).to(tl.int64)
-    tl.store(G + rows[:, None] * stride_gn + (offs_v - v_start)[None, :], dz.to(G.dtype.element_ty),
-             mask=n_mask[:, None] & v_mask[None, :])
+    tl.store(
+        G + rows[:, None] * stride_gn + (offs_v - v_start)[None, :],
+        dz.to(G.dtype.element_ty),
+        mask=n_mask[:, None] & v_mask[None, :],
+    )
 
 
 @triton.jit
-def _softmax_grad_rows_kernel(P, M, Y, LSE, V, stride_pn, stride_mn, ignore_index,
-                              BLOCK: tl.constexpr, GRAIN: tl.constexpr):
+def _softmax_grad_rows_kernel(
+    P, M, Y, LSE, V, stride_pn, stride_mn, ignore_index, BLOCK: tl.constexpr, GRAIN: tl.constexpr
+):
     """In place: P[r, v] ← onehot(y_r)_v − P̃[r, v]·exp(M[r, v // GRAIN] − lse_r)  (d logp_r / d z_r = onehot −
     softmax), 0 on ignored rows. Reads and writes 2·C·V elements of P, C·V/GRAIN of M (cached)."""
     row = tl.program_id(0)
@@ -217,8 +339,22 @@ def _softmax_grad_rows_kernel(P, M, Y, LSE, V, stride_pn, stride_mn, ignore_inde
 
 
 @triton.jit
-def _rows_lse_grad_kernel(Z, Y, SEQ, LSE, LOGP, SEQ_SUMS, G, V, stride_zn, stride_gn, ignore_index,
-                          HAS_SEQ: tl.constexpr, STORE_G: tl.constexpr, BLOCK: tl.constexpr):
+def _rows_lse_grad_kernel(
+    Z,
+    Y,
+    SEQ,
+    LSE,
+    LOGP,
+    SEQ_SUMS,
+    G,
+    V,
+    stride_zn,
+    stride_gn,
+    ignore_index,
+    HAS_SEQ: tl.constexpr,
+    STORE_G: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One row of fp32 logits Z (made by a cuBLAS GEMM): lse, logp, the row's sequence sum and, with STORE_G,
     G = onehot(y) − exp(z − lse) (0 on ignored rows) in G's dtype.
 

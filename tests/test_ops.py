@@ -3,6 +3,7 @@
 On CPU the `triton` implementation runs the real kernels in Triton's interpreter (see conftest.py);
 `torch` is the chunked fallback. GPU-marked tests repeat the grid on CUDA with compiled kernels.
 """
+
 import os
 import traceback
 
@@ -230,8 +231,11 @@ def test_gradcheck_float64_torch_path(head):
     w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=head == "trainable")
     y = torch.tensor([1, -100, 3, 10, 0, 5, -100])
     inputs = (x, w) if head == "trainable" else (x,)
-    f = (lambda a, b: linear_logprobs(a, b, y, impl="torch", chunk_rows=3)) if head == "trainable" \
+    f = (
+        (lambda a, b: linear_logprobs(a, b, y, impl="torch", chunk_rows=3))
+        if head == "trainable"
         else (lambda a: linear_logprobs(a, w, y, impl="torch", chunk_rows=3))
+    )
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -282,8 +286,10 @@ def test_gpu_every_autotune_config(config, monkeypatch):
     from clo_kernels.linear_logprobs import _logit_grad_kernel, _partial_lse_kernel
 
     cfg = launch._cfg(*launch._GPU_SHAPES[config])
-    fixed = {"fwd": (triton.autotune([cfg], key=[])(_partial_lse_kernel),) * 2,
-             "grad": (triton.autotune([cfg], key=[])(_logit_grad_kernel),) * 2}
+    fixed = {
+        "fwd": (triton.autotune([cfg], key=[])(_partial_lse_kernel),) * 2,
+        "grad": (triton.autotune([cfg], key=[])(_logit_grad_kernel),) * 2,
+    }
     monkeypatch.setattr(launch, "_kernels", fixed)
     monkeypatch.setattr(launch, "LOGITS_GEMM", "triton")  # the tiles matter for the streaming forward
     for head_trains in (False, True):
@@ -342,8 +348,12 @@ def test_compiled_launchers_build_without_the_interpreter():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", "import clo_kernels.launch as l; assert not l.interpreting()"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import clo_kernels.launch as l; assert not l.interpreting()"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
