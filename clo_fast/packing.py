@@ -6,12 +6,12 @@ Three layouts (`train.packing`), all giving per-sequence sums equal to the padde
 
   none           the padded [4B, T] batch of `collate_clo`; only the labelled rows go through the head
                  (`head_rows` index the flattened [4B·T] hidden rows).
-  padding_free   the 4B sequences concatenated into one stream [1, L], L = Σ n_s; position ids restart
+  padding_free   the 4B sequences concatenated into one stream [1, L], L = Σ (n_s − 1); position ids restart
                  at 0 for every sequence, attention is confined to each sequence.
   prefix_shared  per example two documents, [x_en | y_en | y_tgt] and [x_tgt | y_tgt | y_en]: each prompt
                  once. A response attends to its prompt and (causally) to itself, never to the other
                  response; the second response's position ids continue from the prompt's end, as if it
-                 followed the prompt directly. L = Σ_b (|x_en| + |x_tgt| + 2|y_en| + 2|y_tgt|).
+                 followed the prompt directly. L = Σ_b (|x_en| + |x_tgt| + 2|y_en| + 2|y_tgt| − 4).
 
 Why the outputs are exact: a token's hidden state depends only on the tokens it attends to and on the
 positions (RoPE) of those tokens; each layout gives every token the same visible set, with the same
@@ -20,7 +20,8 @@ first token of *both* responses: its hidden row appears twice in `head_rows`, wi
 sequence ids (the head's backward index-adds both gradients into that one row).
 
 Cost (per example, P = prompt tokens, R = response tokens of the four sequences, T = padded length):
-  body tokens   none 4T,  padding_free Σ_k n_k,  prefix_shared Σ_k n_k − |x_en| − |x_tgt|
+  body tokens   none 4T,  padding_free Σ_k (n_k − 1),  prefix_shared Σ_k (n_k − 1) − |x_en| − |x_tgt|
+                (a sequence's last token is only a label, never an input: see `_documents`)
   head rows     exactly the labelled rows in every mode: Σ_k |y_k| (position t predicts token t+1, so the
                 last prompt position predicts the first response token and the response's last token, EOS,
                 predicts nothing) — vs 4T rows through the head when the padded batch goes through whole
@@ -143,8 +144,13 @@ def _shares_prompt(ex: dict, k1: int, k2: int) -> int:
 
 
 def _documents(ex: dict, mode: str, sequences: Sequence[int]) -> list[tuple[list[int], list[int], list[int], dict]]:
-    """The documents of one example: (token ids, position ids, branch ids, {k: stream offset of each of
-    sequence k's positions}) — the map places sequence k's position t at document index map[k][t]."""
+    """The documents of one example: (token ids, position ids, branch ids, {k: where}) — sequence k's
+    position t sits at document index where[k][t].
+
+    A sequence's last token (the response's EOS) is only ever a label: its hidden row predicts nothing and
+    no later token of the layout attends to it, so it is not an input here (one body token less per
+    sequence, exactly the same sums).
+    """
     docs = []
     todo = [k for k in ALL_SEQUENCES if k in sequences]
     if mode == "prefix_shared":
@@ -154,8 +160,8 @@ def _documents(ex: dict, mode: str, sequences: Sequence[int]) -> list[tuple[list
             p = _shares_prompt(ex, k1, k2)
             if p == 0:
                 continue
-            ids1, ids2 = list(ex["input_ids"][k1]), list(ex["input_ids"][k2])
-            n1, n2 = len(ids1), len(ids2)
+            ids1, ids2 = list(ex["input_ids"][k1])[:-1], list(ex["input_ids"][k2])[:-1]
+            n1, n2 = len(ids1), len(ids2)  # inputs: p ≤ n1, n2 since each response has ≥ 1 token
             ids = ids1 + ids2[p:]
             pos = list(range(n1)) + list(range(p, n2))  # the second response continues from the prompt's end
             branch = [PROMPT] * p + [FIRST_RESPONSE] * (n1 - p) + [SECOND_RESPONSE] * (n2 - p)
@@ -164,9 +170,10 @@ def _documents(ex: dict, mode: str, sequences: Sequence[int]) -> list[tuple[list
             todo.remove(k1)
             todo.remove(k2)
     for k in todo:  # padding_free, or a pair without a shared prompt
-        ids = list(ex["input_ids"][k])
+        ids = list(ex["input_ids"][k])[:-1]
         n = len(ids)
-        docs.append((ids, list(range(n)), [PROMPT] * n, {k: list(range(n))}))
+        if n:
+            docs.append((ids, list(range(n)), [PROMPT] * n, {k: list(range(n))}))
     return docs
 
 
