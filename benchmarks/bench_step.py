@@ -172,8 +172,8 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
     policy = build_policy(model, head_impl=a.impl)
     apply_trainable_patterns(policy, ATTN_ONLY)
     mode = "none" if variant == "today" else variant
-    batches = [build_packed_batch([examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else 1)
-               for g in groups]
+    batches = [build_packed_batch([examples[i] for i in g], mode, PAD_ID,
+                                  pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad) for g in groups]
     stats["body_tokens"] = sum(b.body_tokens for b in batches)
     stats["head_rows"] = stats["body_tokens"] if variant == "today" else sum(b.head_row_count for b in batches)
     sft_den = float(sum(int(b.response_tokens[:, 2].sum()) for b in batches))
@@ -214,7 +214,7 @@ def reference_logps(a, examples, device, dtype):
     from clo_fast.model import build_policy
     from clo_fast.packing import build_packed_batch, plan_micro_batches
 
-    model = make_model(a.shape, dtype, device, a.attn)
+    model = make_model(a.shape, dtype, device, a.peer_attn)  # a precompute: any exact backend does
     policy = build_policy(model, head_impl=a.impl).eval()
     out = torch.zeros(len(examples), 4)
     with torch.no_grad():
@@ -241,7 +241,7 @@ def run_variant(variant: str, profile: str, a) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
-    model = make_model(a.shape, dtype, device, a.attn)
+    model = make_model(a.shape, dtype, device, a.peer_attn if variant in ("trl_liger", "materialized_logits") else a.attn)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -328,7 +328,8 @@ def summarize(results: dict) -> dict:
 def write_report(a, results: dict, errors: dict, out: Path) -> None:
     report = {
         "benchmark": "bench_step", "issue": 10, "machine": machine(a.device), "device": a.device, "shape": a.shape,
-        "model": SHAPES[a.shape], "dtype": a.dtype, "attn_implementation": a.attn, "head_impl": a.impl,
+        "model": SHAPES[a.shape], "dtype": a.dtype, "attn_implementation": a.attn, "peer_attn_implementation": a.peer_attn,
+        "stream_pad": a.stream_pad, "head_impl": a.impl,
         "examples_per_step": a.examples, "padded_micro_examples": a.micro, "pad_to_multiple_of": a.pad_to,
         "token_budget": a.token_budget, "steps": a.steps, "warmup": a.warmup, "profiles": a.profiles.split(","),
         "trainable": "attention q/k/v/o only", "reference_logps": "precomputed (all variants)",
@@ -377,7 +378,10 @@ def main(argv=None) -> int:
     p.add_argument("--micro", type=int, default=None, help="examples per padded micro-batch (default 2: the demo config)")
     p.add_argument("--token-budget", type=int, default=None, help="body tokens per packed micro-batch (default 1024 CPU / 4096 GPU)")
     p.add_argument("--pad-to", type=int, default=None, help="padded length multiple (default 16 CPU / 64 GPU)")
-    p.add_argument("--attn", default="sdpa", help="attention implementation for every variant")
+    p.add_argument("--attn", default="sdpa", help="attention implementation of our variants (today/none/packed)")
+    p.add_argument("--peer-attn", default="sdpa", help="attention implementation of the peers")
+    p.add_argument("--stream-pad", type=int, default=1,
+                   help="packed stream length multiple (fewer shapes for compiled kernels, e.g. 512 with flex_attention)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -414,7 +418,7 @@ def main(argv=None) -> int:
         errors["trl_liger"] = "skipped: Liger's kernels need CUDA"
     passthrough = ["--shape", a.shape, "--device", a.device, "--dtype", a.dtype, "--profiles", a.profiles,
                    "--examples", str(a.examples), "--micro", str(a.micro), "--token-budget", str(a.token_budget),
-                   "--pad-to", str(a.pad_to), "--attn", a.attn, "--steps", str(a.steps), "--warmup", str(a.warmup),
+                   "--pad-to", str(a.pad_to), "--attn", a.attn, "--peer-attn", a.peer_attn, "--stream-pad", str(a.stream_pad), "--steps", str(a.steps), "--warmup", str(a.warmup),
                    "--seed", str(a.seed), "--impl", a.impl, "--threads", str(a.threads)]
     remaining = list(variants)
     with tempfile.TemporaryDirectory() as td:

@@ -334,6 +334,29 @@ def plan_micro_batches(examples: Sequence[dict], mode: str, token_budget: int, *
     return groups
 
 
+def balance_micro_batches(examples: Sequence[dict], mode: str, num_micro_batches: int, *,
+                          sequences: Sequence[int] = ALL_SEQUENCES) -> list[list[int]]:
+    """Split example indices into exactly `num_micro_batches` groups of near-equal body tokens.
+
+    Why a fixed count: under ZeRO-3 every rank must run the same number of forwards in a step (parameters
+    are gathered collectively) and DeepSpeed's accumulation boundary counts micro-batches. With a token
+    budget, take G = max over ranks of len(plan_micro_batches(...)) (one all_reduce(MAX) of a host int per
+    step), then balance each rank's examples into G groups here. Longest-first onto the lightest group
+    (LPT: the heaviest group is ≤ 4/3 of the optimum); indices ascend within a group. A group is empty only
+    when there are fewer examples than groups (the caller then runs a zero-loss forward, or lowers G).
+    """
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    size = [packed_length(ex, mode if mode != "none" else "padding_free", sequences) for ex in examples]
+    groups: list[list[int]] = [[] for _ in range(num_micro_batches)]
+    load = [0] * num_micro_batches
+    for i in sorted(range(len(examples)), key=lambda i: (-size[i], i)):
+        g = min(range(num_micro_batches), key=lambda j: (load[j], j))
+        groups[g].append(i)
+        load[g] += size[i]
+    return [sorted(g) for g in groups]
+
+
 # ------------------------------------------------------------------------------------ attention
 def supported_packing(attn_implementation: str, device_type: str) -> tuple[str, ...]:
     """Packing modes that are exact with this attention backend on this device type.

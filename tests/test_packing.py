@@ -85,7 +85,8 @@ def tiny_policy(arch: str = "llama", dtype=torch.float32, attn: str = "sdpa", he
 
 def padded_logps(policy, examples, pad_to=16):
     b = collate_clo(examples, PAD, pad_to_multiple_of=pad_to)
-    return policy(b["input_ids"], b["attention_mask"], b["labels"])
+    dev = next(policy.parameters()).device
+    return policy(b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev))
 
 
 def rel_err(a, b):
@@ -259,6 +260,18 @@ def test_token_budget_micro_batches(mode):
         assert b.body_tokens <= budget or len(g) == 1
     assert sum(len(g) for g in plan_micro_batches(exs, mode, budget, max_examples=2)) == 23
     assert max(len(g) for g in plan_micro_batches(exs, mode, budget, max_examples=2)) <= 2
+
+
+def test_balanced_micro_batches_have_a_fixed_count_and_even_tokens():
+    from clo_fast.packing import balance_micro_batches
+
+    exs = make_examples(21, seed=10, prompt=(2, 30), response=(2, 60))
+    groups = balance_micro_batches(exs, "prefix_shared", 4)
+    assert len(groups) == 4 and sorted(i for g in groups for i in g) == list(range(21))
+    loads = [sum(packed_length(exs[i], "prefix_shared") for i in g) for g in groups]
+    biggest = max(packed_length(ex, "prefix_shared") for ex in exs)
+    assert max(loads) - min(loads) <= biggest
+    assert [len(g) for g in balance_micro_batches(exs[:2], "padding_free", 3)].count(0) == 1
 
 
 # --------------------------------------------------------------------------------- backends
