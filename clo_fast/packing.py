@@ -19,14 +19,16 @@ position ids, as it has in its own padded row. The last prompt position of a sha
 first token of *both* responses: its hidden row appears twice in `head_rows`, with two labels and two
 sequence ids (the head's backward index-adds both gradients into that one row).
 
-Cost (per example, P = prompt tokens, R = response tokens of the four sequences, T = padded length):
+Cost per example (n_k = length of sequence k, T = the padded length):
   body tokens   none 4T,  padding_free Σ_k (n_k − 1),  prefix_shared Σ_k (n_k − 1) − |x_en| − |x_tgt|
                 (a sequence's last token is only a label, never an input: see `_documents`)
   head rows     exactly the labelled rows in every mode: Σ_k |y_k| (position t predicts token t+1, so the
                 last prompt position predicts the first response token and the response's last token, EOS,
                 predicts nothing) — vs 4T rows through the head when the padded batch goes through whole
-  attention     none Σ_s T², padding_free Σ_s n_s² with block-sparse kernels (flex, flash varlen) but L²
-                with a dense sdpa mask — keep `token_budget` moderate (a few thousand) with sdpa.
+  attention     none Σ_s T², packed Σ_documents n² with block-sparse kernels (flex, flash varlen) but L²
+                with a dense sdpa mask — keep `token_budget` moderate (a few thousand) with sdpa. Measured
+                on an H200 at a Llama-3.2-1B shape, budget 4096: sdpa's dense mask was not the bottleneck
+                (flex_attention was no faster); the per-micro-batch cost is.
 
 Everything here that looks at token values runs on the host, where batches are made: the step itself
 only indexes with the precomputed `head_rows` (no device synchronisation, no data-dependent shapes).
@@ -434,7 +436,9 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
     """Backbone keyword arguments that confine attention as the batch's layout needs.
 
     A prepared 4D mask / BlockMask makes transformers use it as given (no mask building, no packed-sequence
-    detection from position ids). Flash attention gets the host-made cu_seqlens and max length (no sync).
+    detection from position ids). Flash attention gets the host-made cu_seqlens and max length, so its
+    layers do not derive them from position ids; transformers' mask preparation still reads the position
+    ids once per forward to detect packing (one host sync per forward with flash_attention_2).
     """
     if batch.mode == "none":
         return {"attention_mask": batch.attention_mask}
