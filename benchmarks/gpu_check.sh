@@ -41,6 +41,8 @@ if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" tma_probe "* ]]; then
 fi
 step gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_ops.py
 step bench_head "${T_BENCH:-180}" python3 benchmarks/bench_head.py --out "$OUT_DIR/bench_head_gpu.json"
+step packing_tests "${T_PACKING:-150}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_packing.py -k "gpu or triton"
+step bench_step "${T_STEP:-150}" python3 benchmarks/bench_step.py --gpu --out "$OUT_DIR/bench_step_gpu.json"
 
 smoke() {  # build the random 1B-shaped model, train 20 steps, resume to 24, check loss/resume/export
   local dir=outputs/gpu_smoke

@@ -46,12 +46,26 @@ class FusedLogprobHead(nn.Module):
         self.weight = weight
         self.impl = impl
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from clo_fast.ops import sequence_logprobs
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        num_seqs: int | None = None,
+    ) -> torch.Tensor:
+        """Padded: hidden [S,T,H], labels [S,T] -> [S]. Labelled rows only (`clo_fast.packing`): hidden [M,H]
+        (any layout, flattened), rows [N] into it, labels/seq_ids [N] -> [num_seqs]; the head's GEMMs then
+        cost N rows instead of M, and index_select's backward adds a row's gradients when it is used twice."""
+        from clo_fast.ops import packed_sequence_logprobs, sequence_logprobs
 
         weight = self.weight
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
+        if rows is not None:
+            return packed_sequence_logprobs(
+                hidden.index_select(0, rows), weight, labels, seq_ids, num_seqs, impl=self.impl
+            )
         return sequence_logprobs(hidden, weight, labels, impl=self.impl)
 
     def extra_repr(self) -> str:
@@ -69,7 +83,15 @@ class CLOPolicy(nn.Module):
         self.config = config
         self.generation_config = generation_config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """policy(input_ids, attention_mask, labels) on a padded batch, or policy(batch) on a
+        `clo_fast.packing.PackedBatch` (any packing mode; only labelled rows reach the head). Both -> [4B]."""
+        from clo_fast.packing import PackedBatch, packed_sequence_logps
+
+        if isinstance(input_ids, PackedBatch):
+            return packed_sequence_logps(self, input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.lm_head(hidden, labels)
