@@ -112,7 +112,9 @@ class TrainConfig:
     export_hf: bool = True  # write an HF model (16-bit gathered weights) to <output_dir>/hf_model at the end
     tensorboard: bool = True  # also log to <output_dir>/tensorboard
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
-    pad_to_multiple_of: int = 64  # batch sequence length is padded up to a multiple of this
+    pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
+    packing: str = "auto"  # auto | none | padding_free | prefix_shared — how micro-batches lay out tokens
+    # (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
 
 
@@ -242,6 +244,8 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
+    packings = ("auto", "none", "padding_free", "prefix_shared")
+    check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
 
 
 def validate_eval(cfg: RunConfig, origin) -> None:

@@ -85,9 +85,10 @@ class Run:
 
     def data(self) -> None:
         """Text dataset (rank 0 builds/caches it first), tokenizer, tokenized splits, batch order."""
-        from clo_fast.data import build_text_dataset, collate_clo, tokenize_dataset
+        from clo_fast.data import build_text_dataset, tokenize_dataset
         from clo_fast.pretrained import load_tokenizer, resolve_model_path
         from clo_fast.training.distributed import log0, rank0_first, world_size
+        from clo_fast.training.batches import MicroBatcher, resolve_packing
         from clo_fast.training.sampler import StepSampler
 
         cfg, o = self.cfg, self.cfg.optim
@@ -98,8 +99,10 @@ class Run:
         self.eval_ds = None
         if len(texts["eval"]):
             self.eval_ds = rank0_first(lambda: tokenize_dataset(texts["eval"], self.tokenizer, cfg.data))
-        pad_id, multiple = self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of
-        self.collate = lambda examples: collate_clo(examples, pad_id, pad_to_multiple_of=multiple)
+        packing = resolve_packing(
+            cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
+        )
+        self.collate = MicroBatcher(packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
         self.sampler = StepSampler(
             len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps, world_size(), o.seed
         )
@@ -113,7 +116,7 @@ class Run:
         n_eval = len(self.eval_ds) if self.eval_ds else 0
         log0(
             f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
-            f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps"
+            f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps; packing {packing}"
         )
 
     def model(self) -> None:
@@ -180,11 +183,10 @@ class Run:
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
-            micro = [
-                self.collate([self.train_ds[i] for i in self.sampler.indices(self.step, m, rank())])
-                for m in range(o.gradient_accumulation_steps)
-            ]
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            G = o.gradient_accumulation_steps
+            examples = [self.train_ds[i] for m in range(G) for i in self.sampler.indices(self.step, m, rank())]
+            micro = self.collate.step_batches(examples, G, self.loss_setup.sequences_run)
+            tokens = sum(b.real_tokens for b in micro)
             log.add(train_step(engine, micro, self.loss_setup, self.device), tokens)
             self.step += 1
             bar.update(1)

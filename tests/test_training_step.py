@@ -11,6 +11,7 @@ from clo_fast.constants import ATTENTION_ONLY_PATTERNS, IGNORE_INDEX
 from clo_fast.data import collate_clo
 from clo_fast.loss import reference_clo_loss
 from clo_fast.model import apply_trainable_patterns, build_policy
+from clo_fast.training.batches import MicroBatcher
 from clo_fast.training.step import LossSetup, policy_logps, train_step
 
 VOCAB, PAD = 61, 0
@@ -23,8 +24,8 @@ class InProcessEngine:
     def __init__(self, module, accumulation_steps: int):
         self.module, self.accumulation_steps = module, accumulation_steps
 
-    def __call__(self, input_ids, attention_mask, labels):
-        return self.module(input_ids, attention_mask, labels)
+    def __call__(self, *batch):  # (input_ids, attention_mask, labels) or (PackedBatch,)
+        return self.module(*batch)
 
     def backward(self, loss):
         (loss / self.accumulation_steps).backward()
@@ -72,15 +73,23 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("packing", ["collate", "none", "padding_free", "prefix_shared"])
 @pytest.mark.parametrize("mode", ["clo", "dpo", "sft"])
-def test_accumulated_step_equals_the_whole_batch_gradient(mode):
+def test_accumulated_step_equals_the_whole_batch_gradient(mode, packing):
+    """Every packing layout, with the step's examples balanced into 3 micro-batches of unequal example
+    counts, gives the gradient of the whole batch's loss from materialized logits."""
     hf = tiny_model()
     policy = build_policy(hf, head_impl="torch")
     apply_trainable_patterns(policy, list(ATTENTION_ONLY_PATTERNS))
     clo = CLOConfig(mode=mode, beta=0.3, lam=0.4, sft_sequences=[0, 2] if mode == "sft" else [2])
     setup = LossSetup.from_config(clo)
-    exs = examples(6)
-    micro = [collate_clo(exs[i : i + 2], PAD, pad_to_multiple_of=8) for i in range(0, 6, 2)]
+    exs = examples(7)
+    if packing == "collate":  # the padded dict batches of collate_clo, equal example counts
+        exs = exs[:6]
+        micro = [collate_clo(exs[i : i + 2], PAD, pad_to_multiple_of=8) for i in range(0, 6, 2)]
+    else:
+        micro = MicroBatcher(packing, PAD, 8).step_batches(exs, 3, setup.sequences_run)
+        assert len({b.num_examples for b in micro}) > 1, "unequal micro-batches exercise the denominators"
 
     metrics = train_step(InProcessEngine(policy, len(micro)), micro, setup, torch.device("cpu"))
     got = grads(hf)

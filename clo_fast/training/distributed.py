@@ -73,7 +73,10 @@ def h2d(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch, device):
+    """A batch on `device`: a dict of tensors, or a `clo_fast.packing.PackedBatch` (its own `.to`)."""
+    if not isinstance(batch, dict):
+        return batch.to(device)
     return {k: h2d(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

@@ -9,12 +9,13 @@ import torch
 from clo_fast.constants import SEQUENCES_PER_EXAMPLE
 from clo_fast.loss import clo_loss
 from clo_fast.training.distributed import rank, to_device, world_size
-from clo_fast.training.step import SFT_ONLY_METRICS, LossSetup, policy_logps
+from clo_fast.training.step import SFT_ONLY_METRICS, LossSetup, batch_field, policy_logps
 
 
 @torch.no_grad()
 def score_dataset(engine, ds, collate, micro: int, device, sequences=None, desc="scoring"):
     """Per-sequence log-prob sums [N,4] and response-token counts [N,4] of a whole dataset, on every rank.
+    `collate(examples, sequences)` makes a batch in the training layout (the same packing as training).
 
     Ranks take interleaved examples; every rank runs the same number of forwards (ZeRO-3 gathers
     parameters collectively), padding with repeats that are dropped afterwards."""
@@ -31,9 +32,9 @@ def score_dataset(engine, ds, collate, micro: int, device, sequences=None, desc=
     for b in tqdm(range(n_batches), desc=desc, disable=me != 0, leave=False):
         idx = mine[b * micro : (b + 1) * micro]
         idx = [i if i < n else 0 for i in idx] + [0] * (micro - len(idx))
-        batch = to_device(collate([ds[i] for i in idx]), device)
+        batch = to_device(collate([ds[i] for i in idx], sequences), device)
         logps[b * micro : (b + 1) * micro] = policy_logps(engine, batch, sequences).float()
-        counts[b * micro : (b + 1) * micro] = batch["response_tokens"].float()
+        counts[b * micro : (b + 1) * micro] = batch_field(batch, "response_tokens").float()
     engine.train(was_training)
     if world > 1:
         parts_l = [torch.empty_like(logps) for _ in range(world)]

@@ -48,11 +48,11 @@ class LossSetup:
 
     def loss(self, logps, batch, *, sft_denominator=None, cl_denominator=None):
         """(loss, metrics) of one batch; metrics limited to the ones defined for this mode."""
-        ref = batch.get("ref_logps") if self.use_reference else None
+        ref = batch_field(batch, "ref_logps") if self.use_reference else None
         loss, metrics = clo_loss(
             logps,
             ref,
-            batch["response_tokens"],
+            batch_field(batch, "response_tokens"),
             self.beta,
             self.lam,
             sft_sequences=self.sft_sequences,
@@ -65,9 +65,21 @@ class LossSetup:
         return loss, metrics
 
 
-def policy_logps(engine, batch: dict, sequences: tuple[int, ...] | None) -> torch.Tensor:
-    """[B,4] per-sequence log-prob sums; with `sequences` only those are run, the others are 0."""
-    n_examples = batch["response_tokens"].shape[0]
+def batch_field(batch, name: str):
+    """`response_tokens` [B,4] / `ref_logps` [B,4] (or None) of a padded dict batch or a `PackedBatch`."""
+    if isinstance(batch, dict):
+        return batch.get(name)
+    return getattr(batch, name)
+
+
+def policy_logps(engine, batch, sequences: tuple[int, ...] | None) -> torch.Tensor:
+    """[B,4] per-sequence log-prob sums; with `sequences` only those are run, the others are 0.
+
+    A `clo_fast.packing.PackedBatch` (any packing mode) was built with its sequences already chosen and
+    sends only labelled rows through the head: one forward, `engine(batch)`."""
+    n_examples = batch_field(batch, "response_tokens").shape[0]
+    if not isinstance(batch, dict):
+        return engine(batch).view(n_examples, SEQUENCES_PER_EXAMPLE)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if sequences is None:
         return engine(ids, mask, labels).view(n_examples, SEQUENCES_PER_EXAMPLE)
@@ -79,17 +91,21 @@ def policy_logps(engine, batch: dict, sequences: tuple[int, ...] | None) -> torc
     return full
 
 
-def train_step(engine, micro_batches: list[dict], setup: LossSetup, device) -> dict[str, torch.Tensor]:
-    """Run one optimizer step over `micro_batches` (host tensors, this rank's share of the global batch).
+def train_step(engine, micro_batches: list, setup: LossSetup, device) -> dict[str, torch.Tensor]:
+    """Run one optimizer step over `micro_batches` (host tensors — padded dicts or `PackedBatch`es of any
+    size — this rank's share of the global batch).
 
     Returns the step's metrics as device scalars, averaged over the micro-batches (no host sync).
     """
     accumulation, world = len(micro_batches), world_size()
     sft_columns = list(setup.sft_sequences)
-    sft_tokens = sum(int(b["response_tokens"][:, sft_columns].sum()) for b in micro_batches)  # host: no sync
+    tokens = [batch_field(b, "response_tokens") for b in micro_batches]  # host tensors: no sync
+    sft_tokens = sum(int(t[:, sft_columns].sum()) for t in tokens)
     sft_denominator = all_reduce_sum(h2d(torch.tensor(float(sft_tokens)), device)) / (accumulation * world)
-    # 2 preference triples per example over the global batch, divided by G·W: 2 × examples per micro-batch
-    cl_denominator = 2.0 * micro_batches[0]["response_tokens"].shape[0]
+    # 2 preference triples per example over the global batch, divided by G·W. Every rank takes the same
+    # number of examples per step (the sampler), so that is 2 × this rank's examples / G, however the
+    # examples are spread over its micro-batches.
+    cl_denominator = 2.0 * sum(t.shape[0] for t in tokens) / accumulation
     totals: dict[str, torch.Tensor] = {}
     for host_batch in micro_batches:
         batch = to_device(host_batch, device)

@@ -1,0 +1,59 @@
+"""Micro-batches in the run's packing layout (`train.packing`, see clo_fast/packing.py), made on the host.
+
+The trainer, the reference pass and the held-out loss all go through one `MicroBatcher`, so the reference
+log-probs come from the same path as training. A step's examples (this rank's share of the global batch)
+are split into exactly G micro-batches of near-equal token counts: every rank runs the same number of
+forwards (ZeRO-3 gathers parameters collectively; DeepSpeed counts micro-batches to the accumulation
+boundary), and the loss's global denominators keep the update exact however the examples are spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from clo_fast.config import ConfigError
+from clo_fast.packing import (
+    ALL_SEQUENCES,
+    PackedBatch,
+    PackingError,
+    balance_micro_batches,
+    build_packed_batch,
+    check_packing,
+    default_packing,
+)
+
+
+def resolve_packing(requested: str, attn_implementation: str, device_type: str, where: str = "<config>") -> str:
+    """`train.packing` as run: `auto` → the fastest exact mode for the backend and device; an unsupported
+    combination is a start-up ConfigError naming the field and the fix."""
+    mode = default_packing(attn_implementation, device_type) if requested == "auto" else requested
+    try:
+        check_packing(mode, attn_implementation, device_type)
+    except PackingError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return mode
+
+
+class MicroBatcher:
+    """Tokenized CLO examples → `PackedBatch`es in one packing mode."""
+
+    def __init__(self, mode: str, pad_token_id: int, pad_to_multiple_of: int):
+        self.mode, self.pad_token_id, self.pad_to_multiple_of = mode, pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[dict], sequences: Sequence[int] | None = None) -> PackedBatch:
+        return build_packed_batch(
+            examples,
+            self.mode,
+            self.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            sequences=ALL_SEQUENCES if sequences is None else tuple(sequences),
+        )
+
+    def step_batches(
+        self, examples: Sequence[dict], accumulation_steps: int, sequences: Sequence[int] | None = None
+    ) -> list[PackedBatch]:
+        """This rank's examples of one optimizer step as exactly `accumulation_steps` micro-batches of
+        near-equal body tokens."""
+        seqs = ALL_SEQUENCES if sequences is None else tuple(sequences)
+        groups = balance_micro_batches(examples, self.mode, accumulation_steps, sequences=seqs)
+        return [self([examples[i] for i in group], seqs) for group in groups]
