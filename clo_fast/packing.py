@@ -39,8 +39,8 @@ only indexes with the precomputed `head_rows` (no device synchronisation, no dat
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ class PackedBatch:
     def head_row_count(self) -> int:
         return int(self.head_rows.numel())
 
-    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+    def to(self, device, non_blocking: bool = True) -> PackedBatch:
         """A copy with every tensor on `device` (ints stay host ints: nothing is read back)."""
         moved = {}
         for f in fields(self):

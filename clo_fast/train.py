@@ -87,8 +87,8 @@ class Run:
         """Text dataset (rank 0 builds/caches it first), tokenizer, tokenized splits, batch order."""
         from clo_fast.data import build_text_dataset, tokenize_dataset
         from clo_fast.pretrained import load_tokenizer, resolve_model_path
-        from clo_fast.training.distributed import log0, rank0_first, world_size
         from clo_fast.training.batches import MicroBatcher, resolve_packing
+        from clo_fast.training.distributed import log0, rank0_first, world_size
         from clo_fast.training.sampler import StepSampler
 
         cfg, o = self.cfg, self.cfg.optim
