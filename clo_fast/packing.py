@@ -210,13 +210,15 @@ def _group_windows(bounds: list[int], attention_window: int) -> tuple[tuple[int,
 
 
 def build_packed_batch(examples: Sequence[dict], mode: str, pad_token_id: int, *, pad_to_multiple_of: int = 1,
-                       sequences: Sequence[int] = ALL_SEQUENCES, attention_window: int = 512) -> PackedBatch:
+                       sequences: Sequence[int] = ALL_SEQUENCES, attention_window: int = 128) -> PackedBatch:
     """Pack tokenized CLO examples (`input_ids`/`labels`: 4 lists each, labels unshifted, -100 on the
     prompt; optional `ref_logps`) into one micro-batch in layout `mode`.
 
     `pad_to_multiple_of` rounds the stream length up (fewer distinct shapes for compiled kernels); the tail
     is a document of its own with no head rows. `sequences` restricts the batch to some of the four
-    sequences (SFT-only runs): the others get no rows and sum to 0.
+    sequences (SFT-only runs): the others get no rows and sum to 0. `attention_window`: documents are
+    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; 128 measured best
+    on CPU at the demo shape, where documents are ~100-200 tokens; a longer document is its own span).
     Cost: O(total tokens) Python work on the host.
     """
     if mode not in PACKING_MODES:

@@ -222,6 +222,7 @@ def test_bf16_matches_within_bf16_tolerance():
             assert rel_err(got, ref) <= 4 * scale + 1e-2, mode
 
 
+@pytest.mark.slow
 def test_triton_head_through_the_packed_rows():
     """The packed path with the Triton kernels (the interpreter on CPU): same sums and gradients as padded."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
