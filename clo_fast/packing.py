@@ -80,6 +80,8 @@ class PackedBatch:
     response_tokens [B, 4] labelled tokens per sequence (for the loss's global denominators)
     ref_logps     [B, 4] float32 when every example carries one
     body_tokens   tokens the backbone processes (L, or 4B·T); real_tokens: those that are not padding
+    windows       consecutive documents grouped into spans of ≤ `attention_window` tokens (host ints): sdpa
+                  attends within each span only, so attention costs Σ span² instead of L²
     """
 
     mode: str
@@ -99,6 +101,7 @@ class PackedBatch:
     num_examples: int
     body_tokens: int
     real_tokens: int
+    windows: tuple[tuple[int, int], ...] | None = None  # document-aligned [start, end) spans for sdpa
 
     @property
     def head_row_count(self) -> int:
@@ -192,14 +195,30 @@ def _ref_logps(examples: Sequence[dict]) -> torch.Tensor | None:
     return None
 
 
+def _group_windows(bounds: list[int], attention_window: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive documents (boundaries `bounds`) grouped greedily into spans of ≤ attention_window tokens;
+    a longer document is a span of its own. Attention never crosses a document, so never a span."""
+    spans = []
+    start = bounds[0]
+    for i in range(1, len(bounds)):
+        if bounds[i] - start > attention_window and bounds[i - 1] > start:
+            spans.append((start, bounds[i - 1]))
+            start = bounds[i - 1]
+    if bounds[-1] > start:
+        spans.append((start, bounds[-1]))
+    return tuple(spans)
+
+
 def build_packed_batch(examples: Sequence[dict], mode: str, pad_token_id: int, *, pad_to_multiple_of: int = 1,
-                       sequences: Sequence[int] = ALL_SEQUENCES) -> PackedBatch:
+                       sequences: Sequence[int] = ALL_SEQUENCES, attention_window: int = 128) -> PackedBatch:
     """Pack tokenized CLO examples (`input_ids`/`labels`: 4 lists each, labels unshifted, -100 on the
     prompt; optional `ref_logps`) into one micro-batch in layout `mode`.
 
     `pad_to_multiple_of` rounds the stream length up (fewer distinct shapes for compiled kernels); the tail
     is a document of its own with no head rows. `sequences` restricts the batch to some of the four
-    sequences (SFT-only runs): the others get no rows and sum to 0.
+    sequences (SFT-only runs): the others get no rows and sum to 0. `attention_window`: documents are
+    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; 128 measured best
+    on CPU at the demo shape, where documents are ~100-200 tokens; a longer document is its own span).
     Cost: O(total tokens) Python work on the host.
     """
     if mode not in PACKING_MODES:
@@ -269,6 +288,7 @@ def build_packed_batch(examples: Sequence[dict], mode: str, pad_token_id: int, *
         num_examples=len(examples),
         body_tokens=L,
         real_tokens=real,
+        windows=_group_windows(bounds, attention_window),
     )
 
 
@@ -432,6 +452,55 @@ def flex_block_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor):
     return create_block_mask(allowed, B=1, H=None, Q_LEN=L, KV_LEN=L, device=doc_ids.device)
 
 
+def windowed_packed_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor,
+                         windows: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[1,1,L,W] bool, W = the widest span: row i holds `dense_packed_mask` of its span (columns = keys of the
+    span, from its start; columns past the span's width are False). Σ span·W bools instead of L²."""
+    width = max(e - s for s, e in windows)
+    rows = []
+    for s, e in windows:
+        m = dense_packed_mask(doc_ids[s:e], branch_ids[s:e])[0, 0]
+        rows.append(torch.nn.functional.pad(m, (0, width - (e - s)), value=False))
+    return torch.cat(rows, 0).view(1, 1, doc_ids.shape[0], width)
+
+
+_STOCK_SDPA = None
+
+
+def _windowed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           is_causal=None, **kwargs):
+    """transformers' sdpa attention, plus packed spans: with `clo_windows` in the kwargs (from
+    `attention_inputs`), one sdpa call per span with its slice of the [1,1,L,W] mask; otherwise the stock
+    function, unchanged. Exact: no query attends across a span boundary (spans hold whole documents)."""
+    windows = kwargs.pop("clo_windows", None)
+    if windows is None:
+        return _STOCK_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # GQA: each KV head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = []
+    for s, e in windows:
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=attention_mask[:, :, s:e, : e - s],
+            dropout_p=dropout, scale=scaling))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def install_windowed_sdpa() -> None:
+    """Route transformers' "sdpa" attention through `_windowed_sdpa_forward` (process-wide, idempotent).
+    Calls without `clo_windows` reach the stock sdpa function unchanged; a model with its own local "sdpa"
+    override would get the [1,1,L,W] mask and fail loudly on its shape, never silently."""
+    global _STOCK_SDPA
+    if _STOCK_SDPA is not None:
+        return
+    from transformers.modeling_utils import AttentionInterface
+
+    _STOCK_SDPA = AttentionInterface._global_mapping["sdpa"]
+    AttentionInterface.register("sdpa", _windowed_sdpa_forward)
+
+
 def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
     """Backbone keyword arguments that confine attention as the batch's layout needs.
 
@@ -450,6 +519,10 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
                 "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     if attn_implementation == "flex_attention":
         return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
+    if attn_implementation == "sdpa" and batch.windows is not None:
+        install_windowed_sdpa()
+        return {"attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
+                "clo_windows": batch.windows}
     mask = dense_packed_mask(batch.doc_ids, batch.branch_ids)
     if attn_implementation == "eager":  # eager adds the mask to the scores
         zero = torch.zeros((), dtype=dtype, device=mask.device)

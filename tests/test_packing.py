@@ -56,11 +56,12 @@ def make_examples(num: int, seed: int = 0, prompt=(3, 12), response=(2, 15), wit
     return out
 
 
-def tiny_policy(arch: str = "llama", dtype=torch.float32, attn: str = "sdpa", head_impl: str = "torch", seed: int = 0):
+def tiny_policy(arch: str = "llama", dtype=torch.float32, attn: str = "sdpa", head_impl: str = "torch", seed: int = 0,
+                hidden: int = 32):
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS,
                   bos_token_id=EOS)
     if arch == "llama":
@@ -221,6 +222,7 @@ def test_bf16_matches_within_bf16_tolerance():
             assert rel_err(got, ref) <= 4 * scale + 1e-2, mode
 
 
+@pytest.mark.slow
 def test_triton_head_through_the_packed_rows():
     """The packed path with the Triton kernels (the interpreter on CPU): same sums and gradients as padded."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -330,11 +332,12 @@ def test_gpu_backends_match_the_padded_sums(attn):
     """On CUDA, bf16: every mode the backend supports against the padded path with the same backend."""
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
-    policy = tiny_policy("llama", dtype=torch.bfloat16, attn=attn, head_impl="auto").cuda()
+    # head_dim 16: flex_attention's CUDA kernels need head dims of at least 16 (the CPU tests use 8)
+    policy = tiny_policy("llama", dtype=torch.bfloat16, attn=attn, head_impl="auto", hidden=64).cuda()
     trainable_attention(policy)
     exs = make_examples(4, seed=13, prompt=(20, 90), response=(20, 200))
     # reference: the padded batch with sdpa (flash_attention_2 on a padded batch would test flash, not packing)
-    ref = padded_logps(tiny_policy("llama", dtype=torch.bfloat16, attn="sdpa", head_impl="auto").cuda(), exs)
+    ref = padded_logps(tiny_policy("llama", dtype=torch.bfloat16, attn="sdpa", head_impl="auto", hidden=64).cuda(), exs)
     for mode in supported_packing(attn, "cuda"):
         b = build_packed_batch(exs, mode, PAD).to("cuda")
         got = policy(b)
@@ -418,3 +421,27 @@ def test_demo_model_bf16(demo_setup):
             got = policy(build_packed_batch(exs, mode, pad))
             # bf16 rounds each of ~50 token log-probs to 8 bits of mantissa: compare on the sums' scale
             assert rel_err(got, ref) <= 2e-2, mode
+
+
+@pytest.mark.parametrize("window", [1, 40])
+def test_sdpa_spans_match_the_padded_sums_and_gradients(window):
+    """sdpa attends within document-aligned spans (one call per span): spans of one document each (window 1)
+    and of several documents are exact, with GQA, in both packed modes."""
+    policy = tiny_policy("llama")
+    trainable_attention(policy)
+    exs = make_examples(3, seed=21)
+    ref = padded_logps(policy, exs)
+    ref.sum().backward()
+    ref_grads = attn_grads(policy)
+    for mode in ("padding_free", "prefix_shared"):
+        b = build_packed_batch(exs, mode, PAD, attention_window=window, pad_to_multiple_of=8)
+        starts = [s for s, _ in b.windows]
+        assert starts[0] == 0 and b.windows[-1][1] == b.body_tokens and len(b.windows) > 1
+        assert all(b.windows[i][1] == b.windows[i + 1][0] for i in range(len(b.windows) - 1))
+        assert all(int(b.doc_ids[s]) != int(b.doc_ids[s - 1]) for s in starts[1:])  # spans hold whole documents
+        policy.zero_grad(set_to_none=True)
+        got = policy(b)
+        assert rel_err(got, ref) <= 1e-5, mode
+        got.sum().backward()
+        for name, g in attn_grads(policy).items():
+            assert rel_err(g, ref_grads[name]) <= 1e-4, (mode, name)
