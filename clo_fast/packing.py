@@ -37,6 +37,7 @@ only indexes with the precomputed `head_rows` (no device synchronisation, no dat
     batch = batch.to(device)
     logps = policy(batch)                       # [4B] fp32, same as policy(ids, mask, labels) padded
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -209,8 +210,15 @@ def _group_windows(bounds: list[int], attention_window: int) -> tuple[tuple[int,
     return tuple(spans)
 
 
-def build_packed_batch(examples: Sequence[dict], mode: str, pad_token_id: int, *, pad_to_multiple_of: int = 1,
-                       sequences: Sequence[int] = ALL_SEQUENCES, attention_window: int = 128) -> PackedBatch:
+def build_packed_batch(
+    examples: Sequence[dict],
+    mode: str,
+    pad_token_id: int,
+    *,
+    pad_to_multiple_of: int = 1,
+    sequences: Sequence[int] = ALL_SEQUENCES,
+    attention_window: int = 128,
+) -> PackedBatch:
     """Pack tokenized CLO examples (`input_ids`/`labels`: 4 lists each, labels unshifted, -100 on the
     prompt; optional `ref_logps`) into one micro-batch in layout `mode`.
 
@@ -292,8 +300,13 @@ def build_packed_batch(examples: Sequence[dict], mode: str, pad_token_id: int, *
     )
 
 
-def build_padded_batch(examples: Sequence[dict], pad_token_id: int, *, pad_to_multiple_of: int = 64,
-                       sequences: Sequence[int] = ALL_SEQUENCES) -> PackedBatch:
+def build_padded_batch(
+    examples: Sequence[dict],
+    pad_token_id: int,
+    *,
+    pad_to_multiple_of: int = 64,
+    sequences: Sequence[int] = ALL_SEQUENCES,
+) -> PackedBatch:
     """Mode `none`: the padded batch of `collate_clo`, plus the labelled-row indices (built here, on the
     host), so that only labelled rows go through the head. With `sequences` ⊂ {0..3} only those rows of
     each example are kept (input rows in order b-major), their sequence ids still 4b+k."""
@@ -314,16 +327,36 @@ def build_padded_batch(examples: Sequence[dict], pad_token_id: int, *, pad_to_mu
         dropped = [k for k in ALL_SEQUENCES if k not in keep]
         response_tokens[:, dropped] = 0
     return PackedBatch(
-        mode="none", input_ids=ids, position_ids=None, attention_mask=mask, doc_ids=None, branch_ids=None,
-        cu_seqlens=None, max_seqlen=T, head_rows=rows, head_labels=flat[rows], head_seq_ids=seq_of_row[rows // T],
-        num_seqs=4 * len(examples), response_tokens=response_tokens, ref_logps=padded.get("ref_logps"),
-        num_examples=len(examples), body_tokens=int(ids.numel()), real_tokens=int(mask.sum()),
+        mode="none",
+        input_ids=ids,
+        position_ids=None,
+        attention_mask=mask,
+        doc_ids=None,
+        branch_ids=None,
+        cu_seqlens=None,
+        max_seqlen=T,
+        head_rows=rows,
+        head_labels=flat[rows],
+        head_seq_ids=seq_of_row[rows // T],
+        num_seqs=4 * len(examples),
+        response_tokens=response_tokens,
+        ref_logps=padded.get("ref_logps"),
+        num_examples=len(examples),
+        body_tokens=int(ids.numel()),
+        real_tokens=int(mask.sum()),
     )
 
 
 # ------------------------------------------------------------------------------ micro-batching
-def plan_micro_batches(examples: Sequence[dict], mode: str, token_budget: int, *, pad_to_multiple_of: int = 64,
-                       max_examples: int | None = None, sequences: Sequence[int] = ALL_SEQUENCES) -> list[list[int]]:
+def plan_micro_batches(
+    examples: Sequence[dict],
+    mode: str,
+    token_budget: int,
+    *,
+    pad_to_multiple_of: int = 64,
+    max_examples: int | None = None,
+    sequences: Sequence[int] = ALL_SEQUENCES,
+) -> list[list[int]]:
     """Group example indices, in order, into micro-batches whose body tokens stay ≤ `token_budget`.
 
     Body tokens: the packed length for padding_free / prefix_shared; 4·B·T (T = longest sequence rounded up
@@ -356,8 +389,9 @@ def plan_micro_batches(examples: Sequence[dict], mode: str, token_budget: int, *
     return groups
 
 
-def balance_micro_batches(examples: Sequence[dict], mode: str, num_micro_batches: int, *,
-                          sequences: Sequence[int] = ALL_SEQUENCES) -> list[list[int]]:
+def balance_micro_batches(
+    examples: Sequence[dict], mode: str, num_micro_batches: int, *, sequences: Sequence[int] = ALL_SEQUENCES
+) -> list[list[int]]:
     """Split example indices into exactly `num_micro_batches` groups of near-equal body tokens.
 
     Why a fixed count: under ZeRO-3 every rank must run the same number of forwards in a step (parameters
@@ -414,8 +448,10 @@ def check_packing(mode: str, attn_implementation: str, device_type: str) -> None
     if mode in ok:
         return
     if attn_implementation in _ATTN_FLASH and mode == "prefix_shared":
-        why = ("flash attention's variable-length kernel attends to one contiguous segment per token, but in "
-               "prefix_shared the second response must see its prompt and skip the first response")
+        why = (
+            "flash attention's variable-length kernel attends to one contiguous segment per token, but in "
+            "prefix_shared the second response must see its prompt and skip the first response"
+        )
         fix = "use train.packing: padding_free with flash_attention_2, or model.attn_implementation: flex_attention / sdpa"
     elif attn_implementation == "flex_attention" and device_type == "cpu":
         why = "torch's flex_attention has no backward on CPU"
@@ -423,9 +459,11 @@ def check_packing(mode: str, attn_implementation: str, device_type: str) -> None
     else:
         why = f"attention backend {attn_implementation!r} has no packed-sequence mask support here"
         fix = "use model.attn_implementation: sdpa or flex_attention, or train.packing: none"
-    raise PackingError(f"train.packing: {mode!r} is not supported with model.attn_implementation="
-                       f"{attn_implementation!r} on {device_type}: {why}; {fix} "
-                       f"(supported here: {', '.join(ok)})")
+    raise PackingError(
+        f"train.packing: {mode!r} is not supported with model.attn_implementation="
+        f"{attn_implementation!r} on {device_type}: {why}; {fix} "
+        f"(supported here: {', '.join(ok)})"
+    )
 
 
 def dense_packed_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
@@ -452,8 +490,9 @@ def flex_block_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor):
     return create_block_mask(allowed, B=1, H=None, Q_LEN=L, KV_LEN=L, device=doc_ids.device)
 
 
-def windowed_packed_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor,
-                         windows: Sequence[tuple[int, int]]) -> torch.Tensor:
+def windowed_packed_mask(
+    doc_ids: torch.Tensor, branch_ids: torch.Tensor, windows: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """[1,1,L,W] bool, W = the widest span: row i holds `dense_packed_mask` of its span (columns = keys of the
     span, from its start; columns past the span's width are False). Σ span·W bools instead of L²."""
     width = max(e - s for s, e in windows)
@@ -467,24 +506,33 @@ def windowed_packed_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor,
 _STOCK_SDPA = None
 
 
-def _windowed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                           is_causal=None, **kwargs):
+def _windowed_sdpa_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' sdpa attention, plus packed spans: with `clo_windows` in the kwargs (from
     `attention_inputs`), one sdpa call per span with its slice of the [1,1,L,W] mask; otherwise the stock
     function, unchanged. Exact: no query attends across a span boundary (spans hold whole documents)."""
     windows = kwargs.pop("clo_windows", None)
     if windows is None:
-        return _STOCK_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                           is_causal=is_causal, **kwargs)
+        return _STOCK_SDPA(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # GQA: each KV head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     out = []
     for s, e in windows:
-        out.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=attention_mask[:, :, s:e, : e - s],
-            dropout_p=dropout, scale=scaling))
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                attn_mask=attention_mask[:, :, s:e, : e - s],
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        )
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -515,14 +563,21 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
     check_packing(batch.mode, attn_implementation, device_type)
     if attn_implementation in _ATTN_FLASH:
         cu = batch.cu_seqlens
-        return {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+        return {
+            "attention_mask": None,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": batch.max_seqlen,
+            "max_length_k": batch.max_seqlen,
+        }
     if attn_implementation == "flex_attention":
         return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
     if attn_implementation == "sdpa" and batch.windows is not None:
         install_windowed_sdpa()
-        return {"attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
-                "clo_windows": batch.windows}
+        return {
+            "attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
+            "clo_windows": batch.windows,
+        }
     mask = dense_packed_mask(batch.doc_ids, batch.branch_ids)
     if attn_implementation == "eager":  # eager adds the mask to the scores
         zero = torch.zeros((), dtype=dtype, device=mask.device)
@@ -551,5 +606,6 @@ def packed_sequence_logps(policy, batch: PackedBatch, attn_implementation: str |
     head pass over exactly the labelled rows: hidden[head_rows] → FusedLogprobHead (rows gathered inside
     the head module's forward, where ZeRO-3 has gathered its weight)."""
     hidden = backbone_hidden_rows(policy, batch, attn_implementation)
-    return policy.lm_head(hidden, batch.head_labels, rows=batch.head_rows, seq_ids=batch.head_seq_ids,
-                          num_seqs=batch.num_seqs)
+    return policy.lm_head(
+        hidden, batch.head_labels, rows=batch.head_rows, seq_ids=batch.head_seq_ids, num_seqs=batch.num_seqs
+    )

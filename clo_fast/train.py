@@ -162,7 +162,7 @@ class Run:
         from tqdm.auto import tqdm
 
         from clo_fast.training.checkpoint import save_checkpoint
-        from clo_fast.training.distributed import log0, maybe_crash, rank
+        from clo_fast.training.distributed import log0, maybe_crash, rank, world_size
         from clo_fast.training.metrics import MetricsSink, StepLog
         from clo_fast.training.step import train_step
 
@@ -183,11 +183,12 @@ class Run:
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
-            G = o.gradient_accumulation_steps
-            examples = [self.train_ds[i] for m in range(G) for i in self.sampler.indices(self.step, m, rank())]
-            micro = self.collate.step_batches(examples, G, self.loss_setup.sequences_run)
+            G, W = o.gradient_accumulation_steps, world_size()
+            idx = [i for m in range(G) for r in range(W) for i in self.sampler.indices(self.step, m, r)]
+            examples = [self.train_ds[i] for i in idx]  # the global batch: every rank groups it alike
+            micro = self.collate.step_batches(examples, G, self.loss_setup.sequences_run, world=W, rank=rank())
             tokens = sum(b.real_tokens for b in micro)
-            log.add(train_step(engine, micro, self.loss_setup, self.device), tokens)
+            log.add(train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples)), tokens)
             self.step += 1
             bar.update(1)
             maybe_crash("after_step", self.step)

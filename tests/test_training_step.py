@@ -88,7 +88,7 @@ def test_accumulated_step_equals_the_whole_batch_gradient(mode, packing):
         exs = exs[:6]
         micro = [collate_clo(exs[i : i + 2], PAD, pad_to_multiple_of=8) for i in range(0, 6, 2)]
     else:
-        micro = MicroBatcher(packing, PAD, 8).step_batches(exs, 3, setup.sequences_run)
+        micro = MicroBatcher(packing, PAD, 8).step_batches(exs, 3, setup.sequences_run)  # one rank: G·W = 3
         assert len({b.num_examples for b in micro}) > 1, "unequal micro-batches exercise the denominators"
 
     metrics = train_step(InProcessEngine(policy, len(micro)), micro, setup, torch.device("cpu"))
@@ -130,3 +130,14 @@ def test_sft_mode_runs_only_the_nll_sequences():
     assert seen == [12, 6]
     torch.testing.assert_close(part[:, [0, 2]], full[:, [0, 2]])
     assert (part[:, [1, 3]] == 0).all()
+
+
+def test_micro_batches_do_not_depend_on_the_rank_layout():
+    """The step's global batch is grouped the same way for 1 rank × 4 and 2 ranks × 2 micro-batches."""
+    exs = examples(9, seed=4)
+    batcher = MicroBatcher("prefix_shared", PAD, 8)
+    one = batcher.step_batches(exs, 4, world=1, rank=0)
+    two = [batcher.step_batches(exs, 2, world=2, rank=r) for r in range(2)]
+    by_slot = [two[r][m] for m in range(2) for r in range(2)]  # micro m of rank r is global slot m·W + r
+    assert [b.input_ids.tolist() for b in one] == [b.input_ids.tolist() for b in by_slot]
+    assert sum(b.num_examples for b in one) == 9

@@ -1,10 +1,11 @@
 """Micro-batches in the run's packing layout (`train.packing`, see clo_fast/packing.py), made on the host.
 
 The trainer, the reference pass and the held-out loss all go through one `MicroBatcher`, so the reference
-log-probs come from the same path as training. A step's examples (this rank's share of the global batch)
-are split into exactly G micro-batches of near-equal token counts: every rank runs the same number of
+log-probs come from the same path as training. A step's global batch is split into exactly G·W micro-batches
+of near-equal token counts, micro-batch m of rank r taking group m·W + r: every rank runs the same number of
 forwards (ZeRO-3 gathers parameters collectively; DeepSpeed counts micro-batches to the accumulation
-boundary), and the loss's global denominators keep the update exact however the examples are spread.
+boundary), the grouping does not depend on how the G·W micro-batches are spread over ranks (1 rank × 4 and
+2 ranks × 2 see the same micro-batches), and the loss's global denominators keep the update exact.
 """
 
 from __future__ import annotations
@@ -50,10 +51,17 @@ class MicroBatcher:
         )
 
     def step_batches(
-        self, examples: Sequence[dict], accumulation_steps: int, sequences: Sequence[int] | None = None
+        self,
+        global_examples: Sequence[dict],
+        accumulation_steps: int,
+        sequences: Sequence[int] | None = None,
+        *,
+        world: int = 1,
+        rank: int = 0,
     ) -> list[PackedBatch]:
-        """This rank's examples of one optimizer step as exactly `accumulation_steps` micro-batches of
-        near-equal body tokens."""
+        """Rank `rank`'s `accumulation_steps` micro-batches of one optimizer step, from the step's whole
+        global batch (every rank passes the same examples, in the sampler's order)."""
         seqs = ALL_SEQUENCES if sequences is None else tuple(sequences)
-        groups = balance_micro_batches(examples, self.mode, accumulation_steps, sequences=seqs)
-        return [self([examples[i] for i in group], seqs) for group in groups]
+        groups = balance_micro_batches(global_examples, self.mode, accumulation_steps * world, sequences=seqs)
+        mine = [groups[m * world + rank] for m in range(accumulation_steps)]
+        return [self([global_examples[i] for i in group], seqs) for group in mine]

@@ -91,21 +91,25 @@ def policy_logps(engine, batch, sequences: tuple[int, ...] | None) -> torch.Tens
     return full
 
 
-def train_step(engine, micro_batches: list, setup: LossSetup, device) -> dict[str, torch.Tensor]:
+def train_step(
+    engine, micro_batches: list, setup: LossSetup, device, global_examples: int | None = None
+) -> dict[str, torch.Tensor]:
     """Run one optimizer step over `micro_batches` (host tensors — padded dicts or `PackedBatch`es of any
     size — this rank's share of the global batch).
 
-    Returns the step's metrics as device scalars, averaged over the micro-batches (no host sync).
+    `global_examples`: examples in the step's global batch (known on the host); without it every rank is
+    taken to hold the same number. Returns the step's metrics as device scalars, averaged over the
+    micro-batches (no host sync).
     """
     accumulation, world = len(micro_batches), world_size()
     sft_columns = list(setup.sft_sequences)
     tokens = [batch_field(b, "response_tokens") for b in micro_batches]  # host tensors: no sync
     sft_tokens = sum(int(t[:, sft_columns].sum()) for t in tokens)
     sft_denominator = all_reduce_sum(h2d(torch.tensor(float(sft_tokens)), device)) / (accumulation * world)
-    # 2 preference triples per example over the global batch, divided by G·W. Every rank takes the same
-    # number of examples per step (the sampler), so that is 2 × this rank's examples / G, however the
-    # examples are spread over its micro-batches.
-    cl_denominator = 2.0 * sum(t.shape[0] for t in tokens) / accumulation
+    # 2 preference triples per example over the global batch, divided by G·W
+    if global_examples is None:  # equal shares: W × this rank's examples
+        global_examples = world * sum(t.shape[0] for t in tokens)
+    cl_denominator = 2.0 * global_examples / (accumulation * world)
     totals: dict[str, torch.Tensor] = {}
     for host_batch in micro_batches:
         batch = to_device(host_batch, device)
