@@ -263,6 +263,33 @@ def test_one_rank_accumulation_equals_two_ranks(run_a, tmp_path, cache):
         torch.testing.assert_close(wc[k], wa[k], rtol=1e-3, atol=1e-5)
 
 
+@slow
+@needs_launcher
+@pytest.mark.parametrize("packing", ["none", "padding_free"])
+def test_every_packing_mode_trains_under_zero3_with_the_same_first_step(run_a, tmp_path, cache, packing):
+    """2-rank ZeRO-3 in the other layouts (run A uses auto = prefix_shared with sdpa on CPU): the reference pass
+    and the first step's loss are the same; the run trains to the end."""
+    out_a, r_a = run_a
+    assert "packing prefix_shared" in r_a.stdout + r_a.stderr
+    r = launch(
+        tmp_path,
+        cache,
+        extra=[
+            f"train.packing={packing}",
+            "optim.max_steps=3",
+            "train.eval_steps=0",
+            "train.save_steps=0",
+            "train.export_hf=false",
+        ],
+    )
+    assert r.returncode == 0, f"{packing} run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
+    assert f"packing {packing}" in r.stdout + r.stderr
+    a, c = metrics(out_a / "run"), metrics(tmp_path / "run")
+    for k in ("loss", "nll", "cl_loss"):
+        assert c[1][k] == pytest.approx(a[1][k], rel=1e-5, abs=1e-6), (k, c[1][k], a[1][k])
+    assert 3 in c
+
+
 # ------------------------------------------------------------------------------------ fast checks
 BAD = [
     ("clo:\n  beta: -1\n", "clo.beta"),
