@@ -71,6 +71,9 @@ class DataConfig:
     eval_fraction: float = 0.05  # held-out share for eval loss and evaluation prompts
     on_bad_record: str = "error"  # error | skip (skipped records are counted in the summary)
     output_dir: str = "outputs/data"  # where the text-level dataset is saved
+    # chat prompts (template=chat): no system message unless set here; per-language entries win
+    system_prompt: str | None = None  # system message for every prompt (null = none)
+    system_prompts: dict[str, str] = field(default_factory=dict)  # per language code, e.g. {ko: "..."}
 
 
 @dataclass
@@ -114,6 +117,7 @@ class TrainConfig:
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length is padded up to a multiple of this
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
+    dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
 
 
 @dataclass
@@ -199,6 +203,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         f"got {d.target_lang!r} (use translator=hf for other languages)",
     )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+    for lang, text in d.system_prompts.items():
+        check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
 
 
 def validate_clo(cfg: RunConfig, origin) -> None:
@@ -241,6 +247,7 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.save_steps >= 0, "train.save_steps", "must be >= 0")
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
+    check(t.dist_timeout_s is None or t.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 or null")
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
 
 
