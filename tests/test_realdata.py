@@ -147,3 +147,139 @@ def test_system_prompts_must_be_strings(tmp_path):
     cfg.write_text("data:\n  system_prompts: {sw: 3}\n")
     with pytest.raises(ConfigError, match=r"c.yaml: data.system_prompts.sw: must be a string"):
         load_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------ model guards
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
+
+
+def _save_tiny(tmp_path, config_cls_name, model_cls_name, name, **extra):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls_name)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls_name)(config)
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "model_cls", "extra", "message"),
+    [
+        ("PhiConfig", "PhiForCausalLM", {}, r"LM head has a bias"),
+        ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}, r"config.logit_scale = 0.0625"),
+        ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}, r"config.logits_scaling = 8.0"),
+        ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}, r"config.final_logit_softcapping = 30.0"),
+    ],
+)
+def test_heads_the_fused_path_does_not_represent_fail_at_load(tmp_path, config_cls, model_cls, extra, message):
+    from clo_fast.config import ModelConfig
+    from clo_fast.model import load_policy
+
+    path = _save_tiny(tmp_path, config_cls, model_cls, "m", **extra)
+    with pytest.raises(ConfigError, match=rf"model '.*m' \({model_cls}\).*{message}"):
+        cfg = ModelConfig(name_or_path=str(path), trainable_patterns=["*"], attn_implementation="eager")
+        load_policy(cfg, cache_dir=str(tmp_path))
+
+
+def test_plain_heads_load_and_neutral_scaling_is_accepted(tmp_path):
+    from clo_fast.config import ModelConfig
+    from clo_fast.model import load_policy
+
+    path = _save_tiny(tmp_path, "GraniteConfig", "GraniteForCausalLM", "g", logits_scaling=1.0)
+    load_policy(ModelConfig(name_or_path=str(path), trainable_patterns=["*q_proj*"]), cache_dir=str(tmp_path))
+
+
+def _logps_float64(model, ids):
+    """Independent reference: full logits in float64, Σ log p(next token) per sequence."""
+    import torch
+
+    logits = model(input_ids=ids).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return lp.sum(-1)
+
+
+def test_dropout_is_off_in_the_policy_as_in_the_reference_pass(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from clo_fast.config import ModelConfig
+    from clo_fast.constants import IGNORE_INDEX
+    from clo_fast.model import load_policy
+
+    path = _save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM", "d", attention_dropout=0.5)
+    policy = load_policy(
+        ModelConfig(name_or_path=str(path), attn_implementation="eager"), head_impl="reference", cache_dir="x"
+    )[0]
+    assert policy.training
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]  # labels aligned with the rows that score them
+    mask = torch.ones_like(ids)
+    first, second = policy(ids, mask, labels), policy(ids, mask, labels)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = _logps_float64(ref, ids)
+    torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(first, second)
+    # the same model left in train mode with its dropout does differ: the check above can fail
+    ref.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(_logps_float64(ref, ids), expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- reference cache key
+def test_reference_cache_key_follows_weights_not_path(tmp_path):
+    import shutil
+
+    from clo_fast.config import RunConfig
+    from clo_fast.training.reference import reference_key
+
+    class _Data(list):
+        _fingerprint = "data-fp"
+
+    cfg, ds = RunConfig(), _Data([1, 2])
+    a = _save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM", "a")
+    key_a = reference_key(ds, cfg, str(a))
+    assert reference_key(ds, cfg, str(a)) == key_a  # deterministic
+    shutil.copytree(a, tmp_path / "a_copy")
+    assert reference_key(ds, cfg, str(tmp_path / "a_copy"))["model_content"] == key_a["model_content"]
+    shutil.rmtree(a)
+    _save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM", "a", num_hidden_layers=2)  # new weights, same path
+    assert reference_key(ds, cfg, str(a))["model_content"] != key_a["model_content"]
+
+
+def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
+    from clo_fast.pretrained import model_fingerprint
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blob = repo / "blobs" / ("ab" * 32)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"weights v1")
+    snap = repo / "snapshots" / ("c" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    fp = model_fingerprint("org/tiny")
+    blob2 = repo / "blobs" / ("cd" * 32)
+    blob2.write_bytes(b"weights v1")  # same bytes, another blob name: the name is what counts
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(blob2)
+    assert model_fingerprint("org/tiny") != fp
+    with pytest.raises(ValueError, match="neither a local folder nor in the Hugging Face cache"):
+        model_fingerprint("org/absent")
