@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import time
 import warnings
 
 import pytest
@@ -283,3 +284,105 @@ def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
     assert model_fingerprint("org/tiny") != fp
     with pytest.raises(ValueError, match="neither a local folder nor in the Hugging Face cache"):
         model_fingerprint("org/absent")
+
+
+# ------------------------------------------------------------------- data preparation outside collectives
+class SlowCachedTranslator:
+    """A stand-in for HFTranslator: the shared sqlite cache in front of a slow "model" that tags texts."""
+
+    name = "slow-fake"
+
+    def __init__(self, cache_path, seconds_per_text=0.0):
+        from clo_fast.data.translate import TranslationCache
+
+        self.cache = TranslationCache(cache_path)
+        self.seconds_per_text = seconds_per_text
+        self.translated: list[str] = []  # texts this process ran through the "model"
+
+    def translate(self, texts):
+        done = self.cache.get_many(self.name, "en", "sw", texts)
+        todo = [t for t in dict.fromkeys(texts) if t not in done]
+        for t in todo:
+            time.sleep(self.seconds_per_text)
+            done[t] = f"[sw] {t}"
+        self.cache.put_many(self.name, "en", "sw", [(t, done[t]) for t in todo])
+        self.translated += todo
+        return [done[t] for t in texts]
+
+    def translate_pairs(self, pairs, src, tgt):
+        out = self.translate([p.instruction for p in pairs] + [p.response for p in pairs])
+        return list(zip(out[: len(pairs)], out[len(pairs) :], strict=True))
+
+
+def test_translate_sharded_covers_every_text_own_shard_first(tmp_path):
+    from clo_fast.data.build import translate_sharded
+
+    cfg = _cfg(tmp_path, translator="hf", max_examples=20)
+    fake = SlowCachedTranslator(tmp_path / "t.sqlite")
+    translate_sharded(cfg, 1, 3, translator=fake, progress=False)
+    dsd, _ = build_text_dataset(cfg, translator=fake, progress=False)
+    rows = list(dsd["train"]) + list(dsd["eval"])
+    assert len(rows) == 20 and all(r["prompt_tgt"] == f"[sw] {r['prompt_en']}" for r in rows)
+    n_texts = len(fake.translated)
+    assert n_texts == len({t for r in rows for t in (r["prompt_en"], r["response_en"])})  # built: nothing new
+    # rank 1 of 3 starts with its own shard (every third selected pair from the second)
+    from clo_fast.data.build import select_pairs
+    from clo_fast.data.sources import BadRecords
+
+    selected = select_pairs(cfg, BadRecords("error"), {})[0]
+    own = [t for p in selected[1::3] for t in (p.instruction, p.response)]
+    assert fake.translated[: len(set(own))] == list(dict.fromkeys(own))
+
+
+def _prepare_in_world(rank, world, port, tmp, out_dir):
+    """One rank of a gloo world whose collectives time out after 3 s: runs the trainer's data stage with a
+    translator that needs 0.05 s per text (12 s in all: 4 times the timeout), then a barrier and a gather."""
+    import datetime
+    import json
+    import pathlib
+
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3))
+    import clo_fast.data.translate as translate_module
+    from clo_fast.config import load_config
+    from clo_fast.train import Run
+
+    fake = SlowCachedTranslator(pathlib.Path(tmp) / "cache" / "translations.sqlite", seconds_per_text=0.05)
+    translate_module.make_translator = lambda cfg, progress=True: fake
+    cfg = load_config(pathlib.Path(tmp) / "run.yaml")
+    run = Run(cfg, pathlib.Path(tmp) / "run.yaml", None)
+    run.data()
+    tdist.barrier()
+    counts = [None] * world
+    tdist.all_gather_object(counts, (len(fake.translated), len(run.train_ds)))
+    if rank == 0:
+        pathlib.Path(out_dir, "result.json").write_text(json.dumps(counts))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_stage_holds_no_collective_and_shares_translation(tmp_path, llama3_tok):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tok_dir = tmp_path / "tok"
+    llama3_tok.save_pretrained(tok_dir)
+    (tmp_path / "run.yaml").write_text(
+        f"model: {{name_or_path: {tok_dir}}}\n"
+        f"data: {{translator: hf, target_lang: sw, max_examples: 120, cache_dir: {tmp_path / 'cache'}, "
+        f"output_dir: {tmp_path / 'data'}, template: chat}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}, dist_timeout_s: 3}}\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_prepare_in_world, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    (n0, train0), (n1, train1) = json.loads((tmp_path / "result.json").read_text())
+    n_texts = 240  # 120 pairs of distinct texts
+    assert train0 == train1 > 0
+    # the two ranks shared the work: each translated a good part, together about all (little overlap)
+    assert n0 >= n_texts // 3 and n1 >= n_texts // 3 and n_texts <= n0 + n1 <= n_texts + 4 * 16 * 2

@@ -60,6 +60,56 @@ def _config_key(cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[list, int, int]:
+    """The source pairs a dataset is built from (seeded order, at most max_examples).
+    Returns (selected, records_read, valid_pairs)."""
+    pairs, n_records = read_pairs(cfg, skips, filtered)
+    order = shuffled_order(len(pairs), cfg.seed)
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    return [pairs[i] for i in order], n_records, len(pairs)
+
+
+def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any = None, progress: bool = True):
+    """Fill the shared translation cache with this data config's translations, `world` processes at once and
+    without any collective: rank r translates its shard (every world-th pair from r) first, then helps with
+    the others' shards from their ends; texts another process has already put in the cache are skipped. So
+    W processes translate ≈ W× faster, and a process never waits on another (without a shared cache_dir each
+    translates everything). Returns the translator, for `build_text_dataset` (which then finds every text
+    cached). A translator without a cache (columns) has nothing to do here.
+    """
+    from tqdm.auto import tqdm
+
+    from clo_fast.data.translate import make_translator
+
+    validate_data(cfg)
+    translator = translator or make_translator(cfg, progress=False)
+    if getattr(translator, "cache", None) is None or not hasattr(translator, "translate"):
+        return translator
+    selected = select_pairs(cfg, BadRecords(cfg.on_bad_record), {})[0]
+    chunk = max(1, 4 * cfg.translation_batch_size)
+    shards = [[t for p in selected[r::world] for t in (p.instruction, p.response)] for r in range(world)]
+    work = []  # (shard, chunk) in this rank's order: its own shard forwards, then the others' from their ends
+    for k in range(world):
+        r = (rank + k) % world
+        pieces = [shards[r][i : i + chunk] for i in range(0, len(shards[r]), chunk)]
+        work += pieces if k == 0 else pieces[::-1]
+    bar = tqdm(
+        total=sum(map(len, work)),
+        disable=not progress,
+        desc=f"translate (rank {rank} of {world})",
+        unit="text",
+        dynamic_ncols=True,
+    )
+    try:
+        for texts in work:
+            translator.translate(texts)
+            bar.update(len(texts))
+    finally:
+        bar.close()
+    return translator
+
+
 def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: bool = True):
     """Read, select, translate and pair. Returns (DatasetDict{"train","eval"}, summary dict).
 
@@ -74,12 +124,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     t0 = time.time()
     skips = BadRecords(cfg.on_bad_record)
     filtered: dict[str, int] = {}
-    pairs, n_records = read_pairs(cfg, skips, filtered)
-    n_valid = len(pairs)
-    order = shuffled_order(n_valid, cfg.seed)
-    if cfg.max_examples is not None:
-        order = order[: cfg.max_examples]
-    selected = [pairs[i] for i in order]
+    selected, n_records, n_valid = select_pairs(cfg, skips, filtered)
 
     translator = translator or make_translator(cfg, progress=progress)
     translated = translator.translate_pairs(selected, cfg.source_lang, cfg.target_lang) if selected else []
