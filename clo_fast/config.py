@@ -74,6 +74,10 @@ class DataConfig:
     # chat prompts (template=chat): no system message unless set here; per-language entries win
     system_prompt: str | None = None  # system message for every prompt (null = none)
     system_prompts: dict[str, str] = field(default_factory=dict)  # per language code, e.g. {ko: "..."}
+    # source_format: messages (TRL-style conversations): earlier turns are context, the last assistant turn the response
+    messages_field: str = "messages"  # field holding the list of {role, content} turns
+    target_messages_field: str = "messages_{lang}"  # for translator=columns: the same turns in the target language
+    oasst_all_turns: bool = False  # oasst: every prompter turn → its best reply (earlier turns as context)
 
 
 @dataclass
@@ -177,7 +181,11 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     check, d = _checker(origin), (cfg.data if isinstance(cfg, RunConfig) else cfg)
     check(d.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {d.template!r}")
     check(d.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {d.translator!r}")
-    check(d.source_format in ("pairs", "oasst"), "data.source_format", f"must be pairs|oasst, got {d.source_format!r}")
+    check(
+        d.source_format in ("pairs", "oasst", "messages"),
+        "data.source_format",
+        f"must be pairs|oasst|messages, got {d.source_format!r}",
+    )
     check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
     check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")

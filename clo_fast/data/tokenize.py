@@ -24,21 +24,39 @@ def system_prompt_for(cfg: DataConfig, lang: str | None) -> str | None:
     return getattr(cfg, "system_prompt", None)
 
 
-def chat_messages(instruction: str, cfg: DataConfig, lang: str | None = None) -> list[dict]:
-    """The messages of one prompt: the configured system prompt (none unless configured) and the user turn."""
-    system = system_prompt_for(cfg, lang)
-    head = [{"role": "system", "content": system}] if system is not None else []
-    return head + [{"role": "user", "content": instruction}]
+def chat_messages(instruction: str, cfg: DataConfig, lang: str | None = None, context: list[dict] | None = None):
+    """The messages of one prompt: a system turn (the conversation's own, else the one configured for `lang`,
+    else none), the earlier turns of the conversation, and the user turn."""
+    context = list(context or [])
+    if not (context and context[0]["role"] == "system"):
+        system = system_prompt_for(cfg, lang)
+        context = ([{"role": "system", "content": system}] if system is not None else []) + context
+    return context + [{"role": "user", "content": instruction}]
 
 
-def format_prompt(instruction: str, tokenizer: Any, cfg: DataConfig, lang: str | None = None) -> str:
-    """The prompt text: cfg.prompt_template (template=plain) or the tokenizer's chat template, with the
-    system prompt configured for `lang` (data.system_prompts / data.system_prompt; none by default)."""
+def _plain_prompt(instruction: str, cfg: DataConfig, lang: str | None, context: list[dict]) -> str:
+    """prompt_template around the instruction; earlier turns before it, each user turn in the template followed
+    by its reply and a blank line; a system text (the conversation's or the configured one) first."""
+    parts = []
+    for m in chat_messages(instruction, cfg, lang, context)[:-1]:
+        if m["role"] == "user":
+            parts.append(cfg.prompt_template.replace("{instruction}", m["content"]))
+        else:  # system text, or an assistant reply
+            parts.append(m["content"] + "\n\n")
+    return "".join(parts) + cfg.prompt_template.replace("{instruction}", instruction)
+
+
+def format_prompt(
+    instruction: str, tokenizer: Any, cfg: DataConfig, lang: str | None = None, context: list[dict] | None = None
+) -> str:
+    """The prompt text: cfg.prompt_template (template=plain) or the tokenizer's chat template, with the earlier
+    turns of a conversation (`context`) and the system prompt configured for `lang` (data.system_prompts /
+    data.system_prompt; none by default)."""
     if cfg.template == "plain":
-        return cfg.prompt_template.replace("{instruction}", instruction)
+        return _plain_prompt(instruction, cfg, lang, context or [])
     _require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
-        chat_messages(instruction, cfg, lang), tokenize=False, add_generation_prompt=True
+        chat_messages(instruction, cfg, lang, context), tokenize=False, add_generation_prompt=True
     )
 
 
@@ -154,8 +172,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _dataset_key(ds) -> str:
     h = hashlib.sha256()
-    for c in ("id", "prompt_en", "response_en", "prompt_tgt", "response_tgt"):
-        for v in ds[c]:
+    for c in ("id", "prompt_en", "response_en", "prompt_tgt", "response_tgt", "context_en", "context_tgt"):
+        for v in ds[c] if c in ds.column_names else []:
             h.update(v.encode())
             h.update(b"\x00")
         h.update(b"\x01")
@@ -210,8 +228,14 @@ def _encode_pieces(ds, tokenizer: Any, cfg: DataConfig) -> dict[str, list[list[i
     def enc(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    prompts_en = [format_prompt(x, tokenizer, cfg, src) for x in ds["prompt_en"]]
-    prompts_tgt = [format_prompt(x, tokenizer, cfg, lang) for x, lang in zip(ds["prompt_tgt"], tgt_langs, strict=True)]
+    n = len(ds)
+    ctx_en = [json.loads(c) for c in ds["context_en"]] if "context_en" in ds.column_names else [[]] * n
+    ctx_tgt = [json.loads(c) for c in ds["context_tgt"]] if "context_tgt" in ds.column_names else [[]] * n
+    prompts_en = [format_prompt(x, tokenizer, cfg, src, c) for x, c in zip(ds["prompt_en"], ctx_en, strict=True)]
+    prompts_tgt = [
+        format_prompt(x, tokenizer, cfg, lang, c)
+        for x, lang, c in zip(ds["prompt_tgt"], tgt_langs, ctx_tgt, strict=True)
+    ]
     return {
         "prompt_en": [prefix + t for t in enc(prompts_en)],
         "prompt_tgt": [prefix + t for t in enc(prompts_tgt)],
