@@ -553,3 +553,22 @@ def test_fewer_pairs_than_max_examples_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert build_text_dataset(_cfg(tmp_path, max_examples=5), progress=False)[1]["fewer_than_max_examples"] is False
+
+
+@pytest.mark.slow
+def test_demo_run_on_a_cold_cache_with_a_short_collective_timeout(tmp_path):
+    """Rank 0 builds the demo model (~45 s) while rank 1 waits for it on disk, not in a collective: with a 20 s
+    process-group timeout (and DEEPSPEED_TIMEOUT=1) the run still passes."""
+    from test_train import launch
+
+    sets = [
+        "train.dist_timeout_s=20",
+        "optim.max_steps=2",
+        "train.run_evaluation=false",
+        "train.export_hf=false",
+        "train.save_steps=0",
+        "train.eval_steps=0",
+    ]
+    r = launch(tmp_path, tmp_path / "cold_cache", extra=sets, env={"DEEPSPEED_TIMEOUT": "1"})
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert (tmp_path / "cold_cache" / "demo_model").is_dir() and "final metrics" in r.stdout
