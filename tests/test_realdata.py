@@ -86,16 +86,37 @@ def test_chatml_responses_end_with_im_end_and_system_prompts_are_per_language(tm
             assert tok.eos_token_id not in t["input_ids"][k]
 
 
-def test_template_default_system_prompt_is_reported(tmp_path, chatml_tok):
+def test_template_default_system_prompt_is_replaced_and_reported(tmp_path, chatml_tok):
     cfg = _cfg(tmp_path, template="chat", max_examples=3, eval_fraction=0.0)
     ds = build_text_dataset(cfg, progress=False)[0]["train"]
-    with pytest.warns(UserWarning, match="adds a system prompt of its own.*helpful assistant"):
+    with pytest.warns(UserWarning, match="adds a system prompt of its own.*helpful assistant.*empty system turn"):
         tokenize_dataset(ds, chatml_tok, cfg, use_cache=False)
-    assert "You are a helpful assistant." in format_prompt("hi", chatml_tok, cfg)
+    bare = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt("hi", chatml_tok, cfg) == bare
     cfg.system_prompts = {"sw": "Jibu."}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize_dataset(ds, chatml_tok, cfg, use_cache=False)
+
+
+# Llama-3.1-like: a knowledge-date system header in every prompt, whatever the system turn says
+LLAMA31 = (
+    "{{ bos_token }}{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
+    "{% else %}{% set rest = messages %}{% endif %}{{ '<|eot_id|>' }}"
+    "{% for m in rest %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def test_template_header_that_cannot_be_removed_is_reported(tmp_path, llama3_tok):
+    tok = llama3_tok.__class__(tokenizer_object=llama3_tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = LLAMA31
+    cfg = _cfg(tmp_path, template="chat", max_examples=3, eval_fraction=0.0)
+    ds = build_text_dataset(cfg, progress=False)[0]["train"]
+    with pytest.warns(UserWarning, match="Cutting Knowledge Date.*it stays in every prompt"):
+        tokenize_dataset(ds, tok, cfg, use_cache=False)
+    assert format_prompt("hi", tok, cfg).startswith("<s><|start_header_id|>system<|end_header_id|>\n\nCutting")
 
 
 def test_llama3_responses_end_with_eot_and_no_system_prompt(tmp_path, llama3_tok):

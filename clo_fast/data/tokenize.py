@@ -55,9 +55,10 @@ def format_prompt(
     if cfg.template == "plain":
         return _plain_prompt(instruction, cfg, lang, context or [])
     _require_chat_template(tokenizer)
-    return tokenizer.apply_chat_template(
-        chat_messages(instruction, cfg, lang, context), tokenize=False, add_generation_prompt=True
-    )
+    messages = chat_messages(instruction, cfg, lang, context)
+    if messages[0]["role"] != "system" and empty_system_removes_default(tokenizer):
+        messages = [{"role": "system", "content": ""}] + messages  # no system prompt unless configured
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _require_chat_template(tokenizer: Any) -> None:
@@ -108,21 +109,34 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return list(ids[: last + 1])
 
 
-def injected_system_text(tokenizer: Any) -> str | None:
-    """The text a chat template adds as a system prompt when none is given (Qwen2.5's English default,
-    Llama-3.1's knowledge-date header), or None. Detected as the words of the rendered single user turn that
-    are neither the user's content nor part of the user turn's own markup (the rendering with a system
-    message that the template shows verbatim)."""
+def _rendered_head(tokenizer: Any, messages: list[dict]) -> str | None:
+    """What the chat template renders before the (marker) user turn's content; None if it cannot render it."""
     try:
-        bare = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _USER_MARK}], tokenize=False, add_generation_prompt=True
-        )
-    except Exception:  # a template that cannot render a lone user turn fails later with its own message
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that rejects this shape fails later, with its own message, on real data
         return None
-    head = bare[: bare.index(_USER_MARK)] if _USER_MARK in bare else bare
-    if "system" not in head.lower():
-        return None
-    return head
+    return text[: text.index(_USER_MARK)] if _USER_MARK in text else None
+
+
+def injected_system_text(tokenizer: Any) -> str | None:
+    """What a chat template renders before a lone user turn when that includes a system block it adds by
+    itself (Qwen2.5's English default, Llama-3.1's knowledge-date header), or None."""
+    head = _rendered_head(tokenizer, [{"role": "user", "content": _USER_MARK}])
+    return head if head is not None and "system" in head.lower() else None
+
+
+_EMPTY_SYSTEM_REMOVES_DEFAULT: dict[tuple, bool] = {}
+
+
+def empty_system_removes_default(tokenizer: Any) -> bool:
+    """True when the template adds a default system prompt that an empty system turn replaces (ChatML
+    templates such as Qwen2.5's); False for templates without one, or whose added text stays (Llama-3.1)."""
+    key = (getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None))
+    if key not in _EMPTY_SYSTEM_REMOVES_DEFAULT:
+        bare = injected_system_text(tokenizer)
+        empty = _rendered_head(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": _USER_MARK}])
+        _EMPTY_SYSTEM_REMOVES_DEFAULT[key] = bare is not None and empty is not None and len(empty) < len(bare)
+    return _EMPTY_SYSTEM_REMOVES_DEFAULT[key]
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -207,13 +221,19 @@ def _warn_injected_system(tokenizer: Any, cfg: DataConfig) -> None:
     if cfg.template != "chat" or system_prompt_for(cfg, cfg.target_lang) is not None:
         return
     head = injected_system_text(tokenizer)
-    if head is not None:
-        warnings.warn(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its chat template adds a system prompt of its "
-            f"own when none is given ({head.strip()[:160]!r}); set data.system_prompt (and data.system_prompts "
-            "per language) to choose it, e.g. in the target language",
-            stacklevel=2,
-        )
+    if head is None:
+        return
+    name = getattr(tokenizer, "name_or_path", "")
+    if empty_system_removes_default(tokenizer):
+        what = "prompts get an empty system turn instead"
+    else:
+        what = "it stays in every prompt (an empty system turn does not remove it)"
+    warnings.warn(
+        f"tokenizer {name!r}: its chat template adds a system prompt of its own when none is given "
+        f"({head.strip()[:160]!r}): {what}; set data.system_prompt (and data.system_prompts per language) to "
+        "choose one, e.g. in the target language",
+        stacklevel=2,
+    )
 
 
 def _encode_pieces(ds, tokenizer: Any, cfg: DataConfig) -> dict[str, list[list[int]]]:
