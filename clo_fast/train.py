@@ -96,6 +96,9 @@ class Run:
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
         texts = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)[0]
+        del translator  # a translation model on the GPU: freed before the policy loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         self.model_path = resolve_model_path_without_collective(cfg.model.name_or_path, cfg.data.cache_dir, rank())
         self.tokenizer = load_tokenizer(self.model_path)
         self.train_ds = tokenize_dataset(texts["train"], self.tokenizer, cfg.data)
