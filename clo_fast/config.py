@@ -71,6 +71,13 @@ class DataConfig:
     eval_fraction: float = 0.05  # held-out share for eval loss and evaluation prompts
     on_bad_record: str = "error"  # error | skip (skipped records are counted in the summary)
     output_dir: str = "outputs/data"  # where the text-level dataset is saved
+    # chat prompts (template=chat): no system message unless set here; per-language entries win
+    system_prompt: str | None = None  # system message for every prompt (null = none)
+    system_prompts: dict[str, str] = field(default_factory=dict)  # per language code, e.g. {ko: "..."}
+    # source_format: messages (TRL-style conversations): earlier turns are context, the last assistant turn the response
+    messages_field: str = "messages"  # field holding the list of {role, content} turns
+    target_messages_field: str = "messages_{lang}"  # for translator=columns: the same turns in the target language
+    oasst_all_turns: bool = False  # oasst: every prompter turn → its best reply (earlier turns as context)
 
 
 @dataclass
@@ -116,6 +123,7 @@ class TrainConfig:
     packing: str = "auto"  # auto | none | padding_free | prefix_shared — how micro-batches lay out tokens
     # (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
+    dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
 
 
 @dataclass
@@ -175,7 +183,11 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     check, d = _checker(origin), (cfg.data if isinstance(cfg, RunConfig) else cfg)
     check(d.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {d.template!r}")
     check(d.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {d.translator!r}")
-    check(d.source_format in ("pairs", "oasst"), "data.source_format", f"must be pairs|oasst, got {d.source_format!r}")
+    check(
+        d.source_format in ("pairs", "oasst", "messages"),
+        "data.source_format",
+        f"must be pairs|oasst|messages, got {d.source_format!r}",
+    )
     check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
     check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
@@ -201,6 +213,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         f"got {d.target_lang!r} (use translator=hf for other languages)",
     )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+    for lang, text in d.system_prompts.items():
+        check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
 
 
 def validate_clo(cfg: RunConfig, origin) -> None:
@@ -243,6 +257,7 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.save_steps >= 0, "train.save_steps", "must be >= 0")
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
+    check(t.dist_timeout_s is None or t.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 or null")
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
     packings = ("auto", "none", "padding_free", "prefix_shared")
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")

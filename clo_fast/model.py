@@ -132,6 +132,52 @@ def apply_trainable_patterns(module: nn.Module, patterns: list[str]) -> Trainabl
     return info
 
 
+# ------------------------------------------------------------------------------- start-up guards
+# HF config fields that change logits after `hidden @ lm_head.weightᵀ`, which the fused head does not compute:
+# (field, the value that means "no change")
+_HEAD_CONFIG_FIELDS = (
+    ("final_logit_softcapping", None),  # Gemma-2/3: tanh soft-capping of the logits
+    ("logit_scale", 1.0),  # Cohere: logits × logit_scale
+    ("logits_scaling", 1.0),  # Granite: logits ÷ logits_scaling
+)
+
+
+def check_fused_head_supported(hf_model, where: str = "") -> None:
+    """Raise ConfigError when the model's logits are not exactly `hidden @ lm_head.weightᵀ` (an LM-head bias,
+    logit scaling, final-logit soft-capping): the fused head would train on wrong log-probs."""
+    name = where or getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+    head = hf_model.get_output_embeddings()
+    problems = []
+    if not isinstance(head, nn.Linear):
+        problems.append(f"its output layer is a {type(head).__name__}, not a linear layer")
+    elif head.bias is not None:
+        problems.append("its LM head has a bias (lm_head.bias)")
+    config = hf_model.config
+    for cfg in (config, getattr(config, "text_config", None)):
+        for fld, neutral in _HEAD_CONFIG_FIELDS:
+            value = getattr(cfg, fld, None) if cfg is not None else None
+            if value is not None and value != neutral:
+                problems.append(f"config.{fld} = {value}")
+    if problems:
+        raise ConfigError(
+            f"model {name!r} ({type(hf_model).__name__}): the fused LM head computes log-probs from "
+            f"hidden @ lm_head.weightᵀ only, but {'; '.join(dict.fromkeys(problems))}: training would use wrong "
+            "log-probs. Use a model whose logits are a plain projection."
+        )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere, as in the reference pass (which runs in eval mode), so the step-0 policy equals its
+    own reference: dropout layers get p = 0, and attention modules' dropout rates (read only in train mode, e.g.
+    Llama's `attention_dropout`) are set to 0. The config is left as it is: the exported model keeps its rates."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            if ("dropout" in attr or "pdrop" in attr) and isinstance(value, float):
+                setattr(module, attr, 0.0)
+
+
 # --------------------------------------------------------------------------------------- loading
 def _check_attn(attn: str) -> None:
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -184,6 +230,8 @@ def load_policy(
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     dtype = dtype or DTYPES[cfg.dtype]
     hf_model, keepalive = load_hf_model(path, cfg, dtype, ds_config)
+    check_fused_head_supported(hf_model, path)
+    disable_dropout(hf_model)
     policy = build_policy(hf_model, head_impl, cfg.gradient_checkpointing)
     info = apply_trainable_patterns(policy, cfg.trainable_patterns)
     policy.train()

@@ -34,3 +34,53 @@ def ensure_pad_token(tokenizer) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _looks_like_git_hash(name: str) -> bool:
+    return len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name)
+
+
+def model_fingerprint(path: str) -> str:
+    """A hash of a model's content: every file of its directory (config and weights), for keys of caches derived
+    from the weights (the reference log-probs). A hub name resolves to its cached snapshot; files of the hub
+    cache are symlinks to blobs named by their content hash, which stands in for reading them."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception as e:  # not a local folder and not in the hub cache: nothing to fingerprint
+            raise ValueError(f"model {path!r}: neither a local folder nor in the Hugging Face cache ({e})") from e
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        target = f.resolve()
+        if f.is_symlink() and _looks_like_git_hash(target.name):
+            h.update(target.name.encode())
+            continue
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        h.update(digest.hexdigest().encode())
+    return h.hexdigest()
+
+
+def resolve_model_path_without_collective(name_or_path: str, cache_dir: str, rank: int, poll_s: float = 2.0) -> str:
+    """`resolve_model_path` in a launched world without a collective: rank 0 builds the demo model when it is
+    not cached yet, the other ranks wait for it on disk (a barrier would time out while it trains)."""
+    import time
+    from pathlib import Path
+
+    if name_or_path != "demo" or rank == 0:
+        return resolve_model_path(name_or_path, cache_dir)
+    from clo_fast.demo_model import _fingerprint, demo_texts
+
+    final = Path(os.path.expanduser(str(cache_dir))) / "demo_model" / _fingerprint(demo_texts())
+    while not (final / "config.json").is_file():
+        time.sleep(poll_s)
+    return resolve_model_path(name_or_path, cache_dir)

@@ -62,7 +62,7 @@ class Run:
 
         t = self.cfg.train
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
-        self.device = dist.init_process_group()
+        self.device = dist.init_process_group(t.dist_timeout_s)
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(
                 f"{self.config_path}: train.head_impl: triton needs a CUDA device (or "
@@ -84,21 +84,28 @@ class Run:
         )
 
     def data(self) -> None:
-        """Text dataset (rank 0 builds/caches it first), tokenizer, tokenized splits, batch order."""
+        """Text dataset, tokenizer, tokenized splits, batch order. No collective here (a rank waiting in one
+        times out while another translates or builds): the ranks translate shards through the shared cache,
+        then each builds and tokenizes (caches written atomically, first writer wins)."""
         from clo_fast.data import build_text_dataset, tokenize_dataset
-        from clo_fast.pretrained import load_tokenizer, resolve_model_path
+        from clo_fast.data.build import translate_sharded
+        from clo_fast.pretrained import load_tokenizer, resolve_model_path_without_collective
         from clo_fast.training.batches import MicroBatcher, resolve_packing
-        from clo_fast.training.distributed import log0, rank0_first, world_size
+        from clo_fast.training.distributed import log0, rank, world_size
         from clo_fast.training.sampler import StepSampler
 
         cfg, o = self.cfg, self.cfg.optim
-        texts = rank0_first(lambda: build_text_dataset(cfg.data))[0]
-        self.model_path = rank0_first(lambda: resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir))
+        translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
+        texts = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)[0]
+        del translator  # a translation model on the GPU: freed before the policy loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.model_path = resolve_model_path_without_collective(cfg.model.name_or_path, cfg.data.cache_dir, rank())
         self.tokenizer = load_tokenizer(self.model_path)
-        self.train_ds = rank0_first(lambda: tokenize_dataset(texts["train"], self.tokenizer, cfg.data))
+        self.train_ds = tokenize_dataset(texts["train"], self.tokenizer, cfg.data)
         self.eval_ds = None
         if len(texts["eval"]):
-            self.eval_ds = rank0_first(lambda: tokenize_dataset(texts["eval"], self.tokenizer, cfg.data))
+            self.eval_ds = tokenize_dataset(texts["eval"], self.tokenizer, cfg.data)
         packing = resolve_packing(
             cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
         )

@@ -4,6 +4,7 @@ Exactness is checked on tiny random Llama / Mistral / Qwen2 models (built here, 
 model with the demo data, fp32 (relative error ≤ 1e-5) and bf16 (within bf16 tolerance). The head runs the
 chunked torch implementation except in one test through the Triton kernels (interpreted on CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,14 +57,29 @@ def make_examples(num: int, seed: int = 0, prompt=(3, 12), response=(2, 15), wit
     return out
 
 
-def tiny_policy(arch: str = "llama", dtype=torch.float32, attn: str = "sdpa", head_impl: str = "torch", seed: int = 0,
-                hidden: int = 32):
+def tiny_policy(
+    arch: str = "llama",
+    dtype=torch.float32,
+    attn: str = "sdpa",
+    head_impl: str = "torch",
+    seed: int = 0,
+    hidden: int = 32,
+):
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS,
-                  bos_token_id=EOS)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=EOS,
+    )
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
         cls = transformers.LlamaForCausalLM
@@ -96,8 +112,11 @@ def rel_err(a, b):
 
 
 def attn_grads(policy):
-    return {n: p.grad.detach().clone() for n, p in policy.named_parameters()
-            if p.grad is not None and any(k in n for k in ATTN_PARAMS)}
+    return {
+        n: p.grad.detach().clone()
+        for n, p in policy.named_parameters()
+        if p.grad is not None and any(k in n for k in ATTN_PARAMS)
+    }
 
 
 def trainable_attention(policy):
@@ -126,8 +145,7 @@ def test_layout_counts_match_the_formulas():
         assert b.head_row_count == labelled == int(b.response_tokens.sum()), mode
         assert torch.equal(b.response_tokens, padded["response_tokens"]), mode
         assert b.num_seqs == 20 and b.num_examples == 5
-        assert sum(packed_length(ex, mode) for ex in exs) == (b.real_tokens if mode != "none" else
-                                                               sum(map(sum, n)))
+        assert sum(packed_length(ex, mode) for ex in exs) == (b.real_tokens if mode != "none" else sum(map(sum, n)))
     assert expect["prefix_shared"] <= 0.75 * expect["none"]
 
 
@@ -141,16 +159,18 @@ def test_prefix_shared_layout_positions_and_double_use_of_the_last_prompt_row():
     p, n0, n1 = _prompt(ex, 0), len(ex["input_ids"][0]) - 1, len(ex["input_ids"][1]) - 1  # inputs: EOS dropped
     # document 0: [x_en | y_en | y_tgt]; y_tgt's position ids continue from the prompt's end
     ids = b.input_ids[0].tolist()
-    assert ids[:n0] == ex["input_ids"][0][:-1] and ids[n0:n0 + n1 - p] == ex["input_ids"][1][p:-1]
-    assert b.position_ids[0, :n0 + n1 - p].tolist() == list(range(n0)) + list(range(p, n1))
-    assert b.branch_ids[:n0 + n1 - p].tolist() == [0] * p + [1] * (n0 - p) + [2] * (n1 - p)
+    assert ids[:n0] == ex["input_ids"][0][:-1] and ids[n0 : n0 + n1 - p] == ex["input_ids"][1][p:-1]
+    assert b.position_ids[0, : n0 + n1 - p].tolist() == list(range(n0)) + list(range(p, n1))
+    assert b.branch_ids[: n0 + n1 - p].tolist() == [0] * p + [1] * (n0 - p) + [2] * (n1 - p)
     # the last prompt row appears twice: predicting y_en[0] for sequence 0 and y_tgt[0] for sequence 1
     rows = b.head_rows.tolist()
     dup = [r for r in set(rows) if rows.count(r) > 1]
     assert len(dup) == 2 and p - 1 in dup  # one per shared prompt (x_en and x_tgt)
     at = [i for i, r in enumerate(rows) if r == p - 1]
-    assert sorted((b.head_seq_ids[i].item(), b.head_labels[i].item()) for i in at) == \
-        [(0, ex["input_ids"][0][p]), (1, ex["input_ids"][1][p])]
+    assert sorted((b.head_seq_ids[i].item(), b.head_labels[i].item()) for i in at) == [
+        (0, ex["input_ids"][0][p]),
+        (1, ex["input_ids"][1][p]),
+    ]
     # attention: y_tgt sees the prompt and itself, never y_en
     mask = attention_inputs(b, "sdpa")["attention_mask"][0, 0]
     first_tgt = n0
@@ -396,14 +416,16 @@ def test_demo_model_every_mode_matches_padded_sums_loss_and_gradients(demo_setup
         got = policy(b)
         assert rel_err(got, ref) <= 1e-5, mode
         loss, _ = clo_loss(got.view(-1, 4), None, b.response_tokens, cfg.clo.beta, cfg.clo.lam)
-        assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5 * max(1.0, abs(float(ref_loss.detach()))), mode
+        assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5 * max(1.0, abs(float(ref_loss.detach()))), (
+            mode
+        )
         loss.backward()
         for name, g in attn_grads(policy).items():
             assert rel_err(g, ref_grads[name]) <= 1e-4, (mode, name)
     # body tokens against today's padded micro-batches of the demo config (issue #10's target over the whole
     # demo train split: ≤ 0.6×; benchmarks/bench_step.py reports it)
     m = cfg.optim.micro_batch_examples
-    chunks = [exs[i:i + m] for i in range(0, len(exs), m)]
+    chunks = [exs[i : i + m] for i in range(0, len(exs), m)]
     today = sum(collate_clo(c, pad, cfg.train.pad_to_multiple_of)["input_ids"].numel() for c in chunks)
     shared = sum(build_packed_batch(c, "prefix_shared", pad).body_tokens for c in chunks)
     assert shared <= 0.7 * today

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from clo_fast.data.split import eval_size, shuffled_order
 from clo_fast.data.stats import percentiles
 from clo_fast.paths import looks_local
 
-TEXT_COLUMNS = ("id", "prompt_en", "response_en", "prompt_tgt", "response_tgt", "target_lang")
+TEXT_COLUMNS = (
+    "id",
+    "prompt_en",
+    "response_en",
+    "prompt_tgt",
+    "response_tgt",
+    "target_lang",
+    "context_en",  # earlier turns of a conversation, JSON [{role, content}] ("[]" for single-turn data)
+    "context_tgt",  # the same turns in the target language
+)
 
 
 def _text_features():
@@ -49,6 +59,9 @@ def _config_key(cfg: DataConfig) -> str:
         "translation_num_beams",
         "eval_fraction",
         "on_bad_record",
+        "messages_field",
+        "target_messages_field",
+        "oasst_all_turns",
     )
     d = {k: getattr(cfg, k) for k in keys}
     if cfg.source == "demo":  # the bundled file changes with the package version
@@ -58,6 +71,73 @@ def _config_key(cfg: DataConfig) -> str:
         d["_data"] = [st.st_size, st.st_mtime_ns]
     blob = json.dumps(d, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _texts_to_translate(p) -> list[str]:
+    return [p.instruction, p.response] + [t["content"] for t in p.context or []]
+
+
+def _translated_contexts(selected: list, translator: Any) -> list[list[dict]]:
+    """Every pair's earlier turns in the target language: given by the data, or translated turn by turn."""
+    todo = [t["content"] for p in selected if p.context and p.context_tgt is None for t in p.context]
+    table = dict(zip(todo, translator.translate(todo), strict=True)) if todo else {}
+    out = []
+    for p in selected:
+        if p.context_tgt is not None or not p.context:
+            out.append(p.context_tgt or [])
+        else:
+            out.append([{"role": t["role"], "content": table[t["content"]].strip()} for t in p.context])
+    return out
+
+
+def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[list, int, int]:
+    """The source pairs a dataset is built from (seeded order, at most max_examples).
+    Returns (selected, records_read, valid_pairs)."""
+    pairs, n_records = read_pairs(cfg, skips, filtered)
+    order = shuffled_order(len(pairs), cfg.seed)
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    return [pairs[i] for i in order], n_records, len(pairs)
+
+
+def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any = None, progress: bool = True):
+    """Fill the shared translation cache with this data config's translations, `world` processes at once and
+    without any collective: rank r translates its shard (every world-th pair from r) first, then helps with
+    the others' shards from their ends; texts another process has already put in the cache are skipped. So
+    W processes translate ≈ W× faster, and a process never waits on another (without a shared cache_dir each
+    translates everything). Returns the translator, for `build_text_dataset` (which then finds every text
+    cached). A translator without a cache (columns) has nothing to do here.
+    """
+    from tqdm.auto import tqdm
+
+    from clo_fast.data.translate import make_translator
+
+    validate_data(cfg)
+    translator = translator or make_translator(cfg, progress=False)
+    if getattr(translator, "cache", None) is None or not hasattr(translator, "translate"):
+        return translator
+    selected = select_pairs(cfg, BadRecords(cfg.on_bad_record), {})[0]
+    chunk = max(1, 4 * cfg.translation_batch_size)
+    shards = [[t for p in selected[r::world] for t in _texts_to_translate(p)] for r in range(world)]
+    work = []  # (shard, chunk) in this rank's order: its own shard forwards, then the others' from their ends
+    for k in range(world):
+        r = (rank + k) % world
+        pieces = [shards[r][i : i + chunk] for i in range(0, len(shards[r]), chunk)]
+        work += pieces if k == 0 else pieces[::-1]
+    bar = tqdm(
+        total=sum(map(len, work)),
+        disable=not progress,
+        desc=f"translate (rank {rank} of {world})",
+        unit="text",
+        dynamic_ncols=True,
+    )
+    try:
+        for texts in work:
+            translator.translate(texts)
+            bar.update(len(texts))
+    finally:
+        bar.close()
+    return translator
 
 
 def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: bool = True):
@@ -74,19 +154,24 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     t0 = time.time()
     skips = BadRecords(cfg.on_bad_record)
     filtered: dict[str, int] = {}
-    pairs, n_records = read_pairs(cfg, skips, filtered)
-    n_valid = len(pairs)
-    order = shuffled_order(n_valid, cfg.seed)
-    if cfg.max_examples is not None:
-        order = order[: cfg.max_examples]
-    selected = [pairs[i] for i in order]
+    selected, n_records, n_valid = select_pairs(cfg, skips, filtered)
 
+    if cfg.max_examples is not None and n_valid < cfg.max_examples:
+        warnings.warn(
+            f"{cfg.source}: data.max_examples is {cfg.max_examples} but the source has only {n_valid} usable pairs "
+            f"(read {n_records} records; skipped: {skips.counts}; filtered: {filtered})",
+            stacklevel=2,
+        )
     translator = translator or make_translator(cfg, progress=progress)
     translated = translator.translate_pairs(selected, cfg.source_lang, cfg.target_lang) if selected else []
+    contexts_tgt = _translated_contexts(selected, translator)
     rows = []
-    for p, (ti, tr) in zip(selected, translated, strict=False):
+    for p, (ti, tr), ctx in zip(selected, translated, contexts_tgt, strict=False):
         try:
-            for fld, v in (("instruction", ti), ("response", tr)):
+            turns = [("instruction", ti), ("response", tr)] + [
+                (f"context turn {i}", t["content"]) for i, t in enumerate(ctx)
+            ]
+            for fld, v in turns:
                 if not isinstance(v, str) or not v.strip():
                     raise DataError(
                         f"{p.where}: field {fld!r}: the {cfg.target_lang} translation is empty", "empty_translation"
@@ -102,6 +187,8 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
                 "prompt_tgt": ti.strip(),
                 "response_tgt": tr.strip(),
                 "target_lang": cfg.target_lang,
+                "context_en": json.dumps(p.context or [], ensure_ascii=False),
+                "context_tgt": json.dumps(ctx, ensure_ascii=False),
             }
         )
 
@@ -129,6 +216,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         "translator": cfg.translator,
         "records_read": n_records,
         "valid_pairs": n_valid,
+        "fewer_than_max_examples": cfg.max_examples is not None and n_valid < cfg.max_examples,
         "selected": len(selected),
         "kept": n,
         "train": n - n_eval,

@@ -39,6 +39,8 @@ class Pair:
     where: str  # "file: line 3" / "dataset 'x' split 'train': record 7" — used in error messages
     instruction_tgt: str | None = None
     response_tgt: str | None = None
+    context: list[dict] | None = None  # earlier turns [{role, content}] (system first, if any): conversations
+    context_tgt: list[dict] | None = None  # the same turns in the target language, when the data has them
 
 
 class BadRecords:
@@ -178,7 +180,10 @@ def read_pairs(
     filtered = {} if filtered is None else filtered
     records = list(_iter_records(cfg, skips))
     if cfg.source_format == "oasst":
-        return _oasst_pairs(records, cfg, skips, filtered), len(records)
+        oasst = _oasst_all_turn_pairs if cfg.oasst_all_turns else _oasst_pairs
+        return oasst(records, cfg, skips, filtered), len(records)
+    if cfg.source_format == "messages":
+        return _messages_pairs(records, cfg, skips), len(records)
     columns = cfg.translator == "columns"
     ti, tr = _target_fields(cfg)
     pairs = []
@@ -263,4 +268,141 @@ def _oasst_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadReco
             continue
         rid = root.get("message_id") or root.get("message_tree_id") or f"{len(pairs):06d}"
         pairs.append(Pair(id=str(rid), instruction=instr, response=resp, where=where))
+    return pairs
+
+
+# --------------------------------------------------------------------------------- conversations
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _turns(rec: Any, fld: str, where: str) -> list[dict]:
+    """A conversation [{role, content}, ...]: an optional system turn first, then user and assistant turns in
+    turn, ending with the assistant turn that is the response."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: record is not an object (got {type(rec).__name__})", "not_an_object")
+    turns = rec.get(fld)
+    if turns is None:
+        have = ", ".join(sorted(map(str, rec))[:20])
+        raise DataError(f"{where}: field {fld!r}: missing (record has: {have})", "missing_field")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {fld!r}: expected a non-empty list of turns", "bad_conversation")
+    out = []
+    for i, t in enumerate(turns):
+        at = f"{where}: field {fld!r}[{i}]"
+        if not isinstance(t, dict) or t.get("role") not in CHAT_ROLES:
+            got = t.get("role") if isinstance(t, dict) else type(t).__name__
+            raise DataError(f"{at}: expected {{role: system|user|assistant, content}}, got {got!r}", "bad_conversation")
+        content = t.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{at}: 'content' must be a non-empty string", "empty_text")
+        out.append({"role": t["role"], "content": content.strip()})
+    body = out[1:] if out[0]["role"] == "system" else out
+    roles = [t["role"] for t in body]
+    expected = ["user", "assistant"] * (len(body) // 2)
+    if len(body) < 2 or roles != expected:
+        raise DataError(
+            f"{where}: field {fld!r}: turns must be an optional system turn, then user/assistant turns in turn ending "
+            f"with an assistant turn (got roles {[t['role'] for t in out]})",
+            "bad_conversation",
+        )
+    return out
+
+
+def _messages_pairs(records: list[tuple[str, Any]], cfg: DataConfig, skips: BadRecords) -> list[Pair]:
+    """TRL-style conversational records: the last assistant turn is the response, the user turn before it the
+    instruction, the earlier turns (system included) the context. With translator=columns the target-language
+    conversation (target_messages_field) must have the same roles."""
+    columns = cfg.translator == "columns"
+    tgt_field = cfg.target_messages_field.replace("{lang}", cfg.target_lang)
+    pairs = []
+    for k, (where, rec) in enumerate(records):
+        try:
+            turns = _turns(rec, cfg.messages_field, where)
+            p = Pair(
+                id=str(rec["id"]) if rec.get("id") not in (None, "") else f"{k:06d}",
+                instruction=turns[-2]["content"],
+                response=turns[-1]["content"],
+                where=where,
+                context=turns[:-2],
+            )
+            if columns:
+                tgt = _turns(rec, tgt_field, where)
+                if [t["role"] for t in tgt] != [t["role"] for t in turns]:
+                    raise DataError(
+                        f"{where}: field {tgt_field!r}: its roles differ from {cfg.messages_field!r}'s",
+                        "bad_conversation",
+                    )
+                p.instruction_tgt, p.response_tgt, p.context_tgt = tgt[-2]["content"], tgt[-1]["content"], tgt[:-2]
+        except DataError as e:
+            skips.handle(e)
+            continue
+        pairs.append(p)
+    return pairs
+
+
+def _oasst_all_turn_pairs(
+    records: list[tuple[str, Any]], cfg: DataConfig, skips: BadRecords, filtered: dict
+) -> list[Pair]:
+    """Every usable prompter message of an English tree with its best-ranked assistant reply; the turns above it
+    (along the path from the root) are the context. Flat oasst1 message tables only."""
+
+    def bump(key: str) -> None:
+        filtered[key] = filtered.get(key, 0) + 1
+
+    def usable(msg: dict) -> bool:
+        return not msg.get("deleted", False) and msg.get("review_result", True) is not False
+
+    by_id: dict[str, dict] = {}
+    children: dict[str, list[dict]] = {}
+    for where, rec in records:
+        if not isinstance(rec, dict) or "message_id" not in rec:
+            skips.handle(
+                DataError(
+                    f"{where}: field 'message_id': missing (oasst_all_turns needs the flat oasst1 message table)",
+                    "missing_field",
+                )
+            )
+            continue
+        rec = dict(rec, _where=where)
+        by_id[str(rec["message_id"])] = rec
+        if rec.get("parent_id") not in (None, ""):
+            children.setdefault(str(rec["parent_id"]), []).append(rec)
+    pairs = []
+    for mid, msg in by_id.items():
+        if msg.get("role") != "prompter" or not usable(msg):
+            continue
+        if msg.get("lang", cfg.source_lang) != cfg.source_lang:
+            bump("oasst_other_language")
+            continue
+        ranked = [
+            r
+            for r in children.get(mid, [])
+            if r.get("role") == "assistant" and usable(r) and isinstance(r.get("rank"), (int, float))
+        ]
+        if not ranked:
+            bump("oasst_no_ranked_reply")
+            continue
+        best = min(ranked, key=lambda r: r["rank"])
+        path, node, broken = [], msg, False
+        while node.get("parent_id") not in (None, ""):
+            node = by_id.get(str(node["parent_id"]))
+            if node is None or not usable(node):
+                broken = True
+                break
+            path.append(node)
+        if broken:
+            bump("oasst_broken_thread")
+            continue
+        try:
+            context = [
+                {"role": "user" if m.get("role") == "prompter" else "assistant", "content": _text_field(m, "text", w)}
+                for m in reversed(path)
+                for w in [m["_where"]]
+            ]
+            instr = _text_field(msg, "text", msg["_where"])
+            resp = _text_field(best, "text", best["_where"])
+        except DataError as e:
+            skips.handle(e)
+            continue
+        pairs.append(Pair(id=mid, instruction=instr, response=resp, where=msg["_where"], context=context))
     return pairs

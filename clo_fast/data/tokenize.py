@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +13,158 @@ from clo_fast.config import ConfigError, DataConfig
 from clo_fast.constants import IGNORE_INDEX, SEQUENCE_KINDS
 from clo_fast.data.stats import percentiles
 
-FORMAT_VERSION = 1  # bump when the tokenized layout changes (invalidates the tokenization cache)
+FORMAT_VERSION = 2  # bump when the tokenized layout changes (invalidates the tokenization cache)
 
 
-def format_prompt(instruction: str, tokenizer: Any, cfg: DataConfig) -> str:
-    """The prompt text: cfg.prompt_template (template=plain) or the tokenizer's chat template."""
+def system_prompt_for(cfg: DataConfig, lang: str | None) -> str | None:
+    """The configured system prompt for `lang`: data.system_prompts[lang], else data.system_prompt, else None."""
+    per_lang = getattr(cfg, "system_prompts", None) or {}
+    if lang is not None and lang in per_lang:
+        return per_lang[lang]
+    return getattr(cfg, "system_prompt", None)
+
+
+def chat_messages(instruction: str, cfg: DataConfig, lang: str | None = None, context: list[dict] | None = None):
+    """The messages of one prompt: a system turn (the conversation's own, else the one configured for `lang`,
+    else none), the earlier turns of the conversation, and the user turn."""
+    context = list(context or [])
+    if not (context and context[0]["role"] == "system"):
+        system = system_prompt_for(cfg, lang)
+        context = ([{"role": "system", "content": system}] if system is not None else []) + context
+    return context + [{"role": "user", "content": instruction}]
+
+
+def _plain_prompt(instruction: str, cfg: DataConfig, lang: str | None, context: list[dict]) -> str:
+    """prompt_template around the instruction; earlier turns before it, each user turn in the template followed
+    by its reply and a blank line; a system text (the conversation's or the configured one) first."""
+    parts = []
+    for m in chat_messages(instruction, cfg, lang, context)[:-1]:
+        if m["role"] == "user":
+            parts.append(cfg.prompt_template.replace("{instruction}", m["content"]))
+        else:  # system text, or an assistant reply
+            parts.append(m["content"] + "\n\n")
+    return "".join(parts) + cfg.prompt_template.replace("{instruction}", instruction)
+
+
+def format_prompt(
+    instruction: str, tokenizer: Any, cfg: DataConfig, lang: str | None = None, context: list[dict] | None = None
+) -> str:
+    """The prompt text: cfg.prompt_template (template=plain) or the tokenizer's chat template, with the earlier
+    turns of a conversation (`context`) and the system prompt configured for `lang` (data.system_prompts /
+    data.system_prompt; none by default)."""
     if cfg.template == "plain":
-        return cfg.prompt_template.replace("{instruction}", instruction)
+        return _plain_prompt(instruction, cfg, lang, context or [])
+    _require_chat_template(tokenizer)
+    messages = chat_messages(instruction, cfg, lang, context)
+    if messages[0]["role"] != "system" and empty_system_removes_default(tokenizer):
+        messages = [{"role": "system", "content": ""}] + messages  # no system prompt unless configured
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _require_chat_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"data.template: 'chat' but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
             "has no chat template (use template: plain)"
         )
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+
+
+# Stand-ins rendered through a chat template to find what the template puts around a turn's content.
+_USER_MARK = "CLOUSERMARK"
+_ASSISTANT_MARK = "CLOASSISTANTMARK"
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(tid))
+    return ids
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The tokens the chat template closes an assistant turn with (ChatML `<|im_end|>`, Llama-3 `<|eot_id|>`,
+    `</s>` for templates that end turns with EOS).
+
+    Found by rendering a conversation whose assistant content is a marker and tokenizing what follows the
+    marker up to and including its last special token (the whitespace between turns is not part of the turn).
+    A template that puts no special token after the assistant content ends responses with EOS.
+    """
+    _require_chat_template(tokenizer)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _USER_MARK}, {"role": "assistant", "content": _ASSISTANT_MARK}],
+        tokenize=False,
     )
+    name = getattr(tokenizer, "name_or_path", "")
+    if _ASSISTANT_MARK not in rendered:
+        raise ConfigError(f"tokenizer {name!r}: its chat template does not render the assistant's content")
+    after = rendered[rendered.rindex(_ASSISTANT_MARK) + len(_ASSISTANT_MARK) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = _special_ids(tokenizer)
+    last = max((k for k, t in enumerate(ids) if t in special), default=None)
+    if last is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer {name!r} has no EOS token and its chat template no end-of-turn token")
+        return [tokenizer.eos_token_id]
+    return list(ids[: last + 1])
+
+
+def _rendered_head(tokenizer: Any, messages: list[dict]) -> str | None:
+    """What the chat template renders before the (marker) user turn's content; None if it cannot render it."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that rejects this shape fails later, with its own message, on real data
+        return None
+    return text[: text.index(_USER_MARK)] if _USER_MARK in text else None
+
+
+def injected_system_text(tokenizer: Any) -> str | None:
+    """What a chat template renders before a lone user turn when that includes a system block it adds by
+    itself (Qwen2.5's English default, Llama-3.1's knowledge-date header), or None."""
+    head = _rendered_head(tokenizer, [{"role": "user", "content": _USER_MARK}])
+    return head if head is not None and "system" in head.lower() else None
+
+
+_EMPTY_SYSTEM_REMOVES_DEFAULT: dict[tuple, bool] = {}
+
+
+def empty_system_removes_default(tokenizer: Any) -> bool:
+    """True when the template adds a default system prompt that an empty system turn replaces (ChatML
+    templates such as Qwen2.5's); False for templates without one, or whose added text stays (Llama-3.1)."""
+    key = (getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None))
+    if key not in _EMPTY_SYSTEM_REMOVES_DEFAULT:
+        bare = injected_system_text(tokenizer)
+        empty = _rendered_head(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": _USER_MARK}])
+        _EMPTY_SYSTEM_REMOVES_DEFAULT[key] = bare is not None and empty is not None and len(empty) < len(bare)
+    return _EMPTY_SYSTEM_REMOVES_DEFAULT[key]
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
-    """Tokens the tokenizer puts before a text (e.g. BOS), found by comparing with/without specials."""
+    """Tokens the tokenizer puts before a text (e.g. BOS), found by comparing with/without specials.
+
+    When the two tokenizations do not line up (a tokenizer that also changes the text's first token), the
+    prefix is the run of special tokens that the tokenization with specials starts with; when there is none
+    and the tokenizer has a BOS token, a warning says the prompts go without it.
+    """
     with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     for k in range(len(with_sp) - len(without) + 1):
         if with_sp[k : k + len(without)] == without:
             return list(with_sp[:k])
-    return []
+    special = _special_ids(tokenizer)
+    lead = []
+    for t in with_sp:
+        if t not in special:
+            break
+        lead.append(t)
+    if not lead and getattr(tokenizer, "bos_token_id", None) is not None:
+        warnings.warn(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: cannot tell which tokens it adds before a "
+            f"text (with special tokens {with_sp}, without {without}); plain-template prompts go without its "
+            f"BOS token {tokenizer.bos_token!r}",
+            stacklevel=2,
+        )
+    return lead
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -58,8 +186,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _dataset_key(ds) -> str:
     h = hashlib.sha256()
-    for c in ("id", "prompt_en", "response_en", "prompt_tgt", "response_tgt"):
-        for v in ds[c]:
+    for c in ("id", "prompt_en", "response_en", "prompt_tgt", "response_tgt", "context_en", "context_tgt"):
+        for v in ds[c] if c in ds.column_names else []:
             h.update(v.encode())
             h.update(b"\x00")
         h.update(b"\x01")
@@ -75,26 +203,64 @@ def _cache_key(ds, tokenizer: Any, cfg: DataConfig) -> str:
         cfg.template,
         plain_template,
         cfg.max_length,
+        [system_prompt_for(cfg, None), dict(sorted((getattr(cfg, "system_prompts", None) or {}).items()))],
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
+def response_end_ids(tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """What every response ends with: EOS (template=plain) or the chat template's end-of-turn tokens."""
+    if cfg.template == "chat":
+        return end_of_turn_ids(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
+    return [tokenizer.eos_token_id]
+
+
+def _warn_injected_system(tokenizer: Any, cfg: DataConfig) -> None:
+    if cfg.template != "chat" or system_prompt_for(cfg, cfg.target_lang) is not None:
+        return
+    head = injected_system_text(tokenizer)
+    if head is None:
+        return
+    name = getattr(tokenizer, "name_or_path", "")
+    if empty_system_removes_default(tokenizer):
+        what = "prompts get an empty system turn instead"
+    else:
+        what = "it stays in every prompt (an empty system turn does not remove it)"
+    warnings.warn(
+        f"tokenizer {name!r}: its chat template adds a system prompt of its own when none is given "
+        f"({head.strip()[:160]!r}): {what}; set data.system_prompt (and data.system_prompts per language) to "
+        "choose one, e.g. in the target language",
+        stacklevel=2,
+    )
+
+
 def _encode_pieces(ds, tokenizer: Any, cfg: DataConfig) -> dict[str, list[list[int]]]:
     """Token ids of the four texts of every example: prompts with the special prefix (template=plain),
-    responses with EOS appended."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
+    responses with EOS (template=plain) or the chat template's end-of-turn tokens appended."""
+    end = response_end_ids(tokenizer, cfg)
     prefix = special_prefix(tokenizer) if cfg.template == "plain" else []
+    _warn_injected_system(tokenizer, cfg)
+    src = getattr(cfg, "source_lang", None)
+    tgt_langs = list(ds["target_lang"]) if "target_lang" in ds.column_names else [cfg.target_lang] * len(ds)
 
     def enc(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+    n = len(ds)
+    ctx_en = [json.loads(c) for c in ds["context_en"]] if "context_en" in ds.column_names else [[]] * n
+    ctx_tgt = [json.loads(c) for c in ds["context_tgt"]] if "context_tgt" in ds.column_names else [[]] * n
+    prompts_en = [format_prompt(x, tokenizer, cfg, src, c) for x, c in zip(ds["prompt_en"], ctx_en, strict=True)]
+    prompts_tgt = [
+        format_prompt(x, tokenizer, cfg, lang, c)
+        for x, lang, c in zip(ds["prompt_tgt"], tgt_langs, ctx_tgt, strict=True)
+    ]
     return {
-        "prompt_en": [prefix + t for t in enc([format_prompt(x, tokenizer, cfg) for x in ds["prompt_en"]])],
-        "prompt_tgt": [prefix + t for t in enc([format_prompt(x, tokenizer, cfg) for x in ds["prompt_tgt"]])],
-        "response_en": [t + [eos] for t in enc(list(ds["response_en"]))],
-        "response_tgt": [t + [eos] for t in enc(list(ds["response_tgt"]))],
+        "prompt_en": [prefix + t for t in enc(prompts_en)],
+        "prompt_tgt": [prefix + t for t in enc(prompts_tgt)],
+        "response_en": [t + end for t in enc(list(ds["response_en"]))],
+        "response_tgt": [t + end for t in enc(list(ds["response_tgt"]))],
     }
 
 
@@ -147,7 +313,8 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
 
     Returns a `datasets.Dataset` with columns `id`, `input_ids` (4 lists of int) and `labels` (4 lists,
     IGNORE_INDEX on prompt tokens, unshifted), in the order 0: (x_en, y_en) 1: (x_en, y_tgt) 2: (x_tgt, y_tgt)
-    3: (x_tgt, y_en). Each response ends with EOS; a sequence longer than cfg.max_length keeps the
+    3: (x_tgt, y_en). Each response ends with EOS (template=plain) or the chat template's end-of-turn tokens
+    (template=chat); a sequence longer than cfg.max_length keeps the
     prompt and loses the end of the response (EOS included); an example with a prompt that leaves no
     room for a response token is dropped. `stats`, when given, is filled with kept/dropped/truncated
     counts and token-length percentiles per sequence kind.

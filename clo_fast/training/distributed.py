@@ -24,12 +24,18 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def init_process_group() -> torch.device:
-    """DeepSpeed's process group (env:// from the launcher); returns this rank's device."""
+def init_process_group(timeout_s: int | None = None) -> torch.device:
+    """DeepSpeed's process group (env:// from the launcher); returns this rank's device. `timeout_s`: how long
+    a collective waits for the other ranks (None: DeepSpeed's default, DEEPSPEED_TIMEOUT minutes or 10)."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed()
+    if timeout_s is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         return torch.device("cpu")

@@ -18,18 +18,27 @@ from clo_fast.training.scoring import score_dataset
 META_FILE = "clo_ref_meta.json"
 
 
-def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_path: str, device):
-    """The dataset with a `ref_logps` column: loaded when it was computed for the same model, data and
-    precision, else computed (every rank) and saved (rank 0)."""
-    import datasets
+def reference_key(ds, cfg: RunConfig, model_path: str) -> dict:
+    """What the reference log-probs depend on: the model's content (config and weight files, or the hub
+    snapshot's revision; not its path), the data, the precision and the head implementation."""
+    from clo_fast.pretrained import model_fingerprint
 
-    key = {
+    return {
         "model": model_path,
+        "model_content": model_fingerprint(model_path),
         "data": getattr(ds, "_fingerprint", None),
         "rows": len(ds),
         "precision": cfg.model.dtype,
         "head_impl": cfg.train.head_impl,
     }
+
+
+def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_path: str, device):
+    """The dataset with a `ref_logps` column: loaded when it was computed for the same model, data and
+    precision, else computed (every rank) and saved (rank 0)."""
+    import datasets
+
+    key = reference_key(ds, cfg, model_path)
     where = Path(cfg.train.output_dir) / "ref_data" / split
     meta = where / META_FILE
     if meta.is_file() and json.loads(meta.read_text()) == key:
