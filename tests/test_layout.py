@@ -12,7 +12,7 @@ LAYERS = [
     ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id"]),
     ("config", ["clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),
-    ("data", ["clo_fast.data"]),
+    ("data", ["clo_fast.data", "clo_fast.packing"]),
     ("model", ["clo_fast.demo_model", "clo_fast.pretrained", "clo_fast.model"]),
     ("training", ["clo_fast.training"]),
     ("evaluation", ["clo_fast.evaluate"]),
