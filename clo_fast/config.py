@@ -9,6 +9,8 @@ but live here so that one file documents a whole run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -114,6 +116,8 @@ class TrainConfig:
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length is padded up to a multiple of this
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
+    # a fresh run into an output_dir holding checkpoints: false = refuse (use --resume), true = remove them
+    overwrite_output_dir: bool = False
 
 
 @dataclass
@@ -281,6 +285,19 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, list) and any(_non_finite(v) for v in value)
+
+
 def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], prefix: str = ""):
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields.
 
@@ -305,8 +322,12 @@ def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], pref
         if dataclasses.is_dataclass(tp):
             kwargs[name] = parse_dataclass(tp, value, origin, f"{prefix}{name}.")
             continue
+        if isinstance(value, str) and _accepts_float(tp) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if not _type_ok(value, tp):
             raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: expected {tp}, got {value!r}")
+        if _non_finite(value):
+            raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: must be a finite number, got {value!r}")
         kwargs[name] = float(value) if tp is float else value
     return cls(**kwargs)
 
@@ -378,7 +399,8 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
 
     def origin(name: str) -> str:
         flag = parsed.get(name, (None, None))[1]
-        return flag or source
+        nested = [f for k, (_, f) in parsed.items() if k.startswith(name + ".")]  # --set optim.lr.x=1
+        return flag or (nested[0] if nested else source)
 
     return parse_dataclass(RunConfig, raw, origin).validate(origin)
 

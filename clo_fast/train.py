@@ -71,10 +71,14 @@ class Run:
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
         self.out_dir = Path(t.output_dir)
+        from clo_fast.training.checkpoint import prepare_output_dir
+
+        # refuses a folder that is not ours or holds checkpoints (without --resume); locks it
+        self.lock = dist.rank0_checked(lambda: prepare_output_dir(self.cfg, self.resume))
+        dist.check_shared_output_dir(self.out_dir)
         if dist.rank() == 0:
             import yaml
 
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
         c = self.cfg.clo

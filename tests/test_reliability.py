@@ -1,0 +1,259 @@
+"""Issue #15: nothing a user owns is lost, nothing silently wrong. In-process checks of the guards; the
+DeepSpeed-launching one is marked slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clo_fast.atomic import OWNER_MARKER, OutputDirError, RunLock, atomic_directory, claim_output_dir, publish
+from clo_fast.config import ConfigError, RunConfig, load_config, to_dict
+
+
+# ------------------------------------------------------------------------------------ data loss
+def test_atomic_directory_refuses_to_replace_a_folder_it_did_not_create(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory(mine) as tmp:
+        (tmp / "x").write_text("new")
+    assert (mine / "precious.txt").read_text() == "keep"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_publish_refuses_a_foreign_target_and_replaces_its_own(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep")
+    staging = tmp_path / ".tmp-out"
+    staging.mkdir()
+    with pytest.raises(OutputDirError):
+        publish(staging, target)
+    assert (target / "precious.txt").read_text() == "keep"
+    # a folder we published is ours: replacing it is allowed
+    other = tmp_path / "ours"
+    for content in ("v1", "v2"):
+        with atomic_directory(other) as tmp:
+            (tmp / "v").write_text(content)
+    assert (other / "v").read_text() == "v2" and (other / OWNER_MARKER).is_file()
+
+
+def test_save_text_dataset_into_a_user_folder_is_refused(tmp_path):
+    import datasets
+
+    from clo_fast.data.build import save_text_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": ["x"]})})
+    with pytest.raises(OutputDirError):
+        save_text_dataset(dsd, {}, mine)
+    assert (mine / "precious.txt").read_text() == "keep"
+
+
+def test_output_dir_dot_parent_file_and_read_only_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "something.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory("."):
+        pass
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputDirError, match="parent is a file"):
+        claim_output_dir(tmp_path / "afile" / "run")
+    if os.geteuid() != 0:  # root ignores permissions
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(OutputDirError, match="permission denied|not writable"):
+                claim_output_dir(ro / "run")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_run_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path):
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(OutputDirError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (tmp_path / ".clo_fast.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    lock = RunLock(tmp_path).acquire()  # stale: its pid is gone
+    assert json.loads((tmp_path / ".clo_fast.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    (tmp_path / ".clo_fast.lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    with pytest.raises(OutputDirError, match="another-host"):
+        RunLock(tmp_path).acquire()
+
+
+def _cfg(tmp_path, **train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.output_dir = str(tmp_path / "run")
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_resume_or_overwrite(tmp_path):
+    from clo_fast.training.checkpoint import prepare_output_dir
+
+    cfg = _cfg(tmp_path)
+    prepare_output_dir(cfg, None).release()  # a new folder: created and marked
+    assert (tmp_path / "run" / OWNER_MARKER).is_file()
+    (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    with pytest.raises(OutputDirError, match="--resume"):
+        prepare_output_dir(cfg, None)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    prepare_output_dir(cfg, "latest").release()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    prepare_output_dir(_cfg(tmp_path, overwrite_output_dir=True), None).release()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a folder the user made is refused whatever the flags
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cfg.train.output_dir = str(foreign)
+    with pytest.raises(OutputDirError):
+        prepare_output_dir(cfg, "latest")
+
+
+def test_rotation_keeps_the_newest_and_never_removes_later_checkpoints(tmp_path):
+    from clo_fast.training.checkpoint import rotate_checkpoints
+
+    for s in (2, 4, 6, 20):  # step_20: left by an earlier, longer run
+        (tmp_path / f"step_{s:08d}").mkdir()
+    removed = rotate_checkpoints(tmp_path, "step_00000006", keep=2)
+    assert removed == ["step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006", "step_00000020"]
+
+
+# ------------------------------------------------------------------------------------ integrity
+def _fake_checkpoint(root, tag, cfg, world=1):
+    from clo_fast.training.checkpoint import write_checksums
+
+    d = root / tag
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "world_size": world, "config": to_dict(cfg)}))
+    write_checksums(d)
+    return d
+
+
+def test_resume_names_the_corrupt_file_and_the_newest_good_tag(tmp_path):
+    from clo_fast.training.checkpoint import checkpoint_root, load_checkpoint
+
+    cfg = _cfg(tmp_path)
+    root = checkpoint_root(cfg)
+    _fake_checkpoint(root, "step_00000002", cfg)
+    bad = _fake_checkpoint(root, "step_00000004", cfg)
+    (root / "latest").write_text("step_00000004")
+    (bad / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))  # corrupted after the save
+    with pytest.raises(ConfigError, match=r"mp_rank_00_model_states\.pt.*sha256.*--resume step_00000002"):
+        load_checkpoint(engine=None, cfg=cfg, which="latest")
+    (bad / "mp_rank_00_model_states.pt").write_bytes(b"trunc")
+    with pytest.raises(ConfigError, match="step_00000002"):
+        load_checkpoint(engine=None, cfg=cfg, which="step_00000004")
+
+
+def test_resume_refuses_a_world_size_change_and_a_model_change_states_the_rest(tmp_path, capsys):
+    from clo_fast.training.checkpoint import check_resume_compatible
+
+    saved = _cfg(tmp_path)
+    state = {"world_size": 2, "config": to_dict(saved)}
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
+        check_resume_compatible(state, saved, tmp_path)
+    state["world_size"] = 1
+    now = _cfg(tmp_path)
+    now.model.name_or_path = "other/model"
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        check_resume_compatible(state, now, tmp_path)
+    now = _cfg(tmp_path)
+    now.optim.lr, now.clo.beta = 1e-3, 0.3
+    changes = check_resume_compatible(state, now, tmp_path)
+    assert changes == {"clo.beta": (0.1, 0.3), "optim.lr": (5e-5, 1e-3)}
+    out = capsys.readouterr().out
+    assert "optim.lr: 5e-05 → 0.001" in out and "clo.beta: 0.1 → 0.3" in out
+
+
+def test_a_new_lr_on_resume_rebases_the_schedule(tmp_path):
+    from types import SimpleNamespace
+
+    from clo_fast.training.checkpoint import apply_optimizer_config
+    from clo_fast.training.optim import build_optimizer, lr_multiplier
+
+    cfg = _cfg(tmp_path)
+    cfg.optim.warmup_steps, total = 2, 10
+    model = torch.nn.Linear(3, 3)
+    opt, sched = build_optimizer(model, cfg.optim, total)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    state_opt, state_sched = opt.state_dict(), sched.state_dict()
+    cfg.optim.lr = 1e-3  # the resumed run's config
+    opt2, sched2 = build_optimizer(model, cfg.optim, total)
+    opt2.load_state_dict(state_opt)  # what the checkpoint load does: the old LR comes back
+    sched2.load_state_dict(state_sched)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(5e-5 * lr_multiplier(5, total, 2, "cosine", 0.0))
+    apply_optimizer_config(SimpleNamespace(optimizer=opt2, lr_scheduler=sched2), cfg, {"optim.lr": (5e-5, 1e-3)})
+    expected = 1e-3 * lr_multiplier(5, total, 2, "cosine", 0.0)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected)
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_multiplier(6, total, 2, "cosine", 0.0))
+
+
+# ------------------------------------------------------------------------------------ security
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    from clo_fast.training.distributed import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_pickle_planted_as_rng_state_is_not_executed(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with open(tmp_path / "rng.pt", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("field", ["optim.lr=.inf", "clo.beta=.inf", "optim.eps=.nan", "optim.betas=[0.9, .nan]"])
+def test_float_fields_reject_inf_and_nan(field):
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, [field])
+
+
+def test_exponent_without_dot_is_a_number():
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("flag", ["optim.lr=[", "optim.lr.x=1"])
+def test_malformed_overrides_are_config_errors(flag):
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(None, [flag])
