@@ -165,7 +165,7 @@ class Run:
         from clo_fast.training.checkpoint import save_checkpoint
         from clo_fast.training.distributed import log0, maybe_crash, rank
         from clo_fast.training.metrics import MetricsSink, StepLog
-        from clo_fast.training.step import train_step
+        from clo_fast.training.step import NonFiniteGuard, train_step
 
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
@@ -181,6 +181,7 @@ class Run:
             )
         bar = tqdm(total=self.total_steps, initial=self.step, disable=rank() != 0, desc="train", dynamic_ncols=True)
         log = StepLog(self.sink, self.device)
+        guard = NonFiniteGuard(self.device)  # no host sync per step: read at logging and before saves
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
@@ -189,8 +190,10 @@ class Run:
                 for m in range(o.gradient_accumulation_steps)
             ]
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            log.add(train_step(engine, micro, self.loss_setup, self.device), tokens)
+            step_metrics = train_step(engine, micro, self.loss_setup, self.device)
+            log.add(step_metrics, tokens)
             self.step += 1
+            guard.observe(self.step, step_metrics)
             bar.update(1)
             maybe_crash("after_step", self.step)
             step, last = self.step, self.step == self.total_steps
@@ -204,10 +207,12 @@ class Run:
                 accuracy = logged.get("rewards/accuracies", float("nan"))
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{accuracy:.2f}", lr=f"{lr_now:.2e}")
                 self.last_metrics.update(logged)
+                guard.check(step, engine.get_global_grad_norm())
             if self.eval_ds is not None and ((t.eval_steps and step % t.eval_steps == 0) or last):
                 self.evaluate_loss(step)
                 log.restart_clock()  # eval time is not training throughput
             if (t.save_steps and step % t.save_steps == 0) or last:
+                guard.check(step, engine.get_global_grad_norm())
                 save_checkpoint(engine, cfg, step, {"metrics": self.last_metrics})
                 log.restart_clock()
         bar.close()
@@ -277,3 +282,8 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:
+        if type(e).__name__ != "NonFiniteError":
+            raise
+        print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)

@@ -257,3 +257,28 @@ def test_exponent_without_dot_is_a_number():
 def test_malformed_overrides_are_config_errors(flag):
     with pytest.raises(ConfigError, match="--set"):
         load_config(None, [flag])
+
+
+# ------------------------------------------------------------------------------------ non-finite guard
+def test_guard_names_the_first_step_with_a_non_finite_loss():
+    from clo_fast.training.step import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"))
+    for step, loss in ((1, 0.7), (2, 0.6)):
+        guard.observe(step, {"loss": torch.tensor(loss)})
+    guard.check(2, grad_norm=1.5)  # all finite: silent
+    for step, loss in ((3, float("nan")), (4, float("inf")), (5, 0.5)):
+        guard.observe(step, {"loss": torch.tensor(loss)})
+    with pytest.raises(NonFiniteError, match="^step 3: the training loss is not finite"):
+        guard.check(5, grad_norm=1.0)
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), torch.tensor(float("inf"))])
+def test_guard_stops_on_a_non_finite_gradient_norm(norm):
+    from clo_fast.training.step import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"))
+    guard.observe(7, {"loss": torch.tensor(0.3)})
+    with pytest.raises(NonFiniteError, match="^step 7: the gradient norm"):
+        guard.check(7, grad_norm=norm)
+    guard.check(7, grad_norm=None)  # clipping disabled: DeepSpeed reports no norm
