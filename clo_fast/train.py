@@ -162,6 +162,7 @@ class Run:
     def train(self) -> None:
         from tqdm.auto import tqdm
 
+        from clo_fast.data.collate import check_token_range
         from clo_fast.training.checkpoint import save_checkpoint
         from clo_fast.training.distributed import log0, maybe_crash, rank
         from clo_fast.training.metrics import MetricsSink, StepLog
@@ -181,6 +182,7 @@ class Run:
             )
         bar = tqdm(total=self.total_steps, initial=self.step, disable=rank() != 0, desc="train", dynamic_ncols=True)
         log = StepLog(self.sink, self.device)
+        vocab_size = engine.module.config.vocab_size
         guard = NonFiniteGuard(self.device)  # no host sync per step: read at logging and before saves
         engine.train()
         while self.step < self.total_steps:
@@ -189,6 +191,8 @@ class Run:
                 self.collate([self.train_ds[i] for i in self.sampler.indices(self.step, m, rank())])
                 for m in range(o.gradient_accumulation_steps)
             ]
+            for b in micro:  # host tensors: a tokenizer larger than the model's vocabulary stops here
+                check_token_range(b, vocab_size, f"step {self.step + 1}")
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             step_metrics = train_step(engine, micro, self.loss_setup, self.device)
             log.add(step_metrics, tokens)
