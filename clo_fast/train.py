@@ -90,6 +90,7 @@ class Run:
     def data(self) -> None:
         """Text dataset (rank 0 builds/caches it first), tokenizer, tokenized splits, batch order."""
         from clo_fast.data import build_text_dataset, collate_clo, tokenize_dataset
+        from clo_fast.data.split import require_examples
         from clo_fast.pretrained import load_tokenizer, resolve_model_path
         from clo_fast.training.distributed import log0, rank0_first, world_size
         from clo_fast.training.sampler import StepSampler
@@ -102,6 +103,10 @@ class Run:
         self.eval_ds = None
         if len(texts["eval"]):
             self.eval_ds = rank0_first(lambda: tokenize_dataset(texts["eval"], self.tokenizer, cfg.data))
+        for split, ds in (("train", self.train_ds), ("eval", self.eval_ds)):
+            if ds is not None:  # every prompt too long: a clear error, not an IndexError later
+                why = f"all {len(texts[split])} prompts are longer than data.max_length ({cfg.data.max_length} tokens)"
+                require_examples(split, len(ds), why)
         pad_id, multiple = self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of
         self.collate = lambda examples: collate_clo(examples, pad_id, pad_to_multiple_of=multiple)
         self.sampler = StepSampler(

@@ -339,3 +339,70 @@ def test_host_token_range_check_names_the_position():
     check_token_range(batch, vocab_size=4, where="step 1")
     with pytest.raises(ValueError, match=r"step 1: input_ids\[0, 2\] = 3 is outside .*\[0, 3\)"):
         check_token_range(batch, vocab_size=3, where="step 1")
+
+
+# ------------------------------------------------------------------------------------ data
+def _pairs_cfg(tmp_path, source, **kw):
+    from clo_fast.config import DataConfig
+
+    return DataConfig(
+        source=str(source),
+        target_lang="sw",
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        **kw,
+    )
+
+
+def _record(i, q=None):
+    q = q or f"Question number {i}?"
+    return {"instruction": q, "response": f"Answer {i}.", "instruction_sw": f"Swali {i}?", "response_sw": f"Jibu {i}."}
+
+
+def test_duplicate_prompts_are_removed_before_the_split_and_counted(tmp_path):
+    from clo_fast.data import build_text_dataset
+
+    recs = [_record(i) for i in range(20)]
+    recs += [_record(100 + i, q=f"  question NUMBER {i}? ") for i in range(10)]  # same prompts, other spacing/case
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    dsd, summary = build_text_dataset(_pairs_cfg(tmp_path, src, eval_fraction=0.3), progress=False)
+    assert summary["duplicate_prompts_removed"] == 10
+    assert len(dsd["train"]) + len(dsd["eval"]) == 20
+    train = {" ".join(p.split()).casefold() for p in dsd["train"]["prompt_en"]}
+    held_out = {" ".join(p.split()).casefold() for p in dsd["eval"]["prompt_en"]}
+    assert held_out and not train & held_out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_line_is_named_and_honours_on_bad_record(tmp_path, suffix):
+    from clo_fast.data import build_text_dataset
+    from clo_fast.data.sources import DataError
+
+    lines = [json.dumps(_record(i)).encode() for i in range(5)]
+    lines[2] = b'{"instruction": "caf\xe9", "response": "x", "instruction_sw": "y", "response_sw": "z"}'
+    src = tmp_path / f"latin1{suffix}"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"latin1{suffix}: line 3: not valid UTF-8 \(byte 0xe9"):
+        build_text_dataset(_pairs_cfg(tmp_path, src), progress=False)
+    dsd, summary = build_text_dataset(_pairs_cfg(tmp_path, src, on_bad_record="skip"), progress=False)
+    assert summary["skipped_bad_records"] == {"bad_encoding": 1}
+    assert len(dsd["train"]) + len(dsd["eval"]) == 4
+
+
+def test_non_utf8_csv_names_the_line(tmp_path):
+    from clo_fast.data import build_text_dataset
+    from clo_fast.data.sources import DataError
+
+    src = tmp_path / "latin1.csv"
+    src.write_bytes(b"instruction,response,instruction_sw,response_sw\nHi,Ok,x,y\ncaf\xe9,Ok,x,y\n")
+    with pytest.raises(DataError, match=r"latin1.csv: line 3: not valid UTF-8"):
+        build_text_dataset(_pairs_cfg(tmp_path, src), progress=False)
+
+
+def test_an_empty_split_is_an_error():
+    from clo_fast.data.split import require_examples
+
+    require_examples("train", 3, "unused")
+    with pytest.raises(ConfigError, match="the eval split has no examples: all 4 prompts are longer"):
+        require_examples("eval", 0, "all 4 prompts are longer than data.max_length (8 tokens)")

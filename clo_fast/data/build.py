@@ -16,7 +16,7 @@ from typing import Any
 from clo_fast.atomic import atomic_directory
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
-from clo_fast.data.split import eval_size, shuffled_order
+from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
 from clo_fast.data.stats import percentiles
 from clo_fast.paths import looks_local
 
@@ -51,6 +51,7 @@ def _config_key(cfg: DataConfig) -> str:
         "on_bad_record",
     )
     d = {k: getattr(cfg, k) for k in keys}
+    d["_dedup"] = "prompt"  # datasets saved before deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
@@ -75,6 +76,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     skips = BadRecords(cfg.on_bad_record)
     filtered: dict[str, int] = {}
     pairs, n_records = read_pairs(cfg, skips, filtered)
+    pairs, n_duplicates = deduplicate(pairs, lambda p: prompt_key(p.instruction))  # before the split
     n_valid = len(pairs)
     order = shuffled_order(n_valid, cfg.seed)
     if cfg.max_examples is not None:
@@ -128,6 +130,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         "target_lang": cfg.target_lang,
         "translator": cfg.translator,
         "records_read": n_records,
+        "duplicate_prompts_removed": n_duplicates,
         "valid_pairs": n_valid,
         "selected": len(selected),
         "kept": n,
