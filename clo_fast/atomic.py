@@ -21,15 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clo_fast.config import ConfigError
-
 STAGING_PREFIX = ".tmp-"
 OWNER_MARKER = ".clo_fast_output"  # in every folder clo_fast created; only such folders are ever replaced
 LOCK_NAME = ".clo_fast.lock"
 
 
-class OutputDirError(ConfigError):
-    """An output folder cannot be used: not ours, held by another run, or not writable. Names the folder."""
+class OutputDirError(ValueError):
+    """An output folder cannot be used: not ours, held by another run, or not writable. Names the folder.
+    (The commands report it like a config error: train.py, the data CLI through DataError.)"""
 
 
 def is_ours(path: str | os.PathLike) -> bool:

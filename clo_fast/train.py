@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from clo_fast.atomic import OutputDirError
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
+    except (ConfigError, OutputDirError) as e:
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RuntimeError as e:

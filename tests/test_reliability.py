@@ -54,7 +54,9 @@ def test_save_text_dataset_into_a_user_folder_is_refused(tmp_path):
     mine.mkdir()
     (mine / "precious.txt").write_text("keep")
     dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": ["x"]})})
-    with pytest.raises(OutputDirError):
+    from clo_fast.data.sources import DataError
+
+    with pytest.raises(DataError, match=r"data.output_dir: .*mine: output folder exists and was not created"):
         save_text_dataset(dsd, {}, mine)
     assert (mine / "precious.txt").read_text() == "keep"
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import OutputDirError, atomic_directory
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
@@ -149,9 +149,12 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
 def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path:
     """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json."""
     out = Path(output_dir).expanduser()
-    with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
-        dsd.save_to_disk(str(tmp))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    try:  # a folder the user made is refused, never replaced
+        with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
+            dsd.save_to_disk(str(tmp))
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    except OutputDirError as e:
+        raise DataError(f"data.output_dir: {e}", "output_dir") from None
     return out
 
 

@@ -69,13 +69,14 @@ def rank0_first(fn):
 def rank0_checked(fn):
     """Run the check `fn` on rank 0 only; a ConfigError it raises is raised on every rank (the others would
     otherwise wait at the next barrier until the timeout)."""
+    from clo_fast.atomic import OutputDirError
     from clo_fast.config import ConfigError
 
     result, err = None, None
     if rank() == 0:
         try:
             result = fn()
-        except ConfigError as e:
+        except (ConfigError, OutputDirError) as e:
             err = str(e)
     if world_size() > 1:
         box = [err]
