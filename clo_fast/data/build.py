@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clo_fast.atomic import OutputDirError, atomic_directory
+from clo_fast.atomic import OutputDirError, atomic_directory, check_replaceable
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
@@ -172,6 +172,10 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
                 return datasets.load_from_disk(str(out)), summary
         except (OSError, ValueError):
             pass
+    try:  # refused before the (possibly long) build, not after it
+        check_replaceable(out, "output folder")
+    except OutputDirError as e:
+        raise DataError(f"data.output_dir: {e}", "output_dir") from None
     dsd, summary = build_text_dataset(cfg, progress=progress)
     save_text_dataset(dsd, summary, out)
     return dsd, summary
