@@ -203,6 +203,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         f"got {d.target_lang!r} (use translator=hf for other languages)",
     )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+    for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
+        check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
 
 
 def validate_clo(cfg: RunConfig, origin) -> None:

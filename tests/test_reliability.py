@@ -491,3 +491,23 @@ def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_
     assert (run / OWNER_MARKER).is_file()
     assert not (run / "checkpoints").exists() and not (run / "hf_model").exists()
     assert not (run / ".clo_fast.lock").exists()
+
+
+@pytest.mark.parametrize("field", ["translation_num_beams", "translation_batch_size", "translation_max_length"])
+def test_translation_sizes_must_be_positive(field):
+    with pytest.raises(ConfigError, match=f"data.{field}: must be >= 1, got 0"):
+        load_config(None, [f"data.{field}=0"])
+
+
+def test_a_failed_checkpoint_write_names_the_folder_and_the_free_space(tmp_path):
+    from types import SimpleNamespace
+
+    from clo_fast.training.checkpoint import save_checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed: basic_ios::clear")
+
+    cfg = _cfg(tmp_path)
+    with pytest.raises(OSError, match=r"\.tmp-step_00000003: writing checkpoint step_00000003 failed .* GiB free"):
+        save_checkpoint(SimpleNamespace(save_checkpoint=disk_full), cfg, 3, {})
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()

@@ -126,8 +126,15 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
         for stale in root.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=staging.name, client_state={"clo_step": step}, save_latest=False)
-    torch.save(rng_state(), staging / f"rng_state_rank{rank()}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=staging.name, client_state={"clo_step": step}, save_latest=False)
+        torch.save(rng_state(), staging / f"rng_state_rank{rank()}.pt")
+    except (OSError, RuntimeError) as e:  # disk full surfaces as "basic_ios::clear" from torch's writer
+        free = shutil.disk_usage(root).free / 2**30
+        raise OSError(
+            f"{staging}: writing checkpoint {tag} failed on rank {rank()} ({e}); {free:.2f} GiB free on that "
+            "filesystem. The published checkpoints are untouched: free space, then --resume"
+        ) from e
     barrier()  # every rank has written its shard
     maybe_crash("in_save", step)
     if rank() == 0:
