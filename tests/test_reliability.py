@@ -511,3 +511,38 @@ def test_a_failed_checkpoint_write_names_the_folder_and_the_free_space(tmp_path)
     with pytest.raises(OSError, match=r"\.tmp-step_00000003: writing checkpoint step_00000003 failed .* GiB free"):
         save_checkpoint(SimpleNamespace(save_checkpoint=disk_full), cfg, 3, {})
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def _probe_worker(rank, init_file, folders, results):
+    import torch.distributed as tdist
+
+    from clo_fast.training.distributed import check_shared_output_dir
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_shared_output_dir(folders[rank])
+        results[rank] = "ok"
+    except ConfigError as e:
+        results[rank] = str(e)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
+    """Two gloo ranks in-process: with node-local folders (each rank its own), every rank stops with a clear
+    error; with one shared folder both go on and the probes are removed."""
+    import torch.multiprocessing as mp
+
+    folders = [tmp_path / "a", tmp_path / "a" if shared else tmp_path / "b"]
+    for f in folders:
+        f.mkdir(exist_ok=True)
+    results = mp.Manager().dict()
+    mp.spawn(_probe_worker, args=(str(tmp_path / "init"), [str(f) for f in folders], results), nprocs=2)
+    if shared:
+        assert dict(results) == {0: "ok", 1: "ok"}
+    else:
+        for r in (0, 1):
+            assert "rank 0 cannot see the files written there by rank(s) [1]" in results[r]
+            assert "one filesystem shared by every node" in results[r]
+    assert not list(tmp_path.rglob(".probe-*"))
