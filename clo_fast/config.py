@@ -407,5 +407,22 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     return parse_dataclass(RunConfig, raw, origin).validate(origin)
 
 
+_URL_SECRETS = (
+    (re.compile(r"^(https?://)[^/\s@]+@"), r"\1<redacted>@"),  # user:password@
+    (re.compile(r"\?.*$"), "?<redacted>"),  # query string (?api-key=...)
+)
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data for the records a run writes (config.yaml, checkpoints, the export summary):
+    credentials and query strings of URL values are redacted, so an API key put in a URL is never stored."""
+
+    def scrub(v):
+        if isinstance(v, dict):
+            return {k: scrub(x) for k, x in v.items()}
+        if isinstance(v, str) and re.match(r"https?://", v):
+            for pattern, replacement in _URL_SECRETS:
+                v = pattern.sub(replacement, v)
+        return v
+
+    return scrub(dataclasses.asdict(cfg))

@@ -546,3 +546,10 @@ def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
             assert "rank 0 cannot see the files written there by rank(s) [1]" in results[r]
             assert "one filesystem shared by every node" in results[r]
     assert not list(tmp_path.rglob(".probe-*"))
+
+
+def test_run_records_store_no_key_given_in_a_url():
+    cfg = RunConfig()
+    cfg.eval.judge_endpoint = "https://user:pw@judge.example/v1?api-key=abc123"
+    assert to_dict(cfg)["eval"]["judge_endpoint"] == "https://<redacted>@judge.example/v1?<redacted>"
+    assert cfg.eval.judge_endpoint.endswith("abc123")  # the run itself still uses it
