@@ -33,7 +33,16 @@ from clo_fast.atomic import (
     write_text_atomic,
 )
 from clo_fast.config import ConfigError, RunConfig, to_dict
-from clo_fast.training.distributed import barrier, log0, maybe_crash, rank, rng_state, set_rng_state, world_size
+from clo_fast.training.distributed import (
+    barrier,
+    log0,
+    maybe_crash,
+    rank,
+    rank0_checked,
+    rng_state,
+    set_rng_state,
+    world_size,
+)
 
 CHECKSUMS = "checksums.json"
 # Changes --resume cannot honour: the saved shards would not fit, or mean another model.
@@ -213,13 +222,16 @@ def load_checkpoint(engine, cfg: RunConfig, which: str) -> int:
     if which.startswith(STAGING_PREFIX) or not (root / which / "trainer_state.json").is_file():
         raise ConfigError(f"--resume {which}: not a complete checkpoint in {root}")
     folder = root / which
-    problem = verify_checkpoint(folder)
-    if problem:
-        good = [t for t in reversed(checkpoint_tags(root)) if t != which and verify_checkpoint(root / t) is None]
-        hint = (
-            f"the newest good checkpoint is {good[0]}: --resume {good[0]}" if good else "no other checkpoint is intact"
-        )
-        raise ConfigError(f"--resume {which}: {problem}; {hint}")
+
+    def verify() -> None:
+        problem = verify_checkpoint(folder)
+        if problem:
+            tags = reversed(checkpoint_tags(root))
+            good = [t for t in tags if t != which and verify_checkpoint(root / t) is None]
+            hint = f"the newest good checkpoint is {good[0]}: --resume {good[0]}" if good else "no intact checkpoint"
+            raise ConfigError(f"--resume {which}: {problem}; {hint}")
+
+    rank0_checked(verify)  # one reader of the (shared) folder; every rank gets the verdict
     state = json.loads((folder / "trainer_state.json").read_text())
     changes = check_resume_compatible(state, cfg, folder)
     engine.load_checkpoint(str(root), tag=which, load_optimizer_states=True, load_lr_scheduler_states=True)
