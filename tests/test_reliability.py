@@ -120,6 +120,13 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_resume_or_overw
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     prepare_output_dir(_cfg(tmp_path, overwrite_output_dir=True), None).release()
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # a run folder from before the marker (config.yaml + metrics.jsonl) is recognised
+    legacy = tmp_path / "legacy"
+    (legacy / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        (legacy / name).write_text("")
+    cfg.train.output_dir = str(legacy)
+    prepare_output_dir(cfg, "latest").release()
     # a folder the user made is refused whatever the flags
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -28,6 +28,8 @@ from clo_fast.atomic import (
     RunLock,
     check_replaceable,
     claim_output_dir,
+    is_ours,
+    mark_ours,
     publish,
     staging_path,
     write_text_atomic,
@@ -45,6 +47,7 @@ from clo_fast.training.distributed import (
 )
 
 CHECKSUMS = "checksums.json"
+LEGACY_RUN_FILES = ("config.yaml", "metrics.jsonl")  # every run folder has these
 # Changes --resume cannot honour: the saved shards would not fit, or mean another model.
 RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype")
 
@@ -63,7 +66,10 @@ def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
     checkpoints needs --resume or train.overwrite_output_dir; takes the run lock (released at exit)."""
     import atexit
 
-    out = claim_output_dir(cfg.train.output_dir, "train.output_dir")
+    out = Path(cfg.train.output_dir).expanduser()
+    if out.is_dir() and not is_ours(out) and all((out / f).is_file() for f in LEGACY_RUN_FILES):
+        mark_ours(out)  # a run folder written before the marker existed
+    out = claim_output_dir(out, "train.output_dir")
     check_replaceable(out / "hf_model", "train.output_dir/hf_model")  # the export replaces it at the end
     lock = RunLock(out).acquire()
     atexit.register(lock.release)
