@@ -125,8 +125,11 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_resume_or_overw
     (legacy / "checkpoints" / "step_00000002").mkdir(parents=True)
     for name in ("config.yaml", "metrics.jsonl"):
         (legacy / name).write_text("")
+    (legacy / "hf_model").mkdir()
+    (legacy / "hf_model" / "config.json").write_text("{}")
     cfg.train.output_dir = str(legacy)
     prepare_output_dir(cfg, "latest").release()
+    assert (legacy / "hf_model" / OWNER_MARKER).is_file()  # the export may replace it
     # a folder the user made is refused whatever the flags
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -68,7 +68,9 @@ def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
 
     out = Path(cfg.train.output_dir).expanduser()
     if out.is_dir() and not is_ours(out) and all((out / f).is_file() for f in LEGACY_RUN_FILES):
-        mark_ours(out)  # a run folder written before the marker existed
+        for folder in (out, out / "hf_model", *(out / "ref_data").glob("*")):  # written before the marker existed
+            if folder.is_dir():
+                mark_ours(folder)
     out = claim_output_dir(out, "train.output_dir")
     check_replaceable(out / "hf_model", "train.output_dir/hf_model")  # the export replaces it at the end
     lock = RunLock(out).acquire()
