@@ -9,6 +9,8 @@ but live here so that one file documents a whole run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -124,6 +126,8 @@ class TrainConfig:
     # (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
     dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
+    # a fresh run into an output_dir holding checkpoints: false = refuse (use --resume), true = remove them
+    overwrite_output_dir: bool = False
 
 
 @dataclass
@@ -215,6 +219,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
     for lang, text in d.system_prompts.items():
         check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
+    for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
+        check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
 
 
 def validate_clo(cfg: RunConfig, origin) -> None:
@@ -300,6 +306,19 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, list) and any(_non_finite(v) for v in value)
+
+
 def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], prefix: str = ""):
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields.
 
@@ -324,8 +343,12 @@ def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], pref
         if dataclasses.is_dataclass(tp):
             kwargs[name] = parse_dataclass(tp, value, origin, f"{prefix}{name}.")
             continue
+        if isinstance(value, str) and _accepts_float(tp) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if not _type_ok(value, tp):
             raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: expected {tp}, got {value!r}")
+        if _non_finite(value):
+            raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: must be a finite number, got {value!r}")
         kwargs[name] = float(value) if tp is float else value
     return cls(**kwargs)
 
@@ -397,10 +420,28 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
 
     def origin(name: str) -> str:
         flag = parsed.get(name, (None, None))[1]
-        return flag or source
+        nested = [f for k, (_, f) in parsed.items() if k.startswith(name + ".")]  # --set optim.lr.x=1
+        return flag or (nested[0] if nested else source)
 
     return parse_dataclass(RunConfig, raw, origin).validate(origin)
 
 
+_URL_SECRETS = (
+    (re.compile(r"^(https?://)[^/\s@]+@"), r"\1<redacted>@"),  # user:password@
+    (re.compile(r"\?.*$"), "?<redacted>"),  # query string (?api-key=...)
+)
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data for the records a run writes (config.yaml, checkpoints, the export summary):
+    credentials and query strings of URL values are redacted, so an API key put in a URL is never stored."""
+
+    def scrub(v):
+        if isinstance(v, dict):
+            return {k: scrub(x) for k, x in v.items()}
+        if isinstance(v, str) and re.match(r"https?://", v):
+            for pattern, replacement in _URL_SECRETS:
+                v = pattern.sub(replacement, v)
+        return v
+
+    return scrub(dataclasses.asdict(cfg))

@@ -123,6 +123,11 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
         return "torch"
     if impl not in ("triton", "torch", "reference"):
         raise ValueError(f"impl must be auto|triton|torch|reference, got {impl!r}")
+    if impl == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f'impl="triton" needs CUDA tensors (got {x.device.type}) or TRITON_INTERPRET=1 (the interpreter); '
+            'use impl="auto" or "torch" on CPU'
+        )
     return impl
 
 
@@ -178,7 +183,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
 
 
-def _check_inputs(hidden, weight, labels):
+def _check_inputs(hidden, weight, labels, ignore_index=IGNORE_INDEX):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N,H] and weight [V,H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
@@ -189,6 +194,22 @@ def _check_inputs(hidden, weight, labels):
         raise ValueError("hidden, weight and labels must be on the same device")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight has 0 rows: the vocabulary is empty (V = 0)")
+    if labels.device.type == "cpu":  # host tensors only: a device check would synchronize the step
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {V}) (and is not ignore_index "
+                f"{ignore_index}); {int(bad.sum())} such labels"
+            )
+
+
+def _check_chunk_rows(chunk_rows) -> None:
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
 
 
 def _reference_logprobs(hidden, weight, labels, ignore_index):
@@ -209,7 +230,8 @@ def linear_logprobs(
     Differentiable w.r.t. hidden, and weight when it requires grad. Never materializes [N,V]
     (except impl="reference"). Labels are aligned with the rows they score: no shift is done here.
     """
-    _check_inputs(hidden, weight, labels)
+    _check_inputs(hidden, weight, labels, ignore_index)
+    _check_chunk_rows(chunk_rows)
     impl = _resolve(impl, hidden)
     if impl == "reference":
         return _reference_logprobs(hidden, weight, labels, ignore_index)
@@ -236,7 +258,8 @@ def sequence_logprobs(
         )
     S, T, H = hidden.shape
     x, y = hidden.reshape(S * T, H), labels.reshape(S * T)
-    _check_inputs(x, weight, y)
+    _check_inputs(x, weight, y, ignore_index)
+    _check_chunk_rows(chunk_rows)
     impl = _resolve(impl, hidden)
     if impl == "reference":
         return _reference_logprobs(x, weight, y, ignore_index).view(S, T).sum(1)
@@ -260,7 +283,8 @@ def packed_sequence_logprobs(
     sequence each row belongs to). With only the labelled rows gathered (indices built on the host where the
     batch is made), the head does no work for prompt and padding rows; the sums are those of
     `sequence_logprobs` on the padded batch."""
-    _check_inputs(hidden, weight, labels)
+    _check_inputs(hidden, weight, labels, ignore_index)
+    _check_chunk_rows(chunk_rows)
     if seq_ids.shape != labels.shape:
         raise ValueError(f"seq_ids must be [N] = {labels.shape[0]}, got {tuple(seq_ids.shape)}")
     impl = _resolve(impl, hidden)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from clo_fast.atomic import OutputDirError
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
@@ -71,10 +72,14 @@ class Run:
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
         self.out_dir = Path(t.output_dir)
+        from clo_fast.training.checkpoint import prepare_output_dir
+
+        # refuses a folder that is not ours or holds checkpoints (without --resume); locks it
+        self.lock = dist.rank0_checked(lambda: prepare_output_dir(self.cfg, self.resume))
+        dist.check_shared_output_dir(self.out_dir)
         if dist.rank() == 0:
             import yaml
 
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
         c = self.cfg.clo
@@ -89,6 +94,7 @@ class Run:
         then each builds and tokenizes (caches written atomically, first writer wins)."""
         from clo_fast.data import build_text_dataset, tokenize_dataset
         from clo_fast.data.build import translate_sharded
+        from clo_fast.data.split import require_examples
         from clo_fast.pretrained import load_tokenizer, resolve_model_path_without_collective
         from clo_fast.training.batches import MicroBatcher, resolve_packing
         from clo_fast.training.distributed import log0, rank, world_size
@@ -106,6 +112,10 @@ class Run:
         self.eval_ds = None
         if len(texts["eval"]):
             self.eval_ds = tokenize_dataset(texts["eval"], self.tokenizer, cfg.data)
+        for split, ds in (("train", self.train_ds), ("eval", self.eval_ds)):
+            if ds is not None:  # every prompt too long: a clear error, not an IndexError later
+                why = f"all {len(texts[split])} prompts are longer than data.max_length ({cfg.data.max_length} tokens)"
+                require_examples(split, len(ds), why)
         packing = resolve_packing(
             cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
         )
@@ -168,10 +178,11 @@ class Run:
     def train(self) -> None:
         from tqdm.auto import tqdm
 
+        from clo_fast.data.collate import check_token_range
         from clo_fast.training.checkpoint import save_checkpoint
         from clo_fast.training.distributed import log0, maybe_crash, rank, world_size
         from clo_fast.training.metrics import MetricsSink, StepLog
-        from clo_fast.training.step import train_step
+        from clo_fast.training.step import NonFiniteGuard, train_step
 
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
@@ -187,6 +198,8 @@ class Run:
             )
         bar = tqdm(total=self.total_steps, initial=self.step, disable=rank() != 0, desc="train", dynamic_ncols=True)
         log = StepLog(self.sink, self.device)
+        vocab_size = engine.module.config.vocab_size
+        guard = NonFiniteGuard(self.device)  # no host sync per step: read at logging and before saves
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
@@ -194,9 +207,15 @@ class Run:
             idx = [i for m in range(G) for r in range(W) for i in self.sampler.indices(self.step, m, r)]
             examples = [self.train_ds[i] for i in idx]  # the global batch: every rank groups it alike
             micro = self.collate.step_batches(examples, G, self.loss_setup.sequences_run, world=W, rank=rank())
+            for b in micro:  # host tensors: a tokenizer larger than the model's vocabulary stops here
+                check_token_range(
+                    {"input_ids": b.input_ids, "labels": b.head_labels.view(1, -1)}, vocab_size, f"step {self.step + 1}"
+                )
             tokens = sum(b.real_tokens for b in micro)
-            log.add(train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples)), tokens)
+            step_metrics = train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples))
+            log.add(step_metrics, tokens)
             self.step += 1
+            guard.observe(self.step, step_metrics)
             bar.update(1)
             maybe_crash("after_step", self.step)
             step, last = self.step, self.step == self.total_steps
@@ -210,10 +229,12 @@ class Run:
                 accuracy = logged.get("rewards/accuracies", float("nan"))
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{accuracy:.2f}", lr=f"{lr_now:.2e}")
                 self.last_metrics.update(logged)
+                guard.check(step, engine.get_global_grad_norm())
             if self.eval_ds is not None and ((t.eval_steps and step % t.eval_steps == 0) or last):
                 self.evaluate_loss(step)
                 log.restart_clock()  # eval time is not training throughput
             if (t.save_steps and step % t.save_steps == 0) or last:
+                guard.check(step, engine.get_global_grad_norm())
                 save_checkpoint(engine, cfg, step, {"metrics": self.last_metrics})
                 log.restart_clock()
         bar.close()
@@ -280,6 +301,11 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
+    except (ConfigError, OutputDirError) as e:
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:
+        if type(e).__name__ != "NonFiniteError":
+            raise
+        print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)

@@ -68,18 +68,18 @@ def tiny_policy(
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=EOS,
-    )
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": PAD,
+        "eos_token_id": EOS,
+        "bos_token_id": EOS,
+    }
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
         cls = transformers.LlamaForCausalLM

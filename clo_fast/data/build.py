@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import OutputDirError, atomic_directory, check_replaceable
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
-from clo_fast.data.split import eval_size, shuffled_order
+from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
 from clo_fast.data.stats import percentiles
 from clo_fast.paths import looks_local
 
@@ -64,6 +64,7 @@ def _config_key(cfg: DataConfig) -> str:
         "oasst_all_turns",
     )
     d = {k: getattr(cfg, k) for k in keys}
+    d["_dedup"] = "prompt"  # datasets saved before deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
@@ -90,14 +91,16 @@ def _translated_contexts(selected: list, translator: Any) -> list[list[dict]]:
     return out
 
 
-def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[list, int, int]:
-    """The source pairs a dataset is built from (seeded order, at most max_examples).
-    Returns (selected, records_read, valid_pairs)."""
+def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[list, int, int, int]:
+    """The source pairs a dataset is built from: duplicates of a prompt removed before anything else (so no
+    held-out prompt is also trained on), then a seeded order, at most max_examples.
+    Returns (selected, records_read, valid_pairs, duplicate_prompts_removed)."""
     pairs, n_records = read_pairs(cfg, skips, filtered)
+    pairs, n_duplicates = deduplicate(pairs, lambda p: prompt_key(p.instruction))  # before the split
     order = shuffled_order(len(pairs), cfg.seed)
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]
-    return [pairs[i] for i in order], n_records, len(pairs)
+    return [pairs[i] for i in order], n_records, len(pairs), n_duplicates
 
 
 def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any = None, progress: bool = True):
@@ -154,7 +157,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     t0 = time.time()
     skips = BadRecords(cfg.on_bad_record)
     filtered: dict[str, int] = {}
-    selected, n_records, n_valid = select_pairs(cfg, skips, filtered)
+    selected, n_records, n_valid, n_duplicates = select_pairs(cfg, skips, filtered)
 
     if cfg.max_examples is not None and n_valid < cfg.max_examples:
         warnings.warn(
@@ -215,6 +218,7 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         "target_lang": cfg.target_lang,
         "translator": cfg.translator,
         "records_read": n_records,
+        "duplicate_prompts_removed": n_duplicates,
         "valid_pairs": n_valid,
         "fewer_than_max_examples": cfg.max_examples is not None and n_valid < cfg.max_examples,
         "selected": len(selected),
@@ -234,9 +238,12 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
 def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path:
     """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json."""
     out = Path(output_dir).expanduser()
-    with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
-        dsd.save_to_disk(str(tmp))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    try:  # a folder the user made is refused, never replaced
+        with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
+            dsd.save_to_disk(str(tmp))
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    except OutputDirError as e:
+        raise DataError(f"data.output_dir: {e}", "output_dir") from None
     return out
 
 
@@ -254,6 +261,10 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
                 return datasets.load_from_disk(str(out)), summary
         except (OSError, ValueError):
             pass
+    try:  # refused before the (possibly long) build, not after it
+        check_replaceable(out, "output folder")
+    except OutputDirError as e:
+        raise DataError(f"data.output_dir: {e}", "output_dir") from None
     dsd, summary = build_text_dataset(cfg, progress=progress)
     save_text_dataset(dsd, summary, out)
     return dsd, summary

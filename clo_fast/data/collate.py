@@ -57,3 +57,20 @@ def shift_labels(labels):
     out = torch.full_like(labels, IGNORE_INDEX)
     out[:, :-1] = labels[:, 1:]
     return out
+
+
+def check_token_range(batch: dict, vocab_size: int, where: str = "batch") -> None:
+    """Raise ValueError when a host batch holds a token id or label outside [0, vocab_size) (labels may be
+    IGNORE_INDEX): a tokenizer larger than the model's vocabulary. Checked on the host where batches are
+    built, so the training step needs no synchronisation for it."""
+    for name in ("input_ids", "labels"):
+        t = batch[name]
+        bad = (t < 0) | (t >= vocab_size)
+        if name == "labels":
+            bad &= t != IGNORE_INDEX
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{where}: {name}[{r}, {c}] = {int(t[r, c])} is outside the model's vocabulary [0, {vocab_size}): "
+                "the tokenizer does not match the model"
+            )

@@ -84,7 +84,7 @@ def _iter_local_file(path: Path, src: str, skips: BadRecords) -> Iterator[tuple[
         raise DataError(f"{src}: data file not found", "missing_file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _iter_jsonl_text(path.read_text(encoding="utf-8"), str(path), skips)
+        yield from _iter_jsonl_bytes(path.read_bytes(), str(path), skips)
     elif suffix == ".json":
         yield from _iter_json_file(path, skips)
     elif suffix == ".parquet":
@@ -93,7 +93,9 @@ def _iter_local_file(path: Path, src: str, skips: BadRecords) -> Iterator[tuple[
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}: record {i}", rec
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        import io
+
+        with io.StringIO(_decode_whole(path), newline="") as f:
             reader = csv.DictReader(f)
             for i, rec in enumerate(reader):
                 yield f"{path}: record {i} (line {reader.line_num})", rec
@@ -101,13 +103,26 @@ def _iter_local_file(path: Path, src: str, skips: BadRecords) -> Iterator[tuple[
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .parquet or .csv)", "bad_file")
 
 
-def _iter_json_file(path: Path, skips: BadRecords) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+def _decode_whole(path: Path) -> str:
+    """A file that is one document (csv, json array): a decoding error names the line; it cannot be skipped."""
+    raw = path.read_bytes()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8",
+            "bad_encoding",
+        ) from None
+
+
+def _iter_json_file(path: Path, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         # JSON Lines saved as .json is common: read it line by line (errors name the line)
-        yield from _iter_jsonl_text(text, str(path), skips)
+        yield from _iter_jsonl_bytes(raw, str(path), skips)
         return
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -135,8 +150,25 @@ def _iter_hub_dataset(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
         yield f"{where}: record {i}", rec
 
 
-def _iter_jsonl_text(text: str, name: str, skips: BadRecords) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(text.splitlines(), start=1):
+def _iter_jsonl_bytes(raw: bytes, name: str, skips: BadRecords) -> Iterator[tuple[str, Any]]:
+    """JSON Lines decoded line by line: a line that is not UTF-8 is a bad record naming file and line."""
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.handle(
+                DataError(
+                    f"{name}: line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",
+                    "bad_encoding",
+                )
+            )
+            continue
+        for _, rec in _iter_jsonl_text(text, name, skips, first_line=n):
+            yield f"{name}: line {n}", rec
+
+
+def _iter_jsonl_text(text: str, name: str, skips: BadRecords, first_line: int = 1) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(text.splitlines(), start=first_line):
         if not line.strip():
             continue
         try:

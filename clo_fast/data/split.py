@@ -18,3 +18,29 @@ def shuffled_order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
+
+
+def prompt_key(text: str) -> str:
+    """What counts as the same prompt: case and whitespace ignored."""
+    return " ".join(text.split()).casefold()
+
+
+def deduplicate(items: list, key) -> tuple[list, int]:
+    """(items with each key's first occurrence only, how many were dropped). Done before the split, so no
+    held-out prompt is also a training prompt."""
+    seen: set = set()
+    kept = []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def require_examples(split: str, n: int, why: str) -> None:
+    """An empty split is an error, not a run that fails later with an IndexError."""
+    from clo_fast.config import ConfigError
+
+    if n == 0:
+        raise ConfigError(f"the {split} split has no examples: {why}")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from clo_fast.config import RunConfig
 from clo_fast.evaluate.errors import EvalError
-from clo_fast.evaluate.report import fmt
+from clo_fast.evaluate.report import fmt, redact_secrets
 
 JUDGE_SYSTEM = (
     "You compare two answers to the same user instruction. Judge helpfulness, correctness and whether the "
@@ -23,8 +23,12 @@ JUDGE_SYSTEM = (
 
 def judge_url(endpoint: str) -> str:
     """`http://host/v1` -> `http://host/v1/chat/completions` (a full .../chat/completions URL is kept)."""
-    e = endpoint.rstrip("/")
-    return e if e.endswith("/chat/completions") else e + "/chat/completions"
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(endpoint)  # a query string (?api-key=...) stays after the path
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urlunsplit(parts._replace(path=path))
 
 
 def build_judge_request(instruction: str, answer_a: str, answer_b: str, model: str | None) -> dict:
@@ -75,7 +79,9 @@ def http_judge(endpoint: str, api_key: str | None = None, timeout: float = 60.0)
         try:
             return body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"unexpected judge reply from {url}: {str(body)[:300]}") from None
+            # an endpoint may echo the request headers: the key must not reach the report or the log
+            reply = redact_secrets(str(body)[:300], (api_key or "",))
+            raise RuntimeError(f"unexpected judge reply from {redact_secrets(url)}: {reply}") from None
 
     return send
 
@@ -105,7 +111,7 @@ def judge_pairwise(
             verdict = parse_verdict(send(build_judge_request(ins, a, b, model)))
         except (OSError, urllib.error.URLError, RuntimeError, ValueError) as e:
             errors += 1
-            first_error = first_error or f"{type(e).__name__}: {e}"
+            first_error = first_error or redact_secrets(f"{type(e).__name__}: {e}")
             continue
         if verdict is None:
             invalid += 1
@@ -174,4 +180,5 @@ def run_judge(
                 f"[evaluate] judge {label} vs {base} ({lang}): win rate {fmt(r['win_rate'])} "
                 f"(W{r['wins']}/L{r['losses']}/T{r['ties']}, invalid {r['invalid']}, errors {r['errors']})"
             )
-    return {"baseline": base, "endpoint": ev.judge_endpoint, "judge_model": ev.judge_model, "results": results}
+    endpoint = redact_secrets(ev.judge_endpoint)
+    return {"baseline": base, "endpoint": endpoint, "judge_model": ev.judge_model, "results": results}

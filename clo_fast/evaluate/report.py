@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,8 +104,46 @@ def plot_report(report: dict, path: str | Path) -> bool:
     return True
 
 
+REDACTED = "<redacted>"
+_SECRET_PATTERNS = (
+    (re.compile(r"(https?://[^\s?#\"'<>]+)\?[^\s#\"'<>]*"), r"\1?" + REDACTED),  # URL query strings
+    (re.compile(r"(https?://)[^/\s@\"'<>]+@"), r"\1" + REDACTED + "@"),  # user:password@host
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1" + REDACTED),
+    (
+        re.compile(r"(?i)((?:api[_-]?key|authorization|token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}&]+"),
+        r"\1" + REDACTED,
+    ),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), REDACTED),  # OpenAI-style keys wherever they appear
+)
+
+
+def redact_secrets(obj, secrets: tuple[str, ...] = ()):
+    """`obj` (str, or dicts/lists of them) with API keys, bearer tokens, credentials in URLs and URL query
+    strings replaced by <redacted>; `secrets` are exact values (the judge's API key) removed too."""
+    if isinstance(obj, dict):
+        return {k: redact_secrets(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_secrets(v, secrets) for v in obj)
+    if not isinstance(obj, str):
+        return obj
+    for secret in secrets:
+        if secret:
+            obj = obj.replace(secret, REDACTED)
+    for pattern, replacement in _SECRET_PATTERNS:
+        obj = pattern.sub(replacement, obj)
+    return obj
+
+
+def judge_secrets(report: dict) -> tuple[str, ...]:
+    """The judge's API key, read from the environment variable the report's eval config names."""
+    env = (report.get("eval_config") or {}).get("judge_api_key_env")
+    return (os.environ.get(env, ""),) if env else ()
+
+
 def write_report(report: dict, generations: list[dict], out_dir: str | Path) -> dict:
-    """report.json, report.md, report.png, generations.jsonl under out_dir; returns their paths."""
+    """report.json, report.md, report.png, generations.jsonl under out_dir; returns their paths. Secrets
+    (API keys, URL query strings, credentials echoed by an endpoint) never reach report.json or report.md."""
+    report.update(redact_secrets(report, judge_secrets(report)))
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     files = {

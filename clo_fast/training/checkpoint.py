@@ -1,29 +1,141 @@
-"""DeepSpeed checkpoints published atomically, and resume.
+"""DeepSpeed checkpoints published atomically, verified on resume; the run folder claimed and locked.
 
 A checkpoint is written by every rank to `<output_dir>/checkpoints/.tmp-<tag>` and renamed to `<tag>` by
 rank 0 only after every rank has finished writing; the `latest` file is replaced (atomically) after that.
 A crash mid-write leaves only a `.tmp-*` directory, which `--resume` ignores and the next save removes.
+
+Each checkpoint holds `checksums.json` (sha256 of every file) and the run config in trainer_state.json.
+`--resume` verifies the checksums (naming a bad file and the newest good tag), states every config change
+it accepts, refuses the ones it cannot honour and re-applies the optimizer hyper-parameters of the new
+config (a new `optim.lr` re-bases the LR schedule).
+
+Our own files are loaded with `torch.load(..., weights_only=True)`. DeepSpeed's `load_checkpoint` reads
+its model and optimizer shards with full unpickling: only resume from checkpoint folders you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from clo_fast.atomic import STAGING_PREFIX, publish, staging_path, write_text_atomic
-from clo_fast.config import ConfigError, RunConfig
-from clo_fast.training.distributed import barrier, log0, maybe_crash, rank, rng_state, set_rng_state, world_size
+from clo_fast.atomic import (
+    STAGING_PREFIX,
+    OutputDirError,
+    RunLock,
+    check_replaceable,
+    claim_output_dir,
+    is_ours,
+    mark_ours,
+    publish,
+    staging_path,
+    write_text_atomic,
+)
+from clo_fast.config import ConfigError, RunConfig, to_dict
+from clo_fast.training.distributed import (
+    barrier,
+    log0,
+    maybe_crash,
+    rank,
+    rank0_checked,
+    rng_state,
+    set_rng_state,
+    world_size,
+)
+
+CHECKSUMS = "checksums.json"
+LEGACY_RUN_FILES = ("config.yaml", "metrics.jsonl")  # every run folder has these
+# Changes --resume cannot honour: the saved shards would not fit, or mean another model.
+RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype")
 
 
 def checkpoint_root(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / "checkpoints"
 
 
+def checkpoint_tags(root: Path) -> list[str]:
+    """Published checkpoints, oldest first (tags are zero-padded steps)."""
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir())
+
+
+def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
+    """Rank 0, before anything is written: the folder must be new, empty or ours; a folder holding
+    checkpoints needs --resume or train.overwrite_output_dir; takes the run lock (released at exit)."""
+    import atexit
+
+    out = Path(cfg.train.output_dir).expanduser()
+    if out.is_dir() and not is_ours(out) and all((out / f).is_file() for f in LEGACY_RUN_FILES):
+        for folder in (out, out / "hf_model", *(out / "ref_data").glob("*")):  # written before the marker existed
+            if folder.is_dir():
+                mark_ours(folder)
+    out = claim_output_dir(out, "train.output_dir")
+    check_replaceable(out / "hf_model", "train.output_dir/hf_model")  # the export replaces it at the end
+    lock = RunLock(out).acquire()
+    atexit.register(lock.release)
+    root = checkpoint_root(cfg)
+    tags = checkpoint_tags(root) if root.is_dir() else []
+    if tags and not resume:
+        if not cfg.train.overwrite_output_dir:
+            lock.release()
+            raise OutputDirError(
+                f"{out}: holds checkpoints of an earlier run ({', '.join(tags)}); pass --resume to continue it, "
+                "set train.overwrite_output_dir: true to start over (its checkpoints are removed), or choose "
+                "another train.output_dir"
+            )
+        shutil.rmtree(root)  # explicitly asked for; the folder is ours
+        log0(f"train.overwrite_output_dir: removed the earlier checkpoints {', '.join(tags)}")
+    return lock
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file matches checksums.json, else what is wrong (naming the file)."""
+    sums_file = folder / CHECKSUMS
+    if not (folder / "trainer_state.json").is_file():
+        return f"{folder / 'trainer_state.json'} is missing"
+    if not sums_file.is_file():
+        log0(f"warning: {folder} has no {CHECKSUMS} (written by an older clo_fast): its files are not verified")
+        return None
+    try:
+        sums = json.loads(sums_file.read_text())
+    except ValueError:
+        return f"{sums_file} is not valid JSON"
+    for rel, digest in sums.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if _sha256(path) != digest:
+            return f"{path} does not match its sha256 in {CHECKSUMS} (corrupted or truncated)"
+    return None
+
+
+def rotate_checkpoints(root: Path, newest: str, keep: int) -> list[str]:
+    """Remove checkpoints older than `newest` beyond the `keep` most recent; never `newest` or a later one."""
+    older = [t for t in checkpoint_tags(root) if t < newest]
+    doomed = older[: max(0, len(older) - (max(1, keep) - 1))]
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    return doomed
+
+
 def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
-    """DeepSpeed checkpoint + per-rank RNG state + trainer_state.json (step, world size, `extra`)."""
+    """DeepSpeed checkpoint + per-rank RNG state + trainer_state.json (step, world size, config, `extra`)
+    + checksums.json."""
     root, tag = checkpoint_root(cfg), f"step_{step:08d}"
     staging = staging_path(root / tag)
     if rank() == 0:
@@ -31,24 +143,85 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
         for stale in root.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=staging.name, client_state={"clo_step": step}, save_latest=False)
-    torch.save(rng_state(), staging / f"rng_state_rank{rank()}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=staging.name, client_state={"clo_step": step}, save_latest=False)
+        torch.save(rng_state(), staging / f"rng_state_rank{rank()}.pt")
+    except (OSError, RuntimeError) as e:  # disk full surfaces as "basic_ios::clear" from torch's writer
+        free = shutil.disk_usage(root).free / 2**30
+        raise OSError(
+            f"{staging}: writing checkpoint {tag} failed on rank {rank()} ({e}); {free:.2f} GiB free on that "
+            "filesystem. The published checkpoints are untouched: free space, then --resume"
+        ) from e
     barrier()  # every rank has written its shard
     maybe_crash("in_save", step)
     if rank() == 0:
-        state = {"step": step, "world_size": world_size(), **extra}
+        state = {"step": step, "world_size": world_size(), "config": to_dict(cfg), **extra}
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        write_checksums(staging)
         publish(staging, root / tag)
         write_text_atomic(root / "latest", tag)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - max(1, cfg.train.save_total_limit))]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(root, tag, cfg.train.save_total_limit)
     barrier()
     log0(f"checkpoint {root / tag}")
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """{dotted field: (saved value, new value)} for every field that differs."""
+    a, b = _flatten(saved), _flatten(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_compatible(state: dict, cfg: RunConfig, folder: Path) -> dict[str, tuple]:
+    """Raise ConfigError for what a resume cannot honour; return the config changes it accepts."""
+    if state.get("world_size") != world_size():
+        raise ConfigError(
+            f"--resume {folder}: the checkpoint was written by {state.get('world_size')} ranks, this run has "
+            f"{world_size()}: ZeRO-3 shards are per rank; resume with {state.get('world_size')} ranks (or convert "
+            "the checkpoint to a universal one with DeepSpeed's ds_to_universal)"
+        )
+    changes = config_changes(state.get("config") or {}, to_dict(cfg)) if "config" in state else {}
+    refused = [k for k in changes if k in RESUME_REFUSED]
+    if refused:
+        raise ConfigError(
+            f"--resume {folder}: cannot resume with a changed "
+            + "; ".join(f"{k} ({changes[k][0]!r} → {changes[k][1]!r})" for k in refused)
+        )
+    for k, (old, new) in changes.items():
+        log0(f"resume: accepted config change {k}: {old!r} → {new!r}")
+    return changes
+
+
+def apply_optimizer_config(engine, cfg: RunConfig, changes: dict) -> None:
+    """The checkpoint restored the old optimizer hyper-parameters and the schedule's base LR: put the new
+    config's in. A new LR re-bases the schedule (same step, same multiplier, new peak)."""
+    o = cfg.optim
+    groups = engine.optimizer.param_groups
+    if "optim.weight_decay" in changes and changes["optim.weight_decay"][0] == 0:
+        raise ConfigError("--resume: optim.weight_decay changed from 0: the decayed parameter group is unknown")
+    for g in groups:
+        g["betas"], g["eps"] = tuple(o.betas), o.eps
+        if "optim.weight_decay" in changes and g["weight_decay"] != 0:
+            g["weight_decay"] = o.weight_decay
+    sched = engine.lr_scheduler
+    if sched is not None and hasattr(sched, "base_lrs"):
+        sched.base_lrs = [o.lr for _ in groups]
+        for g, lmbda in zip(groups, sched.lr_lambdas, strict=True):
+            g["lr"] = o.lr * lmbda(sched.last_epoch)
+
+
 def load_checkpoint(engine, cfg: RunConfig, which: str) -> int:
-    """Restore weights, optimizer, LR schedule and this rank's RNG; returns the step to continue from."""
+    """Verify, then restore weights, optimizer, LR schedule and this rank's RNG; returns the step to
+    continue from."""
     root = checkpoint_root(cfg)
     if which == "latest":
         if not (root / "latest").is_file():
@@ -56,15 +229,23 @@ def load_checkpoint(engine, cfg: RunConfig, which: str) -> int:
         which = (root / "latest").read_text().strip()
     if which.startswith(STAGING_PREFIX) or not (root / which / "trainer_state.json").is_file():
         raise ConfigError(f"--resume {which}: not a complete checkpoint in {root}")
+    folder = root / which
+
+    def verify() -> None:
+        problem = verify_checkpoint(folder)
+        if problem:
+            tags = reversed(checkpoint_tags(root))
+            good = [t for t in tags if t != which and verify_checkpoint(root / t) is None]
+            hint = f"the newest good checkpoint is {good[0]}: --resume {good[0]}" if good else "no intact checkpoint"
+            raise ConfigError(f"--resume {which}: {problem}; {hint}")
+
+    rank0_checked(verify)  # one reader of the (shared) folder; every rank gets the verdict
+    state = json.loads((folder / "trainer_state.json").read_text())
+    changes = check_resume_compatible(state, cfg, folder)
     engine.load_checkpoint(str(root), tag=which, load_optimizer_states=True, load_lr_scheduler_states=True)
-    state = json.loads((root / which / "trainer_state.json").read_text())
-    if state.get("world_size") != world_size():
-        log0(
-            f"warning: checkpoint was written by {state.get('world_size')} ranks, now {world_size()}: "
-            "the data order from here on differs from the original run"
-        )
-    rng = root / which / f"rng_state_rank{rank()}.pt"
+    apply_optimizer_config(engine, cfg, changes)
+    rng = folder / f"rng_state_rank{rank()}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
-    log0(f"resumed from {root / which} at step {state['step']}")
+        set_rng_state(torch.load(rng, weights_only=True))
+    log0(f"resumed from {folder} at step {state['step']}")
     return int(state["step"])

@@ -72,6 +72,27 @@ def rank0_first(fn):
     return out
 
 
+def rank0_checked(fn):
+    """Run the check `fn` on rank 0 only; a ConfigError it raises is raised on every rank (the others would
+    otherwise wait at the next barrier until the timeout)."""
+    from clo_fast.atomic import OutputDirError
+    from clo_fast.config import ConfigError
+
+    result, err = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except (ConfigError, OutputDirError) as e:
+            err = str(e)
+    if world_size() > 1:
+        box = [err]
+        torch.distributed.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise ConfigError(err)
+    return result
+
+
 def h2d(t: torch.Tensor, device) -> torch.Tensor:
     """Host → device without a stream sync: a copy from pageable memory would synchronize, pinned does not."""
     if device.type == "cuda":
@@ -93,18 +114,60 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    """Every RNG's state as tensors and plain types only, so `torch.load(..., weights_only=True)` reads it
+    back (a checkpoint folder is data: loading it never runs pickled code)."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    st = {
+        "python": [version, torch.tensor(py_state, dtype=torch.int64), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.random.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, py_state, gauss = st["python"]
+    random.setstate((version, tuple(int(v) for v in py_state.tolist()), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = st["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.random.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def check_shared_output_dir(output_dir) -> None:
+    """Every rank writes a probe file into `output_dir`; rank 0 must see all of them. Checkpoints are
+    renamed and `latest` written by rank 0 only, and each rank decides alone whether cached reference
+    log-probs exist, so the folder must be one filesystem shared by every node."""
+    from pathlib import Path
+
+    from clo_fast.config import ConfigError
+
+    if world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    token = [uuid.uuid4().hex if rank() == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    folder = Path(output_dir)
+    probe = folder / f".probe-{token[0]}-rank{rank()}"
+    probe.write_text(socket.gethostname())
+    barrier()
+    missing = [r for r in range(world_size()) if not (folder / f".probe-{token[0]}-rank{r}").is_file()]
+    verdict = [missing if rank() == 0 else None]
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    barrier()
+    probe.unlink(missing_ok=True)
+    if verdict[0]:
+        raise ConfigError(
+            f"train.output_dir {folder}: rank 0 cannot see the files written there by rank(s) {verdict[0]}; "
+            "the output folder must be on one filesystem shared by every node (checkpoints are published by "
+            "rank 0 only)"
+        )
 
 
 def peak_memory_mib() -> float:

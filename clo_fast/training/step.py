@@ -120,3 +120,40 @@ def train_step(
         for k, v in metrics.items():
             totals[k] = totals[k] + v / accumulation if k in totals else v / accumulation
     return totals
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became inf/NaN: the run stops before anything is saved or exported."""
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first step whose loss was not finite (`observe`: no host sync), and
+    raises at `check`, which the loop calls where it already synchronizes (logging) and before every
+    checkpoint and the export. Ranks agree by an all-reduce (min) of the first bad step, so all stop."""
+
+    NONE = torch.iinfo(torch.int64).max
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def observe(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        bad = ~torch.isfinite(metrics["loss"].detach())
+        self.first_bad = torch.where(bad & (self.first_bad == self.NONE), step, self.first_bad)
+
+    def check(self, step: int, grad_norm) -> None:
+        """Raise NonFiniteError naming the step (collective: every rank calls it at the same step)."""
+        first = self.first_bad.clone()
+        if world_size() > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        first = int(first)
+        if first != self.NONE:
+            raise NonFiniteError(
+                f"step {first}: the training loss is not finite (inf/NaN); stopped before saving or exporting. "
+                "Lower optim.lr, check the data (clo.beta, empty responses) or resume from an earlier checkpoint"
+            )
+        norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64)
+        if grad_norm is not None and not bool(torch.isfinite(norm)):
+            raise NonFiniteError(
+                f"step {step}: the gradient norm is {float(norm)}; stopped before saving or exporting. "
+                "Lower optim.lr or resume from an earlier checkpoint"
+            )
