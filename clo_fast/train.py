@@ -251,7 +251,11 @@ class Run:
             f"[train] evaluation report: {Path(self.cfg.eval.output_dir).resolve()} "
             f"({len(report.get('models', {}))} models)\n"
         )
-        print(Path(report["files"]["markdown"]).read_text())  # the before/after table
+        table = Path(report["files"]["markdown"]).read_text()
+        print(table)  # the before/after table
+        from clo_fast.training.export import add_evaluation_to_card
+
+        add_evaluation_to_card(export, self.cfg, table)  # the model card gains it too
 
 
 def main(argv=None) -> int:
