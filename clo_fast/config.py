@@ -47,15 +47,35 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # hub name or local path; "demo" = the tiny Llama built from the demo data
-    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode)
+    # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode);
+    # auto = bfloat16 where a CUDA device with bf16 is present, else float32 (resolved when the config is built)
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # recompute activations in backward to save memory; null = on where CUDA is present (resolved like dtype)
+    gradient_checkpointing: bool | None = None
     # Modules whose parameters train (fnmatch patterns on parameter names, e.g. model.layers.0.self_attn.q_proj.weight;
     # a tied head/embedding trains when any of its names matches); attention-only by default.
     trainable_patterns: list[str] = field(default_factory=lambda: list(ATTENTION_ONLY_PATTERNS))
     # LoRA adapters (PEFT) on model.lora.target_patterns; only the adapters train and trainable_patterns is unused.
     # null = full fine-tuning of trainable_patterns; --set 'model.lora={r: 8}' turns it on with the defaults.
     lora: LoraSettings | None = None
+
+    def __post_init__(self):
+        resolve_hardware_defaults(self)
+
+
+def resolve_hardware_defaults(m: ModelConfig) -> None:
+    """The GPU defaults TRL users expect (bf16, gradient checkpointing) where CUDA is present, fp32 and no
+    checkpointing on CPU; values set explicitly are kept."""
+    if m.dtype != "auto" and m.gradient_checkpointing is not None:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if m.dtype == "auto":
+        m.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    if m.gradient_checkpointing is None:
+        m.gradient_checkpointing = cuda
 
 
 @dataclass
@@ -138,6 +158,9 @@ class TrainConfig:
     push_to_hub: str | None = None  # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off
     hub_private: bool = True  # create the Hub repo private
     export_max_shard_size: str = "5GB"  # safetensors shard size of the exported model
+    fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
+    # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
+    fidelity_samples: int = 2  # sample generations logged per language
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length is padded up to a multiple of this
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
@@ -290,6 +313,8 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
     validate_report_to(t.report_to, check)
+    check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
+    check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
 
 
 REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name → module

@@ -163,6 +163,12 @@ def add_lora_adapters(hf_model: nn.Module, lora: LoraSettings) -> list[str]:
     return targets
 
 
+def causal_lm(policy: CLOPolicy) -> nn.Module:
+    """The *ForCausalLM the policy was split from (same parameters; generation goes through it). Kept outside
+    the module tree, so state dicts and DeepSpeed see each parameter once."""
+    return policy.__dict__["_causal_lm"]
+
+
 def apply_lora_trainable(module: nn.Module) -> TrainableInfo:
     """Only the adapter weights train; everything else (base weights, embeddings, the fused head) is frozen."""
     return apply_trainable_patterns(module, list(LORA_PARAMETER_PATTERNS))
@@ -200,12 +206,14 @@ def build_policy(hf_model, head_impl: str = "auto", gradient_checkpointing: bool
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
-    return CLOPolicy(
+    policy = CLOPolicy(
         backbone,
         FusedLogprobHead(head_weight, head_impl),
         hf_model.config,
         getattr(hf_model, "generation_config", None),
     )
+    policy.__dict__["_causal_lm"] = hf_model  # not a child module: see causal_lm()
+    return policy
 
 
 def load_policy(

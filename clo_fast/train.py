@@ -92,6 +92,7 @@ class Run:
 
         cfg, o = self.cfg, self.cfg.optim
         texts = rank0_first(lambda: build_text_dataset(cfg.data))[0]
+        self.eval_records = [dict(r) for r in texts["eval"].select(range(min(len(texts["eval"]), 4 * 64)))]
         self.model_path = rank0_first(lambda: resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir))
         self.tokenizer = load_tokenizer(self.model_path)
         self.train_ds = rank0_first(lambda: tokenize_dataset(texts["train"], self.tokenizer, cfg.data))
@@ -145,6 +146,11 @@ class Run:
             if self.eval_ds is not None:
                 self.eval_ds = with_reference_logps(self.eval_ds, "eval", *args)
         self.step = load_checkpoint(self.engine, cfg, self.resume) if self.resume else 0
+        self.fidelity = None
+        if cfg.train.fidelity_prompts and self.eval_records:
+            from clo_fast.training.fidelity import FidelityProbe
+
+            self.fidelity = FidelityProbe(cfg, self.tokenizer, self.eval_records)
 
     def evaluate_loss(self, step: int) -> None:
         from clo_fast.training.scoring import held_out_loss
@@ -152,8 +158,12 @@ class Run:
         m = held_out_loss(
             self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples, self.device, self.loss_setup
         )
+        if self.fidelity is not None:
+            from clo_fast.model import causal_lm
+
+            m.update(self.fidelity(causal_lm(self.engine.module)))
         self.sink.write(step, m)
-        self.last_metrics.update(m)
+        self.last_metrics.update({k: v for k, v in m.items() if not isinstance(v, str)})
 
     def train(self) -> None:
         from tqdm.auto import tqdm

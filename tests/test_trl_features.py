@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,3 +402,157 @@ def test_jsonl_logger_drops_lines_after_the_resumed_checkpoint(tmp_path):
     resumed.write(3, {"loss": 30.0})
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+
+
+# ------------------------------------------------------------------- LoRA under ZeRO-3, launched
+@pytest.mark.slow
+def test_lora_under_zero3_two_ranks_reference_is_base_and_export_merges(tmp_path, demo_cache):
+    """deepspeed, 2 CPU ranks, ZeRO-3, fused head, model.lora on: the stored reference log-probs are the base
+    model's (plain HF, materialized logits), only the attention projections change in the merged export, and
+    base + saved adapter computes what the merged model computes."""
+    from datasets import load_from_disk
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_train import launch, metrics
+    from transformers import AutoModelForCausalLM
+
+    from clo_fast.pretrained import load_tokenizer
+
+    steps = 6
+    r = launch(
+        tmp_path,
+        demo_cache,
+        extra=[
+            "model.lora={r: 4, alpha: 8.0, dropout: 0.0}",
+            f"optim.max_steps={steps}",
+            "train.run_evaluation=false",
+            "train.save_steps=0",
+            "train.eval_steps=0",
+        ],
+    )
+    assert r.returncode == 0, f"LoRA run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
+    run = tmp_path / "run"
+    m = metrics(run)
+    assert m[1]["cl_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    assert m[steps]["loss"] < m[1]["loss"]
+
+    summary = json.loads((run / "hf_model" / "clo_training_summary.json").read_text())
+    base_dir = summary["base_model"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tok = load_tokenizer(base_dir)
+    ds = load_from_disk(str(run / "ref_data" / "train"))
+    batch = collate_clo([ds[i] for i in range(4)], tok.pad_token_id, pad_to_multiple_of=16)
+    torch.testing.assert_close(
+        batch["ref_logps"].double().view(-1), full_logits_logps(base, batch), rtol=1e-4, atol=2e-3
+    )
+
+    old, new = (
+        load_file(str(Path(base_dir) / "model.safetensors")),
+        load_file(str(run / "hf_model" / "model.safetensors")),
+    )
+    assert old.keys() == new.keys()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(any(f"self_attn.{p}_proj.weight" in k for p in "qkvo") for k in changed), changed
+    merged = AutoModelForCausalLM.from_pretrained(run / "hf_model", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, run / "hf_adapter")
+    torch.testing.assert_close(
+        full_logits_logps(adapted, batch), full_logits_logps(merged, batch), rtol=1e-5, atol=1e-3
+    )
+    assert "LoRA r = 4" in (run / "hf_model" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------ launchers, defaults
+def test_plain_python_gets_a_one_process_group_without_mpi():
+    """`python clo_fast/train.py` has no launcher environment: DeepSpeed would go to MPI discovery (mpi4py)."""
+    import os
+    import subprocess
+    import sys
+
+    from clo_fast.training.distributed import LAUNCHER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    code = (
+        "from clo_fast.training.distributed import init_process_group; import torch.distributed as d; "
+        "dev = init_process_group(); print('group', d.get_rank(), d.get_world_size(), dev.type)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "group 0 1 cpu" in r.stdout
+
+
+def test_launcher_environment_is_left_alone(monkeypatch):
+    from clo_fast.training.distributed import single_process_env
+
+    monkeypatch.setenv("RANK", "3")
+    assert single_process_env() == {}
+    monkeypatch.delenv("RANK")
+    env = single_process_env()
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+
+
+def test_gpu_defaults_bf16_and_checkpointing_unless_set(monkeypatch):
+    from clo_fast.config import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = ModelConfig()
+    assert (cpu.dtype, cpu.gradient_checkpointing) == ("float32", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = ModelConfig()
+    assert (gpu.dtype, gpu.gradient_checkpointing) == ("bfloat16", True)
+    assert load_config(None, ["model.dtype=float32", "model.gradient_checkpointing=false"]).model.dtype == "float32"
+    assert load_config(None, ["model.gradient_checkpointing=false"]).model.gradient_checkpointing is False
+
+
+# ------------------------------------------------------------------------- fidelity during training
+def test_fidelity_probe_logs_fidelity_reference_nll_and_samples(demo_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clo_fast.evaluate.prompts import encode_prompt
+    from clo_fast.model import causal_lm
+    from clo_fast.training.fidelity import FidelityProbe
+
+    tok = demo_tokenizer
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    policy = build_policy(hf, head_impl="torch")
+    assert causal_lm(policy) is hf and not any(k.startswith("_causal_lm") for k in policy.state_dict())
+    cfg = run_config(tmp_path, **{"train.fidelity_prompts": 2, "train.fidelity_samples": 1, "eval.max_new_tokens": 4})
+    records = [
+        {"id": "a", "lang": "en", "prompt": "Name a colour.", "reference": "Blue."},
+        {"id": "b", "lang": "en", "prompt": "Say hello.", "reference": "Hello there."},
+        {"id": "c", "lang": "en", "prompt": "Not used: over the per-language cap.", "reference": "x"},
+        {"id": "d", "lang": "sw", "prompt": "Taja rangi.", "reference": "Bluu."},
+    ]
+    probe = FidelityProbe(cfg, tok, records)
+    policy.train()
+    out = probe(causal_lm(policy))
+    assert hf.training, "the model is back in training mode"
+    assert set(out) == {"fidelity/en", "fidelity/sw", "ref_nll/en", "ref_nll/sw", "samples/en", "samples/sw"}
+    assert 0.0 <= out["fidelity/en"] <= 1.0 and 0.0 <= out["fidelity/sw"] <= 1.0
+    assert "Name a colour." in out["samples/en"] and "Say hello." not in out["samples/en"]  # fidelity_samples = 1
+
+    # reference NLL per token, independently: float64 full logits over prompt + reference + EOS
+    m64 = LlamaForCausalLM(hf.config).double().eval()
+    m64.load_state_dict(hf.state_dict())
+    total, count = 0.0, 0
+    for rec in records[:2]:
+        p = encode_prompt(tok, rec["prompt"], cfg.data)
+        r = tok(rec["reference"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(m64(torch.tensor([p + r])).logits[0], -1)
+        total += -sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(r))
+        count += len(r)
+    assert out["ref_nll/en"] == pytest.approx(total / count, rel=1e-4)
