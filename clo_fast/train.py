@@ -148,7 +148,7 @@ class Run:
         self.step = load_checkpoint(self.engine, cfg, self.resume) if self.resume else 0
         self.fidelity = None
         if cfg.train.fidelity_prompts and self.eval_records:
-            from clo_fast.training.fidelity import FidelityProbe
+            from clo_fast.evaluate.probe import FidelityProbe
 
             self.fidelity = FidelityProbe(cfg, self.tokenizer, self.eval_records)
 

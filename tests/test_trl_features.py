@@ -509,9 +509,9 @@ def test_gpu_defaults_bf16_and_checkpointing_unless_set(monkeypatch):
 def test_fidelity_probe_logs_fidelity_reference_nll_and_samples(demo_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from clo_fast.evaluate.probe import FidelityProbe
     from clo_fast.evaluate.prompts import encode_prompt
     from clo_fast.model import causal_lm
-    from clo_fast.training.fidelity import FidelityProbe
 
     tok = demo_tokenizer
     torch.manual_seed(0)

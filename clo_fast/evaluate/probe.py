@@ -1,6 +1,6 @@
-"""Language fidelity during training (train.fidelity_prompts > 0): every eval_steps, greedy responses to a few
-held-out prompts per language, their detected language, the reference NLL per token, and a few samples — the
-functions of `clo_fast.evaluate`, run on the model being trained.
+"""Language fidelity during training (train.fidelity_prompts > 0), called by the trainer (clo_fast/train.py) every
+eval_steps: greedy responses to a few held-out prompts per language, their detected language, the reference NLL
+per token, and a few samples — the functions of `clo_fast.evaluate`, run on the model being trained.
 
 Under ZeRO-3 every rank runs the same prompts: the backbone's parameters are gathered by DeepSpeed's hooks in
 each forward (collectively, so generation uses transformers' synced_gpus, which it turns on by itself under
