@@ -159,9 +159,7 @@ class Run:
             self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples, self.device, self.loss_setup
         )
         if self.fidelity is not None:
-            from clo_fast.model import causal_lm
-
-            m.update(self.fidelity(causal_lm(self.engine.module)))
+            m.update(self.fidelity(self.engine.module))
         self.sink.write(step, m)
         self.last_metrics.update({k: v for k, v in m.items() if not isinstance(v, str)})
 

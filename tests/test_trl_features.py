@@ -538,7 +538,7 @@ def test_fidelity_probe_logs_fidelity_reference_nll_and_samples(demo_tokenizer, 
     ]
     probe = FidelityProbe(cfg, tok, records)
     policy.train()
-    out = probe(causal_lm(policy))
+    out = probe(policy)
     assert hf.training, "the model is back in training mode"
     assert set(out) == {"fidelity/en", "fidelity/sw", "ref_nll/en", "ref_nll/sw", "samples/en", "samples/sw"}
     assert 0.0 <= out["fidelity/en"] <= 1.0 and 0.0 <= out["fidelity/sw"] <= 1.0
@@ -556,3 +556,41 @@ def test_fidelity_probe_logs_fidelity_reference_nll_and_samples(demo_tokenizer, 
         total += -sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(r))
         count += len(r)
     assert out["ref_nll/en"] == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_plain_python_launch_with_lora_and_the_fidelity_probe(tmp_path, demo_cache):
+    """`python clo_fast/train.py` (no launcher, no MPI): one ZeRO-3 process; the probe logs fidelity, reference
+    NLL and samples at every eval; LoRA export next to the merged model."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import DEMO, ROOT, TRAIN, metrics
+
+    from clo_fast.training.distributed import LAUNCHER_ENV
+
+    sets = {
+        "train.output_dir": tmp_path / "run",
+        "data.output_dir": tmp_path / "data",
+        "data.cache_dir": demo_cache,
+        "optim.max_steps": 4,
+        "train.eval_steps": 2,
+        "train.save_steps": 0,
+        "train.run_evaluation": "false",
+        "train.fidelity_prompts": 2,
+        "eval.max_new_tokens": 8,
+        "model.lora": "{r: 4}",
+    }
+    cmd = [sys.executable, str(TRAIN), "--config", str(DEMO)] + [
+        a for k, v in sets.items() for a in ("--set", f"{k}={v}")
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    for step in (0, 2, 4):
+        assert {"fidelity/en", "fidelity/sw", "ref_nll/en", "ref_nll/sw", "samples/sw"} <= set(m[step]), step
+    assert m[4]["ref_nll/sw"] < m[0]["ref_nll/sw"]  # the target-language NLL is trained
+    assert (tmp_path / "run" / "hf_adapter" / "adapter_model.safetensors").is_file()
