@@ -153,7 +153,8 @@ def test_lora_export_merges_into_a_plain_hf_model_and_saves_the_adapter(tmp_path
     assert adapter_cfg["base_model_name_or_path"] == str(base_dir)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     torch.testing.assert_close(full_logits_logps(with_adapter, batch), want, rtol=1e-4, atol=1e-3)
-    assert (out / "tokenizer_config.json").is_file() and (out / "README.md").is_file()
+    assert (out / "tokenizer_config.json").is_file() and "library_name: transformers" in (out / "README.md").read_text()
+    assert "library_name: peft" in (adapter_dir / "README.md").read_text()
 
 
 def test_export_is_sharded_safetensors_with_config_and_model_card(tmp_path):

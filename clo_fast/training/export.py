@@ -119,7 +119,7 @@ def write_hf_export(state_dict: dict, config, generation_config, tokenizer, cfg:
         adapter_dir = out.with_name("hf_adapter")
         tmp = _fresh_staging(adapter_dir)
         peft_model.save_pretrained(str(tmp))
-        write_model_card(tmp, cfg, summary)
+        write_model_card(tmp, cfg, summary, library="peft")
         publish(tmp, adapter_dir)
         model = peft_model.merge_and_unload()
     else:
@@ -155,7 +155,9 @@ def _fresh_staging(target: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- model card
-def model_card_text(cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None) -> str:
+def model_card_text(
+    cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None, library: str = "transformers"
+) -> str:
     """README.md for the Hub: metadata (base model, languages, data) and the run's settings and results."""
     from huggingface_hub import ModelCardData
 
@@ -165,7 +167,7 @@ def model_card_text(cfg: RunConfig, summary: dict, evaluation_markdown: str | No
         base_model=base if m.name_or_path != "demo" and not Path(base).exists() else None,  # Hub ids only
         language=[d.source_lang, d.target_lang],
         datasets=[d.source] if d.source != "demo" else None,
-        library_name="transformers",
+        library_name=library,  # "peft" on the adapter's card
         tags=["clo", "cross-lingual-optimization", "dpo"] + (["lora"] if m.lora is not None else []),
     )
     lam = {"sft": 1.0, "dpo": 0.0}.get(c.mode, c.lam)
@@ -206,9 +208,11 @@ def model_card_text(cfg: RunConfig, summary: dict, evaluation_markdown: str | No
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(directory: Path, cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None) -> Path:
+def write_model_card(
+    directory: Path, cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None, library="transformers"
+) -> Path:
     path = Path(directory) / CARD_FILE
-    path.write_text(model_card_text(cfg, summary, evaluation_markdown))
+    path.write_text(model_card_text(cfg, summary, evaluation_markdown, library))
     return path
 
 
