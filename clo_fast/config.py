@@ -24,6 +24,7 @@ DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
 
 # Keys that existed once: loading one says what replaced it instead of "unknown key".
 REMOVED_KEYS = {
+    "train.tensorboard": "removed: list tensorboard in train.report_to (default [jsonl, tensorboard])",
     "train.precision": "removed: the precision is stated once, as model.dtype (float32 | bfloat16 | float16); "
     "DeepSpeed's bf16/fp16 mode follows it",
 }
@@ -35,14 +36,48 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------- sections
 @dataclass
+class LoraSettings:
+    """PEFT LoRA adapters instead of full fine-tuning of the trainable modules (model.lora; null = off)."""
+
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling numerator: the update is (alpha / r) · B·A (PEFT's lora_alpha)
+    dropout: float = 0.05  # dropout on the adapter input during training (PEFT's lora_dropout)
+    # fnmatch patterns on *module* names (nn.Linear only) that get an adapter; the attention projections by default
+    target_patterns: list[str] = field(default_factory=lambda: [p.rstrip("*") for p in ATTENTION_ONLY_PATTERNS])
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # hub name or local path; "demo" = the tiny Llama built from the demo data
-    dtype: str = "float32"  # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode)
+    # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode);
+    # auto = bfloat16 where a CUDA device with bf16 is present, else float32 (resolved when the config is built)
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # recompute activations in backward to save memory; null = on where CUDA is present (resolved like dtype)
+    gradient_checkpointing: bool | None = None
     # Modules whose parameters train (fnmatch patterns on parameter names, e.g. model.layers.0.self_attn.q_proj.weight;
     # a tied head/embedding trains when any of its names matches); attention-only by default.
     trainable_patterns: list[str] = field(default_factory=lambda: list(ATTENTION_ONLY_PATTERNS))
+    # LoRA adapters (PEFT) on model.lora.target_patterns; only the adapters train and trainable_patterns is unused.
+    # null = full fine-tuning of trainable_patterns; --set 'model.lora={r: 8}' turns it on with the defaults.
+    lora: LoraSettings | None = None
+
+    def __post_init__(self):
+        resolve_hardware_defaults(self)
+
+
+def resolve_hardware_defaults(m: ModelConfig) -> None:
+    """The GPU defaults TRL users expect (bf16, gradient checkpointing) where CUDA is present, fp32 and no
+    checkpointing on CPU; values set explicitly are kept."""
+    if m.dtype != "auto" and m.gradient_checkpointing is not None:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if m.dtype == "auto":
+        m.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    if m.gradient_checkpointing is None:
+        m.gradient_checkpointing = cuda
 
 
 @dataclass
@@ -91,6 +126,10 @@ class CLOConfig:
     sft_sequences: list[int] = field(
         default_factory=lambda: [2]
     )  # sequences the NLL covers (sft mode: [0, 2] = both languages)
+    # Loss options of the preference term (TRL's names); the defaults give the CLO paper's loss.
+    loss_type: str = "sigmoid"  # sigmoid (DPO, the paper) | ipo (squared distance of the margin to 1/(2β))
+    label_smoothing: float = 0.0  # ε: the preference label is flipped with probability ε (robust/cDPO); sigmoid only
+    length_normalize: bool = False  # preference term on per-token mean log-probs instead of sums (NLL unchanged)
 
 
 @dataclass
@@ -100,6 +139,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
     eps: float = 1e-8  # AdamW ε
     warmup_steps: int = 0  # linear warmup over this many optimizer steps
+    warmup_ratio: float = 0.0  # or over this share of all steps (TRL's warmup_ratio); the larger of the two wins
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this
     max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables
@@ -119,7 +159,17 @@ class TrainConfig:
     save_steps: int = 0  # DeepSpeed checkpoint every N steps; 0 = only at the end
     save_total_limit: int = 2  # keep this many checkpoints
     export_hf: bool = True  # write an HF model (16-bit gathered weights) to <output_dir>/hf_model at the end
-    tensorboard: bool = True  # also log to <output_dir>/tensorboard
+    # where metrics go, any of: jsonl (<output_dir>/metrics.jsonl), tensorboard (<output_dir>/tensorboard),
+    # wandb (WANDB_* env vars apply, e.g. WANDB_MODE=offline), mlflow (MLFLOW_TRACKING_URI, else <output_dir>/mlruns)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    run_name: str | None = None  # W&B / MLflow run name; null = the output_dir's name
+    project: str = "clo-fast"  # W&B project / MLflow experiment
+    push_to_hub: str | None = None  # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off
+    hub_private: bool = True  # create the Hub repo private
+    export_max_shard_size: str = "5GB"  # safetensors shard size of the exported model
+    fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
+    # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
+    fidelity_samples: int = 2  # sample generations logged per language
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
     packing: str = "auto"  # auto | none | padding_free | prefix_shared — how micro-batches lay out tokens
@@ -180,6 +230,18 @@ def validate_model(cfg: RunConfig, origin) -> None:
         "model.attn_implementation",
         f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}",
     )
+    if m.lora is not None:
+        check(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
+        check(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+        check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
+        check(len(m.lora.target_patterns) > 0, "model.lora.target_patterns", "must list at least one pattern")
+        check(_has_module("peft"), "model.lora", "needs the peft package (pip install 'clo-fast[lora]')")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") -> None:
@@ -229,6 +291,13 @@ def validate_clo(cfg: RunConfig, origin) -> None:
     check(c.beta > 0, "clo.beta", f"must be > 0, got {c.beta}")
     check(0.0 <= c.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {c.lam}")
     check(all(s in (0, 1, 2, 3) for s in c.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
+    check(c.loss_type in ("sigmoid", "ipo"), "clo.loss_type", f"must be sigmoid|ipo, got {c.loss_type!r}")
+    check(0.0 <= c.label_smoothing < 0.5, "clo.label_smoothing", f"must be in [0, 0.5), got {c.label_smoothing}")
+    check(
+        c.label_smoothing == 0.0 or c.loss_type == "sigmoid",
+        "clo.label_smoothing",
+        "applies to loss_type sigmoid only (IPO has no label to smooth)",
+    )
     check(
         len(set(c.sft_sequences)) == len(c.sft_sequences) and len(c.sft_sequences) > 0,
         "clo.sft_sequences",
@@ -250,6 +319,7 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    check(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
     check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
@@ -267,6 +337,25 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
     packings = ("auto", "none", "padding_free", "prefix_shared")
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
+    validate_report_to(t.report_to, check)
+    check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
+    check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
+
+
+REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name → module
+
+
+def validate_report_to(report_to: list[str], check) -> None:
+    """Known names, no repeats, and each logger's library importable (so a missing one fails at start-up)."""
+    for name in report_to:
+        check(name in REPORTERS, "train.report_to", f"unknown {name!r} (known: {', '.join(REPORTERS)})")
+        module = REPORTERS[name]
+        check(
+            module is None or _has_module(module),
+            "train.report_to",
+            f"{name} needs the {module} package (pip install {module})",
+        )
+    check(len(set(report_to)) == len(report_to), "train.report_to", f"has repeats: {report_to}")
 
 
 def validate_eval(cfg: RunConfig, origin) -> None:
@@ -319,6 +408,13 @@ def _non_finite(value: Any) -> bool:
     return isinstance(value, list) and any(_non_finite(v) for v in value)
 
 
+def _optional_section(tp: Any) -> Any:
+    """`Section | None` → Section (a non-null value of an optional section is parsed as the section)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    sections = [a for a in args if dataclasses.is_dataclass(a)]
+    return sections[0] if len(sections) == 1 and type(None) in args else tp
+
+
 def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], prefix: str = ""):
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields.
 
@@ -340,6 +436,7 @@ def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], pref
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
+        tp = _optional_section(tp) if value is not None else tp
         if dataclasses.is_dataclass(tp):
             kwargs[name] = parse_dataclass(tp, value, origin, f"{prefix}{name}.")
             continue
@@ -419,8 +516,12 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
         node[leaf] = value
 
     def origin(name: str) -> str:
-        flag = parsed.get(name, (None, None))[1]
-        nested = [f for k, (_, f) in parsed.items() if k.startswith(name + ".")]  # --set optim.lr.x=1
+        # the flag that set this field, or one that set a section around it (--set 'model.lora={r: 0}'),
+        # or one that set something inside it (--set optim.lr.x=1)
+        parts = name.split(".")
+        flags = (parsed.get(".".join(parts[:i]), (None, None))[1] for i in range(len(parts), 0, -1))
+        flag = next((f for f in flags if f), None)
+        nested = [f for k, (_, f) in parsed.items() if k.startswith(name + ".")]
         return flag or (nested[0] if nested else source)
 
     return parse_dataclass(RunConfig, raw, origin).validate(origin)

@@ -9,6 +9,11 @@ English direction: chosen 0, rejected 1.  Target direction: chosen 2, rejected 3
     L_CL  = Σ_b Σ_dir −log σ(Δ[b,dir]) / (2B)
     Δ[b,en]  = β·[(logπ[b,0] − logπ_ref[b,0]) − (logπ[b,1] − logπ_ref[b,1])]
     Δ[b,tgt] = β·[(logπ[b,2] − logπ_ref[b,2]) − (logπ[b,3] − logπ_ref[b,3])]
+
+Options of the preference term (TRL's names; the defaults give the loss above):
+    label_smoothing ε (robust / conservative DPO): −(1−ε)·log σ(Δ) − ε·log σ(−Δ)
+    loss_type "ipo":  (Δ/β − 1/(2β))²   (IPO; TRL's "ipo" also length-normalises: add length_normalize)
+    length_normalize: every logπ and logπ_ref in Δ is divided by its sequence's response-token count n[b,k]
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from clo_fast.constants import IGNORE_INDEX
 from clo_fast.ops import token_logps
 
 _DIRECTIONS = {"en": (0, 1), "tgt": (2, 3)}
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def preference_loss(margins: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """Per-triple loss of the preference term from margins Δ = β·(chosen − rejected log-ratio)."""
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(margins)
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-margins)
+        return loss
+    if loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to loss_type 'sigmoid' only")
+        return (margins / beta - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 def _check(policy_logps, ref_logps, response_tokens, beta, lam, sft_sequences, validate):
@@ -63,6 +83,9 @@ def clo_loss(
     sft_denominator: torch.Tensor | float | None = None,
     cl_denominator: torch.Tensor | float | None = None,
     validate: bool = True,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    length_normalize: bool = False,
 ):
     """CLO loss from per-sequence log-prob sums. Returns (loss, metrics).
 
@@ -85,6 +108,9 @@ def clo_loss(
     metrics: detached 0-dim tensors named as TRL names them — loss, nll, cl_loss, rewards/{chosen,rejected,
     margins,accuracies}, logps/{chosen,rejected} (both directions pooled) and the same per direction under
     `en/` and `tgt/` prefixes. Rewards are β·(logπ − logπ_ref). No host synchronisation unless validate=True.
+
+    loss_type / label_smoothing / length_normalize: see the module docstring (preference term only; the NLL
+    term and the defaults are unchanged). With length_normalize the rewards are per-token too.
     """
     _check(policy_logps, ref_logps, response_tokens, beta, lam, sft_sequences, validate)
     n_ex = policy_logps.shape[0]
@@ -94,11 +120,13 @@ def clo_loss(
     nll = nll_sum / sft_den
 
     logratio = policy_logps if ref_logps is None else policy_logps - ref_logps.to(policy_logps.dtype)
+    if length_normalize:
+        logratio = logratio / response_tokens.to(logratio.dtype)
     rewards = beta * logratio
     chosen = torch.stack([rewards[:, 0], rewards[:, 2]], dim=1)  # [B, 2] (en, tgt)
     rejected = torch.stack([rewards[:, 1], rewards[:, 3]], dim=1)
     margins = chosen - rejected
-    per_triple = -F.logsigmoid(margins)
+    per_triple = preference_loss(margins, beta, loss_type, label_smoothing)
     cl_den = 2 * n_ex if cl_denominator is None else cl_denominator
     cl = per_triple.sum() / cl_den
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clo_fast.config import ConfigError, ModelConfig
+from clo_fast.config import ConfigError, LoraSettings, ModelConfig
 from clo_fast.pretrained import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,6 +178,70 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
+# ------------------------------------------------------------------------------------------- LoRA
+LORA_PARAMETER_PATTERNS = ("*.lora_A.*", "*.lora_B.*")  # the adapter weights PEFT injects (adapter "default")
+
+
+def lora_target_modules(hf_model: nn.Module, lora: LoraSettings) -> list[str]:
+    """Full names of the nn.Linear modules matching `lora.target_patterns`. The LM head is never a target: the
+    fused head reads its weight directly, so an adapter on it would be bypassed."""
+    names = [
+        name
+        for name, mod in hf_model.named_modules()
+        if isinstance(mod, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in lora.target_patterns)
+    ]
+    head = hf_model.get_output_embeddings()
+    head_names = [n for n in names if hf_model.get_submodule(n) is head]
+    if head_names:
+        raise ConfigError(f"model.lora.target_patterns: {lora.target_patterns} match the LM head ({head_names[0]})")
+    if not names:
+        sample = ", ".join(n for n, m in hf_model.named_modules() if isinstance(m, nn.Linear))[:300]
+        raise ConfigError(
+            f"model.lora.target_patterns: {lora.target_patterns} match no nn.Linear module (names look like: {sample})"
+        )
+    return names
+
+
+def peft_lora_config(lora: LoraSettings, target_modules: list[str], base_model: str | None = None):
+    """The PEFT LoraConfig for our settings (also written next to the exported adapter)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+
+
+def add_lora_adapters(hf_model: nn.Module, lora: LoraSettings) -> list[str]:
+    """Inject LoRA adapters (PEFT) into `hf_model` in place; returns the adapted module names.
+
+    lora_B starts at zero, so the adapted model computes exactly the base model until the first update: the
+    reference pass at step 0 scores the base model. Under ZeRO-3 the base weights are already partitioned
+    (the adapter layers only read in/out_features); DeepSpeed partitions the new adapter weights in
+    `deepspeed.initialize`. Parameter names gain `.base_layer.` and `.lora_{A,B}.default.`."""
+    from peft import inject_adapter_in_model
+
+    targets = lora_target_modules(hf_model, lora)
+    inject_adapter_in_model(peft_lora_config(lora, targets), hf_model)
+    return targets
+
+
+def causal_lm(policy: CLOPolicy) -> nn.Module:
+    """The *ForCausalLM the policy was split from (same parameters; generation goes through it). Kept outside
+    the module tree, so state dicts and DeepSpeed see each parameter once."""
+    return policy.__dict__["_causal_lm"]
+
+
+def apply_lora_trainable(module: nn.Module) -> TrainableInfo:
+    """Only the adapter weights train; everything else (base weights, embeddings, the fused head) is frozen."""
+    return apply_trainable_patterns(module, list(LORA_PARAMETER_PATTERNS))
+
+
 # --------------------------------------------------------------------------------------- loading
 def _check_attn(attn: str) -> None:
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -210,12 +274,14 @@ def build_policy(hf_model, head_impl: str = "auto", gradient_checkpointing: bool
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
-    return CLOPolicy(
+    policy = CLOPolicy(
         backbone,
         FusedLogprobHead(head_weight, head_impl),
         hf_model.config,
         getattr(hf_model, "generation_config", None),
     )
+    policy.__dict__["_causal_lm"] = hf_model  # not a child module: see causal_lm()
+    return policy
 
 
 def load_policy(
@@ -232,7 +298,14 @@ def load_policy(
     hf_model, keepalive = load_hf_model(path, cfg, dtype, ds_config)
     check_fused_head_supported(hf_model, path)
     disable_dropout(hf_model)
+
+    if cfg.lora is not None:
+        add_lora_adapters(hf_model, cfg.lora)
     policy = build_policy(hf_model, head_impl, cfg.gradient_checkpointing)
-    info = apply_trainable_patterns(policy, cfg.trainable_patterns)
+    info = (
+        apply_lora_trainable(policy)
+        if cfg.lora is not None
+        else apply_trainable_patterns(policy, cfg.trainable_patterns)
+    )
     policy.train()
     return policy, info, path, keepalive

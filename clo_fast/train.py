@@ -106,6 +106,7 @@ class Run:
         del translator  # a translation model on the GPU: freed before the policy loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self.eval_records = [dict(r) for r in texts["eval"].select(range(min(len(texts["eval"]), 4 * 64)))]
         self.model_path = resolve_model_path_without_collective(cfg.model.name_or_path, cfg.data.cache_dir, rank())
         self.tokenizer = load_tokenizer(self.model_path)
         self.train_ds = tokenize_dataset(texts["train"], self.tokenizer, cfg.data)
@@ -165,6 +166,11 @@ class Run:
             if self.eval_ds is not None:
                 self.eval_ds = with_reference_logps(self.eval_ds, "eval", *args)
         self.step = load_checkpoint(self.engine, cfg, self.resume) if self.resume else 0
+        self.fidelity = None
+        if cfg.train.fidelity_prompts and self.eval_records:
+            from clo_fast.evaluate.probe import FidelityProbe
+
+            self.fidelity = FidelityProbe(cfg, self.tokenizer, self.eval_records)
 
     def evaluate_loss(self, step: int) -> None:
         from clo_fast.training.scoring import held_out_loss
@@ -172,8 +178,10 @@ class Run:
         m = held_out_loss(
             self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples, self.device, self.loss_setup
         )
+        if self.fidelity is not None:
+            m.update(self.fidelity(self.engine.module))
         self.sink.write(step, m)
-        self.last_metrics.update(m)
+        self.last_metrics.update({k: v for k, v in m.items() if not isinstance(v, str)})
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -282,7 +290,11 @@ class Run:
             f"[train] evaluation report: {Path(self.cfg.eval.output_dir).resolve()} "
             f"({len(report.get('models', {}))} models)\n"
         )
-        print(Path(report["files"]["markdown"]).read_text())  # the before/after table
+        table = Path(report["files"]["markdown"]).read_text()
+        print(table)  # the before/after table
+        from clo_fast.training.export import add_evaluation_to_card
+
+        add_evaluation_to_card(export, self.cfg, table)  # the model card gains it too
 
 
 def main(argv=None) -> int:

@@ -24,14 +24,33 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env() -> dict[str, str]:
+    """What `deepspeed`, `torchrun` and `accelerate launch` put in the environment, for a plain
+    `python clo_fast/train.py` run: one process, rank 0, a free local port. Without it DeepSpeed falls back to
+    MPI discovery, which needs mpi4py and an MPI launcher. Empty when a launcher (or MPI) already set them."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+        return {}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def init_process_group(timeout_s: int | None = None) -> torch.device:
-    """DeepSpeed's process group (env:// from the launcher); returns this rank's device. `timeout_s`: how long
-    a collective waits for the other ranks (None: DeepSpeed's default, DEEPSPEED_TIMEOUT minutes or 10)."""
+    """DeepSpeed's process group (env:// from the launcher, or one local process without one); returns this
+    rank's device. `timeout_s`: how long a collective waits for the other ranks (None: DeepSpeed's default,
+    DEEPSPEED_TIMEOUT minutes or 10)."""
     import datetime
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    os.environ.update(single_process_env())
     if timeout_s is None:
         deepspeed.init_distributed()
     else:

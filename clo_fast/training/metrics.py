@@ -1,14 +1,19 @@
-"""Where metrics go: rank 0 writes <output_dir>/metrics.jsonl and TensorBoard; all ranks average first."""
+"""Where metrics go: rank 0 writes to each logger of train.report_to (JSONL, TensorBoard, W&B, MLflow, each
+through its own library); all ranks average first."""
 
 from __future__ import annotations
 
+import html
 import json
+import math
+import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from clo_fast.config import RunConfig
+from clo_fast.config import RunConfig, to_dict
 from clo_fast.training.distributed import peak_memory_mib, rank, world_size
 
 FINAL_METRIC_KEYS = (
@@ -24,41 +29,152 @@ FINAL_METRIC_KEYS = (
 )
 
 
-class MetricsSink:
-    """Rank 0: JSONL (<output_dir>/metrics.jsonl) and TensorBoard (<output_dir>/tensorboard).
-
-    On resume, lines a crashed run logged after its last checkpoint are dropped, so the log matches an
-    uninterrupted run."""
+class JsonlLogger:
+    """<output_dir>/metrics.jsonl, one record per write. On resume, lines a crashed run logged after its last
+    checkpoint are dropped, so the log matches an uninterrupted run."""
 
     def __init__(self, cfg: RunConfig, start_step: int):
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
-        self.tb = None
-        if rank() != 0:
-            return
         if start_step > 0 and self.path.is_file():
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif start_step == 0:
             self.path.write_text("")
-        if cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(cfg.train.output_dir) / "tensorboard"), purge_step=start_step or None)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if rank() != 0:
-            return
+    def log(self, step: int, metrics: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            f.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        pass
+
+
+class TensorBoardLogger:
+    """<output_dir>/tensorboard (torch.utils.tensorboard); scalars, and text for the sample generations."""
+
+    def __init__(self, cfg: RunConfig, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(cfg.train.output_dir) / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        for k, v in _scalars(metrics).items():
+            self.writer.add_scalar(k, v, step)
+        for k, v in _texts(metrics).items():
+            self.writer.add_text(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases: one run per output_dir, resumed with it (the run id is kept in <output_dir>/wandb_run_id).
+    W&B's own environment applies: WANDB_MODE=offline writes under <output_dir>/wandb without a network."""
+
+    def __init__(self, cfg: RunConfig, start_step: int):
+        import wandb
+
+        out = Path(cfg.train.output_dir)
+        id_file = out / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=cfg.train.project,
+            name=cfg.train.run_name or out.name,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=to_dict(cfg),
+        )
+
+    def log(self, step: int, metrics: dict) -> None:
+        import wandb
+
+        record = dict(_scalars(metrics))
+        for k, v in _texts(metrics).items():
+            record[k] = wandb.Html(f"<pre>{html.escape(v)}</pre>")
+        self.run.log(record, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowLogger:
+    """MLflow: the experiment train.project, a run named like the output_dir; MLFLOW_TRACKING_URI applies,
+    else a file store under <output_dir>/mlruns. Config fields are logged as params (dotted names)."""
+
+    def __init__(self, cfg: RunConfig, start_step: int):
+        import mlflow
+
+        out = Path(cfg.train.output_dir)
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # no server or database configured: a file store next to the run (MLflow 3 asks for an opt-in to it)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(cfg.train.project)
+        self.mlflow = mlflow
+        self.run = mlflow.start_run(run_name=cfg.train.run_name or out.name)
+        params = _flatten(to_dict(cfg))
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log(self, step: int, metrics: dict) -> None:
+        scalars = {_mlflow_name(k): v for k, v in _scalars(metrics).items() if math.isfinite(v)}
+        if scalars:
+            self.mlflow.log_metrics(scalars, step=step)
+        for k, v in _texts(metrics).items():
+            self.mlflow.log_text(v, f"samples/step_{step:07d}_{_mlflow_name(k).replace('/', '_')}.txt")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+LOGGERS = {"jsonl": JsonlLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _texts(metrics: dict) -> dict[str, str]:
+    return {k: v for k, v in metrics.items() if isinstance(v, str)}
+
+
+def _mlflow_name(key: str) -> str:
+    """MLflow allows letters, digits, _ - . space / in names; anything else becomes _."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class MetricsSink:
+    """Rank 0 writes every record to each logger of train.report_to; other ranks write nothing.
+
+    A record is {name: number} (scalars) plus optional {name: text} entries (sample generations): JSONL keeps
+    both, TensorBoard / W&B / MLflow log the numbers as metrics and the texts as text."""
+
+    def __init__(self, cfg: RunConfig, start_step: int):
+        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        self.loggers = []
+        if rank() != 0:
+            return
+        self.loggers = [LOGGERS[name](cfg, start_step) for name in cfg.train.report_to]
+
+    def write(self, step: int, metrics: dict) -> None:
+        for logger in self.loggers:
+            logger.log(step, metrics)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:

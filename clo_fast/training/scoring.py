@@ -58,6 +58,8 @@ def held_out_loss(engine, ds, collate, micro: int, device, setup: LossSetup) -> 
     ref = None
     if "ref_logps" in ds.column_names:
         ref = torch.tensor(ds["ref_logps"], device=device, dtype=torch.float32)
-    _, m = clo_loss(logps, ref, counts, setup.beta, setup.lam, sft_sequences=setup.sft_sequences, validate=False)
+    _, m = clo_loss(
+        logps, ref, counts, setup.beta, setup.lam, sft_sequences=setup.sft_sequences, validate=False, **setup.options
+    )
     keep = m if setup.sequences_run is None else {k: v for k, v in m.items() if k in SFT_ONLY_METRICS}
     return {f"eval/{k}": float(v) for k, v in keep.items()}

@@ -34,6 +34,9 @@ class LossSetup:
     sft_sequences: tuple[int, ...]
     use_reference: bool
     sequences_run: tuple[int, ...] | None
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    length_normalize: bool = False
 
     @classmethod
     def from_config(cls, clo: CLOConfig) -> LossSetup:
@@ -44,7 +47,19 @@ class LossSetup:
             sft_sequences=sft,
             use_reference=not (clo.reference_free or clo.mode == "sft"),
             sequences_run=tuple(sorted(sft)) if clo.mode == "sft" else None,
+            loss_type=clo.loss_type,
+            label_smoothing=clo.label_smoothing,
+            length_normalize=clo.length_normalize,
         )
+
+    @property
+    def options(self) -> dict:
+        """The preference-term options, as clo_loss keywords."""
+        return {
+            "loss_type": self.loss_type,
+            "label_smoothing": self.label_smoothing,
+            "length_normalize": self.length_normalize,
+        }
 
     def loss(self, logps, batch, *, sft_denominator=None, cl_denominator=None):
         """(loss, metrics) of one batch; metrics limited to the ones defined for this mode."""
@@ -59,6 +74,7 @@ class LossSetup:
             sft_denominator=sft_denominator,
             cl_denominator=cl_denominator,
             validate=False,
+            **self.options,
         )
         if self.sequences_run is not None:
             metrics = {k: metrics[k] for k in SFT_ONLY_METRICS}
