@@ -375,7 +375,7 @@ def demo_setup(demo_cache):
     from clo_fast.config import load_config
     from clo_fast.data import build_text_dataset, tokenize_dataset
     from clo_fast.demo_model import ensure_demo_model
-    from clo_fast.model import load_tokenizer
+    from clo_fast.pretrained import load_tokenizer
 
     cache = os.environ.get("CLO_FAST_TEST_CACHE") or str(demo_cache)
     path = ensure_demo_model(cache)

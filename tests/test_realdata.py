@@ -362,6 +362,7 @@ def _prepare_in_world(rank, world, port, tmp, out_dir):
     import json
     import pathlib
 
+    import torch
     import torch.distributed as tdist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -374,6 +375,7 @@ def _prepare_in_world(rank, world, port, tmp, out_dir):
     translate_module.make_translator = lambda cfg, progress=True: fake
     cfg = load_config(pathlib.Path(tmp) / "run.yaml")
     run = Run(cfg, pathlib.Path(tmp) / "run.yaml", None)
+    run.device = torch.device("cpu")  # set by Run.setup, skipped here: the data stage picks the packing for it
     run.data()
     tdist.barrier()
     counts = [None] * world
