@@ -32,6 +32,7 @@ CUDA: one child runs the variants in turn, resetting the CUDA peak between them,
 replaced by a fresh one that skips the variant it died in). A failing variant is recorded under "errors";
 the JSON is rewritten after every variant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,13 +55,36 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
 SHAPES = {
     # name: LlamaConfig fields. "demo": the demo model's shape (clo_fast/demo_model.py MODEL_SHAPE, its
     # 2048-token vocabulary), i.e. the demo config's step; "cpu-small": a head-heavier small shape (V = 32000)
-    "demo": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, rope_theta=10000.0,
-                 rms_norm_eps=1e-6),
-    "cpu-small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "demo": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 2048,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+    },
+    "cpu-small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+    },
 }
 ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
 VARIANTS = ("today", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")
@@ -74,7 +98,6 @@ def make_examples(profile: str, n: int, vocab: int, seed: int = 0) -> list[dict]
     """Tokenized CLO examples with the profile's lengths (benchmarks/common.py sample_lengths): random tokens,
     responses ending in EOS, labels -100 on the prompt, as clo_fast.data.tokenize_dataset lays them out."""
     import torch
-
     from common import CLO_SEQUENCES, sample_lengths
 
     g = torch.Generator().manual_seed(seed + 1)
@@ -84,8 +107,12 @@ def make_examples(profile: str, n: int, vocab: int, seed: int = 0) -> list[dict]
 
     out = []
     for ln in sample_lengths(profile, n, seed):
-        parts = {"x_en": tokens(ln["x_en"]), "x_tgt": tokens(ln["x_tgt"]),
-                 "y_en": tokens(ln["y_en"] - 1) + [EOS_ID], "y_tgt": tokens(ln["y_tgt"] - 1) + [EOS_ID]}
+        parts = {
+            "x_en": tokens(ln["x_en"]),
+            "x_tgt": tokens(ln["x_tgt"]),
+            "y_en": tokens(ln["y_en"] - 1) + [EOS_ID],
+            "y_tgt": tokens(ln["y_tgt"] - 1) + [EOS_ID],
+        }
         ids, labels = [], []
         for x, y in CLO_SEQUENCES:  # sample_lengths already cut the lengths so every sequence fits
             ids.append(parts[x] + parts[y])
@@ -112,7 +139,7 @@ def make_model(shape: str, dtype, device, attn: str):
 
 
 # -------------------------------------------------------------------------------------------- steps
-def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a, device):
+def build_step(variant: str, model, examples: list[dict], ref, a, device):
     """(step callable → loss, micro-batch stats). Every variant runs the same examples in one optimizer
     step; the loss is normalised with the step's global counts (clo_fast.loss.clo_loss docstring), so
     micro-batches of different sizes are weighted exactly."""
@@ -138,14 +165,23 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
 
         def step():
             total = 0.0
-            for g, d in zip(groups, pad_b):
+            for g, d in zip(groups, pad_b, strict=False):
                 logits = model(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-                loss, _ = reference_clo_loss(logits, d["labels"], ref[g], BETA, LAM, sft_denominator=sft_den,
-                                             cl_denominator=2.0 * n, validate=False)
+                loss, _ = reference_clo_loss(
+                    logits,
+                    d["labels"],
+                    ref[g],
+                    BETA,
+                    LAM,
+                    sft_denominator=sft_den,
+                    cl_denominator=2.0 * n,
+                    validate=False,
+                )
                 loss.backward()
                 total += float(loss.detach())
                 del logits
             return total
+
         return step, stats, model
 
     if variant == "trl_liger":
@@ -160,7 +196,7 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
 
         def step():
             total = 0.0
-            for g, d in zip(groups, pad_b):
+            for g, d in zip(groups, pad_b, strict=False):
                 h = backbone(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).last_hidden_state
                 y = d["labels"]
                 # [chosen; rejected] per direction: English (0 vs 1) and target (2 vs 3, + NLL on 2);
@@ -172,6 +208,7 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
                 loss.backward()
                 total += float(loss.detach())
             return total
+
         return step, stats, model
 
     # ours: today / none / padding_free / prefix_shared through CLOPolicy
@@ -180,8 +217,12 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
     policy = build_policy(model, head_impl=a.impl)
     apply_trainable_patterns(policy, ATTN_ONLY)
     mode = "none" if variant == "today" else variant
-    batches = [build_packed_batch([examples[i] for i in g], mode, PAD_ID,
-                                  pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad) for g in groups]
+    batches = [
+        build_packed_batch(
+            [examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad
+        )
+        for g in groups
+    ]
     stats["body_tokens"] = sum(b.body_tokens for b in batches)
     stats["head_rows"] = stats["body_tokens"] if variant == "today" else sum(b.head_row_count for b in batches)
     sft_den = float(sum(int(b.response_tokens[:, 2].sum()) for b in batches))
@@ -192,17 +233,26 @@ def build_step(variant: str, model, examples: list[dict], ref: "torch.Tensor", a
 
     def step():
         total = 0.0
-        for i, (g, b) in enumerate(zip(groups, batches)):
+        for i, (g, b) in enumerate(zip(groups, batches, strict=False)):
             if variant == "today":
                 d = today[i]
                 logps = policy(d["input_ids"], d["attention_mask"], d["labels"])
             else:
                 logps = policy(b)
-            loss, _ = clo_loss(logps.view(-1, 4), ref[g], b.response_tokens.to(logps.device), BETA, LAM,
-                               sft_denominator=sft_den, cl_denominator=cl_den, validate=False)
+            loss, _ = clo_loss(
+                logps.view(-1, 4),
+                ref[g],
+                b.response_tokens.to(logps.device),
+                BETA,
+                LAM,
+                sft_denominator=sft_den,
+                cl_denominator=cl_den,
+                validate=False,
+            )
             loss.backward()
             total += float(loss.detach())
         return total
+
     return step, stats, policy
 
 
@@ -249,7 +299,9 @@ def run_variant(variant: str, profile: str, a) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
-    model = make_model(a.shape, dtype, device, a.peer_attn if variant in ("trl_liger", "materialized_logits") else a.attn)
+    model = make_model(
+        a.shape, dtype, device, a.peer_attn if variant in ("trl_liger", "materialized_logits") else a.attn
+    )
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -307,7 +359,9 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
     live, out = {}, {}
     for v in variants:
         try:
-            model = make_model(a.shape, dtype, device, a.peer_attn if v in ("trl_liger", "materialized_logits") else a.attn)
+            model = make_model(
+                a.shape, dtype, device, a.peer_attn if v in ("trl_liger", "materialized_logits") else a.attn
+            )
             step, _, module = build_step(v, model, examples, ref, a, device)
             opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
             live[v] = (step, opt)
@@ -333,10 +387,13 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
     for v in live:
         # wall time: median of the interleaved rounds; CPU time of this process: the work itself, much less
         # disturbed by other processes' load on a shared machine (with 1 thread, no spin-waiting in it)
-        out[v] = {"step_ms": round(statistics.median(times[v]), 2), "step_ms_min": round(min(times[v]), 2),
-                  "step_ms_all": [round(t, 2) for t in times[v]],
-                  "step_cpu_ms": round(statistics.median(cpu_times[v]), 2),
-                  "step_cpu_ms_all": [round(t, 2) for t in cpu_times[v]]}
+        out[v] = {
+            "step_ms": round(statistics.median(times[v]), 2),
+            "step_ms_min": round(min(times[v]), 2),
+            "step_ms_all": [round(t, 2) for t in times[v]],
+            "step_cpu_ms": round(statistics.median(cpu_times[v]), 2),
+            "step_cpu_ms_all": [round(t, 2) for t in cpu_times[v]],
+        }
     return out
 
 
@@ -366,13 +423,16 @@ def summarize(results: dict) -> dict:
         s = {}
         if "prefix_shared" in res and "today" in res:
             s["prefix_shared_body_tokens_vs_today"] = round(
-                res["prefix_shared"]["body_tokens_per_example"] / res["today"]["body_tokens_per_example"], 3)
+                res["prefix_shared"]["body_tokens_per_example"] / res["today"]["body_tokens_per_example"], 3
+            )
         for mode in PACKED + ("none",):
             for base in ("none", "today", "trl_liger"):
                 if mode in res and base in res and mode != base:
                     s[f"{mode}_speedup_vs_{base}"] = round(res[base]["step_ms"] / res[mode]["step_ms"], 3)
                     if "step_cpu_ms" in res[mode] and "step_cpu_ms" in res[base]:
-                        s[f"{mode}_cpu_time_speedup_vs_{base}"] = round(res[base]["step_cpu_ms"] / res[mode]["step_cpu_ms"], 3)
+                        s[f"{mode}_cpu_time_speedup_vs_{base}"] = round(
+                            res[base]["step_cpu_ms"] / res[mode]["step_cpu_ms"], 3
+                        )
                     s[f"{mode}_peak_mib_vs_{base}"] = round(res[mode]["peak_mib"] / max(res[base]["peak_mib"], 1e-9), 3)
         ours = [res[m]["first_loss"] for m in ("today", "none") + PACKED if m in res]
         if len(ours) > 1:
@@ -383,15 +443,34 @@ def summarize(results: dict) -> dict:
 
 def write_report(a, results: dict, errors: dict, out: Path) -> None:
     report = {
-        "benchmark": "bench_step", "issue": 10, "machine": machine(a.device), "device": a.device, "shape": a.shape,
-        "model": SHAPES[a.shape], "dtype": a.dtype, "attn_implementation": a.attn, "peer_attn_implementation": a.peer_attn,
-        "stream_pad": a.stream_pad, "head_impl": a.impl,
-        "examples_per_step": a.examples, "padded_micro_examples": a.micro, "pad_to_multiple_of": a.pad_to,
-        "token_budget": a.token_budget, "steps": a.steps, "warmup": a.warmup, "profiles": a.profiles.split(","),
-        "trainable": "attention q/k/v/o only", "reference_logps": "precomputed (all variants)",
-        "peak_mib_kind": ("cuda max_memory_allocated above the model weights" if a.device == "cuda" else
-                          "peak RSS of the variant's process above its RSS after building the model"),
-        "results": results, "summary": summarize(results), "errors": errors,
+        "benchmark": "bench_step",
+        "issue": 10,
+        "machine": machine(a.device),
+        "device": a.device,
+        "shape": a.shape,
+        "model": SHAPES[a.shape],
+        "dtype": a.dtype,
+        "attn_implementation": a.attn,
+        "peer_attn_implementation": a.peer_attn,
+        "stream_pad": a.stream_pad,
+        "head_impl": a.impl,
+        "examples_per_step": a.examples,
+        "padded_micro_examples": a.micro,
+        "pad_to_multiple_of": a.pad_to,
+        "token_budget": a.token_budget,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "profiles": a.profiles.split(","),
+        "trainable": "attention q/k/v/o only",
+        "reference_logps": "precomputed (all variants)",
+        "peak_mib_kind": (
+            "cuda max_memory_allocated above the model weights"
+            if a.device == "cuda"
+            else "peak RSS of the variant's process above its RSS after building the model"
+        ),
+        "results": results,
+        "summary": summarize(results),
+        "errors": errors,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -431,19 +510,32 @@ def child(a) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="--device cuda --shape llama-3.2-1b --dtype bfloat16 --profiles oasst,demo")
+    p.add_argument(
+        "--gpu", action="store_true", help="--device cuda --shape llama-3.2-1b --dtype bfloat16 --profiles oasst,demo"
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--profiles", default=None, help="comma list of benchmarks/common.py LENGTH_PROFILES")
     p.add_argument("--examples", type=int, default=None, help="examples per optimizer step (default 16)")
-    p.add_argument("--micro", type=int, default=None, help="examples per padded micro-batch (default 2: the demo config)")
-    p.add_argument("--token-budget", type=int, default=None, help="body tokens per packed micro-batch (default 1024 CPU / 4096 GPU)")
+    p.add_argument(
+        "--micro", type=int, default=None, help="examples per padded micro-batch (default 2: the demo config)"
+    )
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="body tokens per packed micro-batch (default 1024 CPU / 4096 GPU)",
+    )
     p.add_argument("--pad-to", type=int, default=None, help="padded length multiple (default 16 CPU / 64 GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation of our variants (today/none/packed)")
     p.add_argument("--peer-attn", default="sdpa", help="attention implementation of the peers")
-    p.add_argument("--stream-pad", type=int, default=1,
-                   help="packed stream length multiple (fewer shapes for compiled kernels, e.g. 512 with flex_attention)")
+    p.add_argument(
+        "--stream-pad",
+        type=int,
+        default=1,
+        help="packed stream length multiple (fewer shapes for compiled kernels, e.g. 512 with flex_attention)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 CUDA / 5 interleaved rounds CPU)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -451,7 +543,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--timeout", type=float, default=None, help="seconds per child process (default 600)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lines-out", help=argparse.SUPPRESS)
@@ -480,18 +574,52 @@ def main(argv=None) -> int:
     errors: dict = {}
     if not gpu and "trl_liger" in a.variants.split(","):
         errors["trl_liger"] = "skipped: Liger's kernels need CUDA"
-    own_steps = (["--steps", "1", "--warmup", "0"] if not gpu else [])  # CPU: times come from the interleaved run
-    passthrough = ["--shape", a.shape, "--device", a.device, "--dtype", a.dtype, "--profiles", a.profiles,
-                   "--examples", str(a.examples), "--micro", str(a.micro), "--token-budget", str(a.token_budget),
-                   "--pad-to", str(a.pad_to), "--attn", a.attn, "--peer-attn", a.peer_attn, "--stream-pad", str(a.stream_pad), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                   "--seed", str(a.seed), "--impl", a.impl, "--threads", str(a.threads)]
+    own_steps = ["--steps", "1", "--warmup", "0"] if not gpu else []  # CPU: times come from the interleaved run
+    passthrough = [
+        "--shape",
+        a.shape,
+        "--device",
+        a.device,
+        "--dtype",
+        a.dtype,
+        "--profiles",
+        a.profiles,
+        "--examples",
+        str(a.examples),
+        "--micro",
+        str(a.micro),
+        "--token-budget",
+        str(a.token_budget),
+        "--pad-to",
+        str(a.pad_to),
+        "--attn",
+        a.attn,
+        "--peer-attn",
+        a.peer_attn,
+        "--stream-pad",
+        str(a.stream_pad),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--seed",
+        str(a.seed),
+        "--impl",
+        a.impl,
+        "--threads",
+        str(a.threads),
+    ]
     remaining = list(variants)
     with tempfile.TemporaryDirectory() as td:
         while remaining:
             # CPU: one variant per process (peak RSS is per process); CUDA: the rest in one process
             batch = remaining[:1] if not gpu else list(remaining)
             lines = Path(td) / f"lines_{len(remaining)}.jsonl"
-            cmd = [sys.executable, __file__, "--child", "--lines-out", str(lines), "--variants", ",".join(batch)] + passthrough + own_steps
+            cmd = (
+                [sys.executable, __file__, "--child", "--lines-out", str(lines), "--variants", ",".join(batch)]
+                + passthrough
+                + own_steps
+            )
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout or 600)
                 rc, tail = r.returncode, (r.stderr or r.stdout)[-3000:]
@@ -506,8 +634,11 @@ def main(argv=None) -> int:
                         results.setdefault(rec["profile"], {})[rec["variant"]] = rec["result"]
                     else:
                         errors[f"{rec['variant']}/{rec['profile']}"] = rec["error"]
-            finished = [v for v in batch if v in done and all(
-                v in results.get(pr, {}) or f"{v}/{pr}" in errors for pr in a.profiles.split(","))]
+            finished = [
+                v
+                for v in batch
+                if v in done and all(v in results.get(pr, {}) or f"{v}/{pr}" in errors for pr in a.profiles.split(","))
+            ]
             for v in finished:
                 remaining.remove(v)
             if rc != 0 or not finished:
@@ -523,8 +654,16 @@ def main(argv=None) -> int:
         # CPU: the per-variant processes above give the counts and each variant's own peak RSS; the step
         # times come from one process that runs every variant's steps round-robin (fair under shared load)
         lines = Path(tempfile.mkdtemp()) / "interleaved.jsonl"
-        cmd = [sys.executable, __file__, "--child", "--interleave", "--lines-out", str(lines),
-               "--variants", ",".join(v for v in variants if any(v in results[pr] for pr in results))] + passthrough
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--interleave",
+            "--lines-out",
+            str(lines),
+            "--variants",
+            ",".join(v for v in variants if any(v in results[pr] for pr in results)),
+        ] + passthrough
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout or 1200)
             tail = (r.stderr or r.stdout)[-2000:]
@@ -549,10 +688,14 @@ def main(argv=None) -> int:
     print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {a.examples} examples/step  [{machine(a.device)}]")
     for profile, res in results.items():
         print(f"-- profile {profile}")
-        print(f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'peak MiB':>9} {'micro':>5} {'loss@1':>9}")
+        print(
+            f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'peak MiB':>9} {'micro':>5} {'loss@1':>9}"  # noqa: E501
+        )
         for v, r in res.items():
-            print(f"{v:20} {r['body_tokens_per_example']:11.1f} {r['head_rows_per_example']:12.1f} {r['step_ms']:9.1f} "
-                  f"{r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}")
+            print(
+                f"{v:20} {r['body_tokens_per_example']:11.1f} {r['head_rows_per_example']:12.1f} {r['step_ms']:9.1f} "
+                f"{r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}"
+            )
     print(json.dumps(summarize(results), indent=1))
     if errors:
         print("errors: " + ", ".join(errors))

@@ -452,7 +452,10 @@ def check_packing(mode: str, attn_implementation: str, device_type: str) -> None
             "flash attention's variable-length kernel attends to one contiguous segment per token, but in "
             "prefix_shared the second response must see its prompt and skip the first response"
         )
-        fix = "use train.packing: padding_free with flash_attention_2, or model.attn_implementation: flex_attention / sdpa"
+        fix = (
+            "use train.packing: padding_free with flash_attention_2, "
+            "or model.attn_implementation: flex_attention / sdpa"
+        )
     elif attn_implementation == "flex_attention" and device_type == "cpu":
         why = "torch's flex_attention has no backward on CPU"
         fix = "use model.attn_implementation: sdpa on CPU (every packing mode works with it)"
