@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from clo_fast.constants import DEFAULT_CACHE_DIR
+from clo_fast.paths import looks_local
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
@@ -14,7 +15,15 @@ def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR) ->
         from clo_fast.demo_model import ensure_demo_model
 
         return str(ensure_demo_model(cache_dir))
-    return os.path.expanduser(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    if looks_local(name_or_path) and not os.path.exists(path):
+        from clo_fast.config import ConfigError
+
+        raise ConfigError(
+            f"model.name_or_path: local model folder not found: {path} "
+            "(a hub model is named 'name' or 'owner/name'; a local one must exist)"
+        )
+    return path
 
 
 def load_tokenizer(model, cache_dir: str = DEFAULT_CACHE_DIR):

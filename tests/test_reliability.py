@@ -563,3 +563,38 @@ def test_run_records_store_no_key_given_in_a_url():
     cfg.eval.judge_endpoint = "https://user:pw@judge.example/v1?api-key=abc123"
     assert to_dict(cfg)["eval"]["judge_endpoint"] == "https://<redacted>@judge.example/v1?<redacted>"
     assert cfg.eval.judge_endpoint.endswith("abc123")  # the run itself still uses it
+
+
+# ------------------------------------------------------------------- the last cryptic tracebacks
+def test_missing_local_model_path_is_named_not_taken_for_a_hub_id(tmp_path):
+    from clo_fast.config import ConfigError
+    from clo_fast.pretrained import resolve_model_path
+
+    missing = tmp_path / "models" / "my-llama"
+    with pytest.raises(ConfigError, match=r"model.name_or_path: local model folder not found: .*my-llama"):
+        resolve_model_path(str(missing))
+    assert resolve_model_path("owner/name") == "owner/name"  # a hub id is passed on as it is
+
+
+def test_corrupt_translation_cache_names_the_file_and_is_kept(tmp_path):
+    from clo_fast.data.translate import TranslationCache, TranslationError
+
+    path = tmp_path / "translations.sqlite"
+    path.write_bytes(b"this is not a database, just 64 bytes of something else entirely.")
+    with pytest.raises(TranslationError, match=r"translations.sqlite: the translation cache cannot be read"):
+        TranslationCache(path)
+    assert path.read_bytes().startswith(b"this is not a database")  # the user's file is left as it was
+
+
+def test_an_empty_tokenized_split_is_never_cached(tmp_path):
+    """Every prompt over max_length: the split is empty (the trainer raises), and it is not cached for a rerun."""
+    from clo_fast.config import DataConfig
+    from clo_fast.data import build_text_dataset, tokenize_dataset
+    from clo_fast.demo_model import demo_texts, train_tokenizer
+
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "data"), max_length=8)
+    texts, _ = build_text_dataset(cfg, progress=False)
+    out = tokenize_dataset(texts["eval"], train_tokenizer(demo_texts()), cfg)
+    assert len(texts["eval"]) > 0 and len(out) == 0
+    cache = tmp_path / "cache" / "tokenized"
+    assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.startswith(".")]

@@ -333,7 +333,7 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
     int_lists = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
     feats = datasets.Features({"id": datasets.Value("string"), "input_ids": int_lists, "labels": int_lists})
     out = datasets.Dataset.from_dict(rows, features=feats)
-    if use_cache:
+    if use_cache and len(out) > 0:  # an empty split is an error for the caller: never cached, never reused
         # several processes may tokenize the same split: each stages its own copy, the first to finish wins
         with atomic_directory(target, per_process=True, replace=False) as tmp:
             out.save_to_disk(str(tmp))

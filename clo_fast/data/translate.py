@@ -55,14 +55,20 @@ class TranslationCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS translations (model TEXT NOT NULL, src TEXT NOT NULL, tgt TEXT NOT NULL,"
-            " text TEXT NOT NULL, translation TEXT NOT NULL, created REAL NOT NULL,"
-            " PRIMARY KEY (model, src, tgt, text))"
-        )
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS translations (model TEXT NOT NULL, src TEXT NOT NULL, tgt TEXT NOT NULL,"
+                " text TEXT NOT NULL, translation TEXT NOT NULL, created REAL NOT NULL,"
+                " PRIMARY KEY (model, src, tgt, text))"
+            )
+        except sqlite3.DatabaseError as e:  # not a database, or damaged: say which file, keep it for the user
+            raise TranslationError(
+                f"{self.path}: the translation cache cannot be read ({e}); move it aside (the translations in it "
+                "are then redone) or point data.cache_dir elsewhere"
+            ) from None
 
     def get_many(self, model: str, src: str, tgt: str, texts: Iterable[str]) -> dict[str, str]:
         out: dict[str, str] = {}
