@@ -52,6 +52,8 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from common import LLAMA_3_2_1B  # noqa: E402
+
 SHAPES = {
     # name: LlamaConfig fields. "demo": the demo model's shape (clo_fast/demo_model.py MODEL_SHAPE, its
     # 2048-token vocabulary), i.e. the demo config's step; "cpu-small": a head-heavier small shape (V = 32000)
@@ -75,16 +77,7 @@ SHAPES = {
         "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
-    "llama-3.2-1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-        "rope_theta": 500000.0,
-    },
+    "llama-3.2-1b": LLAMA_3_2_1B,
 }
 ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
 VARIANTS = ("today", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")

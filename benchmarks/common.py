@@ -31,6 +31,18 @@ import torch  # noqa: E402
 
 IGNORE = -100
 
+# Llama-3.2-1B's shape (LlamaConfig fields): the step benchmark's and the GPU smoke run's model, random weights
+LLAMA_3_2_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+}
+
 # Token-length profiles. "oasst": OpenAssistant-like single-turn instruction data — median English
 # prompt ≈ 60 tokens and response ≈ 220 tokens with long tails (log-normal σ ≈ 0.8), and target-language
 # text ≈ 1.4× the English token count under a Llama-3-style English-centric tokenizer. These are the

@@ -23,18 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-LLAMA_3_2_1B = {
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": True,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-}
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
+
+LLAMA_3_2_1B = {**common.LLAMA_3_2_1B, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
 TINY = dict(
     LLAMA_3_2_1B,
     hidden_size=64,
