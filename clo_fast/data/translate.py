@@ -56,19 +56,33 @@ class TranslationCache:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS translations (model TEXT NOT NULL, src TEXT NOT NULL, tgt TEXT NOT NULL,"
-                " text TEXT NOT NULL, translation TEXT NOT NULL, created REAL NOT NULL,"
-                " PRIMARY KEY (model, src, tgt, text))"
-            )
+            self._db = self._open(timeout_s=60.0)
         except sqlite3.DatabaseError as e:  # not a database, or damaged: say which file, keep it for the user
             raise TranslationError(
                 f"{self.path}: the translation cache cannot be read ({e}); move it aside (the translations in it "
                 "are then redone) or point data.cache_dir elsewhere"
             ) from None
+
+    def _open(self, timeout_s: float) -> sqlite3.Connection:
+        """Connect and set up; ranks open the shared cache at the same moment, and switching it to WAL (or
+        creating the table) can meet "database is locked" before sqlite's busy timeout applies: retried."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS translations (model TEXT NOT NULL, src TEXT NOT NULL,"
+                    " tgt TEXT NOT NULL, text TEXT NOT NULL, translation TEXT NOT NULL, created REAL NOT NULL,"
+                    " PRIMARY KEY (model, src, tgt, text))"
+                )
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get_many(self, model: str, src: str, tgt: str, texts: Iterable[str]) -> dict[str, str]:
         out: dict[str, str] = {}
