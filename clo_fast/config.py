@@ -533,6 +533,18 @@ _URL_SECRETS = (
 )
 
 
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-4}} → {"optim.lr": 1e-4}: nested config data keyed by dotted field names (for
+    comparing a resumed run's config with the checkpoint's, and for loggers' flat parameter lists)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_dict(cfg) -> dict:
     """The config as plain data for the records a run writes (config.yaml, checkpoints, the export summary):
     credentials and query strings of URL values are redacted, so an API key put in a URL is never stored."""

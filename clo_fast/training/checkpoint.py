@@ -34,7 +34,7 @@ from clo_fast.atomic import (
     staging_path,
     write_text_atomic,
 )
-from clo_fast.config import ConfigError, RunConfig, to_dict
+from clo_fast.config import ConfigError, RunConfig, flatten_config, to_dict
 from clo_fast.training.distributed import (
     barrier,
     log0,
@@ -165,19 +165,9 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
     log0(f"checkpoint {root / tag}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
     """{dotted field: (saved value, new value)} for every field that differs."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten_config(saved), flatten_config(now)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -80,17 +80,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def rank0_first(fn):
-    """Run fn on rank 0, then on the other ranks (they find rank 0's on-disk caches)."""
-    if rank() == 0:
-        out = fn()
-        barrier()
-    else:
-        barrier()
-        out = fn()
-    return out
-
-
 def rank0_checked(fn):
     """Run the check `fn` on rank 0 only; a ConfigError it raises is raised on every rank (the others would
     otherwise wait at the next barrier until the timeout)."""

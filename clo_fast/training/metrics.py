@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from clo_fast.config import RunConfig, to_dict
+from clo_fast.config import RunConfig, flatten_config, to_dict
 from clo_fast.training.distributed import peak_memory_mib, rank, world_size
 
 FINAL_METRIC_KEYS = (
@@ -115,7 +115,7 @@ class MlflowLogger:
         mlflow.set_experiment(cfg.train.project)
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=cfg.train.run_name or out.name)
-        params = _flatten(to_dict(cfg))
+        params = flatten_config(to_dict(cfg))
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log(self, step: int, metrics: dict) -> None:
@@ -143,16 +143,6 @@ def _texts(metrics: dict) -> dict[str, str]:
 def _mlflow_name(key: str) -> str:
     """MLflow allows letters, digits, _ - . space / in names; anything else becomes _."""
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class MetricsSink:
