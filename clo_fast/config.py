@@ -178,6 +178,10 @@ class TrainConfig:
     dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
     # a fresh run into an output_dir holding checkpoints: false = refuse (use --resume), true = remove them
     overwrite_output_dir: bool = False
+    # where the reference log-probs are cached (one folder per split); null = <output_dir>/ref_data. Runs of
+    # the same model, data, precision and head share them safely (the cache is keyed by all four): sweeps
+    # and clo_fast.compare point every run at one folder and pay for the reference pass once
+    reference_dir: str | None = None
 
 
 @dataclass

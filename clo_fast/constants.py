@@ -11,6 +11,13 @@ SEQUENCE_KINDS = ("en_en", "en_tgt", "tgt_tgt", "tgt_en")  # (prompt language, r
 
 # The default trainable modules: attention projections only (the CLO paper's setting).
 ATTENTION_ONLY_PATTERNS = ("*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*")
+# The paper's ablation of which layers train (Llama/Qwen/Mistral module names): attention only, MLP only, or
+# every weight of the decoder layers (attention, MLP and their norms; embeddings and head stay frozen).
+LAYER_ABLATION_PATTERNS = {
+    "attention": ATTENTION_ONLY_PATTERNS,
+    "mlp": ("*mlp.gate_proj*", "*mlp.up_proj*", "*mlp.down_proj*"),
+    "all": ("*layers.*",),
+}
 
 # DeepSpeed precision mode ↔ model.dtype name (the one place precision names are mapped).
 PRECISION_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

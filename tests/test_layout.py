@@ -20,6 +20,7 @@ LAYERS = [
         "entry points",
         [
             "clo_fast.train",
+            "clo_fast.compare",
             "clo_fast.data.cli",
             "clo_fast.data.__main__",
             "clo_fast.evaluate.cli",

@@ -6,6 +6,8 @@ For each model and each prompt language (English and the config's target languag
 
 - fidelity: share of greedy responses that the language-ID package (`clo_fast.language_id`) identifies
   as the prompt's language (an empty or letter-less response counts as a miss);
+- chrF of each language's responses against the held-out reference answers in that language (sacrebleu's
+  chrF, 0-100, corpus level): a content metric beside fidelity;
 - mean response length in tokens (generated tokens before the first EOS);
 - reference NLL per token: teacher-forced negative log-likelihood of the held-out reference responses
   (response tokens and the closing EOS only, token-mean over the whole language) - cheap, deterministic
@@ -24,7 +26,8 @@ Python API (the training run calls it at the end, on rank 0 only):
 
 Modules: prompts (held-out prompts, encoded as in training), models (loading), generation (greedy
 responses, reference NLL), judge (optional LLM judge), report (metrics, table, plot, files), run (the
-driver, `evaluate_models`), cli (`python -m clo_fast.evaluate`).
+driver, `evaluate_models`), cli (`python -m clo_fast.evaluate`), comparison (several seeds per method: mean,
+standard deviation, table and plot, for `python -m clo_fast.compare`).
 """
 
 from clo_fast.evaluate.errors import EvalError

@@ -57,6 +57,8 @@ class FidelityProbe:
         out: dict = {}
         for lang in self.langs:
             out[f"fidelity/{lang}"] = per_lang[lang]["fidelity"]
+            if per_lang[lang]["chrf"] is not None:
+                out[f"chrf/{lang}"] = per_lang[lang]["chrf"]
             if nll[lang] is not None:
                 out[f"ref_nll/{lang}"] = nll[lang]
             shown = [i for i, it in enumerate(self.items) if it["lang"] == lang][:k]

@@ -12,9 +12,18 @@ from pathlib import Path
 from clo_fast.language_id import language_fidelity
 
 
+def corpus_chrf(responses: Sequence[str], references: Sequence[str]) -> float:
+    """chrF (character n-gram F-score, 0-100; sacrebleu's defaults: n ≤ 6, β = 2, no word n-grams) of the
+    responses against one reference each, at corpus level (statistics summed over the pairs, then one F)."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF().corpus_score(list(responses), [list(references)]).score)
+
+
 def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> dict:
-    """Per prompt language: n_prompts, fidelity, detected-language counts, mean response tokens and the
-    share of responses that ended with EOS. `gens[i]` is {"tokens", "finished", ...} for `items[i]`."""
+    """Per prompt language: n_prompts, fidelity, detected-language counts, mean response tokens, the share
+    of responses that ended with EOS, and chrF against the items' reference answers (None when no item of
+    that language has one). `gens[i]` is {"text", "tokens", "finished"} for `items[i]`."""
     if not (len(items) == len(gens) == len(detected)):
         raise ValueError("response_metrics: items, gens and detected must have the same length")
     metrics = {}
@@ -27,6 +36,11 @@ def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequ
             "mean_response_tokens": sum(gens[i]["tokens"] for i in idx) / len(idx),
             "finished_share": sum(bool(gens[i]["finished"]) for i in idx) / len(idx),
         }
+        scored = [i for i in idx if items[i].get("reference") is not None]
+        metrics[lang]["chrf"] = (
+            corpus_chrf([gens[i]["text"] for i in scored], [items[i]["reference"] for i in scored]) if scored else None
+        )
+        metrics[lang]["chrf_prompts"] = len(scored)
     return metrics
 
 
@@ -53,6 +67,8 @@ def render_markdown(report: dict) -> str:
 
     for lang in langs:
         row(f"fidelity {lang} (↑)", "fidelity", lang)
+    for lang in langs:
+        row(f"chrF vs reference {lang} (↑)", "chrf", lang, 1)
     for lang in langs:
         row(f"reference NLL/token {lang} (↓)", "nll_per_token", lang)
     for lang in langs:

@@ -1,7 +1,8 @@
 """The reference model's log-probs: one no-grad pass with the starting weights, stored with the data.
 
 The engine holds the starting weights before the first update, so it *is* the reference model then; the
-result is saved as a `ref_logps` column under <output_dir>/ref_data/<split> and reused by every resume.
+result is saved as a `ref_logps` column under <train.reference_dir or output_dir/ref_data>/<split> and reused by
+every resume (and by every run pointed at the same folder: the cache is keyed by what the values depend on).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from clo_fast.training.distributed import barrier, log0, rank
 from clo_fast.training.scoring import score_dataset
 
 META_FILE = "clo_ref_meta.json"
+
+
+def reference_root(cfg: RunConfig) -> Path:
+    """The folder holding the cached reference log-probs, one subfolder per split."""
+    t = cfg.train
+    return Path(t.reference_dir).expanduser() if t.reference_dir else Path(t.output_dir) / "ref_data"
 
 
 def reference_key(ds, cfg: RunConfig, model_path: str) -> dict:
@@ -39,7 +46,7 @@ def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_
     import datasets
 
     key = reference_key(ds, cfg, model_path)
-    where = Path(cfg.train.output_dir) / "ref_data" / split
+    where = reference_root(cfg) / split
     meta = where / META_FILE
     if meta.is_file() and json.loads(meta.read_text()) == key:
         log0(f"reference log-probs ({split}): reusing {where}")
