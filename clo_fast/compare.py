@@ -255,8 +255,8 @@ def main(argv=None) -> int:
         "versions": versions(),
     }
     files = write_comparison(comp, out)
-    print("\n" + Path(files["markdown"]).read_text())
-    print(f"[compare] {out}: " + ", ".join(Path(f).name for f in files.values()))
+    print("\n" + (out / files["markdown"]).read_text())
+    print(f"[compare] {out.resolve()}: " + ", ".join(files.values()))
     return 0
 
 

@@ -169,7 +169,7 @@ def write_comparison(comp: dict, out_dir: str | Path) -> dict[str, str]:
     """compare.json, compare.md and compare.png under out_dir; returns their paths."""
     out = Path(out_dir)
     files = {"json": out / "compare.json", "markdown": out / "compare.md", "plot": out / "compare.png"}
-    comp["files"] = {k: str(v) for k, v in files.items()}
+    comp["files"] = {k: v.name for k, v in files.items()}  # relative: the folder can be moved or committed
     if not plot_comparison(comp, files["plot"]):
         comp["files"].pop("plot")
     files["markdown"].write_text(render_comparison_markdown(comp), encoding="utf-8")

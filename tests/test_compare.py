@@ -1,0 +1,182 @@
+"""clo_fast.compare and its library (clo_fast.evaluate.comparison): the statistics against float64 references,
+the method plan, chrF's wiring, and one small end-to-end comparison (slow: it trains)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clo_fast.compare import CONTROLLED, plan_methods
+from clo_fast.config import ConfigError, load_config
+from clo_fast.evaluate.comparison import (
+    METRICS,
+    aggregate,
+    metric_names,
+    noise_separated,
+    render_comparison_markdown,
+    summarize,
+)
+from clo_fast.evaluate.report import corpus_chrf, response_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def test_summarize_matches_float64_numpy():
+    rng = np.random.default_rng(random.randrange(2**32))
+    for n in (2, 3, 7):
+        vals = rng.normal(rng.uniform(-5, 5), rng.uniform(0.01, 3), size=n).tolist()
+        s = summarize(vals)
+        assert s["n"] == n and s["values"] == vals
+        assert s["mean"] == pytest.approx(np.mean(np.float64(vals)), rel=1e-12, abs=1e-12)
+        assert s["std"] == pytest.approx(np.std(np.float64(vals), ddof=1), rel=1e-12, abs=1e-12)
+    one = summarize([0.25])
+    assert one["mean"] == 0.25 and one["std"] is None  # no spread from one seed
+    assert summarize([1.0, None])["mean"] is None  # a missing value is not averaged away
+
+
+def test_noise_separated_is_welch_at_two_standard_errors():
+    rng = np.random.default_rng(random.randrange(2**32))
+    for _ in range(50):
+        a = summarize(rng.normal(0, 1, size=3).tolist())
+        b = summarize(rng.normal(rng.uniform(-3, 3), 1, size=4).tolist())
+        se = math.sqrt(np.var(a["values"], ddof=1) / 3 + np.var(b["values"], ddof=1) / 4)
+        assert noise_separated(a, b) == (abs(np.mean(a["values"]) - np.mean(b["values"])) > 2 * se)
+    assert noise_separated(summarize([1.0, 1.0]), summarize([0.0, 0.0])) is True  # constant, different
+    assert noise_separated(summarize([1.0, 1.0]), summarize([1.0, 1.0])) is False
+    assert noise_separated(summarize([1.0]), summarize([0.0, 2.0])) is None  # one seed: not testable
+
+
+def _fake_report(models: dict[str, float]) -> dict:
+    langs = ["en", "sw"]
+    return {
+        "languages": langs,
+        "models": {
+            label: {
+                "metrics": {
+                    lang: {"fidelity": v, "chrf": 10 * v + (lang == "sw"), "nll_per_token": 6 - v} for lang in langs
+                }
+            }
+            for label, v in models.items()
+        },
+    }
+
+
+def test_aggregate_groups_seeds_and_renders_every_metric():
+    report = _fake_report({"base": 0.0, "a/s0": 0.5, "a/s1": 0.7, "b/s0": 0.1, "b/s1": 0.1})
+    summary = aggregate(report, {"base": ["base"], "a": ["a/s0", "a/s1"], "b": ["b/s0", "b/s1"]})
+    assert set(summary["a"]) == set(metric_names(["en", "sw"])) and len(summary["a"]) == len(METRICS) * 2
+    assert summary["a"]["fidelity/en"]["mean"] == pytest.approx(0.6)
+    assert summary["a"]["chrf/sw"]["values"] == [6.0, 8.0]
+    assert summary["b"]["nll_per_token/en"]["std"] == 0.0
+    with pytest.raises(KeyError, match="not in the evaluation report"):
+        aggregate(report, {"c": ["c/s0"]})
+    comp = {
+        "languages": ["en", "sw"],
+        "n_prompts": {"en": 3, "sw": 3},
+        "seeds": [0, 1],
+        "seconds": 60.0,
+        "reference_method": "a",
+        "base": summary["base"],
+        "methods": {m: {"title": m.upper(), "short": m, "metrics": summary[m]} for m in ("a", "b")},
+    }
+    md = render_comparison_markdown(comp)
+    assert "| fidelity en (↑) | 0.000 | 0.600 ± 0.141 | 0.100 ± 0.000 |" in md
+    assert "- vs B: " in md and "fidelity en (↑) +0.500" in md
+
+
+def test_plan_methods_dedupes_and_checks():
+    cfg = load_config(DEMO)
+    names = [m.name for m in plan_methods(cfg, ["sft", "dpo", "clo"], [0.5, 0.25], ["attention", "mlp"])]
+    # λ=0.5 and attention-only are the config's own CLO run: trained once
+    assert names == ["sft", "dpo", "clo", "clo-lam0.25", "clo-mlp"]
+    mlp = plan_methods(cfg, [], [], ["mlp"])[0]
+    patterns = json.loads(next(o for o in mlp.overrides if o.startswith("model.trainable_patterns=")).split("=", 1)[1])
+    assert patterns and all("mlp" in p for p in patterns)
+    with pytest.raises(ConfigError, match="--lams"):
+        plan_methods(cfg, ["clo"], [1.5], [])
+    lora = load_config(DEMO, ["model.lora={r: 4}"])
+    with pytest.raises(ConfigError, match="model.lora"):
+        plan_methods(lora, ["clo"], [], ["all"])
+
+
+def test_compare_refuses_a_set_it_controls(tmp_path):
+    from clo_fast.compare import main
+
+    assert "optim.seed" in CONTROLLED
+    with pytest.raises(ConfigError, match="--set optim.seed=3"):
+        main(["--config", str(DEMO), "--set", "optim.seed=3", "--out-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_chrf_wiring():
+    assert corpus_chrf(["habari ya asubuhi"], ["habari ya asubuhi"]) == pytest.approx(100.0)
+    assert corpus_chrf(["xyz"], ["abc"]) == pytest.approx(0.0)
+    items = [
+        {"lang": "sw", "reference": "habari ya asubuhi"},
+        {"lang": "sw", "reference": None},  # not scored
+        {"lang": "en", "reference": None},
+    ]
+    gens = [{"text": "habari za asubuhi", "tokens": 3, "finished": True}] + [
+        {"text": "x", "tokens": 1, "finished": True}
+    ] * 2
+    m = response_metrics(items, gens, ["sw", "sw", "en"])
+    assert m["sw"]["chrf"] == pytest.approx(corpus_chrf(["habari za asubuhi"], ["habari ya asubuhi"]))
+    assert 0 < m["sw"]["chrf"] < 100 and m["sw"]["chrf_prompts"] == 1
+    assert m["en"]["chrf"] is None and m["en"]["chrf_prompts"] == 0
+
+
+def test_reference_dir_is_where_reference_logps_are_cached(tmp_path):
+    from clo_fast.training.reference import reference_root
+
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path / 'run'}"])
+    assert reference_root(cfg) == tmp_path / "run" / "ref_data"
+    cfg = load_config(DEMO, [f"train.reference_dir={tmp_path / 'shared'}"])
+    assert reference_root(cfg) == tmp_path / "shared"
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_small(tmp_path):
+    """Two methods × two seeds, two steps each: the files, the seeds' values as evaluated, one reference pass
+    shared by the CLO runs, and a second start reusing the finished runs."""
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "sft", "clo",
+        "--seeds", "0", "1", "--out-dir", str(out),
+        "--set", "optim.max_steps=2", "--set", f"data.output_dir={tmp_path / 'data'}",
+        "--set", "eval.max_prompts=4", "--set", "eval.max_new_tokens=8",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    comp = json.loads((out / "compare.json").read_text())
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert (out / "compare.md").is_file() and (out / "compare.png").stat().st_size > 0
+    assert list(comp["methods"]) == ["sft", "clo"] and comp["seeds"] == [0, 1]
+    for method, info in comp["methods"].items():
+        for metric in metric_names(comp["languages"]):
+            key, lang = metric.split("/")
+            per_seed = [report["models"][f"{method}/s{s}"]["metrics"][lang][key] for s in (0, 1)]
+            assert info["metrics"][metric]["values"] == per_seed
+    # the CLO runs share one reference cache: computed by the first, reused by the second; SFT needs none
+    assert "reusing" not in (out / "runs" / "clo-s0" / "train.log").read_text()
+    assert "reusing" in (out / "runs" / "clo-s1" / "train.log").read_text()
+    assert sorted(p.name for p in (out / "ref_data").iterdir()) == ["eval", "train"]
+    # started again: the finished runs are reused (no new training output), the result is the same
+    sizes = {p: p.stat().st_size for p in (out / "runs").glob("*/train.log")}
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert {p: p.stat().st_size for p in (out / "runs").glob("*/train.log")} == sizes
+    again = json.loads((out / "compare.json").read_text())
+    assert again["methods"]["clo"]["metrics"] == comp["methods"]["clo"]["metrics"]
+    # other settings into the same folder: refused, naming the run folder
+    r3 = subprocess.run(cmd + ["--set", "clo.beta=0.3"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r3.returncode == 2 and "holds a run started with other settings" in r3.stderr
