@@ -541,7 +541,7 @@ def test_fidelity_probe_logs_fidelity_reference_nll_and_samples(demo_tokenizer, 
     policy.train()
     out = probe(policy)
     assert hf.training, "the model is back in training mode"
-    assert set(out) == {"fidelity/en", "fidelity/sw", "ref_nll/en", "ref_nll/sw", "samples/en", "samples/sw"}
+    assert set(out) == {f"{k}/{lang}" for k in ("fidelity", "chrf", "ref_nll", "samples") for lang in ("en", "sw")}
     assert 0.0 <= out["fidelity/en"] <= 1.0 and 0.0 <= out["fidelity/sw"] <= 1.0
     assert "Name a colour." in out["samples/en"] and "Say hello." not in out["samples/en"]  # fidelity_samples = 1
 
