@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from clo_fast.evaluate.report import fmt
+from clo_fast.evaluate.report import fmt, new_figure
 
 # (report key, table name, better direction, digits)
 METRICS = (
@@ -127,14 +127,11 @@ def render_comparison_markdown(comp: dict) -> str:
 def plot_comparison(comp: dict, path: str | Path) -> bool:
     """PNG, one panel per metric and language: each method's mean with its standard deviation as an error bar,
     each seed as a dot, the base model as a dashed line. False if matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install 'clo-fast[eval]')")
-        return False
     methods = list(comp["methods"])
     langs = comp["languages"]
-    fig = Figure(figsize=(max(7.0, 1.1 * len(methods) * len(langs) + 3), 3.0 * len(METRICS)), dpi=110)
+    fig = new_figure(max(7.0, 1.1 * len(methods) * len(langs) + 3), 3.0 * len(METRICS), 110)
+    if fig is None:
+        return False
     axes = fig.subplots(len(METRICS), len(langs), squeeze=False)
     for row, (key, name, better, _) in enumerate(METRICS):
         for col, lang in enumerate(langs):

@@ -86,16 +86,23 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict, path: str | Path) -> bool:
-    """PNG with two panels: fidelity and reference NLL/token, one bar group per model. False if no matplotlib."""
+def new_figure(width: float, height: float, dpi: int):
+    """A matplotlib Figure (no pyplot state), or None with a message when matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install 'clo-fast[eval]')")
-        return False
+        return None
+    return Figure(figsize=(width, height), dpi=dpi)
+
+
+def plot_report(report: dict, path: str | Path) -> bool:
+    """PNG with two panels: fidelity and reference NLL/token, one bar group per model. False if no matplotlib."""
     models = list(report["models"])
     langs = report["languages"]
-    fig = Figure(figsize=(max(6.5, 1.4 * len(models) + 4), 4.0), dpi=120)
+    fig = new_figure(max(6.5, 1.4 * len(models) + 4), 4.0, 120)
+    if fig is None:
+        return False
     axes = fig.subplots(1, 2)
     width = min(0.35, 0.8 / max(1, len(langs)))
     for ax, key, title, fmt in (
