@@ -476,6 +476,24 @@ def test_messages_turns_context_and_every_turn_translated(tmp_path, chatml_tok):
     assert out["single"]["input_ids"][2][: len(_enc(chatml_tok, single_tgt))] == _enc(chatml_tok, single_tgt)
 
 
+def test_evaluation_prompts_encode_as_training_does(tmp_path, chatml_tok):
+    """Evaluation items carry their language and conversation: the prompt ids equal the training prompt's
+    (per-language system prompt, earlier turns), for every row and both languages."""
+    from clo_fast.evaluate.prompts import encode_item, normalize_prompts
+
+    src = _write_jsonl(tmp_path / "conv.jsonl", CONVERSATIONS)
+    cfg = _cfg(tmp_path, source=str(src), source_format="messages", translator="hf", template="chat")
+    cfg.eval_fraction, cfg.system_prompt, cfg.system_prompts = 0.0, "Be brief.", {"sw": "Jibu."}
+    ds = build_text_dataset(cfg, translator=SlowCachedTranslator(tmp_path / "t.sqlite"), progress=False)[0]["train"]
+    trained = tokenize_dataset(ds, chatml_tok, cfg)
+    items = normalize_prompts([dict(r) for r in ds], "sw")
+    assert len(items) == 2 * len(ds)
+    for row, t in enumerate(trained):
+        for item, seq in zip(items[2 * row : 2 * row + 2], (0, 2), strict=True):
+            prompt_len = t["labels"][seq].index(next(x for x in t["labels"][seq] if x != -100))
+            assert encode_item(chatml_tok, item, cfg) == t["input_ids"][seq][:prompt_len], (row, item["lang"])
+
+
 def test_plain_template_renders_earlier_turns(tmp_path):
     from clo_fast.data.tokenize import format_prompt as fp
 

@@ -40,7 +40,7 @@ from clo_fast.evaluate.generation import (
 )
 from clo_fast.evaluate.judge import build_judge_request, http_judge, judge_pairwise, judge_url, parse_verdict
 from clo_fast.evaluate.models import load_model
-from clo_fast.evaluate.prompts import encode_prompt, format_prompt, load_eval_prompts, normalize_prompts
+from clo_fast.evaluate.prompts import encode_item, encode_prompt, format_prompt, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import render_markdown, write_report
 from clo_fast.evaluate.run import evaluate_models, parse_model_specs
 
@@ -48,6 +48,7 @@ __all__ = [
     "EvalError",
     "build_judge_request",
     "build_reference_batch",
+    "encode_item",
     "encode_prompt",
     "evaluate_models",
     "format_prompt",

@@ -8,7 +8,7 @@ import torch
 
 from clo_fast.constants import IGNORE_INDEX
 from clo_fast.data.collate import shift_labels
-from clo_fast.evaluate.prompts import encode_prompt
+from clo_fast.evaluate.prompts import encode_item
 from clo_fast.ops import token_logps
 
 
@@ -147,7 +147,7 @@ def reference_examples(tokenizer, items: Sequence[dict], data_cfg) -> list[tuple
         if it.get("reference") is None:
             out.append(None)
             continue
-        p = encode_prompt(tokenizer, it["prompt"], data_cfg)
+        p = encode_item(tokenizer, it, data_cfg)
         r = list(tokenizer(it["reference"], add_special_tokens=False)["input_ids"])
         if eos is not None:
             r = r + [eos]

@@ -22,14 +22,14 @@ class FidelityProbe:
 
     def __init__(self, cfg: RunConfig, tokenizer, records: list[dict]):
         from clo_fast.evaluate.generation import reference_examples
-        from clo_fast.evaluate.prompts import encode_prompt, normalize_prompts
+        from clo_fast.evaluate.prompts import encode_item, normalize_prompts
         from clo_fast.language_id import get_identifier
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.items = normalize_prompts(records, cfg.data.target_lang, cfg.train.fidelity_prompts)
         self.langs = list(dict.fromkeys(it["lang"] for it in self.items))
         self.lid = get_identifier(self.langs, cfg.eval.detector_languages)
-        self.prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in self.items]
+        self.prompt_ids = [encode_item(tokenizer, it, cfg.data) for it in self.items]
         self.references = reference_examples(tokenizer, self.items, cfg.data)
 
     @torch.no_grad()

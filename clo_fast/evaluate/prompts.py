@@ -16,11 +16,12 @@ from clo_fast.language_id import normalize_lang
 
 
 def normalize_prompts(records: Sequence[dict], target_lang: str, max_per_lang: int | None = None) -> list[dict]:
-    """Turn prompt records into evaluation items `{"id", "lang", "prompt", "reference"}`.
+    """Turn prompt records into evaluation items `{"id", "lang", "prompt", "reference", "context"}`.
 
     A record is either a row of the text-level dataset (`prompt_en`, `response_en`, `prompt_tgt`,
-    `response_tgt`, optional `id`, `target_lang`: gives one English and one target-language item), or one
-    item (`prompt`, `lang`, optional `reference`, `id`). `reference` may be None (no NLL for that item).
+    `response_tgt`, optional `id`, `target_lang`, `context_en` / `context_tgt`: gives one English and one
+    target-language item), or one item (`prompt`, `lang`, optional `reference`, `id`, `context`: the earlier
+    turns, a list of {role, content}). `reference` may be None (no NLL or chrF for that item).
     Keeps at most `max_per_lang` items per language, in input order.
     """
     target = normalize_lang(target_lang)
@@ -76,17 +77,24 @@ def read_prompts_file(path: str | Path) -> list[dict]:
         raise EvalError(f"{path}: not valid JSON: {e}") from None
 
 
-def format_prompt(tokenizer, text: str, data_cfg) -> str:
+def format_prompt(tokenizer, text: str, data_cfg, lang: str | None = None, context: list[dict] | None = None) -> str:
     """The prompt string exactly as training formats it (`clo_fast.data.format_prompt`):
-    template=plain: data.prompt_template; template=chat: the tokenizer's chat template."""
-    return data_format_prompt(text, tokenizer, data_cfg)
+    template=plain: data.prompt_template; template=chat: the tokenizer's chat template; with the system prompt
+    configured for `lang` (data.system_prompts / data.system_prompt) and the conversation's earlier turns."""
+    return data_format_prompt(text, tokenizer, data_cfg, lang, context)
 
 
-def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
+def encode_prompt(tokenizer, text: str, data_cfg, lang: str | None = None, context: list[dict] | None = None):
     """Prompt token ids as `clo_fast.data.tokenize_dataset` builds them: template=plain gets the tokenizer's
     special prefix (BOS) before the text; a chat template writes its own, so nothing is added there."""
     prefix = special_prefix(tokenizer) if data_cfg.template == "plain" else []
-    return prefix + list(tokenizer(format_prompt(tokenizer, text, data_cfg), add_special_tokens=False)["input_ids"])
+    text = format_prompt(tokenizer, text, data_cfg, lang, context)
+    return prefix + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_item(tokenizer, item: dict, data_cfg) -> list[int]:
+    """An evaluation item's prompt ids: its language's system prompt and its conversation context, as in training."""
+    return encode_prompt(tokenizer, item["prompt"], data_cfg, item["lang"], item.get("context"))
 
 
 def _record_items(i: int, rec, target: str) -> list[dict]:
@@ -103,10 +111,12 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
             raise EvalError(
                 f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}"
             )
+        ctx = {side: _context(i, rid, rec.get(f"context_{side}")) for side in ("en", "tgt")}
         return [
-            {"id": rid, "lang": "en", "prompt": rec["prompt_en"], "reference": rec.get("response_en")},
-            {"id": rid, "lang": target, "prompt": rec["prompt_tgt"], "reference": rec.get("response_tgt")},
-        ]
+            {"id": rid, "lang": lang, "prompt": rec[f"prompt_{side}"], "reference": rec.get(f"response_{side}"),
+             "context": ctx[side]}
+            for side, lang in (("en", "en"), ("tgt", target))
+        ]  # fmt: skip
     if "prompt" in rec:
         if "lang" not in rec:
             raise EvalError(f"prompt record {i} (id {rid}): has 'prompt' but no 'lang'")
@@ -115,7 +125,26 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
         ref = rec.get("reference")
         if ref is not None and not isinstance(ref, str):
             raise EvalError(f"prompt record {i} (id {rid}): 'reference' must be a string or null")
-        return [{"id": rid, "lang": normalize_lang(rec["lang"]), "prompt": rec["prompt"], "reference": ref}]
+        lang, ctx = normalize_lang(rec["lang"]), _context(i, rid, rec.get("context"))
+        return [{"id": rid, "lang": lang, "prompt": rec["prompt"], "reference": ref, "context": ctx}]
     raise EvalError(
         f"prompt record {i}: expected keys prompt_en/prompt_tgt (dataset row) or prompt/lang (item), got {sorted(rec)}"
     )
+
+
+def _context(i: int, rid: str, value) -> list[dict]:
+    """Earlier turns of a conversation: the dataset's JSON string, or a list of {role, content}; none → []."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"prompt record {i} (id {rid}): context is not valid JSON: {e}") from None
+    ok = isinstance(value, list) and all(
+        isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
+        for t in value
+    )
+    if not ok:
+        raise EvalError(f"prompt record {i} (id {rid}): context must be a list of {{role, content}} turns")
+    return value

@@ -20,7 +20,7 @@ from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.generation import generate_responses, reference_examples, reference_nll
 from clo_fast.evaluate.judge import run_judge
 from clo_fast.evaluate.models import load_model
-from clo_fast.evaluate.prompts import encode_prompt, load_eval_prompts, normalize_prompts
+from clo_fast.evaluate.prompts import encode_item, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import fmt, response_metrics, write_report
 from clo_fast.language_id import get_identifier, normalize_lang
 from clo_fast.paths import looks_local
@@ -141,7 +141,7 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
     """One model on every item: greedy responses, their detected languages, and the metrics per language
     (fidelity, lengths, reference NLL per token)."""
     ev = cfg.eval
-    prompt_ids = [encode_prompt(tokenizer, it["prompt"], cfg.data) for it in items]
+    prompt_ids = [encode_item(tokenizer, it, cfg.data) for it in items]
     gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
     detected = lid.detect_batch([g["text"] for g in gens])
     refs = reference_examples(tokenizer, items, cfg.data)
