@@ -34,9 +34,9 @@ from pathlib import Path
 from clo_fast.atomic import OutputDirError, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config
 from clo_fast.constants import LAYER_ABLATION_PATTERNS
+from clo_fast.training.distributed import LAUNCHER_ENV
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RUN_MARKER = "compare_run.json"  # in each run folder: the settings it was started with, and whether it finished
 # fields compare sets for each run; a --set of one of them would be silently replaced, so it is refused
 CONTROLLED = (

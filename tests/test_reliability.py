@@ -598,3 +598,33 @@ def test_an_empty_tokenized_split_is_never_cached(tmp_path):
     assert len(texts["eval"]) > 0 and len(out) == 0
     cache = tmp_path / "cache" / "tokenized"
     assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
+def _rank0_worker(rank, init_file, results):
+    import torch.distributed as tdist
+
+    from clo_fast.training.distributed import computed_on_rank0
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = []
+    try:
+        value = computed_on_rank0(lambda: calls.append(rank) or {"hashed_by": rank})
+        try:
+            computed_on_rank0(lambda: 1 / 0)
+            failed = None
+        except RuntimeError as e:
+            failed = str(e)
+        results[rank] = (value, calls, failed)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_computed_on_rank0_runs_once_and_hands_the_result_or_the_error_to_every_rank(tmp_path):
+    """The reference cache key hashes the model's files on rank 0 only; the others get the same key, and an
+    error there reaches every rank instead of leaving them to a collective timeout."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_rank0_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == ({"hashed_by": 0}, [0], "on rank 0: ZeroDivisionError: division by zero")
+    assert results[1] == ({"hashed_by": 0}, [], "on rank 0: ZeroDivisionError: division by zero")

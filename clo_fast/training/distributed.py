@@ -101,6 +101,26 @@ def rank0_checked(fn):
     return result
 
 
+def computed_on_rank0(fn):
+    """`fn()` on rank 0 only, its picklable result handed to every rank: for work every rank would repeat alike
+    (hashing a model's weight files). An exception on rank 0 is raised on every rank, not left to a timeout."""
+    value, err = None, None
+    if rank() == 0:
+        try:
+            value = fn()
+        except Exception as e:  # re-raised below, on every rank
+            err = f"{type(e).__name__}: {e}"
+            if world_size() == 1:
+                raise
+    if world_size() > 1:
+        box = [(value, err)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value, err = box[0]
+    if err:
+        raise RuntimeError(f"on rank 0: {err}")
+    return value
+
+
 def h2d(t: torch.Tensor, device) -> torch.Tensor:
     """Host → device without a stream sync: a copy from pageable memory would synchronize, pinned does not."""
     if device.type == "cuda":

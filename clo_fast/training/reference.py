@@ -13,7 +13,7 @@ from pathlib import Path
 
 from clo_fast.atomic import atomic_directory
 from clo_fast.config import RunConfig
-from clo_fast.training.distributed import barrier, log0, rank
+from clo_fast.training.distributed import barrier, computed_on_rank0, log0, rank
 from clo_fast.training.scoring import score_dataset
 
 META_FILE = "clo_ref_meta.json"
@@ -45,7 +45,7 @@ def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_
     precision, else computed (every rank) and saved (rank 0)."""
     import datasets
 
-    key = reference_key(ds, cfg, model_path)
+    key = computed_on_rank0(lambda: reference_key(ds, cfg, model_path))  # the weights are hashed once, not per rank
     where = reference_root(cfg) / split
     meta = where / META_FILE
     if meta.is_file() and json.loads(meta.read_text()) == key:
