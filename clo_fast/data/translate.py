@@ -262,34 +262,23 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
             f"it knows: {sample}{' ...' if len(known) > 40 else ''}"
         )
 
-    if family == "m2m100":
-        known = list(getattr(tokenizer, "lang_code_to_id", {}) or {})
+    if family in ("m2m100", "nllb"):
+        if family == "m2m100":  # ISO 639-1 codes ("sw"), token ids through get_lang_id
+            known = list(getattr(tokenizer, "lang_code_to_id", {}) or {})
+            table, token_id = _ISO1_FROM_FLORES, tokenizer.get_lang_id
+        else:  # FLORES-200 codes ("swh_Latn"), which are tokens of the vocabulary
+            known = [t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
+            table, token_id = _FLORES, tokenizer.convert_tokens_to_ids
         codes = {}
         for which, code in (("source", src), ("target", tgt)):
-            c = _ISO1_FROM_FLORES.get(code, code)
-            if c not in known:
+            codes[which] = table.get(code, code)
+            if codes[which] not in known:
                 raise unknown(code, which, known)
-            codes[which] = c
         return {
             "src": codes["source"],
             "tgt": codes["target"],
             "prefix": "",
-            "forced_bos_token_id": tokenizer.get_lang_id(codes["target"]),
-        }
-    if family == "nllb":
-        vocab = tokenizer.get_vocab()
-        known = [t for t in vocab if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
-        codes = {}
-        for which, code in (("source", src), ("target", tgt)):
-            c = _FLORES.get(code, code)
-            if c not in vocab:
-                raise unknown(code, which, known)
-            codes[which] = c
-        return {
-            "src": codes["source"],
-            "tgt": codes["target"],
-            "prefix": "",
-            "forced_bos_token_id": tokenizer.convert_tokens_to_ids(codes["target"]),
+            "forced_bos_token_id": token_id(codes["target"]),
         }
     if family == "marian":
         supported = list(getattr(tokenizer, "supported_language_codes", None) or [])
