@@ -15,6 +15,7 @@ from clo_fast.data import DataError, build_text_dataset, demo_data_path
 from clo_fast.data.translate import (
     HFTranslator,
     TranslationCache,
+    TranslationError,
     UnknownLanguageError,
     _restore_inline,
     _split_long,
@@ -291,3 +292,50 @@ def test_empty_translation_is_an_error_naming_record(tmp_path):
         DataError, match=r"demo_en_ko_sw.jsonl: line \d+: field 'response': the ko translation is empty"
     ):
         build_text_dataset(cfg, translator=Blank(), progress=False)
+
+
+class _LockedAtFirst:
+    """sqlite3.connect whose first `locked` connections fail their setup with "database is locked", as ranks
+    opening one shared cache at the same instant saw in CI (a WAL switch meeting another rank's lock)."""
+
+    def __init__(self, locked: int, message: str = "database is locked"):
+        import sqlite3
+
+        self.real, self.locked, self.message, self.connects = sqlite3.connect, locked, message, 0
+
+    def __call__(self, *args, **kwargs):
+        import sqlite3
+
+        self.connects += 1
+        db = self.real(*args, **kwargs)
+        if self.connects > self.locked:
+            return db
+        message = self.message
+
+        class Failing:
+            def execute(self, sql, *a):
+                if sql.startswith("PRAGMA journal_mode"):
+                    raise sqlite3.OperationalError(message)
+                return db.execute(sql, *a)
+
+            def close(self):
+                db.close()
+
+        return Failing()
+
+
+def test_cache_open_retries_a_locked_database_and_names_other_errors(tmp_path, monkeypatch):
+    import clo_fast.data.translate as translate
+
+    flaky = _LockedAtFirst(locked=2)
+    monkeypatch.setattr(translate.sqlite3, "connect", flaky)
+    cache = TranslationCache(tmp_path / "c.sqlite")
+    assert flaky.connects == 3  # two locked attempts, then the open that worked
+    cache.put_many("m", "en", "sw", [("hello", "habari")])
+    assert cache.get_many("m", "en", "sw", ["hello"]) == {"hello": "habari"}
+
+    broken = _LockedAtFirst(locked=10, message="disk I/O error")  # not a lock: no retry, the file is named
+    monkeypatch.setattr(translate.sqlite3, "connect", broken)
+    with pytest.raises(TranslationError, match=r"d\.sqlite: the translation cache cannot be read \(disk I/O error\)"):
+        TranslationCache(tmp_path / "d.sqlite")
+    assert broken.connects == 1
