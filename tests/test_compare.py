@@ -180,3 +180,28 @@ def test_compare_end_to_end_small(tmp_path):
     # other settings into the same folder: refused, naming the run folder
     r3 = subprocess.run(cmd + ["--set", "clo.beta=0.3"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r3.returncode == 2 and "holds a run started with other settings" in r3.stderr
+
+
+@pytest.mark.slow
+def test_compare_resumes_an_interrupted_run(tmp_path):
+    """A run killed mid-training (SIGKILL after step 3, checkpoint at step 2) stops the comparison with its log
+    named; started again, compare resumes that run from its checkpoint instead of starting over."""
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--seeds", "0",
+        "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
+        "--set", f"data.output_dir={tmp_path / 'data'}", "--set", "eval.max_prompts=2",
+        "--set", "eval.max_new_tokens=4",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    crashed = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "CLO_FAST_TEST_CRASH": "after_step:3"}, cwd=ROOT
+    )
+    assert crashed.returncode == 2 and "training run clo-s0 failed" in crashed.stderr
+    assert "clo-s0/train.log" in crashed.stderr and not (out / "compare.json").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "runs" / "clo-s0" / "train.log").read_text()
+    assert "resumed from" in log and "step_00000002" in log.split("resumed from")[1].splitlines()[0]
+    marker = json.loads((out / "runs" / "clo-s0" / "compare_run.json").read_text())
+    assert marker["finished"] and marker["final_metrics"]
