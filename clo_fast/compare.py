@@ -151,7 +151,7 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
         done = json.loads(marker.read_text())
         same = {k: done.get(k) for k in settings} == settings
         if same and done.get("finished") and (run_dir / "hf_model" / "config.json").is_file():
-            return done
+            return {**done, "reused": True}
         if not same and not overwrite:
             raise CompareError(
                 f"{run_dir} holds a run started with other settings ({marker}); use another --out-dir, "
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
             overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, out / "ref_data", args.as_ranks)]
             print(f"[compare] training {label} → {run_dir}", flush=True)
             runs[label] = {**train_run(config, overrides, run_dir, args.overwrite), "run_dir": str(run_dir)}
-            print(f"[compare] {label}: {runs[label].get('seconds', 0):.0f} s", flush=True)
+            how = "finished earlier, reused" if runs[label].get("reused") else "trained"
+            print(f"[compare] {label}: {runs[label]['seconds']:.0f} s ({how})", flush=True)
 
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
