@@ -24,9 +24,13 @@ count. Length profiles (benchmarks/common.py LENGTH_PROFILES; it says where the 
     python benchmarks/bench_step.py --gpu        # CUDA: Llama-3.2-1B shape, bf16, oasst + demo profiles
 
 CPU timing: the machine may be shared, so step_ms comes from one process that runs every variant's steps
-round-robin (median wall time of the rounds; step_ms_own_process is the variant's one step in its own
-process), and step_cpu_ms is that process's CPU time per step (one thread by default: the work itself,
-little disturbed by other load). CUDA: the median of --steps.
+round-robin, the order rotated every round (median wall time of --steps rounds after --warmup, with p10/p90
+and min; step_ms_own_process is the variant's one step in its own process), and step_cpu_ms is that
+process's CPU time per step (one thread by default: the work itself, little disturbed by other load).
+"paired_round_ratios": per round, none's (today's) step time over the packed mode's in the same round, then
+the median and p10/p90 of those ratios (both steps of a pair saw the same load). host_build_ms: building
+one step's micro-batches on the host (done before timing for every variant, so not in step_ms). CUDA: the
+median of --steps.
 Robustness: variants run in child processes (CPU: one per variant, so the peak RSS is the variant's own;
 CUDA: one child runs the variants in turn, resetting the CUDA peak between them, and a crashed child is
 replaced by a fresh one that skips the variant it died in). A failing variant is recorded under "errors";
@@ -339,10 +343,55 @@ def run_variant(variant: str, profile: str, a) -> dict:
     return res
 
 
+def _pct(xs: list[float], q: float) -> float:
+    """The q-quantile of xs (linear interpolation between order statistics)."""
+    ys = sorted(xs)
+    k = (len(ys) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
+
+
+def _spread(prefix: str, xs: list[float]) -> dict:
+    return {
+        prefix: round(statistics.median(xs), 2),
+        f"{prefix}_p10": round(_pct(xs, 0.1), 2),
+        f"{prefix}_p90": round(_pct(xs, 0.9), 2),
+        f"{prefix}_min": round(min(xs), 2),
+    }
+
+
+def host_build_ms(variant: str, examples: list[dict], a, repeats: int = 5) -> float | None:
+    """Median wall time to build one step's micro-batches on the host (our variants): not part of step_ms
+    (every variant's inputs are built before timing), reported next to it because the trainer builds them
+    on the host every step."""
+    from clo_fast.packing import build_packed_batch, plan_micro_batches
+
+    if variant not in ("today", "none") + PACKED:
+        return None
+    mode = "none" if variant == "today" else variant
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if mode in PACKED:
+            groups = plan_micro_batches(examples, mode, a.token_budget)
+        else:
+            groups = [list(range(i, min(len(examples), i + a.micro))) for i in range(0, len(examples), a.micro)]
+        for g in groups:
+            build_packed_batch(
+                [examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad
+            )
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 2)
+
+
 def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
     """CPU timing on a shared machine: every variant built in this one process, their steps run round-robin
-    (A, B, C, A, B, C, ...) so load from other processes hits all of them alike. Returns
-    {variant: {"step_ms", "step_ms_all"} or {"error"}}."""
+    so load from other processes hits all of them alike; the order rotates every round (round r starts at
+    variant r mod n), so no variant always runs right after the same one. Returns per variant
+    {"step_ms" (median wall), p10/p90/min, "step_cpu_ms" (median CPU time of this process) and its spread,
+    the per-round lists} or {"error"}; and under "_paired", per pair (mode, base): the median over rounds of
+    base_ms / mode_ms within the same round (both steps saw the same load)."""
     import torch
 
     device = torch.device(a.device)
@@ -360,10 +409,15 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
             live[v] = (step, opt)
         except Exception as e:  # noqa: BLE001
             out[v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    times = {v: [] for v in live}
-    cpu_times = {v: [] for v in live}
+    times = {v: [None] * a.steps for v in live}
+    cpu_times = {v: [None] * a.steps for v in live}
     for i in range(a.warmup + a.steps):
-        for v, (step, opt) in list(live.items()):
+        order = list(live)
+        order = order[i % len(order) :] + order[: i % len(order)] if order else order
+        for v in order:
+            if v not in live:
+                continue
+            step, opt = live[v]
             c0 = time.process_time()
             t0 = time.perf_counter()
             try:
@@ -375,18 +429,33 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
                 live.pop(v)
                 continue
             if i >= a.warmup:
-                times[v].append((time.perf_counter() - t0) * 1e3)
-                cpu_times[v].append((time.process_time() - c0) * 1e3)
+                times[v][i - a.warmup] = (time.perf_counter() - t0) * 1e3
+                cpu_times[v][i - a.warmup] = (time.process_time() - c0) * 1e3
     for v in live:
         # wall time: median of the interleaved rounds; CPU time of this process: the work itself, much less
         # disturbed by other processes' load on a shared machine (with 1 thread, no spin-waiting in it)
         out[v] = {
-            "step_ms": round(statistics.median(times[v]), 2),
-            "step_ms_min": round(min(times[v]), 2),
+            **_spread("step_ms", times[v]),
             "step_ms_all": [round(t, 2) for t in times[v]],
-            "step_cpu_ms": round(statistics.median(cpu_times[v]), 2),
+            **_spread("step_cpu_ms", cpu_times[v]),
             "step_cpu_ms_all": [round(t, 2) for t in cpu_times[v]],
+            "host_build_ms": host_build_ms(v, examples, a),
         }
+    paired = {}
+    for mode in PACKED + ("none",):
+        for base in ("none", "today"):
+            if mode in live and base in live and mode != base:
+                r = [tb / tm for tb, tm in zip(times[base], times[mode], strict=True)]
+                rc = [tb / tm for tb, tm in zip(cpu_times[base], cpu_times[mode], strict=True)]
+                paired[f"{mode}_vs_{base}"] = {
+                    "wall_ratio_median": round(statistics.median(r), 3),
+                    "wall_ratio_p10": round(_pct(r, 0.1), 3),
+                    "wall_ratio_p90": round(_pct(r, 0.9), 3),
+                    "cpu_ratio_median": round(statistics.median(rc), 3),
+                    "cpu_ratio_p10": round(_pct(rc, 0.1), 3),
+                    "cpu_ratio_p90": round(_pct(rc, 0.9), 3),
+                }
+    out["_paired"] = paired
     return out
 
 
@@ -434,7 +503,7 @@ def summarize(results: dict) -> dict:
     return out
 
 
-def write_report(a, results: dict, errors: dict, out: Path) -> None:
+def write_report(a, results: dict, errors: dict, out: Path, paired: dict | None = None) -> None:
     report = {
         "benchmark": "bench_step",
         "issue": 10,
@@ -463,6 +532,7 @@ def write_report(a, results: dict, errors: dict, out: Path) -> None:
         ),
         "results": results,
         "summary": summarize(results),
+        "paired_round_ratios": paired or {},
         "errors": errors,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -529,8 +599,8 @@ def main(argv=None) -> int:
         default=1,
         help="packed stream length multiple (fewer shapes for compiled kernels, e.g. 512 with flex_attention)",
     )
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 CUDA / 5 interleaved rounds CPU)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 CUDA / 30 interleaved rounds CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CUDA / 3 CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", help="head impl for ours: auto | triton | torch")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
@@ -552,7 +622,8 @@ def main(argv=None) -> int:
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.profiles = a.profiles or ("oasst,demo" if gpu else "demo")
     a.examples = a.examples or (16 if gpu else 8)
-    a.steps = a.steps or (3 if gpu else 5)
+    a.steps = a.steps or (3 if gpu else 30)
+    a.warmup = a.warmup if a.warmup is not None else (1 if gpu else 3)
     a.micro = a.micro or 2
     a.token_budget = a.token_budget or (4096 if gpu else 1024)
     a.pad_to = a.pad_to or (64 if gpu else 16)
@@ -565,6 +636,7 @@ def main(argv=None) -> int:
         variants.remove("trl_liger")  # Liger is GPU-only: recorded as skipped below
     results: dict = {pr: {} for pr in a.profiles.split(",")}
     errors: dict = {}
+    paired: dict = {}
     if not gpu and "trl_liger" in a.variants.split(","):
         errors["trl_liger"] = "skipped: Liger's kernels need CUDA"
     own_steps = ["--steps", "1", "--warmup", "0"] if not gpu else []  # CPU: times come from the interleaved run
@@ -665,6 +737,9 @@ def main(argv=None) -> int:
         if lines.is_file():
             for line in lines.read_text().splitlines():
                 rec = json.loads(line)
+                if rec["variant"] == "_paired":
+                    paired[rec["profile"]] = rec["timing"]
+                    continue
                 res = results.get(rec["profile"], {}).get(rec["variant"])
                 if res is None:
                     continue
@@ -673,23 +748,31 @@ def main(argv=None) -> int:
                     continue
                 res["step_ms_own_process"] = res["step_ms"]
                 res.update(rec["timing"])
-                res["step_ms_kind"] = "median of rounds interleaved with the other variants in one process (wall)"
+                res["step_ms_kind"] = (
+                    "median (p10, p90) of rounds interleaved with the other variants in one process, order "
+                    "rotated every round (wall); step_cpu_ms: that process's CPU time per step"
+                )
         else:
             errors["interleaved_timing"] = tail
-        write_report(a, results, errors, out)
+        write_report(a, results, errors, out, paired)
 
     print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {a.examples} examples/step  [{machine(a.device)}]")
     for profile, res in results.items():
         print(f"-- profile {profile}")
         print(
-            f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'peak MiB':>9} {'micro':>5} {'loss@1':>9}"  # noqa: E501
+            f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'p10-p90':>15} {'cpu ms':>8} "
+            f"{'peak MiB':>9} {'micro':>5} {'loss@1':>9}"
         )
         for v, r in res.items():
+            spread = f"{r['step_ms_p10']:.0f}-{r['step_ms_p90']:.0f}" if "step_ms_p10" in r else "-"
+            cpu = f"{r['step_cpu_ms']:.1f}" if "step_cpu_ms" in r else "-"
             print(
                 f"{v:20} {r['body_tokens_per_example']:11.1f} {r['head_rows_per_example']:12.1f} {r['step_ms']:9.1f} "
-                f"{r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}"
+                f"{spread:>15} {cpu:>8} {r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}"
             )
     print(json.dumps(summarize(results), indent=1))
+    if paired:
+        print(json.dumps(paired, indent=1))
     if errors:
         print("errors: " + ", ".join(errors))
     print(f"written: {out}")

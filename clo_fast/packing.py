@@ -246,7 +246,7 @@ def build_packed_batch(
     rows: list[int] = []
     row_labels: list[int] = []
     row_seqs: list[int] = []
-    response_tokens = torch.zeros(len(examples), 4, dtype=torch.long)
+    counts = [[0] * 4 for _ in examples]  # labelled tokens per sequence (host ints; one tensor at the end)
     ndoc = 0
     for b, ex in enumerate(examples):
         for ids, pos, branch, where in _documents(ex, mode, sequences):
@@ -260,12 +260,12 @@ def build_packed_batch(
             for k, place in where.items():
                 lab = ex["labels"][k]
                 # position t predicts token t+1 (the shift collate_clo does on the padded labels)
-                for t in range(len(lab) - 1):
-                    if lab[t + 1] != IGNORE_INDEX:
-                        rows.append(off + place[t])
-                        row_labels.append(int(lab[t + 1]))
-                        row_seqs.append(4 * b + k)
-                        response_tokens[b, k] += 1
+                ts = [t for t in range(len(lab) - 1) if lab[t + 1] != IGNORE_INDEX]
+                rows += [off + place[t] for t in ts]
+                row_labels += [int(lab[t + 1]) for t in ts]
+                row_seqs += [4 * b + k] * len(ts)
+                counts[b][k] += len(ts)
+    response_tokens = torch.tensor(counts, dtype=torch.long).view(len(examples), 4)
     real = len(ids_all)
     m = max(1, int(pad_to_multiple_of or 1))
     pad = -real % m
