@@ -2,11 +2,13 @@
 
 Variants (all: the same random Llama-shaped model, attention q/k/v/o trainable, AdamW, the same examples per
 step, reference log-probs precomputed — a constant per sequence, as TRL's `precompute_ref_log_probs`):
-  today               padded micro-batches of `--micro` examples, every padded row through the fused head
-                      (main before issue #10)
+  today               padded micro-batches, every padded row through the fused head (main before issue #10)
   none                padded micro-batches, only labelled rows through the head
-  padding_free        token-budget micro-batches, every sequence once in one stream
-  prefix_shared       token-budget micro-batches, each prompt once, followed by both of its responses
+  padding_free        every sequence of a micro-batch once in one stream
+  prefix_shared       each prompt once, followed by both of its responses
+Micro-batches (`--split`): `trainer` (default) the same count in every mode, ceil(examples / --micro), balanced
+by tokens as the trainer makes them (the demo config's step); `budget` packed modes filled up to
+--token-budget body tokens (fewer, larger micro-batches), padded ones --micro consecutive examples.
   trl_liger           TRL DPOTrainer semantics: padded micro-batches, one backbone pass over the 4 sequences,
                       Liger's LigerFusedLinearDPOLoss once per direction ([chosen; rejected] stacked), the
                       NLL on the target direction (compute_nll_loss); CUDA with liger_kernel installed only
@@ -136,6 +138,25 @@ def make_model(shape: str, dtype, device, attn: str):
 
 
 # -------------------------------------------------------------------------------------------- steps
+def step_groups(variant: str, examples: list[dict], a) -> list[list[int]]:
+    """The step's micro-batches (example indices). --split trainer (default): as the trainer makes them
+    (clo_fast/training/batches.py MicroBatcher.step_batches: the global batch balanced by tokens into
+    G·W = ceil(examples / micro) micro-batches, the same count in every mode), so the step is the demo config's
+    step (2 examples × 2 accumulation × 2 ranks = 4 micro-batches of ~2 examples). --split budget: padded
+    variants take consecutive groups of --micro examples, packed ones are filled up to --token-budget body
+    tokens (fewer, larger micro-batches: what a token budget would give; the trainer does not do this)."""
+    from clo_fast.packing import balance_micro_batches, plan_micro_batches
+
+    n = len(examples)
+    count = -(-n // a.micro)
+    mode = "none" if variant in ("today", "none", "trl_liger", "materialized_logits") else variant
+    if a.split == "trainer":
+        return [g for g in balance_micro_batches(examples, mode, count) if g]
+    if variant in PACKED:
+        return plan_micro_batches(examples, variant, a.token_budget)
+    return [list(range(i, min(n, i + a.micro))) for i in range(0, n, a.micro)]
+
+
 def build_step(variant: str, model, examples: list[dict], ref, a, device):
     """(step callable → loss, micro-batch stats). Every variant runs the same examples in one optimizer
     step; the loss is normalised with the step's global counts (clo_fast.loss.clo_loss docstring), so
@@ -143,13 +164,10 @@ def build_step(variant: str, model, examples: list[dict], ref, a, device):
     import torch
 
     from clo_fast.model import apply_trainable_patterns, build_policy
-    from clo_fast.packing import build_packed_batch, plan_micro_batches
+    from clo_fast.packing import build_packed_batch
 
     n = len(examples)
-    if variant in PACKED:
-        groups = plan_micro_batches(examples, variant, a.token_budget)
-    else:
-        groups = [list(range(i, min(n, i + a.micro))) for i in range(0, n, a.micro)]
+    groups = step_groups(variant, examples, a)
     stats = {"micro_batches": len(groups), "examples_per_step": n}
 
     if variant == "materialized_logits":
@@ -365,7 +383,7 @@ def host_build_ms(variant: str, examples: list[dict], a, repeats: int = 5) -> fl
     """Median wall time to build one step's micro-batches on the host (our variants): not part of step_ms
     (every variant's inputs are built before timing), reported next to it because the trainer builds them
     on the host every step."""
-    from clo_fast.packing import build_packed_batch, plan_micro_batches
+    from clo_fast.packing import build_packed_batch
 
     if variant not in ("today", "none") + PACKED:
         return None
@@ -373,11 +391,7 @@ def host_build_ms(variant: str, examples: list[dict], a, repeats: int = 5) -> fl
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        if mode in PACKED:
-            groups = plan_micro_batches(examples, mode, a.token_budget)
-        else:
-            groups = [list(range(i, min(len(examples), i + a.micro))) for i in range(0, len(examples), a.micro)]
-        for g in groups:
+        for g in step_groups(variant, examples, a):
             build_packed_batch(
                 [examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad
             )
@@ -520,6 +534,7 @@ def write_report(a, results: dict, errors: dict, out: Path, paired: dict | None 
         "padded_micro_examples": a.micro,
         "pad_to_multiple_of": a.pad_to,
         "token_budget": a.token_budget,
+        "micro_batch_split": a.split,
         "steps": a.steps,
         "warmup": a.warmup,
         "profiles": a.profiles.split(","),
@@ -590,6 +605,12 @@ def main(argv=None) -> int:
         default=None,
         help="body tokens per packed micro-batch (default 1024 CPU / 4096 GPU)",
     )
+    p.add_argument(
+        "--split",
+        choices=["trainer", "budget"],
+        default="trainer",
+        help="micro-batches as the trainer makes them (same count in every mode) or by --token-budget (packed)",
+    )
     p.add_argument("--pad-to", type=int, default=None, help="padded length multiple (default 16 CPU / 64 GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation of our variants (today/none/packed)")
     p.add_argument("--peer-attn", default="sdpa", help="attention implementation of the peers")
@@ -655,6 +676,8 @@ def main(argv=None) -> int:
         str(a.micro),
         "--token-budget",
         str(a.token_budget),
+        "--split",
+        a.split,
         "--pad-to",
         str(a.pad_to),
         "--attn",
