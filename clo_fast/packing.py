@@ -225,8 +225,10 @@ def build_packed_batch(
     `pad_to_multiple_of` rounds the stream length up (fewer distinct shapes for compiled kernels); the tail
     is a document of its own with no head rows. `sequences` restricts the batch to some of the four
     sequences (SFT-only runs): the others get no rows and sum to 0. `attention_window`: documents are
-    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; 128 measured best
-    on CPU at the demo shape, where documents are ~100-200 tokens; a longer document is its own span).
+    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; a longer document
+    is its own span). At the demo shape on CPU, where documents are ~90-130 tokens, windows of 1-128 measured
+    the same within noise once the spans were cut with one split (see `_windowed_sdpa_forward`); 256 and up
+    were slower (Σ span² grows).
     Cost: O(total tokens) Python work on the host.
     """
     if mode not in PACKING_MODES:
