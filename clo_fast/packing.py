@@ -523,6 +523,7 @@ def windowed_packed_mask(
 
 
 _STOCK_SDPA = None
+PACKED_SDPA = "clo_packed_sdpa"  # the attention name packed sdpa models run under (`use_packed_sdpa`)
 
 
 def _windowed_sdpa_forward(
@@ -566,17 +567,32 @@ def _windowed_sdpa_forward(
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
-def install_windowed_sdpa() -> None:
-    """Route transformers' "sdpa" attention through `_windowed_sdpa_forward` (process-wide, idempotent).
-    Calls without `clo_windows` reach the stock sdpa function unchanged; a model with its own local "sdpa"
-    override would get the [1,1,L,W] mask and fail loudly on its shape, never silently."""
+def register_packed_sdpa() -> None:
+    """Register `_windowed_sdpa_forward` as its own attention name, "clo_packed_sdpa", in transformers'
+    AttentionInterface, with sdpa's mask function under the same name in AttentionMaskInterface (idempotent).
+    transformers' "sdpa" entry is left as it is: other models in the process are untouched."""
     global _STOCK_SDPA
     if _STOCK_SDPA is not None:
         return
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     _STOCK_SDPA = AttentionInterface._global_mapping["sdpa"]
-    AttentionInterface.register("sdpa", _windowed_sdpa_forward)
+    AttentionInterface.register(PACKED_SDPA, _windowed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, AttentionMaskInterface._global_mapping["sdpa"])
+
+
+def use_packed_sdpa(model) -> None:
+    """Point an sdpa model's attention at "clo_packed_sdpa" (idempotent; a model on another backend is left
+    alone). Calls without `clo_windows` — `none` batches, evaluation, generation — reach transformers' sdpa
+    function unchanged, and masks are sdpa's; the name is not saved with the config (`_attn_implementation`
+    is not serialised), so an exported model loads as sdpa. Permanent on the model rather than per forward:
+    gradient checkpointing re-runs the layers' forwards during backward. A model whose attention layers
+    read another config (still "sdpa") would get the [1,1,L,W] mask and fail loudly on its shape."""
+    register_packed_sdpa()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+        cfg._attn_implementation = PACKED_SDPA
 
 
 def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
@@ -603,7 +619,7 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
     if attn_implementation == "flex_attention":
         return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
     if attn_implementation == "sdpa" and batch.windows is not None:
-        install_windowed_sdpa()
+        register_packed_sdpa()
         return {
             "attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
             "clo_windows": batch.windows,
@@ -617,8 +633,10 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
 
 # ------------------------------------------------------------------------------------- forward
 def attn_implementation_of(policy) -> str:
+    """The model's attention backend ("clo_packed_sdpa" is sdpa: `use_packed_sdpa`)."""
     cfg = getattr(policy, "config", None)
-    return getattr(cfg, "_attn_implementation", None) or "sdpa"
+    attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    return "sdpa" if attn == PACKED_SDPA else attn
 
 
 def backbone_hidden_rows(policy, batch: PackedBatch, attn_implementation: str | None = None) -> torch.Tensor:
@@ -626,6 +644,8 @@ def backbone_hidden_rows(policy, batch: PackedBatch, attn_implementation: str | 
     attn = attn_implementation or attn_implementation_of(policy)
     param = next(policy.model.parameters())
     kwargs = attention_inputs(batch, attn, dtype=param.dtype if param.is_floating_point() else torch.float32)
+    if "clo_windows" in kwargs:
+        use_packed_sdpa(policy.model)
     out = policy.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden.reshape(-1, hidden.shape[-1])

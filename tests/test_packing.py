@@ -491,9 +491,9 @@ def test_windowed_mask_is_the_dense_mask_span_by_span(mode, window):
 def test_windowed_sdpa_matches_a_float64_dense_reference(kv_heads):
     """`_windowed_sdpa_forward` with spans (split q/k/v, grouped-query heads handed to sdpa on CPU) against a
     float64 softmax over the dense packed mask, outputs and q/k/v gradients, on fresh random inputs."""
-    from clo_fast.packing import _windowed_sdpa_forward, install_windowed_sdpa
+    from clo_fast.packing import _windowed_sdpa_forward, register_packed_sdpa
 
-    install_windowed_sdpa()
+    register_packed_sdpa()
     g = torch.Generator().manual_seed(kv_heads)
     exs = make_examples(4, seed=40 + kv_heads)
     b = build_packed_batch(exs, "prefix_shared", PAD, attention_window=40, pad_to_multiple_of=8)
@@ -549,3 +549,25 @@ def test_cpu_head_chunks_across_rows_match_float64(trainable_head):
     assert rel_err(x.grad, xd.grad) <= 1e-5
     if trainable_head:
         assert rel_err(w.grad, wd.grad) <= 1e-5
+
+
+def test_packed_sdpa_is_its_own_attention_name():
+    """A packed sdpa forward points that model at "clo_packed_sdpa" and leaves transformers' "sdpa" entry as it
+    is: another sdpa model in the process still runs the stock function; padded batches, on the switched
+    model, still match; the name is not saved with the config."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    from clo_fast.packing import PACKED_SDPA, attn_implementation_of
+
+    policy, other = tiny_policy("llama"), tiny_policy("llama")
+    exs = make_examples(3, seed=50)
+    before = padded_logps(policy, exs).detach()
+    got = policy(build_packed_batch(exs, "prefix_shared", PAD))
+    assert rel_err(got, before) <= 1e-5
+    assert policy.config._attn_implementation == PACKED_SDPA and attn_implementation_of(policy) == "sdpa"
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+    assert other.config._attn_implementation == "sdpa"
+    assert rel_err(padded_logps(policy, exs), before) <= 1e-6  # padded batches: stock sdpa underneath
+    assert rel_err(policy(build_packed_batch(exs, "none", PAD)), before) <= 1e-5
+    assert PACKED_SDPA not in policy.config.to_json_string()
