@@ -2,11 +2,13 @@
 
 Variants (all: the same random Llama-shaped model, attention q/k/v/o trainable, AdamW, the same examples per
 step, reference log-probs precomputed — a constant per sequence, as TRL's `precompute_ref_log_probs`):
-  today               padded micro-batches of `--micro` examples, every padded row through the fused head
-                      (main before issue #10)
+  today               padded micro-batches, every padded row through the fused head (main before issue #10)
   none                padded micro-batches, only labelled rows through the head
-  padding_free        token-budget micro-batches, every sequence once in one stream
-  prefix_shared       token-budget micro-batches, each prompt once, followed by both of its responses
+  padding_free        every sequence of a micro-batch once in one stream
+  prefix_shared       each prompt once, followed by both of its responses
+Micro-batches (`--split`): `trainer` (default) the same count in every mode, ceil(examples / --micro), balanced
+by tokens as the trainer makes them (the demo config's step); `budget` packed modes filled up to
+--token-budget body tokens (fewer, larger micro-batches), padded ones --micro consecutive examples.
   trl_liger           TRL DPOTrainer semantics: padded micro-batches, one backbone pass over the 4 sequences,
                       Liger's LigerFusedLinearDPOLoss once per direction ([chosen; rejected] stacked), the
                       NLL on the target direction (compute_nll_loss); CUDA with liger_kernel installed only
@@ -24,9 +26,13 @@ count. Length profiles (benchmarks/common.py LENGTH_PROFILES; it says where the 
     python benchmarks/bench_step.py --gpu        # CUDA: Llama-3.2-1B shape, bf16, oasst + demo profiles
 
 CPU timing: the machine may be shared, so step_ms comes from one process that runs every variant's steps
-round-robin (median wall time of the rounds; step_ms_own_process is the variant's one step in its own
-process), and step_cpu_ms is that process's CPU time per step (one thread by default: the work itself,
-little disturbed by other load). CUDA: the median of --steps.
+round-robin, the order rotated every round (median wall time of --steps rounds after --warmup, with p10/p90
+and min; step_ms_own_process is the variant's one step in its own process), and step_cpu_ms is that
+process's CPU time per step (one thread by default: the work itself, little disturbed by other load).
+"paired_round_ratios": per round, none's (today's) step time over the packed mode's in the same round, then
+the median and p10/p90 of those ratios (both steps of a pair saw the same load). host_build_ms: building
+one step's micro-batches on the host (done before timing for every variant, so not in step_ms). CUDA: the
+median of --steps.
 Robustness: variants run in child processes (CPU: one per variant, so the peak RSS is the variant's own;
 CUDA: one child runs the variants in turn, resetting the CUDA peak between them, and a crashed child is
 replaced by a fresh one that skips the variant it died in). A failing variant is recorded under "errors";
@@ -132,6 +138,25 @@ def make_model(shape: str, dtype, device, attn: str):
 
 
 # -------------------------------------------------------------------------------------------- steps
+def step_groups(variant: str, examples: list[dict], a) -> list[list[int]]:
+    """The step's micro-batches (example indices). --split trainer (default): as the trainer makes them
+    (clo_fast/training/batches.py MicroBatcher.step_batches: the global batch balanced by tokens into
+    G·W = ceil(examples / micro) micro-batches, the same count in every mode), so the step is the demo config's
+    step (2 examples × 2 accumulation × 2 ranks = 4 micro-batches of ~2 examples). --split budget: padded
+    variants take consecutive groups of --micro examples, packed ones are filled up to --token-budget body
+    tokens (fewer, larger micro-batches: what a token budget would give; the trainer does not do this)."""
+    from clo_fast.packing import balance_micro_batches, plan_micro_batches
+
+    n = len(examples)
+    count = -(-n // a.micro)
+    mode = "none" if variant in ("today", "none", "trl_liger", "materialized_logits") else variant
+    if a.split == "trainer":
+        return [g for g in balance_micro_batches(examples, mode, count) if g]
+    if variant in PACKED:
+        return plan_micro_batches(examples, variant, a.token_budget)
+    return [list(range(i, min(n, i + a.micro))) for i in range(0, n, a.micro)]
+
+
 def build_step(variant: str, model, examples: list[dict], ref, a, device):
     """(step callable → loss, micro-batch stats). Every variant runs the same examples in one optimizer
     step; the loss is normalised with the step's global counts (clo_fast.loss.clo_loss docstring), so
@@ -139,13 +164,10 @@ def build_step(variant: str, model, examples: list[dict], ref, a, device):
     import torch
 
     from clo_fast.model import apply_trainable_patterns, build_policy
-    from clo_fast.packing import build_packed_batch, plan_micro_batches
+    from clo_fast.packing import build_packed_batch
 
     n = len(examples)
-    if variant in PACKED:
-        groups = plan_micro_batches(examples, variant, a.token_budget)
-    else:
-        groups = [list(range(i, min(n, i + a.micro))) for i in range(0, n, a.micro)]
+    groups = step_groups(variant, examples, a)
     stats = {"micro_batches": len(groups), "examples_per_step": n}
 
     if variant == "materialized_logits":
@@ -339,10 +361,51 @@ def run_variant(variant: str, profile: str, a) -> dict:
     return res
 
 
+def _pct(xs: list[float], q: float) -> float:
+    """The q-quantile of xs (linear interpolation between order statistics)."""
+    ys = sorted(xs)
+    k = (len(ys) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
+
+
+def _spread(prefix: str, xs: list[float]) -> dict:
+    return {
+        prefix: round(statistics.median(xs), 2),
+        f"{prefix}_p10": round(_pct(xs, 0.1), 2),
+        f"{prefix}_p90": round(_pct(xs, 0.9), 2),
+        f"{prefix}_min": round(min(xs), 2),
+    }
+
+
+def host_build_ms(variant: str, examples: list[dict], a, repeats: int = 5) -> float | None:
+    """Median wall time to build one step's micro-batches on the host (our variants): not part of step_ms
+    (every variant's inputs are built before timing), reported next to it because the trainer builds them
+    on the host every step."""
+    from clo_fast.packing import build_packed_batch
+
+    if variant not in ("today", "none") + PACKED:
+        return None
+    mode = "none" if variant == "today" else variant
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for g in step_groups(variant, examples, a):
+            build_packed_batch(
+                [examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad
+            )
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 2)
+
+
 def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
     """CPU timing on a shared machine: every variant built in this one process, their steps run round-robin
-    (A, B, C, A, B, C, ...) so load from other processes hits all of them alike. Returns
-    {variant: {"step_ms", "step_ms_all"} or {"error"}}."""
+    so load from other processes hits all of them alike; the order rotates every round (round r starts at
+    variant r mod n), so no variant always runs right after the same one. Returns per variant
+    {"step_ms" (median wall), p10/p90/min, "step_cpu_ms" (median CPU time of this process) and its spread,
+    the per-round lists} or {"error"}; and under "_paired", per pair (mode, base): the median over rounds of
+    base_ms / mode_ms within the same round (both steps saw the same load)."""
     import torch
 
     device = torch.device(a.device)
@@ -360,10 +423,15 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
             live[v] = (step, opt)
         except Exception as e:  # noqa: BLE001
             out[v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    times = {v: [] for v in live}
-    cpu_times = {v: [] for v in live}
+    times = {v: [None] * a.steps for v in live}
+    cpu_times = {v: [None] * a.steps for v in live}
     for i in range(a.warmup + a.steps):
-        for v, (step, opt) in list(live.items()):
+        order = list(live)
+        order = order[i % len(order) :] + order[: i % len(order)] if order else order
+        for v in order:
+            if v not in live:
+                continue
+            step, opt = live[v]
             c0 = time.process_time()
             t0 = time.perf_counter()
             try:
@@ -375,18 +443,33 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
                 live.pop(v)
                 continue
             if i >= a.warmup:
-                times[v].append((time.perf_counter() - t0) * 1e3)
-                cpu_times[v].append((time.process_time() - c0) * 1e3)
+                times[v][i - a.warmup] = (time.perf_counter() - t0) * 1e3
+                cpu_times[v][i - a.warmup] = (time.process_time() - c0) * 1e3
     for v in live:
         # wall time: median of the interleaved rounds; CPU time of this process: the work itself, much less
         # disturbed by other processes' load on a shared machine (with 1 thread, no spin-waiting in it)
         out[v] = {
-            "step_ms": round(statistics.median(times[v]), 2),
-            "step_ms_min": round(min(times[v]), 2),
+            **_spread("step_ms", times[v]),
             "step_ms_all": [round(t, 2) for t in times[v]],
-            "step_cpu_ms": round(statistics.median(cpu_times[v]), 2),
+            **_spread("step_cpu_ms", cpu_times[v]),
             "step_cpu_ms_all": [round(t, 2) for t in cpu_times[v]],
+            "host_build_ms": host_build_ms(v, examples, a),
         }
+    paired = {}
+    for mode in PACKED + ("none",):
+        for base in ("none", "today"):
+            if mode in live and base in live and mode != base:
+                r = [tb / tm for tb, tm in zip(times[base], times[mode], strict=True)]
+                rc = [tb / tm for tb, tm in zip(cpu_times[base], cpu_times[mode], strict=True)]
+                paired[f"{mode}_vs_{base}"] = {
+                    "wall_ratio_median": round(statistics.median(r), 3),
+                    "wall_ratio_p10": round(_pct(r, 0.1), 3),
+                    "wall_ratio_p90": round(_pct(r, 0.9), 3),
+                    "cpu_ratio_median": round(statistics.median(rc), 3),
+                    "cpu_ratio_p10": round(_pct(rc, 0.1), 3),
+                    "cpu_ratio_p90": round(_pct(rc, 0.9), 3),
+                }
+    out["_paired"] = paired
     return out
 
 
@@ -434,7 +517,7 @@ def summarize(results: dict) -> dict:
     return out
 
 
-def write_report(a, results: dict, errors: dict, out: Path) -> None:
+def write_report(a, results: dict, errors: dict, out: Path, paired: dict | None = None) -> None:
     report = {
         "benchmark": "bench_step",
         "issue": 10,
@@ -451,6 +534,7 @@ def write_report(a, results: dict, errors: dict, out: Path) -> None:
         "padded_micro_examples": a.micro,
         "pad_to_multiple_of": a.pad_to,
         "token_budget": a.token_budget,
+        "micro_batch_split": a.split,
         "steps": a.steps,
         "warmup": a.warmup,
         "profiles": a.profiles.split(","),
@@ -463,6 +547,7 @@ def write_report(a, results: dict, errors: dict, out: Path) -> None:
         ),
         "results": results,
         "summary": summarize(results),
+        "paired_round_ratios": paired or {},
         "errors": errors,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -520,6 +605,12 @@ def main(argv=None) -> int:
         default=None,
         help="body tokens per packed micro-batch (default 1024 CPU / 4096 GPU)",
     )
+    p.add_argument(
+        "--split",
+        choices=["trainer", "budget"],
+        default="trainer",
+        help="micro-batches as the trainer makes them (same count in every mode) or by --token-budget (packed)",
+    )
     p.add_argument("--pad-to", type=int, default=None, help="padded length multiple (default 16 CPU / 64 GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation of our variants (today/none/packed)")
     p.add_argument("--peer-attn", default="sdpa", help="attention implementation of the peers")
@@ -529,8 +620,8 @@ def main(argv=None) -> int:
         default=1,
         help="packed stream length multiple (fewer shapes for compiled kernels, e.g. 512 with flex_attention)",
     )
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 CUDA / 5 interleaved rounds CPU)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 CUDA / 30 interleaved rounds CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CUDA / 3 CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", help="head impl for ours: auto | triton | torch")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
@@ -552,7 +643,8 @@ def main(argv=None) -> int:
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.profiles = a.profiles or ("oasst,demo" if gpu else "demo")
     a.examples = a.examples or (16 if gpu else 8)
-    a.steps = a.steps or (3 if gpu else 5)
+    a.steps = a.steps or (3 if gpu else 30)
+    a.warmup = a.warmup if a.warmup is not None else (1 if gpu else 3)
     a.micro = a.micro or 2
     a.token_budget = a.token_budget or (4096 if gpu else 1024)
     a.pad_to = a.pad_to or (64 if gpu else 16)
@@ -565,6 +657,7 @@ def main(argv=None) -> int:
         variants.remove("trl_liger")  # Liger is GPU-only: recorded as skipped below
     results: dict = {pr: {} for pr in a.profiles.split(",")}
     errors: dict = {}
+    paired: dict = {}
     if not gpu and "trl_liger" in a.variants.split(","):
         errors["trl_liger"] = "skipped: Liger's kernels need CUDA"
     own_steps = ["--steps", "1", "--warmup", "0"] if not gpu else []  # CPU: times come from the interleaved run
@@ -583,6 +676,8 @@ def main(argv=None) -> int:
         str(a.micro),
         "--token-budget",
         str(a.token_budget),
+        "--split",
+        a.split,
         "--pad-to",
         str(a.pad_to),
         "--attn",
@@ -665,6 +760,9 @@ def main(argv=None) -> int:
         if lines.is_file():
             for line in lines.read_text().splitlines():
                 rec = json.loads(line)
+                if rec["variant"] == "_paired":
+                    paired[rec["profile"]] = rec["timing"]
+                    continue
                 res = results.get(rec["profile"], {}).get(rec["variant"])
                 if res is None:
                     continue
@@ -673,23 +771,31 @@ def main(argv=None) -> int:
                     continue
                 res["step_ms_own_process"] = res["step_ms"]
                 res.update(rec["timing"])
-                res["step_ms_kind"] = "median of rounds interleaved with the other variants in one process (wall)"
+                res["step_ms_kind"] = (
+                    "median (p10, p90) of rounds interleaved with the other variants in one process, order "
+                    "rotated every round (wall); step_cpu_ms: that process's CPU time per step"
+                )
         else:
             errors["interleaved_timing"] = tail
-        write_report(a, results, errors, out)
+        write_report(a, results, errors, out, paired)
 
     print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {a.examples} examples/step  [{machine(a.device)}]")
     for profile, res in results.items():
         print(f"-- profile {profile}")
         print(
-            f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'peak MiB':>9} {'micro':>5} {'loss@1':>9}"  # noqa: E501
+            f"{'variant':20} {'body tok/ex':>11} {'head rows/ex':>12} {'step ms':>9} {'p10-p90':>15} {'cpu ms':>8} "
+            f"{'peak MiB':>9} {'micro':>5} {'loss@1':>9}"
         )
         for v, r in res.items():
+            spread = f"{r['step_ms_p10']:.0f}-{r['step_ms_p90']:.0f}" if "step_ms_p10" in r else "-"
+            cpu = f"{r['step_cpu_ms']:.1f}" if "step_cpu_ms" in r else "-"
             print(
                 f"{v:20} {r['body_tokens_per_example']:11.1f} {r['head_rows_per_example']:12.1f} {r['step_ms']:9.1f} "
-                f"{r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}"
+                f"{spread:>15} {cpu:>8} {r['peak_mib']:9.1f} {r['micro_batches']:5d} {r['first_loss']:9.5f}"
             )
     print(json.dumps(summarize(results), indent=1))
+    if paired:
+        print(json.dumps(paired, indent=1))
     if errors:
         print("errors: " + ", ".join(errors))
     print(f"written: {out}")

@@ -23,11 +23,16 @@ import torch
 from clo_fast.constants import IGNORE_INDEX
 
 _CPU_CHUNK_BYTES = 32 << 20  # fp32 [chunk, V] logit buffer budget for the torch path
+# row cap of a CPU torch-path chunk (the byte budget alone allows 4096 rows at V = 2048): measured on a
+# 2-core EPYC (torch 2.13, fp32), forward + backward of the frozen head over 1278 rows at V = 2048, H = 128:
+# 256-row chunks 26.6 ms vs 48.5 ms in one chunk (the [chunk, V] logits stay in cache; 64-row chunks: 35 ms)
+_CPU_CHUNK_ROWS = 256
 
 
 # ------------------------------------------------------------------------------ chunked torch path
-def _torch_chunk_rows(V: int, chunk_rows: int | None) -> int:
-    return chunk_rows or max(16, _CPU_CHUNK_BYTES // (4 * V))
+def _torch_chunk_rows(V: int, chunk_rows: int | None, device_type: str = "cpu") -> int:
+    by_bytes = _CPU_CHUNK_BYTES // (4 * V)
+    return chunk_rows or max(16, min(_CPU_CHUNK_ROWS, by_bytes) if device_type == "cpu" else by_bytes)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -43,18 +48,24 @@ def _torch_forward(x, w, y, ignore_index, seq_ids=None, num_seqs=0, input_grad=F
     lse = torch.empty(N, device=x.device, dtype=cd)
     logp = torch.empty(N, device=x.device, dtype=cd)
     D = torch.empty(x.shape, device=x.device, dtype=x.dtype) if input_grad else None
-    rows = _torch_chunk_rows(w.shape[0], chunk_rows)
+    rows = _torch_chunk_rows(w.shape[0], chunk_rows, x.device.type)
     for n0 in range(0, N, rows):
         z = x[n0 : n0 + rows].to(cd) @ wc.T
         yc = y[n0 : n0 + rows]
         valid = yc != ignore_index
         safe = torch.where(valid, yc, 0).unsqueeze(1)
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[n0 : n0 + rows] = lse_c
-        logp[n0 : n0 + rows] = torch.where(valid, z.gather(1, safe).squeeze(1) - lse_c, 0.0)
+        # log-sum-exp by hand, so that the one exp pass also gives the softmax D needs (torch.logsumexp
+        # and a second exp over the chunk cost ~10% of a demo-shape CPU step)
+        zmax = z.amax(dim=1, keepdim=True)
+        z.sub_(zmax)
+        picked = z.gather(1, safe).squeeze(1)  # z_y − max
+        total = z.exp_().sum(dim=1, keepdim=True)
+        log_total = total.log()
+        lse[n0 : n0 + rows] = (zmax + log_total).squeeze(1)
+        logp[n0 : n0 + rows] = torch.where(valid, picked - log_total.squeeze(1), 0.0)
         if input_grad:  # dlogp/dz = onehot(y) − softmax(z), 0 on ignored rows; D = that · W
-            g = torch.exp_(z.sub_(lse_c[:, None])).neg_()
-            g.scatter_add_(1, safe, torch.ones_like(lse_c[:, None]))
+            g = z.div_(total).neg_()
+            g.scatter_add_(1, safe, torch.ones_like(total))
             g.mul_(valid[:, None])
             D[n0 : n0 + rows] = g @ wc
         del z
@@ -71,7 +82,7 @@ def _torch_backward(x, w, y, lse, grad, need_dw, ignore_index, chunk_rows=None):
     wc = w.to(cd)
     dx = torch.empty_like(x)
     dw = torch.zeros(w.shape, device=w.device, dtype=cd) if need_dw else None
-    rows = _torch_chunk_rows(w.shape[0], chunk_rows)
+    rows = _torch_chunk_rows(w.shape[0], chunk_rows, x.device.type)
     for n0 in range(0, N, rows):
         xc = x[n0 : n0 + rows].to(cd)
         z = xc @ wc.T

@@ -225,8 +225,10 @@ def build_packed_batch(
     `pad_to_multiple_of` rounds the stream length up (fewer distinct shapes for compiled kernels); the tail
     is a document of its own with no head rows. `sequences` restricts the batch to some of the four
     sequences (SFT-only runs): the others get no rows and sum to 0. `attention_window`: documents are
-    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; 128 measured best
-    on CPU at the demo shape, where documents are ~100-200 tokens; a longer document is its own span).
+    grouped into sdpa spans of up to this many tokens (cost Σ span² + one call per span; a longer document
+    is its own span). At the demo shape on CPU, where documents are ~90-130 tokens, windows of 1-128 measured
+    the same within noise once the spans were cut with one split (see `_windowed_sdpa_forward`); 256 and up
+    were slower (Σ span² grows).
     Cost: O(total tokens) Python work on the host.
     """
     if mode not in PACKING_MODES:
@@ -246,7 +248,7 @@ def build_packed_batch(
     rows: list[int] = []
     row_labels: list[int] = []
     row_seqs: list[int] = []
-    response_tokens = torch.zeros(len(examples), 4, dtype=torch.long)
+    counts = [[0] * 4 for _ in examples]  # labelled tokens per sequence (host ints; one tensor at the end)
     ndoc = 0
     for b, ex in enumerate(examples):
         for ids, pos, branch, where in _documents(ex, mode, sequences):
@@ -260,12 +262,12 @@ def build_packed_batch(
             for k, place in where.items():
                 lab = ex["labels"][k]
                 # position t predicts token t+1 (the shift collate_clo does on the padded labels)
-                for t in range(len(lab) - 1):
-                    if lab[t + 1] != IGNORE_INDEX:
-                        rows.append(off + place[t])
-                        row_labels.append(int(lab[t + 1]))
-                        row_seqs.append(4 * b + k)
-                        response_tokens[b, k] += 1
+                ts = [t for t in range(len(lab) - 1) if lab[t + 1] != IGNORE_INDEX]
+                rows += [off + place[t] for t in ts]
+                row_labels += [int(lab[t + 1]) for t in ts]
+                row_seqs += [4 * b + k] * len(ts)
+                counts[b][k] += len(ts)
+    response_tokens = torch.tensor(counts, dtype=torch.long).view(len(examples), 4)
     real = len(ids_all)
     m = max(1, int(pad_to_multiple_of or 1))
     pad = -real % m
@@ -497,16 +499,31 @@ def windowed_packed_mask(
     doc_ids: torch.Tensor, branch_ids: torch.Tensor, windows: Sequence[tuple[int, int]]
 ) -> torch.Tensor:
     """[1,1,L,W] bool, W = the widest span: row i holds `dense_packed_mask` of its span (columns = keys of the
-    span, from its start; columns past the span's width are False). Σ span·W bools instead of L²."""
+    span, from its start; columns past the span's width are False). Σ span·W bools instead of L².
+
+    Built in one pass for all spans: the ids laid out [S, W] (span-major, -1 past a span's end), the rule
+    evaluated on [S, W, W], then the rows of real tokens kept (in order, since spans tile the stream)."""
+    L, dev = doc_ids.shape[0], doc_ids.device
     width = max(e - s for s, e in windows)
-    rows = []
-    for s, e in windows:
-        m = dense_packed_mask(doc_ids[s:e], branch_ids[s:e])[0, 0]
-        rows.append(torch.nn.functional.pad(m, (0, width - (e - s)), value=False))
-    return torch.cat(rows, 0).view(1, 1, doc_ids.shape[0], width)
+    idx = torch.full((len(windows), width), -1, dtype=torch.long)
+    for i, (s, e) in enumerate(windows):
+        idx[i, : e - s] = torch.arange(s, e)
+    idx = idx.to(dev)
+    real = idx >= 0
+    safe = idx.clamp(min=0)
+    doc = torch.where(real, doc_ids[safe], -1)
+    branch = branch_ids[safe]
+    col = torch.arange(width, device=dev)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (col[:, None] >= col[None, :]) & real[:, None, :]
+    allowed &= (branch[:, None, :] == PROMPT) | (branch[:, None, :] == branch[:, :, None])
+    rows = allowed.view(-1, width)[real.view(-1)]
+    if rows.shape[0] != L:
+        raise ValueError(f"windows must cover the {L} packed tokens once each, got {windows}")
+    return rows.view(1, 1, L, width)
 
 
 _STOCK_SDPA = None
+PACKED_SDPA = "clo_packed_sdpa"  # the attention name packed sdpa models run under (`use_packed_sdpa`)
 
 
 def _windowed_sdpa_forward(
@@ -514,42 +531,68 @@ def _windowed_sdpa_forward(
 ):
     """transformers' sdpa attention, plus packed spans: with `clo_windows` in the kwargs (from
     `attention_inputs`), one sdpa call per span with its slice of the [1,1,L,W] mask; otherwise the stock
-    function, unchanged. Exact: no query attends across a span boundary (spans hold whole documents)."""
+    function, unchanged. Exact: no query attends across a span boundary (spans hold whole documents).
+
+    The spans tile [0, L) in order (`_group_windows`), so q/k/v are cut with one `split` each: its backward
+    is one concatenation, where a slice per span would allocate and fill a full-length zero gradient per
+    span and tensor (measured: ~25% of the attention's time at the demo shape on CPU). On CPU grouped-query
+    heads go to sdpa as they are (`enable_gqa`); on CUDA they are repeated, since a masked sdpa with
+    `enable_gqa` falls back to the math kernel there."""
     windows = kwargs.pop("clo_windows", None)
     if windows is None:
         return _STOCK_SDPA(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # GQA: each KV head serves `groups` query heads
+    gqa = groups > 1 and query.device.type == "cpu"
+    if groups > 1 and not gqa:  # each KV head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    out = []
-    for s, e in windows:
-        out.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, s:e],
-                key[:, :, s:e],
-                value[:, :, s:e],
-                attn_mask=attention_mask[:, :, s:e, : e - s],
-                dropout_p=dropout,
-                scale=scaling,
-            )
+    sizes = [e - s for s, e in windows]
+    tiled = windows[0][0] == 0 and windows[-1][1] == query.shape[2]
+    tiled = tiled and all(windows[i][1] == windows[i + 1][0] for i in range(len(windows) - 1))
+    if tiled:
+        qs, ks, vs = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
+    else:  # not produced by build_packed_batch; kept general
+        qs = [query[:, :, s:e] for s, e in windows]
+        ks = [key[:, :, s:e] for s, e in windows]
+        vs = [value[:, :, s:e] for s, e in windows]
+    extra = {"enable_gqa": True} if gqa else {}
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask[:, :, s:e, : e - s], dropout_p=dropout, scale=scaling, **extra
         )
+        for q, k, v, (s, e) in zip(qs, ks, vs, windows, strict=True)
+    ]
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
-def install_windowed_sdpa() -> None:
-    """Route transformers' "sdpa" attention through `_windowed_sdpa_forward` (process-wide, idempotent).
-    Calls without `clo_windows` reach the stock sdpa function unchanged; a model with its own local "sdpa"
-    override would get the [1,1,L,W] mask and fail loudly on its shape, never silently."""
+def register_packed_sdpa() -> None:
+    """Register `_windowed_sdpa_forward` as its own attention name, "clo_packed_sdpa", in transformers'
+    AttentionInterface, with sdpa's mask function under the same name in AttentionMaskInterface (idempotent).
+    transformers' "sdpa" entry is left as it is: other models in the process are untouched."""
     global _STOCK_SDPA
     if _STOCK_SDPA is not None:
         return
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     _STOCK_SDPA = AttentionInterface._global_mapping["sdpa"]
-    AttentionInterface.register("sdpa", _windowed_sdpa_forward)
+    AttentionInterface.register(PACKED_SDPA, _windowed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, AttentionMaskInterface._global_mapping["sdpa"])
+
+
+def use_packed_sdpa(model) -> None:
+    """Point an sdpa model's attention at "clo_packed_sdpa" (idempotent; a model on another backend is left
+    alone). Calls without `clo_windows` — `none` batches, evaluation, generation — reach transformers' sdpa
+    function unchanged, and masks are sdpa's; the name is not saved with the config (`_attn_implementation`
+    is not serialised), so an exported model loads as sdpa. Permanent on the model rather than per forward:
+    gradient checkpointing re-runs the layers' forwards during backward. A model whose attention layers
+    read another config (still "sdpa") would get the [1,1,L,W] mask and fail loudly on its shape."""
+    register_packed_sdpa()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+        cfg._attn_implementation = PACKED_SDPA
 
 
 def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
@@ -576,7 +619,7 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
     if attn_implementation == "flex_attention":
         return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
     if attn_implementation == "sdpa" and batch.windows is not None:
-        install_windowed_sdpa()
+        register_packed_sdpa()
         return {
             "attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
             "clo_windows": batch.windows,
@@ -590,8 +633,10 @@ def attention_inputs(batch: PackedBatch, attn_implementation: str, dtype: torch.
 
 # ------------------------------------------------------------------------------------- forward
 def attn_implementation_of(policy) -> str:
+    """The model's attention backend ("clo_packed_sdpa" is sdpa: `use_packed_sdpa`)."""
     cfg = getattr(policy, "config", None)
-    return getattr(cfg, "_attn_implementation", None) or "sdpa"
+    attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    return "sdpa" if attn == PACKED_SDPA else attn
 
 
 def backbone_hidden_rows(policy, batch: PackedBatch, attn_implementation: str | None = None) -> torch.Tensor:
@@ -599,6 +644,8 @@ def backbone_hidden_rows(policy, batch: PackedBatch, attn_implementation: str | 
     attn = attn_implementation or attn_implementation_of(policy)
     param = next(policy.model.parameters())
     kwargs = attention_inputs(batch, attn, dtype=param.dtype if param.is_floating_point() else torch.float32)
+    if "clo_windows" in kwargs:
+        use_packed_sdpa(policy.model)
     out = policy.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden.reshape(-1, hidden.shape[-1])

@@ -22,9 +22,11 @@ from clo_fast.packing import (
     build_packed_batch,
     check_packing,
     default_packing,
+    dense_packed_mask,
     packed_length,
     plan_micro_batches,
     supported_packing,
+    windowed_packed_mask,
 )
 
 VOCAB = 97
@@ -467,3 +469,105 @@ def test_sdpa_spans_match_the_padded_sums_and_gradients(window):
         got.sum().backward()
         for name, g in attn_grads(policy).items():
             assert rel_err(g, ref_grads[name]) <= 1e-4, (mode, name)
+
+
+@pytest.mark.parametrize("mode", ["padding_free", "prefix_shared"])
+@pytest.mark.parametrize("window", [1, 30, 100000])
+def test_windowed_mask_is_the_dense_mask_span_by_span(mode, window):
+    """The one-pass [1,1,L,W] mask equals the dense packed mask cut to each span, and nothing past it."""
+    exs = make_examples(5, seed=31 + window)
+    b = build_packed_batch(exs, mode, PAD, attention_window=window, pad_to_multiple_of=8)
+    got = windowed_packed_mask(b.doc_ids, b.branch_ids, b.windows)[0, 0]
+    dense = dense_packed_mask(b.doc_ids, b.branch_ids)[0, 0]
+    width = max(e - s for s, e in b.windows)
+    assert got.shape == (b.body_tokens, width)
+    for s, e in b.windows:
+        assert torch.equal(got[s:e, : e - s], dense[s:e, s:e])
+        assert not got[s:e, e - s :].any()
+        assert not dense[s:e, :s].any() and not dense[s:e, e:].any()  # spans never cut a visible pair
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_windowed_sdpa_matches_a_float64_dense_reference(kv_heads):
+    """`_windowed_sdpa_forward` with spans (split q/k/v, grouped-query heads handed to sdpa on CPU) against a
+    float64 softmax over the dense packed mask, outputs and q/k/v gradients, on fresh random inputs."""
+    from clo_fast.packing import _windowed_sdpa_forward, register_packed_sdpa
+
+    register_packed_sdpa()
+    g = torch.Generator().manual_seed(kv_heads)
+    exs = make_examples(4, seed=40 + kv_heads)
+    b = build_packed_batch(exs, "prefix_shared", PAD, attention_window=40, pad_to_multiple_of=8)
+    L, heads, dim = b.body_tokens, 4, 8
+    q = torch.randn(1, heads, L, dim, generator=g, requires_grad=True)
+    k = torch.randn(1, kv_heads, L, dim, generator=g, requires_grad=True)
+    v = torch.randn(1, kv_heads, L, dim, generator=g, requires_grad=True)
+    up = torch.randn(1, L, heads, dim, generator=g)
+    out, _ = _windowed_sdpa_forward(
+        None,
+        q,
+        k,
+        v,
+        windowed_packed_mask(b.doc_ids, b.branch_ids, b.windows),
+        scaling=dim**-0.5,
+        clo_windows=b.windows,
+    )
+    (out * up).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rep = heads // kv_heads
+    scores = qd @ kd.repeat_interleave(rep, 1).transpose(-1, -2) * dim**-0.5
+    scores = scores.masked_fill(~dense_packed_mask(b.doc_ids, b.branch_ids), float("-inf"))
+    ref = (scores.softmax(-1) @ vd.repeat_interleave(rep, 1)).transpose(1, 2)
+    (ref * up.double()).sum().backward()
+    assert (out.double() - ref).abs().max() <= 1e-5
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert (got.double() - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_cpu_head_chunks_across_rows_match_float64(trainable_head):
+    """The CPU head's row chunks (256 rows at most): per-sequence sums, dX (and dW) over several chunks equal
+    a float64 log-softmax reference (fp32 ≤ 1e-5 relative)."""
+    from clo_fast.ops import _torch_chunk_rows, packed_sequence_logprobs
+
+    g = torch.Generator().manual_seed(5)
+    N, H, V, S = 700, 16, 300, 9
+    assert _torch_chunk_rows(V, None, "cpu") < N  # several chunks
+    x = torch.randn(N, H, generator=g, requires_grad=True)
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_(trainable_head)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::7] = -100
+    seq = torch.randint(0, S, (N,), generator=g)
+    got = packed_sequence_logprobs(x, w, y, seq, S, impl="torch")
+    coef = torch.randn(S, generator=g)
+    (got * coef).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    lp = torch.log_softmax(xd @ wd.T, -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1) * (y != -100)
+    want = torch.zeros(S, dtype=torch.float64).index_add_(0, seq, lp)
+    (want * coef.double()).sum().backward()
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(x.grad, xd.grad) <= 1e-5
+    if trainable_head:
+        assert rel_err(w.grad, wd.grad) <= 1e-5
+
+
+def test_packed_sdpa_is_its_own_attention_name():
+    """A packed sdpa forward points that model at "clo_packed_sdpa" and leaves transformers' "sdpa" entry as it
+    is: another sdpa model in the process still runs the stock function; padded batches, on the switched
+    model, still match; the name is not saved with the config."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    from clo_fast.packing import PACKED_SDPA, attn_implementation_of
+
+    policy, other = tiny_policy("llama"), tiny_policy("llama")
+    exs = make_examples(3, seed=50)
+    before = padded_logps(policy, exs).detach()
+    got = policy(build_packed_batch(exs, "prefix_shared", PAD))
+    assert rel_err(got, before) <= 1e-5
+    assert policy.config._attn_implementation == PACKED_SDPA and attn_implementation_of(policy) == "sdpa"
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+    assert other.config._attn_implementation == "sdpa"
+    assert rel_err(padded_logps(policy, exs), before) <= 1e-6  # padded batches: stock sdpa underneath
+    assert rel_err(policy(build_packed_batch(exs, "none", PAD)), before) <= 1e-5
+    assert PACKED_SDPA not in policy.config.to_json_string()
