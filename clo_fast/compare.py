@@ -252,7 +252,9 @@ def main(argv=None) -> int:
             }
             for m in methods
         },
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1),  # this invocation, reused runs not counted again
+        "runs_trained": sum(not r.get("reused") for r in runs.values()),
+        "runs_reused": sum(bool(r.get("reused")) for r in runs.values()),
         "versions": versions(),
     }
     files = write_comparison(comp, out)

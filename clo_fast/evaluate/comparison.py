@@ -87,7 +87,8 @@ def render_comparison_markdown(comp: dict) -> str:
     lines = [
         f"Held-out prompts: {prompts}; seeds {seeds} "
         f"(optim.seed: data order and every RNG); mean ± standard deviation over the seeds; "
-        f"{comp['seconds'] / 60:.1f} min in all.",
+        f"{comp['seconds'] / 60:.1f} min in all"
+        + (f" ({comp['runs_reused']} runs reused from an earlier start)." if comp.get("runs_reused") else "."),
         "",
         "| metric | base | " + " | ".join(comp["methods"][m]["title"] for m in methods) + " |",
         "|---|---:|" + "---:|" * len(methods),
