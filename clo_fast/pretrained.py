@@ -49,11 +49,15 @@ def _looks_like_git_hash(name: str) -> bool:
     return len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name)
 
 
-def model_fingerprint(path: str) -> str:
+def model_fingerprint(path: str, memo_dir: str | None = None) -> str:
     """A hash of a model's content: every file of its directory (config and weights), for keys of caches derived
     from the weights (the reference log-probs). A hub name resolves to its cached snapshot; files of the hub
-    cache are symlinks to blobs named by their content hash, which stands in for reading them."""
+    cache are symlinks to blobs named by their content hash, which stands in for reading them.
+
+    `memo_dir`: a folder where each local file's sha256 is remembered with its size and modification time, so
+    that the next run (a resume, a sweep) reads a large model's weights only when they changed."""
     import hashlib
+    import json
     from pathlib import Path
 
     root = Path(path).expanduser()
@@ -64,18 +68,42 @@ def model_fingerprint(path: str) -> str:
             root = Path(snapshot_download(str(path), local_files_only=True))
         except Exception as e:  # not a local folder and not in the hub cache: nothing to fingerprint
             raise ValueError(f"model {path!r}: neither a local folder nor in the Hugging Face cache ({e})") from e
+    memo_file = None
+    memo: dict = {}
+    if memo_dir is not None:
+        name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+        memo_file = Path(os.path.expanduser(memo_dir)) / "fingerprints" / f"{name}.json"
+        try:
+            memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+        except (OSError, ValueError):
+            memo = {}  # a damaged memo only costs a re-hash
+    fresh: dict = {}
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
+        rel = str(f.relative_to(root))
+        h.update(rel.encode() + b"\0")
         target = f.resolve()
         if f.is_symlink() and _looks_like_git_hash(target.name):
             h.update(target.name.encode())
             continue
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
-        h.update(digest.hexdigest().encode())
+        st = target.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]  # any rewrite changes one of them
+        known = memo.get(rel)
+        if known and known[:-1] == stamp:
+            digest = known[-1]
+        else:
+            sha = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    sha.update(block)
+            digest = sha.hexdigest()
+        fresh[rel] = stamp + [digest]
+        h.update(digest.encode())
+    if memo_file is not None and fresh != memo:
+        from clo_fast.atomic import write_text_atomic
+
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo_file, json.dumps(fresh))
     return h.hexdigest()
 
 

@@ -281,6 +281,29 @@ def test_reference_cache_key_follows_weights_not_path(tmp_path):
     assert reference_key(ds, cfg, str(a))["model_content"] != key_a["model_content"]
 
 
+def test_fingerprint_memo_skips_unchanged_files_and_rereads_changed_ones(tmp_path):
+    import json
+    import os
+
+    from clo_fast.pretrained import model_fingerprint
+
+    a = _save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM", "a")
+    memo = tmp_path / "memo"
+    true_fp = model_fingerprint(str(a))
+    assert model_fingerprint(str(a), memo_dir=str(memo)) == true_fp  # first call: every file read, memo written
+    (memo_file,) = (memo / "fingerprints").glob("*.json")
+    entries = json.loads(memo_file.read_text())
+    weights = next(k for k in entries if k.endswith(".safetensors"))
+    entries[weights][-1] = "0" * 64  # a planted digest: used while the file's stamp is unchanged
+    memo_file.write_text(json.dumps(entries))
+    assert model_fingerprint(str(a), memo_dir=str(memo)) != true_fp  # proves the memo was read, not the file
+    st = os.stat(a / weights)
+    os.utime(a / weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the file "changed": read again
+    assert model_fingerprint(str(a), memo_dir=str(memo)) == true_fp
+    memo_file.write_text("{damaged")
+    assert model_fingerprint(str(a), memo_dir=str(memo)) == true_fp  # a damaged memo only costs a re-hash
+
+
 def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
     from clo_fast.pretrained import model_fingerprint
 

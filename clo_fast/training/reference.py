@@ -32,7 +32,7 @@ def reference_key(ds, cfg: RunConfig, model_path: str) -> dict:
 
     return {
         "model": model_path,
-        "model_content": model_fingerprint(model_path),
+        "model_content": model_fingerprint(model_path, memo_dir=cfg.data.cache_dir),
         "data": getattr(ds, "_fingerprint", None),
         "rows": len(ds),
         "precision": cfg.model.dtype,
