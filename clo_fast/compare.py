@@ -5,9 +5,11 @@
     python -m clo_fast.compare --config configs/demo.yaml --layers mlp all        # + which layers train (CLO)
     python -m clo_fast.compare --config configs/demo.yaml --seeds 0 1 2 3 4 --set optim.epochs=6
 
-Each (method, seed) is one run of clo_fast/train.py as one process, with the config's gradient accumulation
-times --as-ranks, so that its global batch, and so its result, equal an --as-ranks-rank launch of the same
-config (the README's demo runs 2 ranks: the CLO run of seed 0 is the demo's own run). The seed is optim.seed
+Each (method, seed) is one run of clo_fast/train.py: by default one process, with the config's gradient
+accumulation times --as-ranks (default 2), so that its global batch, and so its result, equal a 2-rank launch of
+the same config (the README's demo: the CLO run of seed 0 is the demo's own run). On GPUs, --launcher
+"deepspeed --num_gpus 8" (or "torchrun --nproc_per_node 8") launches each run on several ranks; --as-ranks is then
+1 unless given. The seed is optim.seed
 (data order and every RNG); the held-out split (data.seed) is the same for every run. The runs share the built
 demo model, the tokenized-data cache and one reference log-prob cache (train.reference_dir). Then the base and
 every trained model are evaluated on the same held-out prompts (clo_fast.evaluate: fidelity, chrF against the
@@ -80,11 +82,16 @@ def parse_args(argv=None):
         help="extra CLO runs training only these layers (the paper's ablation; attention is CLO's default)",
     )
     p.add_argument(
+        "--launcher",
+        default=None,
+        help='command that launches each run, e.g. "deepspeed --num_gpus 8"; default: one python process',
+    )
+    p.add_argument(
         "--as-ranks",
         type=int,
-        default=2,
-        help="runs are one process each; their gradient accumulation is multiplied by this so that the global "
-        "batch equals a launch on this many ranks (default 2, the README's demo launch)",
+        default=None,
+        help="each run's gradient accumulation is multiplied by this, so that one process has the global batch "
+        "of a launch on this many ranks (default 2 without --launcher: the README's demo launch; 1 with one)",
     )
     p.add_argument("--out-dir", default=None, help="default: <train.output_dir>/../compare")
     p.add_argument(
@@ -141,11 +148,22 @@ def run_overrides(cfg: RunConfig, method: Method, seed: int, run_dir: Path, ref_
     ]
 
 
-def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool) -> dict:
+def train_command(launcher: str | None, config: Path, overrides: list[str]) -> list[str]:
+    """The command line of one run: `<launcher> clo_fast/train.py --config ... --set ...`."""
+    import shlex
+
+    cmd = shlex.split(launcher) if launcher else [sys.executable]
+    cmd += [str(TRAIN_SCRIPT), "--config", str(config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool, launcher: str | None = None) -> dict:
     """One training run in its own process, its output in run_dir/train.log. A finished run with the same
     settings is reused; an interrupted one resumes from its latest checkpoint."""
     marker = run_dir / RUN_MARKER
-    settings = {"config": str(config), "overrides": overrides}
+    settings = {"config": str(config), "overrides": overrides, "launcher": launcher}
     extra: list[str] = []
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -162,10 +180,8 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
             extra = ["--set", "train.overwrite_output_dir=true"]
     claim_output_dir(run_dir, "compare run folder")
     write_text_atomic(marker, json.dumps({**settings, "finished": False}))
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config)]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # one process: rank 0 of 1
+    cmd = train_command(launcher, config, overrides)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # the run's own launch, not ours
     t0 = time.time()
     with (run_dir / "train.log").open("a") as log:
         rc = subprocess.run(cmd + extra, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -202,6 +218,8 @@ def main(argv=None) -> int:
     clash = [s for s in args.set if s.split("=", 1)[0].strip() in CONTROLLED]
     if clash:
         raise ConfigError(f"--set {clash[0]}: compare sets this field for each run ({', '.join(CONTROLLED)})")
+    if args.as_ranks is None:
+        args.as_ranks = 1 if args.launcher else 2
     if args.as_ranks < 1 or not args.seeds:
         raise ConfigError("--as-ranks must be >= 1 and --seeds must name at least one seed")
     methods = plan_methods(cfg, args.methods, args.lams, args.layers)
@@ -216,7 +234,8 @@ def main(argv=None) -> int:
             run_dir = out / "runs" / f"{m.name}-s{seed}"
             overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, out / "ref_data", args.as_ranks)]
             print(f"[compare] training {label} → {run_dir}", flush=True)
-            runs[label] = {**train_run(config, overrides, run_dir, args.overwrite), "run_dir": str(run_dir)}
+            done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
+            runs[label] = {**done, "run_dir": str(run_dir)}
             how = "finished earlier, reused" if runs[label].get("reused") else "trained"
             print(f"[compare] {label}: {runs[label]['seconds']:.0f} s ({how})", flush=True)
 
@@ -240,6 +259,7 @@ def main(argv=None) -> int:
         "n_prompts": report["n_prompts"],
         "seeds": args.seeds,
         "as_ranks": args.as_ranks,
+        "launcher": args.launcher,
         "reference_method": "clo",
         "base": summary.pop("base"),
         "methods": {

@@ -205,3 +205,14 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     assert "resumed from" in log and "step_00000002" in log.split("resumed from")[1].splitlines()[0]
     marker = json.loads((out / "runs" / "clo-s0" / "compare_run.json").read_text())
     assert marker["finished"] and marker["final_metrics"]
+
+
+def test_train_command_with_and_without_a_launcher():
+    from clo_fast.compare import TRAIN_SCRIPT, train_command
+
+    plain = train_command(None, DEMO, ["clo.mode=sft", "optim.seed=1"])
+    assert plain == [sys.executable, str(TRAIN_SCRIPT), "--config", str(DEMO)] + [
+        "--set", "clo.mode=sft", "--set", "optim.seed=1",
+    ]  # fmt: skip
+    launched = train_command("deepspeed --num_gpus 8", DEMO, ["clo.mode=sft"])
+    assert launched[:3] == ["deepspeed", "--num_gpus", "8"] and launched[3:] == plain[1:5] + ["clo.mode=sft"]
