@@ -10,6 +10,7 @@ CI runs everything.
 """
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -86,3 +87,42 @@ def demo_model_dir(demo_cache):
     from clo_fast.demo_model import ensure_demo_model
 
     return ensure_demo_model(demo_cache)
+
+
+# ------------------------------------------------------------------------ the README's measured tables
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of the markdown tables in `markdown`: {first cell: the other cells}."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 3 and not set(cells[1]) <= set("-:"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def readme_table(header: str) -> dict[str, list[str]]:
+    """The README table that starts with the line `header`."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index(header) :]
+    return table_rows(block[: block.index("\n\n")])
+
+
+def skip_unless_readme_versions() -> None:
+    """The README's measured tables hold for the torch/transformers/deepspeed versions it states; with others
+    the test says which differ (re-measure and update the README) instead of comparing."""
+    import re
+
+    import deepspeed
+    import transformers
+
+    text = README.read_text(encoding="utf-8")
+    stated = re.search(r"torch ([\d.]+), transformers ([\d.]+), deepspeed ([\d.]+)", text).groups()
+    installed = (torch.__version__.split("+")[0], transformers.__version__, deepspeed.__version__)
+    if installed != stated:
+        pytest.skip(
+            f"the README's tables were measured with torch/transformers/deepspeed {stated}; installed {installed}: "
+            "re-measure them and update the README"
+        )

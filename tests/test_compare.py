@@ -216,3 +216,25 @@ def test_train_command_with_and_without_a_launcher():
     ]  # fmt: skip
     launched = train_command("deepspeed --num_gpus 8", DEMO, ["clo.mode=sft"])
     assert launched[:3] == ["deepspeed", "--num_gpus", "8"] and launched[3:] == plain[1:5] + ["clo.mode=sft"]
+
+
+@pytest.mark.slow
+def test_readme_comparison_table_reproduces(tmp_path, demo_cache):
+    """The README's CLO vs SFT vs DPO table is what `python -m clo_fast.compare --config configs/demo.yaml`
+    prints (nine runs and the evaluation, ~6 min on 2 cores), under the versions the README states."""
+    from conftest import readme_table, skip_unless_readme_versions, table_rows
+
+    skip_unless_readme_versions()
+    expected = readme_table("| metric | base | SFT (λ=1) | DPO (λ=0) | CLO (λ=0.5) |")
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--out-dir", str(out),
+        "--set", f"data.output_dir={tmp_path / 'data'}", "--set", f"data.cache_dir={demo_cache}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    printed = table_rows((out / "compare.md").read_text())
+    assert len(expected) >= 7
+    for metric, values in expected.items():
+        assert printed.get(metric) == values, f"README row {metric!r}: {values} vs printed {printed.get(metric)}"

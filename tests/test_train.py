@@ -395,37 +395,18 @@ def test_lr_schedule():
     assert lr_multiplier(9, 10, 0, "constant", 0.0) == 1.0
 
 
-def _table_rows(markdown: str) -> dict[str, list[str]]:
-    """| metric | a | b | rows of a markdown table → {metric: [a, b]}."""
-    rows = {}
-    for line in markdown.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 3 and not set(cells[1]) <= set("-:"):
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
 @slow
 @needs_launcher
 def test_readme_demo_table_reproduces(tmp_path, cache):
     """The README's before/after table is what its main command prints (the whole demo config: 60 steps on 2
     ranks, then the evaluation), under the library versions the README states."""
-    import re
+    from conftest import readme_table, skip_unless_readme_versions, table_rows
 
-    import deepspeed
-    import transformers
-
-    readme = (ROOT / "README.md").read_text()
-    stated = re.search(r"torch ([\d.]+), transformers ([\d.]+), deepspeed ([\d.]+)", readme).groups()
-    installed = (torch.__version__.split("+")[0], transformers.__version__, deepspeed.__version__)
-    if installed != stated:
-        pytest.skip(f"the README's demo table was measured with torch/transformers/deepspeed {stated}; "
-                    f"installed {installed}: re-measure it and update the README")  # fmt: skip
-    block = readme[readme.index("| metric | base | trained |") :]
-    expected = _table_rows(block[: block.index("\n\n")])
+    skip_unless_readme_versions()
+    expected = readme_table("| metric | base | trained |")
     r = launch(tmp_path, cache, short=False)
     assert r.returncode == 0, f"demo run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
-    printed = _table_rows((tmp_path / "eval" / "report.md").read_text())
+    printed = table_rows((tmp_path / "eval" / "report.md").read_text())
     assert len(expected) >= 6
     for metric, values in expected.items():
         assert printed.get(metric) == values, f"README row {metric!r}: {values} vs printed {printed.get(metric)}"
