@@ -164,20 +164,20 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
     settings is reused; an interrupted one resumes from its latest checkpoint."""
     marker = run_dir / RUN_MARKER
     settings = {"config": str(config), "overrides": overrides, "launcher": launcher}
-    extra: list[str] = []
+    extra: list[str] = []  # a fresh run unless the folder holds this run's checkpoints, or another run's
     if marker.is_file():
         done = json.loads(marker.read_text())
-        same = {k: done.get(k) for k in settings} == settings
-        if same and done.get("finished") and (run_dir / "hf_model" / "config.json").is_file():
-            return {**done, "reused": True}
-        if not same and not overwrite:
-            raise CompareError(
-                f"{run_dir} holds a run started with other settings ({marker}); use another --out-dir, "
-                "or --overwrite to train it again"
-            )
-        extra = ["--resume"] if same and (run_dir / "checkpoints" / "latest").is_file() else []
-        if not same:
+        if {k: done.get(k) for k in settings} != settings:
+            if not overwrite:
+                raise CompareError(
+                    f"{run_dir} holds a run started with other settings ({marker}); use another --out-dir, "
+                    "or --overwrite to train it again"
+                )
             extra = ["--set", "train.overwrite_output_dir=true"]
+        elif done.get("finished") and (run_dir / "hf_model" / "config.json").is_file():
+            return {**done, "reused": True}
+        elif (run_dir / "checkpoints" / "latest").is_file():
+            extra = ["--resume"]
     claim_output_dir(run_dir, "compare run folder")
     write_text_atomic(marker, json.dumps({**settings, "finished": False}))
     cmd = train_command(launcher, config, overrides)

@@ -54,7 +54,7 @@ def model_fingerprint(path: str, memo_dir: str | None = None) -> str:
     from the weights (the reference log-probs). A hub name resolves to its cached snapshot; files of the hub
     cache are symlinks to blobs named by their content hash, which stands in for reading them.
 
-    `memo_dir`: a folder where each local file's sha256 is remembered with its size and modification time, so
+    `memo_dir`: a folder where each local file's sha256 is remembered with its size, mtime, inode and ctime, so
     that the next run (a resume, a sweep) reads a large model's weights only when they changed."""
     import hashlib
     import json

@@ -110,17 +110,17 @@ def render_comparison_markdown(comp: dict) -> str:
         for m in methods:
             if m == ref:
                 continue
-            found = []
-            for metric in metric_names(langs):
-                a, b = comp["methods"][ref]["metrics"][metric], comp["methods"][m]["metrics"][metric]
-                if noise_separated(a, b):
-                    found.append(f"{_label(metric)} {a['mean'] - b['mean']:+.{_digits(metric)}f}")
-            verdict = "; ".join(found) if found else "none"
-            if any(
-                noise_separated(comp["methods"][ref]["metrics"][x], comp["methods"][m]["metrics"][x]) is None
-                for x in metric_names(langs)
-            ):
+            a, b = comp["methods"][ref]["metrics"], comp["methods"][m]["metrics"]
+            separated = {metric: noise_separated(a[metric], b[metric]) for metric in metric_names(langs)}
+            found = [
+                f"{_label(metric)} {a[metric]['mean'] - b[metric]['mean']:+.{_digits(metric)}f}"
+                for metric, sep in separated.items()
+                if sep
+            ]
+            if any(sep is None for sep in separated.values()):
                 verdict = "not testable (fewer than two seeds)"
+            else:
+                verdict = "; ".join(found) if found else "none"
             lines.append(f"- vs {comp['methods'][m]['title']}: {verdict}")
     return "\n".join(lines) + "\n"
 

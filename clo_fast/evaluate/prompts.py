@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clo_fast.config import RunConfig
+from clo_fast.data.sources import CHAT_ROLES
 from clo_fast.data.tokenize import format_prompt as data_format_prompt
 from clo_fast.data.tokenize import special_prefix
 from clo_fast.evaluate.errors import EvalError
@@ -111,7 +112,7 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
             raise EvalError(
                 f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}"
             )
-        ctx = {side: _context(i, rid, rec.get(f"context_{side}")) for side in ("en", "tgt")}
+        ctx = {side: _context(i, rid, rec, f"context_{side}") for side in ("en", "tgt")}
         return [
             {"id": rid, "lang": lang, "prompt": rec[f"prompt_{side}"], "reference": rec.get(f"response_{side}"),
              "context": ctx[side]}
@@ -125,26 +126,27 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
         ref = rec.get("reference")
         if ref is not None and not isinstance(ref, str):
             raise EvalError(f"prompt record {i} (id {rid}): 'reference' must be a string or null")
-        lang, ctx = normalize_lang(rec["lang"]), _context(i, rid, rec.get("context"))
+        lang, ctx = normalize_lang(rec["lang"]), _context(i, rid, rec, "context")
         return [{"id": rid, "lang": lang, "prompt": rec["prompt"], "reference": ref, "context": ctx}]
     raise EvalError(
         f"prompt record {i}: expected keys prompt_en/prompt_tgt (dataset row) or prompt/lang (item), got {sorted(rec)}"
     )
 
 
-def _context(i: int, rid: str, value) -> list[dict]:
-    """Earlier turns of a conversation: the dataset's JSON string, or a list of {role, content}; none → []."""
+def _context(i: int, rid: str, rec: dict, field: str) -> list[dict]:
+    """Earlier turns of a conversation in `rec[field]`: the dataset's JSON string, or a list of {role, content};
+    absent or empty → []."""
+    value = rec.get(field)
     if value is None or value == "":
         return []
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise EvalError(f"prompt record {i} (id {rid}): context is not valid JSON: {e}") from None
+            raise EvalError(f"prompt record {i} (id {rid}): field {field!r} is not valid JSON: {e}") from None
     ok = isinstance(value, list) and all(
-        isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
-        for t in value
+        isinstance(t, dict) and t.get("role") in CHAT_ROLES and isinstance(t.get("content"), str) for t in value
     )
     if not ok:
-        raise EvalError(f"prompt record {i} (id {rid}): context must be a list of {{role, content}} turns")
+        raise EvalError(f"prompt record {i} (id {rid}): field {field!r} must be a list of {{role, content}} turns")
     return value
