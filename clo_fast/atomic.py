@@ -4,10 +4,12 @@ Every writer of a directory (checkpoints, reference log-probs, the HF export, th
 tokenization cache) stages it as `<parent>/.tmp-<name>` and renames it into place. A crash leaves only a
 `.tmp-*` directory, which readers ignore and the next write of the same target removes.
 
-Ownership: every published directory carries a marker file (`OWNER_MARKER`), and an existing target is only
-ever replaced when it carries one, so a path pointing at a folder the user made (or `.`, or `~`) is refused,
-never deleted. `claim_output_dir` applies the same rule to a run's output folder, and `RunLock` keeps two
-runs out of one folder.
+Ownership: every folder clo_fast creates carries a marker file (`OWNER_MARKER`) naming its *kind* (one of
+`OUTPUT_KINDS`: a text dataset, a training run, a reference cache, an evaluation, a comparison, an export ...).
+An existing folder is only ever replaced or written into by an output of the same kind, and never while a live
+process holds its lock: a folder the user made (or `.`, or `~`), or one holding another kind of output, is
+refused, never deleted. `claim_output_dir` applies the rule to a run's output folder, `RunLock` keeps two runs
+out of one folder, and `paths.check_disjoint_outputs` keeps output locations from nesting in each other.
 """
 
 from __future__ import annotations
@@ -27,32 +29,127 @@ LOCK_NAME = ".clo_fast.lock"
 
 
 class OutputDirError(ValueError):
-    """An output folder cannot be used: not ours, held by another run, or not writable. Names the folder.
-    (The commands report it like a config error: train.py, the data CLI through DataError.)"""
+    """An output folder cannot be used: not ours, another kind of output, held by another run, or not writable.
+    Names the folder. (The commands report it like a config error: train.py, the data CLI through DataError.)"""
 
 
-def is_ours(path: str | os.PathLike) -> bool:
-    return (Path(path) / OWNER_MARKER).is_file()
+# kind → what it is called in messages; the marker of every folder clo_fast creates names one of these
+OUTPUT_KINDS = {
+    "data": "text dataset (data.output_dir)",
+    "train_run": "training run (train.output_dir)",
+    "reference_cache": "reference log-prob cache (train.reference_dir)",
+    "evaluation": "evaluation report (eval.output_dir / --out-dir)",
+    "compare": "comparison (compare --out-dir)",
+    "export": "exported model (hf_model / hf_adapter)",
+    "checkpoint": "training checkpoint",
+    "tokenized_cache": "tokenized-data cache entry",
+    "model_cache": "built demo model",
+}
+# Markers written before kinds existed hold plain text: such a folder is taken for a kind only when it holds
+# the file that kind always writes (a data folder its dataset_dict.json, a run its config.yaml ...).
+_LEGACY_SIGNATURE = {
+    "data": "dataset_dict.json",
+    "train_run": "config.yaml",
+    "reference_cache": "clo_ref_meta.json",
+    "evaluation": "report.json",
+    "export": "config.json",
+    "checkpoint": "trainer_state.json",
+    "tokenized_cache": "stats.json",
+    "model_cache": "config.json",
+}
 
 
-def mark_ours(path: str | os.PathLike) -> None:
-    (Path(path) / OWNER_MARKER).write_text("created by clo_fast; only folders holding this file are replaced\n")
+def _check_kind(kind: str) -> None:
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r} (one of {', '.join(OUTPUT_KINDS)})")
 
 
-def check_replaceable(target: str | os.PathLike, what: str = "output folder") -> None:
-    """Raise unless `target` is absent, an empty folder, or a folder clo_fast created (the export and data
-    writers call this before staging anything)."""
+def marked_kind(path: str | os.PathLike) -> str | None:
+    """The kind named by `path`'s marker; "" for a marker written before kinds existed; None without a marker."""
+    marker = Path(path) / OWNER_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        kind = json.loads(marker.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return kind if kind in OUTPUT_KINDS else ""
+
+
+def is_ours(path: str | os.PathLike, kind: str | None = None) -> bool:
+    """True when clo_fast created `path` (as an output of `kind`, when given)."""
+    found = marked_kind(path)
+    if found is None or kind is None:
+        return found is not None
+    _check_kind(kind)
+    return found == kind or (found == "" and (Path(path) / _LEGACY_SIGNATURE.get(kind, OWNER_MARKER)).is_file())
+
+
+def mark_ours(path: str | os.PathLike, kind: str) -> None:
+    _check_kind(kind)
+    note = "created by clo_fast; only an output of this kind replaces or writes into this folder"
+    (Path(path) / OWNER_MARKER).write_text(json.dumps({"kind": kind, "note": note}) + "\n")
+
+
+def live_lock_holder(folder: str | os.PathLike, *, ignore_own: bool = False) -> str | None:
+    """'pid P on host H' when a process that may still be alive holds `folder`'s run lock, else None (no lock,
+    or one whose process is gone on this host; with ignore_own, also one this process holds)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file():
+        return None
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError):
+        other = {}
+    pid = other.get("pid")
+    same_host = other.get("host") == socket.gethostname() and isinstance(pid, int)
+    if same_host and (not _pid_alive(pid) or (ignore_own and pid == os.getpid())):
+        return None
+    return f"pid {other.get('pid', '?')} on host {other.get('host', '?')}"
+
+
+def check_replaceable(target: str | os.PathLike, what: str = "output folder", kind: str | None = None) -> None:
+    """Raise unless `target` is absent, an empty folder, or a folder clo_fast created as an output of `kind`
+    that no live process holds (every writer calls this before staging anything). `kind=None` accepts any
+    clo_fast folder (internal staging only)."""
     target = Path(target).expanduser()
     if not target.exists():
         return
     if not target.is_dir():
         raise OutputDirError(f"{target}: {what} exists and is not a folder; choose another path")
-    if is_ours(target) or not any(target.iterdir()):
+    holder = live_lock_holder(target, ignore_own=True)
+    if holder:
+        raise OutputDirError(
+            f"{target}: {what} is in use by a live run ({holder}, lock {target / LOCK_NAME}); wait for it, or "
+            "choose another folder"
+        )
+    found = marked_kind(target)
+    if found is None and not any(target.iterdir()):
         return
+    if found is None:
+        raise OutputDirError(
+            f"{target}: {what} exists and was not created by clo_fast (no {OWNER_MARKER} file); refusing to "
+            "replace it: choose a new or empty folder, or remove it yourself"
+        )
+    if is_ours(target, kind):
+        return
+    holds = OUTPUT_KINDS.get(found, "clo_fast output of unknown kind (written by an earlier version)")
     raise OutputDirError(
-        f"{target}: {what} exists and was not created by clo_fast (no {OWNER_MARKER} file); refusing to "
-        "replace it: choose a new or empty folder, or remove it yourself"
+        f"{target}: {what} holds a {holds}, not a {OUTPUT_KINDS[kind]}; refusing to replace or write into it: "
+        "choose another folder"
     )
+
+
+def check_publishable(target: str | os.PathLike, what: str = "output folder", kind: str | None = None) -> None:
+    """`check_replaceable` for a folder that is published whole (built elsewhere, then renamed into place): a
+    symbolic link there would be replaced by the rename, not written through, so it is refused up front."""
+    target = Path(target).expanduser()
+    if target.is_symlink():
+        raise OutputDirError(
+            f"{target}: {what} is a symbolic link; this output is published by renaming a finished folder into "
+            f"place, which cannot go through a link: give the real path ({target.resolve()})"
+        )
+    check_replaceable(target, what, kind)
 
 
 def _make_dirs(path: Path, what: str) -> None:
@@ -76,18 +173,19 @@ def staging_path(target: str | os.PathLike, *, per_process: bool = False) -> Pat
     return target.with_name(f"{STAGING_PREFIX}{target.name}{suffix}")
 
 
-def publish(staging: str | os.PathLike, target: str | os.PathLike, *, replace: bool = True) -> Path:
-    """Move a finished staging directory to `target`. With replace=False an existing target is kept (another
-    process published the same content first) and the staging copy is discarded."""
+def publish(staging: str | os.PathLike, target: str | os.PathLike, kind: str, *, replace: bool = True) -> Path:
+    """Move a finished staging directory to `target`, marked as an output of `kind`; an existing target is
+    replaced only when it holds the same kind (`check_replaceable`). With replace=False an existing target is kept
+    (another process published the same content first) and the staging copy is discarded."""
     staging, target = Path(staging), Path(target).expanduser()
-    if staging.is_dir() and not is_ours(staging):
-        mark_ours(staging)
+    if staging.is_dir() and not is_ours(staging, kind):
+        mark_ours(staging, kind)
     if target.exists():
         if not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return target
         try:
-            check_replaceable(target)
+            check_publishable(target, kind=kind)
         except OutputDirError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -102,11 +200,15 @@ def publish(staging: str | os.PathLike, target: str | os.PathLike, *, replace: b
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike, *, per_process: bool = False, replace: bool = True) -> Iterator[Path]:
-    """`with atomic_directory(out) as tmp:` write into the (new, empty) `tmp`; on leaving the block it becomes
-    `out`. On an exception the staging directory is removed and `out` is left as it was."""
+def atomic_directory(
+    target: str | os.PathLike, kind: str, *, per_process: bool = False, replace: bool = True
+) -> Iterator[Path]:
+    """`with atomic_directory(out, kind) as tmp:` write into the (new, empty) `tmp`; on leaving the block it
+    becomes `out`, marked as an output of `kind`. On an exception the staging directory is removed and `out` is
+    left as it was."""
+    _check_kind(kind)
     if replace:
-        check_replaceable(target)  # before any work: a folder the user made is refused, not replaced later
+        check_publishable(target, kind=kind)  # before any work: a folder the user made is refused, not replaced
     staging = staging_path(target, per_process=per_process)
     shutil.rmtree(staging, ignore_errors=True)
     _make_dirs(staging.parent, "parent folder")
@@ -116,7 +218,7 @@ def atomic_directory(target: str | os.PathLike, *, per_process: bool = False, re
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    publish(staging, target, replace=replace)
+    publish(staging, target, kind, replace=replace)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -131,13 +233,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------- a run's output folder
-def claim_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create `path` (or accept it when empty or ours) and mark it as ours; raise OutputDirError otherwise."""
+def claim_output_dir(path: str | os.PathLike, what: str, kind: str) -> Path:
+    """Create `path` (or accept it when empty, or an output of the same `kind` no live run holds) and mark it as
+    an output of `kind`; raise OutputDirError otherwise."""
+    _check_kind(kind)
     path = Path(path).expanduser()
-    check_replaceable(path, what)
+    check_replaceable(path, what, kind)
     _make_dirs(path, what)
-    if not is_ours(path):
-        mark_ours(path)
+    if marked_kind(path) != kind:
+        mark_ours(path, kind)
     return path
 
 
@@ -166,21 +270,14 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    other = {}
-                if (
-                    other.get("host") == me["host"]
-                    and isinstance(other.get("pid"), int)
-                    and not _pid_alive(other["pid"])
-                ):
+                holder = live_lock_holder(self.path.parent)
+                if holder is None:
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 raise OutputDirError(
-                    f"{self.path.parent}: another run is using this folder (lock {self.path}: pid "
-                    f"{other.get('pid', '?')} on host {other.get('host', '?')}); wait for it, or use another "
-                    "folder. If that run is dead (another host cannot be checked from here), delete the lock file."
+                    f"{self.path.parent}: another run is using this folder (lock {self.path}: {holder}); wait "
+                    "for it, or use another folder. If that run is dead (another host cannot be checked from "
+                    "here), delete the lock file."
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

@@ -24,6 +24,7 @@ settings, it reuses finished runs and resumes an interrupted one from its last c
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -33,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clo_fast.atomic import OutputDirError, claim_output_dir, write_text_atomic
-from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config
+from clo_fast.atomic import OutputDirError, RunLock, claim_output_dir, write_text_atomic
+from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, validate_output_locations
 from clo_fast.constants import LAYER_ABLATION_PATTERNS
 from clo_fast.training.distributed import LAUNCHER_ENV
 
@@ -178,7 +179,7 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
             return {**done, "reused": True}
         elif (run_dir / "checkpoints" / "latest").is_file():
             extra = ["--resume"]
-    claim_output_dir(run_dir, "compare run folder")
+    claim_output_dir(run_dir, "compare run folder", "train_run")
     write_text_atomic(marker, json.dumps({**settings, "finished": False}))
     cmd = train_command(launcher, config, overrides)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # the run's own launch, not ours
@@ -223,7 +224,11 @@ def main(argv=None) -> int:
     if args.as_ranks < 1 or not args.seeds:
         raise ConfigError("--as-ranks must be >= 1 and --seeds must name at least one seed")
     methods = plan_methods(cfg, args.methods, args.lams, args.layers)
-    out = claim_output_dir(Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare"), "--out-dir")
+    out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
+    validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})
+    out = claim_output_dir(out_dir, "--out-dir", "compare")
+    lock = RunLock(out).acquire()  # one compare per folder: a second one would train into the same run folders
+    atexit.register(lock.release)
     t0 = time.time()
 
     # train: every method × seed, one process each

@@ -214,6 +214,7 @@ class RunConfig:
         origin = where if callable(where) else (lambda _name: where)
         for section in (validate_model, validate_data, validate_clo, validate_optim, validate_train, validate_eval):
             section(self, origin)
+        validate_output_locations(self, origin)
         return self
 
 
@@ -376,6 +377,35 @@ def validate_eval(cfg: RunConfig, origin) -> None:
             normalize_lang(code)
         except UnknownLanguageError as err:
             raise ConfigError(f"{origin('eval.detector_languages')}: eval.detector_languages: {err}") from None
+
+
+def output_locations(cfg: RunConfig) -> dict[str, str]:
+    """Every folder a command of this config may write, by field: the text dataset, the training run (its
+    export, hf_model/, and by default its reference cache, ref_data/, live inside it), an explicit reference
+    cache, the evaluation report."""
+    t = cfg.train
+    locations = {"data.output_dir": cfg.data.output_dir, "train.output_dir": t.output_dir}
+    default_reference = Path(t.output_dir).expanduser().absolute() / "ref_data"
+    if t.reference_dir and Path(t.reference_dir).expanduser().absolute() != default_reference:
+        locations["train.reference_dir"] = t.reference_dir
+    locations["eval.output_dir"] = cfg.eval.output_dir
+    return locations
+
+
+def validate_output_locations(cfg: RunConfig, origin, extra: dict[str, str] | None = None) -> None:
+    """No two output folders are one folder or nest in each other (a reference cache published over the run
+    folder, a dataset written into a run); `extra`: a command's own output flag (evaluate's or compare's
+    --out-dir)."""
+    from clo_fast.paths import overlapping_outputs
+
+    locations = {**output_locations(cfg), **(extra or {})}
+    clash = overlapping_outputs(locations)
+    if clash:
+        first = next(name for name in locations if name in clash)
+        where = first if first in (extra or {}) else origin(first)
+        raise ConfigError(
+            f"{where}: output folders must be separate, and none inside another: {clash}; choose separate folders"
+        )
 
 
 # ------------------------------------------------------------------------------- generic machinery

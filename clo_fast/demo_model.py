@@ -334,7 +334,7 @@ def ensure_demo_model(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     if (final / "config.json").is_file():
         return final
     # several processes (ranks, test workers) may build it at once: the first to publish wins
-    with atomic_directory(final, per_process=True, replace=False) as tmp:
+    with atomic_directory(final, "model_cache", per_process=True, replace=False) as tmp:
         build_demo_model(tmp, texts)
     return final
 

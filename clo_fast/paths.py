@@ -1,4 +1,5 @@
-"""Is a name a local path or a Hugging Face Hub name? One rule for datasets and models."""
+"""Path rules shared by every command: is a name a local path or a Hugging Face Hub name (one rule for datasets
+and models); do output locations collide or nest."""
 
 from __future__ import annotations
 
@@ -18,3 +19,22 @@ def looks_local(name: str) -> bool:
         or (os.sep != "/" and os.sep in name)
         or name.lower().endswith(LOCAL_DATA_SUFFIXES)
     )
+
+
+def overlapping_outputs(locations: dict[str, str | os.PathLike]) -> str | None:
+    """None when no two output locations are the same folder or one lies inside another, else a sentence
+    naming both (labels are the config fields or flags). Paths are compared resolved (symlinks followed,
+    relative to the working directory), so two spellings of one folder collide."""
+    from pathlib import Path
+
+    resolved = {label: Path(p).expanduser().resolve() for label, p in locations.items() if p is not None}
+    labels = list(resolved)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            pa, pb = resolved[a], resolved[b]
+            if pa == pb:
+                return f"{a} and {b} are the same folder ({pa})"
+            for outer, inner in ((a, b), (b, a)):
+                if resolved[outer] in resolved[inner].parents:
+                    return f"{inner} ({resolved[inner]}) lies inside {outer} ({resolved[outer]})"
+    return None

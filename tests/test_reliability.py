@@ -22,7 +22,7 @@ def test_atomic_directory_refuses_to_replace_a_folder_it_did_not_create(tmp_path
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "precious.txt").write_text("keep")
-    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory(mine) as tmp:
+    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory(mine, "data") as tmp:
         (tmp / "x").write_text("new")
     assert (mine / "precious.txt").read_text() == "keep"
     assert not list(tmp_path.glob(".tmp-*"))
@@ -35,12 +35,12 @@ def test_publish_refuses_a_foreign_target_and_replaces_its_own(tmp_path):
     staging = tmp_path / ".tmp-out"
     staging.mkdir()
     with pytest.raises(OutputDirError):
-        publish(staging, target)
+        publish(staging, target, "data")
     assert (target / "precious.txt").read_text() == "keep"
     # a folder we published is ours: replacing it is allowed
     other = tmp_path / "ours"
     for content in ("v1", "v2"):
-        with atomic_directory(other) as tmp:
+        with atomic_directory(other, "data") as tmp:
             (tmp / "v").write_text(content)
     assert (other / "v").read_text() == "v2" and (other / OWNER_MARKER).is_file()
 
@@ -64,18 +64,18 @@ def test_save_text_dataset_into_a_user_folder_is_refused(tmp_path):
 def test_output_dir_dot_parent_file_and_read_only_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "something.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory("."):
+    with pytest.raises(OutputDirError, match="not created by clo_fast"), atomic_directory(".", "data"):
         pass
     (tmp_path / "afile").write_text("")
     with pytest.raises(OutputDirError, match="parent is a file"):
-        claim_output_dir(tmp_path / "afile" / "run")
+        claim_output_dir(tmp_path / "afile" / "run", "train.output_dir", "train_run")
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
             with pytest.raises(OutputDirError, match="permission denied|not writable"):
-                claim_output_dir(ro / "run")
+                claim_output_dir(ro / "run", "train.output_dir", "train_run")
         finally:
             ro.chmod(0o700)
 
@@ -120,16 +120,6 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_resume_or_overw
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     prepare_output_dir(_cfg(tmp_path, overwrite_output_dir=True), None).release()
     assert not (tmp_path / "run" / "checkpoints").exists()
-    # a run folder from before the marker (config.yaml + metrics.jsonl) is recognised
-    legacy = tmp_path / "legacy"
-    (legacy / "checkpoints" / "step_00000002").mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl"):
-        (legacy / name).write_text("")
-    (legacy / "hf_model").mkdir()
-    (legacy / "hf_model" / "config.json").write_text("{}")
-    cfg.train.output_dir = str(legacy)
-    prepare_output_dir(cfg, "latest").release()
-    assert (legacy / "hf_model" / OWNER_MARKER).is_file()  # the export may replace it
     # a folder the user made is refused whatever the flags
     foreign = tmp_path / "foreign"
     foreign.mkdir()

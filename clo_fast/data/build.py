@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clo_fast.atomic import OutputDirError, atomic_directory, check_replaceable
+from clo_fast.atomic import OutputDirError, atomic_directory, check_publishable
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
@@ -239,7 +239,7 @@ def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path
     """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json."""
     out = Path(output_dir).expanduser()
     try:  # a folder the user made is refused, never replaced
-        with atomic_directory(out, per_process=True) as tmp:  # processes may save the same dataset at once
+        with atomic_directory(out, "data", per_process=True) as tmp:  # processes may save the same dataset at once
             dsd.save_to_disk(str(tmp))
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     except OutputDirError as e:
@@ -262,7 +262,7 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
         except (OSError, ValueError):
             pass
     try:  # refused before the (possibly long) build, not after it
-        check_replaceable(out, "output folder")
+        check_publishable(out, "output folder", "data")
     except OutputDirError as e:
         raise DataError(f"data.output_dir: {e}", "output_dir") from None
     dsd, summary = build_text_dataset(cfg, progress=progress)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clo_fast.atomic import OutputDirError, check_publishable
 from clo_fast.config import ConfigError, add_override_argument, load_config
 from clo_fast.data.build import build_text_dataset, save_text_dataset
 from clo_fast.data.sources import DataError
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run = load_config(args.config, args.set)
         cfg = run.data
+        # refused before the (possibly long) build: a folder the user made, or another kind of output
+        check_publishable(cfg.output_dir, "data.output_dir", "data")
         dsd, summary = build_text_dataset(cfg, progress=not args.no_progress)
         out = save_text_dataset(dsd, summary, cfg.output_dir)
         tok_stats = None
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tok_stats[split] = st
             summary["tokenized"] = tok_stats
             (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    except (DataError, ConfigError, TranslationError) as e:
+    except (DataError, ConfigError, OutputDirError, TranslationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, tok_stats, out)

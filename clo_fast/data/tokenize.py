@@ -335,7 +335,7 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
     out = datasets.Dataset.from_dict(rows, features=feats)
     if use_cache and len(out) > 0:  # an empty split is an error for the caller: never cached, never reused
         # several processes may tokenize the same split: each stages its own copy, the first to finish wins
-        with atomic_directory(target, per_process=True, replace=False) as tmp:
+        with atomic_directory(target, "tokenized_cache", per_process=True, replace=False) as tmp:
             out.save_to_disk(str(tmp))
             (tmp / "stats.json").write_text(json.dumps(st, indent=2))
         out = datasets.load_from_disk(str(target))

@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from clo_fast.config import ConfigError, add_override_argument, load_config
+from clo_fast.atomic import OutputDirError
+from clo_fast.config import ConfigError, add_override_argument, load_config, validate_output_locations
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.prompts import read_prompts_file
 from clo_fast.evaluate.report import render_markdown
@@ -38,9 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         cfg = load_config(args.config, args.set + shorthands)
+        if args.out_dir:  # the report folder never collides with, or nests in, another output
+            replaced = {"eval.output_dir": None, "--out-dir": args.out_dir}
+            validate_output_locations(cfg, lambda _name: args.config, replaced)
         prompts = read_prompts_file(args.prompts) if args.prompts else None
         report = evaluate_models(cfg, args.model, prompts=prompts, out_dir=args.out_dir)
-    except (EvalError, ConfigError, UnknownLanguageError) as e:
+    except (EvalError, ConfigError, OutputDirError, UnknownLanguageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from clo_fast.atomic import claim_output_dir
 from clo_fast.config import RunConfig, validate_eval
 from clo_fast.data.tokenize import tokenizer_fingerprint
 from clo_fast.evaluate.errors import EvalError
@@ -76,6 +77,12 @@ def evaluate_models(
     target = normalize_lang(cfg.data.target_lang)
     specs = parse_model_specs(model_paths)
     _check_before_generating(specs, cfg, judging=bool(ev.judge_endpoint or judge_send))
+    # the report folder: new, empty or an earlier evaluation's, never a folder the user or another output owns
+    out = claim_output_dir(
+        out_dir if out_dir is not None else ev.output_dir,
+        "--out-dir" if out_dir is not None else "eval.output_dir",
+        "evaluation",
+    )
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
@@ -133,7 +140,7 @@ def evaluate_models(
         print("[evaluate] warning: the models use different tokenizers: NLL per token is not comparable across them")
     report["judge"] = run_judge(cfg, items, responses, langs, send=judge_send)
     report["seconds"] = round(time.time() - t0, 2)
-    write_report(report, generations, out_dir if out_dir is not None else ev.output_dir)
+    write_report(report, generations, out)
     return report
 
 

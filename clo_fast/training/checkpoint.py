@@ -26,10 +26,9 @@ from clo_fast.atomic import (
     STAGING_PREFIX,
     OutputDirError,
     RunLock,
+    check_publishable,
     check_replaceable,
     claim_output_dir,
-    is_ours,
-    mark_ours,
     publish,
     staging_path,
     write_text_atomic,
@@ -47,7 +46,6 @@ from clo_fast.training.distributed import (
 )
 
 CHECKSUMS = "checksums.json"
-LEGACY_RUN_FILES = ("config.yaml", "metrics.jsonl")  # every run folder has these
 # Changes --resume cannot honour: the saved shards would not fit, or mean another model.
 RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype")
 
@@ -62,17 +60,17 @@ def checkpoint_tags(root: Path) -> list[str]:
 
 
 def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
-    """Rank 0, before anything is written: the folder must be new, empty or ours; a folder holding
-    checkpoints needs --resume or train.overwrite_output_dir; takes the run lock (released at exit)."""
+    """Rank 0, before anything is written: the folder must be new, empty or a training run's (an unmarked folder
+    holding files is never adopted, whatever it holds); a folder holding checkpoints needs --resume or
+    train.overwrite_output_dir; takes the run lock (released at exit)."""
     import atexit
 
-    out = Path(cfg.train.output_dir).expanduser()
-    if out.is_dir() and not is_ours(out) and all((out / f).is_file() for f in LEGACY_RUN_FILES):
-        for folder in (out, out / "hf_model", *(out / "ref_data").glob("*")):  # written before the marker existed
-            if folder.is_dir():
-                mark_ours(folder)
-    out = claim_output_dir(out, "train.output_dir")
-    check_replaceable(out / "hf_model", "train.output_dir/hf_model")  # the export replaces it at the end
+    from clo_fast.training.reference import reference_root
+
+    out = claim_output_dir(cfg.train.output_dir, "train.output_dir", "train_run")
+    for name in ("hf_model", "hf_adapter"):  # the export replaces them at the end: refused now, not then
+        check_publishable(out / name, f"train.output_dir/{name}", "export")
+    check_replaceable(reference_root(cfg), "train.reference_dir", "reference_cache")
     lock = RunLock(out).acquire()
     atexit.register(lock.release)
     root = checkpoint_root(cfg)
@@ -158,7 +156,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
         state = {"step": step, "world_size": world_size(), "config": to_dict(cfg), **extra}
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
         write_checksums(staging)
-        publish(staging, root / tag)
+        publish(staging, root / tag, "checkpoint")
         write_text_atomic(root / "latest", tag)
         rotate_checkpoints(root, tag, cfg.train.save_total_limit)
     barrier()

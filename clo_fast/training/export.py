@@ -120,7 +120,7 @@ def write_hf_export(state_dict: dict, config, generation_config, tokenizer, cfg:
         tmp = _fresh_staging(adapter_dir)
         peft_model.save_pretrained(str(tmp))
         write_model_card(tmp, cfg, summary, library="peft")
-        publish(tmp, adapter_dir)
+        publish(tmp, adapter_dir, "export")
         model = peft_model.merge_and_unload()
     else:
         model = _model_from_state_dict(config, state_dict, dtype)
@@ -131,7 +131,7 @@ def write_hf_export(state_dict: dict, config, generation_config, tokenizer, cfg:
     tokenizer.save_pretrained(str(tmp))
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
     write_model_card(tmp, cfg, summary)
-    publish(tmp, out)
+    publish(tmp, out, "export")
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import atomic_directory, claim_output_dir
 from clo_fast.config import RunConfig
 from clo_fast.training.distributed import barrier, computed_on_rank0, log0, rank
 from clo_fast.training.scoring import score_dataset
@@ -55,7 +55,8 @@ def with_reference_logps(ds, split: str, engine, collate, cfg: RunConfig, model_
     ref, _ = score_dataset(engine, ds, collate, cfg.optim.micro_batch_examples, device, desc=f"reference ({split})")
     ds = ds.add_column("ref_logps", ref.cpu().tolist())
     if rank() == 0:
-        with atomic_directory(where) as tmp:
+        claim_output_dir(where.parent, "train.reference_dir", "reference_cache")
+        with atomic_directory(where, "reference_cache") as tmp:
             ds.save_to_disk(str(tmp))
             (tmp / META_FILE).write_text(json.dumps(key))
     barrier()
