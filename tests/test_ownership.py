@@ -63,9 +63,9 @@ def test_an_output_of_the_same_kind_held_by_a_live_process_is_not_replaced(tmp_p
     try:
         lock = {"pid": alive.pid, "host": socket.gethostname()}
         (tmp_path / "data" / LOCK_NAME).write_text(json.dumps(lock))
-        with pytest.raises(OutputDirError, match=f"in use by a live run \\(pid {alive.pid}"):
-            with atomic_directory(tmp_path / "data", "data") as tmp:
-                (tmp / "v").write_text("v2")
+        refused = pytest.raises(OutputDirError, match=f"in use by a live run \\(pid {alive.pid}")
+        with refused, atomic_directory(tmp_path / "data", "data") as tmp:
+            (tmp / "v").write_text("v2")
         assert (tmp_path / "data" / "v").read_text() == "v1"
     finally:
         alive.kill()
@@ -83,11 +83,10 @@ def test_a_folder_of_one_kind_is_refused_as_another(tmp_path, made_as, used_as):
     folder = claim_output_dir(tmp_path / "x", "first", made_as)
     (folder / "file").write_text("keep")
     assert marked_kind(folder) == made_as
-    with pytest.raises(OutputDirError, match=f"holds a .*, not a "):
+    with pytest.raises(OutputDirError, match="holds a .*, not a "):
         claim_output_dir(folder, "second", used_as)
-    with pytest.raises(OutputDirError, match="holds a"):
-        with atomic_directory(folder, used_as):
-            pass
+    with pytest.raises(OutputDirError, match="holds a"), atomic_directory(folder, used_as):
+        pass
     assert (folder / "file").read_text() == "keep" and marked_kind(folder) == made_as
     claim_output_dir(folder, "again", made_as)  # its own kind may reuse it
 
@@ -133,9 +132,8 @@ def test_the_default_reference_cache_inside_the_run_is_accepted(tmp_path, monkey
 def test_a_reference_cache_is_never_published_over_a_run_folder(tmp_path):
     run = _finished_run(tmp_path)
     before = _snapshot(run)
-    with pytest.raises(OutputDirError, match="training run"):
-        with atomic_directory(run, "reference_cache") as tmp:
-            (tmp / "clo_ref_meta.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="training run"), atomic_directory(run, "reference_cache") as tmp:
+        (tmp / "clo_ref_meta.json").write_text("{}")
     assert _snapshot(run) == before
 
 
@@ -199,7 +197,7 @@ def test_evaluate_out_dir_holding_the_users_report_is_refused(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS))
     conf = tmp_path / "c.yaml"
-    conf.write_text(f"data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 2\n  max_prompts: 1\n")
+    conf.write_text("data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 2\n  max_prompts: 1\n")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("my report")
