@@ -164,7 +164,9 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
     """One training run in its own process, its output in run_dir/train.log. A finished run with the same
     settings is reused; an interrupted one resumes from its latest checkpoint."""
     marker = run_dir / RUN_MARKER
-    settings = {"config": str(config), "overrides": overrides, "launcher": launcher}
+    # what the run's result depends on: the config file's content (not its path: an edited file is another run)
+    # and the overrides; the path is recorded for the reader only
+    settings = {"config_sha256": _sha256(config), "overrides": overrides, "launcher": launcher}
     extra: list[str] = []  # a fresh run unless the folder holds this run's checkpoints, or another run's
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -180,7 +182,7 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
         elif (run_dir / "checkpoints" / "latest").is_file():
             extra = ["--resume"]
     claim_output_dir(run_dir, "compare run folder", "train_run")
-    write_text_atomic(marker, json.dumps({**settings, "finished": False}))
+    write_text_atomic(marker, json.dumps({**settings, "config": str(config), "finished": False}))
     cmd = train_command(launcher, config, overrides)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # the run's own launch, not ours
     t0 = time.time()
@@ -191,9 +193,27 @@ def train_run(config: Path, overrides: list[str], run_dir: Path, overwrite: bool
         tail = "\n".join((run_dir / "train.log").read_text(errors="replace").splitlines()[-15:])
         raise CompareError(f"training run {run_dir.name} failed (exit {rc}); the end of {run_dir}/train.log:\n{tail}")
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    done = {**settings, "finished": True, "seconds": seconds, "final_metrics": final}
+    done = {**settings, "config": str(config), "finished": True, "seconds": seconds, "final_metrics": final}
     write_text_atomic(marker, json.dumps(done))
     return done
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_launcher(launcher: str | None) -> None:
+    """The --launcher program exists (else every run would fail with a raw FileNotFoundError)."""
+    import shlex
+    import shutil
+
+    if launcher is None:
+        return
+    argv = shlex.split(launcher)
+    if not argv or shutil.which(argv[0]) is None:
+        raise ConfigError(f"--launcher {launcher!r}: {argv[0] if argv else 'the command'} is not found on PATH")
 
 
 def versions() -> dict:
@@ -223,6 +243,13 @@ def main(argv=None) -> int:
         args.as_ranks = 1 if args.launcher else 2
     if args.as_ranks < 1 or not args.seeds:
         raise ConfigError("--as-ranks must be >= 1 and --seeds must name at least one seed")
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:  # refused, not deduplicated: a repeat would count one run twice (n too large, spread too small)
+        raise ConfigError(f"--seeds: {', '.join(map(str, repeated))} given more than once; name each seed once")
+    bad = [s for s in args.seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ConfigError(f"--seeds: {bad[0]} is out of range (a seed is in [0, 2**32))")
+    check_launcher(args.launcher)
     methods = plan_methods(cfg, args.methods, args.lams, args.layers)
     out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
     validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})

@@ -39,8 +39,8 @@ class ConfigError(ValueError):
 class LoraSettings:
     """PEFT LoRA adapters instead of full fine-tuning of the trainable modules (model.lora; null = off)."""
 
-    r: int = 8  # adapter rank
-    alpha: float = 16.0  # scaling numerator: the update is (alpha / r) · B·A (PEFT's lora_alpha)
+    r: int = 8  # adapter rank; in [1, 4096]
+    alpha: float = 16.0  # scaling numerator: the update is (alpha / r) · B·A (PEFT's lora_alpha); in (0, 4096]
     dropout: float = 0.05  # dropout on the adapter input during training (PEFT's lora_dropout)
     # fnmatch patterns on *module* names (nn.Linear only) that get an adapter; the attention projections by default
     target_patterns: list[str] = field(default_factory=lambda: [p.rstrip("*") for p in ATTENTION_ONLY_PATTERNS])
@@ -110,7 +110,7 @@ class DataConfig:
     output_dir: str = "outputs/data"  # where the text-level dataset is saved
     # chat prompts (template=chat): no system message unless set here; per-language entries win
     system_prompt: str | None = None  # system message for every prompt (null = none)
-    system_prompts: dict[str, str] = field(default_factory=dict)  # per language code, e.g. {ko: "..."}
+    system_prompts: dict[str, str] = field(default_factory=dict)  # per language code (SW = sw), e.g. {ko: ".."}
     # source_format: messages (TRL-style conversations): earlier turns are context, the last assistant turn the response
     messages_field: str = "messages"  # field holding the list of {role, content} turns
     target_messages_field: str = "messages_{lang}"  # for translator=columns: the same turns in the target language
@@ -120,7 +120,7 @@ class DataConfig:
 @dataclass
 class CLOConfig:
     mode: str = "clo"  # clo (L = λ·L_SFT + (1-λ)·L_CL) | sft (λ = 1 baseline, no reference pass) | dpo (λ = 0)
-    beta: float = 0.1  # DPO temperature β
+    beta: float = 0.1  # DPO temperature β; in (0, 10] (TRL and the paper use 0.01 .. 0.5)
     lam: float = 0.5  # λ, weight of the target-language NLL (mode clo only)
     reference_free: bool = False  # drop the π_ref terms (no reference pass)
     sft_sequences: list[int] = field(
@@ -134,15 +134,15 @@ class CLOConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0)
+    lr: float = 5e-5  # peak learning rate (AdamW); in (0, 1]
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0); in [0, 1]
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
-    eps: float = 1e-8  # AdamW ε
+    eps: float = 1e-8  # AdamW ε; in (0, 0.01]
     warmup_steps: int = 0  # linear warmup over this many optimizer steps
     warmup_ratio: float = 0.0  # or over this share of all steps (TRL's warmup_ratio); the larger of the two wins
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this
-    max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables
+    max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables; in [0, 1e4]
     epochs: int = 1  # passes over the training split (when max_steps is null)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_examples: int = 1  # examples (x4 sequences) per micro-batch per rank
@@ -196,7 +196,7 @@ class EvalConfig:
     judge_model: str | None = None  # model name sent to the judge endpoint
     judge_baseline: str | None = None  # model label the others are judged against (default: the first --model)
     judge_api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the judge's API key (sent only if set)
-    judge_timeout_s: float = 60.0  # per judge request
+    judge_timeout_s: float = 60.0  # per judge request; in (0, 3600]
     output_dir: str = "outputs/eval"  # report.json, report.md, report.png, generations.jsonl
 
 
@@ -236,8 +236,8 @@ def validate_model(cfg: RunConfig, origin) -> None:
         f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}",
     )
     if m.lora is not None:
-        check(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
-        check(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+        check(1 <= m.lora.r <= 4096, "model.lora.r", f"must be in [1, 4096], got {m.lora.r}")
+        check(0 < m.lora.alpha <= 4096, "model.lora.alpha", f"must be in (0, 4096], got {m.lora.alpha}")
         check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
         check(len(m.lora.target_patterns) > 0, "model.lora.target_patterns", "must list at least one pattern")
         check(_has_module("peft"), "model.lora", "needs the peft package (pip install 'clo-fast[lora]')")
@@ -284,16 +284,31 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         f"got {d.target_lang!r} (use translator=hf for other languages)",
     )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+    check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
+    normalized: dict[str, str] = {}
     for lang, text in d.system_prompts.items():
         check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
+        code = _language_code(lang, f"data.system_prompts.{lang}", origin)
+        check(code not in normalized, f"data.system_prompts.{lang}", f"the language {code!r} is given twice")
+        normalized[code] = text
+    d.system_prompts = normalized  # keyed as the data's languages are looked up (`SW` and `sw` are one)
     for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
         check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
+
+
+def _language_code(code: str, name: str, origin) -> str:
+    from clo_fast.language_id import UnknownLanguageError, normalize_lang
+
+    try:
+        return normalize_lang(code)
+    except UnknownLanguageError as err:
+        raise ConfigError(f"{origin(name)}: {name}: {err}") from None
 
 
 def validate_clo(cfg: RunConfig, origin) -> None:
     check, c = _checker(origin), cfg.clo
     check(c.mode in ("clo", "sft", "dpo"), "clo.mode", f"must be clo|sft|dpo, got {c.mode!r}")
-    check(c.beta > 0, "clo.beta", f"must be > 0, got {c.beta}")
+    check(0 < c.beta <= 10, "clo.beta", f"must be in (0, 10], got {c.beta}")
     check(0.0 <= c.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {c.lam}")
     check(all(s in (0, 1, 2, 3) for s in c.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
     check(c.loss_type in ("sigmoid", "ipo"), "clo.loss_type", f"must be sigmoid|ipo, got {c.loss_type!r}")
@@ -312,7 +327,7 @@ def validate_clo(cfg: RunConfig, origin) -> None:
 
 def validate_optim(cfg: RunConfig, origin) -> None:
     check, o = _checker(origin), cfg.optim
-    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(0 < o.lr <= 1, "optim.lr", f"must be in (0, 1], got {o.lr}")
     check(o.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
     check(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
     check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {o.schedule!r}")
@@ -321,14 +336,17 @@ def validate_optim(cfg: RunConfig, origin) -> None:
         "optim.betas",
         f"must be two numbers in [0, 1), got {o.betas}",
     )
-    check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
-    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    check(0 < o.eps <= 0.01, "optim.eps", f"must be in (0, 0.01], got {o.eps}")
+    check(0 <= o.weight_decay <= 1, "optim.weight_decay", f"must be in [0, 1], got {o.weight_decay}")
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     check(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
+    check(
+        0 <= o.max_grad_norm <= 1e4, "optim.max_grad_norm", f"must be in [0, 1e4] (0 disables), got {o.max_grad_norm}"
+    )
     check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     check(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", f"must be >= 1 or null, got {o.max_steps}")
+    check(0 <= o.seed < 2**32, "optim.seed", f"must be in [0, 2**32), got {o.seed}")
 
 
 def validate_train(cfg: RunConfig, origin) -> None:
@@ -371,7 +389,7 @@ def validate_eval(cfg: RunConfig, origin) -> None:
     check(e.max_prompts >= 1, "eval.max_prompts", f"must be >= 1, got {e.max_prompts}")
     check(e.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}")
     check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
-    check(e.judge_timeout_s > 0, "eval.judge_timeout_s", f"must be > 0, got {e.judge_timeout_s}")
+    check(0 < e.judge_timeout_s <= 3600, "eval.judge_timeout_s", f"must be in (0, 3600], got {e.judge_timeout_s}")
     for code in e.detector_languages:
         try:
             normalize_lang(code)
@@ -485,6 +503,36 @@ def parse_dataclass(cls: type, raw: Any, where: str | Callable[[str], str], pref
 
 
 # ---------------------------------------------------------------------------- loading and overrides
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (`optim:` twice, or `lr:` twice in it):
+    PyYAML's own keeps the last one without a word."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    break
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark
+                    )
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def yaml_load(text: str):
+    """yaml.safe_load, but a key repeated in one mapping is an error (yaml.YAMLError)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def add_override_argument(parser) -> None:
     """The `--set FIELD=VALUE` option, the same for every command line (train, data, evaluate)."""
     parser.add_argument(
@@ -512,7 +560,7 @@ def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]
         if not key:
             raise ConfigError(f"{flag}: expected FIELD=VALUE")
         try:
-            out[key] = (yaml.safe_load(value), flag)
+            out[key] = (yaml_load(value), flag)
         except yaml.YAMLError as e:
             raise ConfigError(f"{flag}: the value is not valid YAML: {e}") from None
     return out
@@ -533,9 +581,13 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     parsed = parse_overrides(overrides)
@@ -544,9 +596,18 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
         *parents, leaf = dotted.split(".")
         for p in parents:
             child = node.setdefault(p, {})
+            if child is None:  # `optim:` left empty in the file
+                child = node[p] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"{flag}: {p} is not a section")
             node = child
+        if value is None and _is_required_section(dotted):
+            raise ConfigError(
+                f"{flag}: {dotted} is a section; null would reset all of it to the defaults. Set its fields "
+                f"(--set {dotted}.FIELD=VALUE), or give a mapping to change several ({dotted}={{field: value}})"
+            )
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            value = _merged(node[leaf], value)  # a mapping changes the fields it names; the others stay
         node[leaf] = value
 
     def origin(name: str) -> str:
@@ -559,6 +620,27 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
         return flag or (nested[0] if nested else source)
 
     return parse_dataclass(RunConfig, raw, origin).validate(origin)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _is_required_section(dotted: str) -> bool:
+    """True when `dotted` names a section (dataclass) field that cannot be null (optim, train, ...; model.lora
+    can: null turns LoRA off)."""
+    cls: Any = RunConfig
+    for name in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            return False
+        cls = hints[name]
+    return dataclasses.is_dataclass(cls)
 
 
 _URL_SECRETS = (

@@ -45,6 +45,11 @@ def parse_args(argv=None):
         default=None,
         help="continue from a checkpoint in <output_dir>/checkpoints: a tag, or 'latest' (default)",
     )
+    p.add_argument(
+        "--resume-unverified",
+        action="store_true",
+        help="resume from a checkpoint that has no checksums.json (older clo_fast): its files are not verified",
+    )
     add_override_argument(p)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the launcher
     return p.parse_args(argv)
@@ -53,8 +58,10 @@ def parse_args(argv=None):
 class Run:
     """One training run's state, built in order by `main`: the stages below read like a recipe."""
 
-    def __init__(self, cfg: RunConfig, config_path: Path, resume: str | None):
+    def __init__(self, cfg: RunConfig, config_path: Path, resume: str | None, resume_unverified: bool = False):
         self.cfg, self.config_path, self.resume = cfg, config_path, resume
+        self.resume_unverified = resume_unverified
+        self.resume_point = None
 
     def setup(self) -> None:
         from clo_fast.training import distributed as dist
@@ -77,6 +84,10 @@ class Run:
         # refuses a folder that is not ours or holds checkpoints (without --resume); locks it
         self.lock = dist.rank0_checked(lambda: prepare_output_dir(self.cfg, self.resume))
         dist.check_shared_output_dir(self.out_dir)
+        if self.resume:  # verified and checked against this config now, not after data, model and reference pass
+            from clo_fast.training.checkpoint import prepare_resume
+
+            self.resume_point = prepare_resume(self.cfg, self.resume, allow_unverified=self.resume_unverified)
         if dist.rank() == 0:
             import yaml
 
@@ -131,6 +142,11 @@ class Run:
                 f"the {len(self.train_ds)} training examples"
             )
         self.total_steps = o.max_steps or o.epochs * self.sampler.steps_per_epoch
+        if self.resume_point is not None:
+            from clo_fast.training.checkpoint import check_resume_progress
+
+            folder, state, _ = self.resume_point
+            check_resume_progress(state, self.total_steps, folder)
         n_eval = len(self.eval_ds) if self.eval_ds else 0
         log0(
             f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
@@ -165,7 +181,7 @@ class Run:
             self.train_ds = with_reference_logps(self.train_ds, "train", *args)
             if self.eval_ds is not None:
                 self.eval_ds = with_reference_logps(self.eval_ds, "eval", *args)
-        self.step = load_checkpoint(self.engine, cfg, self.resume) if self.resume else 0
+        self.step = load_checkpoint(self.engine, cfg, self.resume, prepared=self.resume_point) if self.resume else 0
         self.fidelity = None
         if cfg.train.fidelity_prompts and self.eval_records:
             from clo_fast.evaluate.probe import FidelityProbe
@@ -188,7 +204,7 @@ class Run:
 
         from clo_fast.data.collate import check_token_range
         from clo_fast.training.checkpoint import save_checkpoint
-        from clo_fast.training.distributed import log0, maybe_crash, rank, world_size
+        from clo_fast.training.distributed import log0, maybe_crash, rank, test_poisoned, world_size
         from clo_fast.training.metrics import MetricsSink, StepLog
         from clo_fast.training.step import NonFiniteGuard, train_step
 
@@ -221,6 +237,8 @@ class Run:
                 )
             tokens = sum(b.real_tokens for b in micro)
             step_metrics = train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples))
+            if test_poisoned(self.step + 1):
+                step_metrics["loss"] = step_metrics["loss"] * float("nan")
             log.add(step_metrics, tokens)
             self.step += 1
             guard.observe(self.step, step_metrics)
@@ -301,7 +319,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # validated before anything heavy is imported, so a bad field fails in a second
     cfg = load_config(args.config, args.set)
-    run = Run(cfg, Path(args.config), args.resume)
+    if args.resume_unverified and not args.resume:
+        raise ConfigError("--resume-unverified applies to --resume only")
+    run = Run(cfg, Path(args.config), args.resume, args.resume_unverified)
     run.setup()
     run.data()
     run.model()

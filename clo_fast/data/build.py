@@ -64,7 +64,7 @@ def _config_key(cfg: DataConfig) -> str:
         "oasst_all_turns",
     )
     d = {k: getattr(cfg, k) for k in keys}
-    d["_dedup"] = "prompt"  # datasets saved before deduplication are rebuilt
+    d["_dedup"] = "prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
@@ -96,7 +96,11 @@ def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[li
     held-out prompt is also trained on), then a seeded order, at most max_examples.
     Returns (selected, records_read, valid_pairs, duplicate_prompts_removed)."""
     pairs, n_records = read_pairs(cfg, skips, filtered)
-    pairs, n_duplicates = deduplicate(pairs, lambda p: prompt_key(p.instruction))  # before the split
+
+    def keys(p):  # the English prompt, and the given translation of it: a copy of either is the same example
+        return ("en", prompt_key(p.instruction)), ("tgt", prompt_key(p.instruction_tgt)) if p.instruction_tgt else None
+
+    pairs, n_duplicates = deduplicate(pairs, keys)  # before the split
     order = shuffled_order(len(pairs), cfg.seed)
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]

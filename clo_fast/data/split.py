@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 
 
 def eval_size(n: int, eval_fraction: float) -> int:
@@ -21,20 +22,23 @@ def shuffled_order(n: int, seed: int) -> list[int]:
 
 
 def prompt_key(text: str) -> str:
-    """What counts as the same prompt: case and whitespace ignored."""
-    return " ".join(text.split()).casefold()
+    """What counts as the same prompt: case, whitespace and Unicode compatibility forms (full-width letters)
+    ignored."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
 def deduplicate(items: list, key) -> tuple[list, int]:
-    """(items with each key's first occurrence only, how many were dropped). Done before the split, so no
-    held-out prompt is also a training prompt."""
+    """(items with each key's first occurrence only, how many were dropped). `key(item)` is one key or a tuple
+    of keys (None entries ignored): an item sharing any of its keys with an earlier one is a duplicate. Done
+    before the split, so no held-out prompt is also a training prompt."""
     seen: set = set()
     kept = []
     for item in items:
-        k = key(item)
-        if k not in seen:
-            seen.add(k)
+        keys = key(item)
+        keys = [k for k in (keys if isinstance(keys, tuple) else (keys,)) if k is not None]
+        if not any(k in seen for k in keys):
             kept.append(item)
+        seen.update(keys)
     return kept, len(items) - len(kept)
 
 

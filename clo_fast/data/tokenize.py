@@ -18,9 +18,11 @@ FORMAT_VERSION = 2  # bump when the tokenized layout changes (invalidates the to
 
 def system_prompt_for(cfg: DataConfig, lang: str | None) -> str | None:
     """The configured system prompt for `lang`: data.system_prompts[lang], else data.system_prompt, else None."""
-    per_lang = getattr(cfg, "system_prompts", None) or {}
-    if lang is not None and lang in per_lang:
-        return per_lang[lang]
+    per_lang = getattr(cfg, "system_prompts", None) or {}  # keys normalized by validate_data
+    if lang is not None:
+        lang = lang.strip().replace("_", "-").split("-")[0].lower()  # `SW`, `sw-KE` → sw, as the keys are
+        if lang in per_lang:
+            return per_lang[lang]
     return getattr(cfg, "system_prompt", None)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,8 @@ from clo_fast.training.distributed import (
 
 CHECKSUMS = "checksums.json"
 # Changes --resume cannot honour: the saved shards would not fit, or mean another model.
-RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype")
+# (a prefix: every field under it)
+RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype", "model.lora")
 
 
 def checkpoint_root(cfg: RunConfig) -> Path:
@@ -101,14 +103,20 @@ def write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
-def verify_checkpoint(folder: Path) -> str | None:
-    """None when every file matches checksums.json, else what is wrong (naming the file)."""
+def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> str | None:
+    """None when every file matches checksums.json, else what is wrong (naming the file). A checkpoint without
+    checksums.json is refused unless `allow_unverified` (train.py --resume-unverified)."""
     sums_file = folder / CHECKSUMS
     if not (folder / "trainer_state.json").is_file():
         return f"{folder / 'trainer_state.json'} is missing"
     if not sums_file.is_file():
-        log0(f"warning: {folder} has no {CHECKSUMS} (written by an older clo_fast): its files are not verified")
-        return None
+        if allow_unverified:
+            log0(f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)")
+            return None
+        return (
+            f"{sums_file} is missing (written by an older clo_fast, or removed), so its files cannot be verified; "
+            "to resume from it knowingly, add --resume-unverified"
+        )
     try:
         sums = json.loads(sums_file.read_text())
     except ValueError:
@@ -178,7 +186,7 @@ def check_resume_compatible(state: dict, cfg: RunConfig, folder: Path) -> dict[s
             "the checkpoint to a universal one with DeepSpeed's ds_to_universal)"
         )
     changes = config_changes(state.get("config") or {}, to_dict(cfg)) if "config" in state else {}
-    refused = [k for k in changes if k in RESUME_REFUSED]
+    refused = [k for k in changes if any(k == r or k.startswith(r + ".") for r in RESUME_REFUSED)]
     if refused:
         raise ConfigError(
             f"--resume {folder}: cannot resume with a changed "
@@ -207,30 +215,69 @@ def apply_optimizer_config(engine, cfg: RunConfig, changes: dict) -> None:
             g["lr"] = o.lr * lmbda(sched.last_epoch)
 
 
-def load_checkpoint(engine, cfg: RunConfig, which: str) -> int:
-    """Verify, then restore weights, optimizer, LR schedule and this rank's RNG; returns the step to
-    continue from."""
+TAG_PATTERN = re.compile(r"step_\d+")
+
+
+def resolve_tag(cfg: RunConfig, which: str) -> Path:
+    """The checkpoint folder `--resume [TAG]` names: `latest` (the file's content) or a tag, which must be a
+    published checkpoint directly in this run's own checkpoints/ folder (no path, no link leading out of it)."""
     root = checkpoint_root(cfg)
+    source = "--resume"
     if which == "latest":
         if not (root / "latest").is_file():
             raise ConfigError(f"--resume: no complete checkpoint in {root} (no 'latest' file)")
-        which = (root / "latest").read_text().strip()
-    if which.startswith(STAGING_PREFIX) or not (root / which / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume {which}: not a complete checkpoint in {root}")
+        which, source = (root / "latest").read_text().strip(), f"{root / 'latest'} names"
+    if not TAG_PATTERN.fullmatch(which):
+        raise ConfigError(
+            f"{source} {which!r}: not a checkpoint tag (step_<N>, one of {root}'s own: "
+            f"{', '.join(checkpoint_tags(root)) if root.is_dir() else 'none'})"
+        )
     folder = root / which
+    if folder.is_symlink() or folder.resolve().parent != root.resolve():
+        raise ConfigError(f"{source} {which}: {folder} leads outside {root}; resume only from this run's checkpoints")
+    if not (folder / "trainer_state.json").is_file():
+        raise ConfigError(f"{source} {which}: not a complete checkpoint in {root}")
+    return folder
+
+
+def prepare_resume(cfg: RunConfig, which: str, *, allow_unverified: bool = False) -> tuple[Path, dict, dict]:
+    """At start-up, before data, model and reference pass: the checkpoint folder, verified (rank 0 hashes, every
+    rank gets the verdict), its trainer state, and the config changes it accepts (those it cannot honour raise)."""
+    root = checkpoint_root(cfg)
+    folder = resolve_tag(cfg, which)
 
     def verify() -> None:
-        problem = verify_checkpoint(folder)
+        problem = verify_checkpoint(folder, allow_unverified=allow_unverified)
         if problem:
             tags = reversed(checkpoint_tags(root))
-            good = [t for t in tags if t != which and verify_checkpoint(root / t) is None]
+            good = [t for t in tags if t != folder.name and verify_checkpoint(root / t) is None]
             hint = f"the newest good checkpoint is {good[0]}: --resume {good[0]}" if good else "no intact checkpoint"
-            raise ConfigError(f"--resume {which}: {problem}; {hint}")
+            raise ConfigError(f"--resume {folder.name}: {problem}; {hint}")
 
     rank0_checked(verify)  # one reader of the (shared) folder; every rank gets the verdict
     state = json.loads((folder / "trainer_state.json").read_text())
-    changes = check_resume_compatible(state, cfg, folder)
-    engine.load_checkpoint(str(root), tag=which, load_optimizer_states=True, load_lr_scheduler_states=True)
+    return folder, state, check_resume_compatible(state, cfg, folder)
+
+
+def check_resume_progress(state: dict, total_steps: int, folder: Path) -> None:
+    """A resume must have steps left to run: one at or past the configured total would train nothing (and
+    rewrite the run's final metrics and export); a total below the checkpoint's step would go backwards."""
+    step = int(state["step"])
+    if step >= total_steps:
+        raise ConfigError(
+            f"--resume {folder.name}: the checkpoint is at step {step} and this config trains {total_steps} steps "
+            f"in all (optim.max_steps, or optim.epochs × steps per epoch): nothing is left to train. Raise "
+            f"optim.max_steps above {step} to continue training; the finished run is left as it is"
+        )
+
+
+def load_checkpoint(engine, cfg: RunConfig, which: str, *, allow_unverified: bool = False, prepared=None) -> int:
+    """Verify (unless `prepared` by `prepare_resume`), then restore weights, optimizer, LR schedule and this
+    rank's RNG; returns the step to continue from."""
+    folder, state, changes = prepared or prepare_resume(cfg, which, allow_unverified=allow_unverified)
+    engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     apply_optimizer_config(engine, cfg, changes)
     rng = folder / f"rng_state_rank{rank()}.pt"
     if rng.is_file():
