@@ -232,6 +232,51 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------- checksums
+CHECKSUMS = "checksums.json"  # sha256 of every file of a published folder (checkpoints, tokenized cache)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """`folder/checksums.json`: the sha256 of every file below it (written last, before publishing)."""
+    folder = Path(folder)
+    sums = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (CHECKSUMS, OWNER_MARKER)
+    }
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def checksum_problem(folder: str | os.PathLike) -> str | None:
+    """None when every file listed in checksums.json matches, else what is wrong, naming the file (a missing
+    checksums.json included: callers decide whether an unverified folder may be used)."""
+    folder = Path(folder)
+    sums_file = folder / CHECKSUMS
+    if not sums_file.is_file():
+        return f"{sums_file} is missing"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except ValueError:
+        return f"{sums_file} is not valid JSON"
+    for rel, digest in sums.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != digest:
+            return f"{path} does not match its sha256 in {CHECKSUMS} (corrupted or truncated)"
+    return None
+
+
 # ------------------------------------------------------------------------------- a run's output folder
 def claim_output_dir(path: str | os.PathLike, what: str, kind: str) -> Path:
     """Create `path` (or accept it when empty, or an output of the same `kind` no live run holds) and mark it as

@@ -336,6 +336,14 @@ if __name__ == "__main__":
     except (ConfigError, OutputDirError) as e:
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except ValueError as e:  # bad input data or translation set-up: named by the message, no traceback
+        from clo_fast.data.sources import DataError
+        from clo_fast.data.translate import TranslationError
+
+        if not isinstance(e, (DataError, TranslationError)):
+            raise
+        print(f"[train] data error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except RuntimeError as e:
         if type(e).__name__ != "NonFiniteError":
             raise

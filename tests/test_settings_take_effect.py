@@ -251,3 +251,26 @@ def test_compare_refuses_repeated_seeds_bad_seeds_and_a_missing_launcher_before_
     with pytest.raises(ConfigError, match=message):
         compare.main(["--config", str(DEMO), "--out-dir", str(tmp_path / "cmp"), *argv])
     assert not (tmp_path / "cmp").exists()
+
+
+# ------------------------------------------------------------------------ tokenized cache verified
+def test_a_damaged_tokenized_cache_entry_is_named_not_trained_on(tmp_path, demo_tokenizer):
+    from clo_fast.config import DataConfig
+    from clo_fast.data import build_text_dataset, tokenize_dataset
+    from clo_fast.data.sources import DataError
+
+    cfg = DataConfig(target_lang="sw", cache_dir=str(tmp_path / "cache"), max_examples=8, max_length=64)
+    dsd, _ = build_text_dataset(cfg, progress=False)
+    first = tokenize_dataset(dsd["train"], demo_tokenizer, cfg)
+    (entry,) = (tmp_path / "cache" / "tokenized").iterdir()
+    assert (entry / "checksums.json").is_file()
+    arrow = next(entry.rglob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[-64] ^= 0x01  # one flipped bit: the token ids stay in range, so nothing downstream would notice
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{entry}: the tokenized-data cache entry is damaged .*{arrow.name}"):
+        tokenize_dataset(dsd["train"], demo_tokenizer, cfg)
+    import shutil
+
+    shutil.rmtree(entry)  # as the message says: rebuilt, identical
+    assert tokenize_dataset(dsd["train"], demo_tokenizer, cfg)["input_ids"] == first["input_ids"]

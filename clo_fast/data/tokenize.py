@@ -8,12 +8,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import atomic_directory, checksum_problem, write_checksums
 from clo_fast.config import ConfigError, DataConfig
 from clo_fast.constants import IGNORE_INDEX, SEQUENCE_KINDS
+from clo_fast.data.sources import DataError
 from clo_fast.data.stats import percentiles
 
-FORMAT_VERSION = 2  # bump when the tokenized layout changes (invalidates the tokenization cache)
+FORMAT_VERSION = 3  # bump when the tokenized layout changes (invalidates the tokenization cache); 3: checksums
 
 
 def system_prompt_for(cfg: DataConfig, lang: str | None) -> str | None:
@@ -325,6 +326,13 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
 
     target = Path(cfg.cache_dir).expanduser() / "tokenized" / _cache_key(ds, tokenizer, cfg)
     if use_cache and (target / "stats.json").is_file():
+        problem = checksum_problem(target)  # verified like a checkpoint: corruption in range would train silently
+        if problem:
+            raise DataError(
+                f"{target}: the tokenized-data cache entry is damaged ({problem}); delete that folder and run "
+                "again to rebuild it",
+                "tokenized_cache",
+            )
         out = datasets.load_from_disk(str(target))
         if stats is not None:
             stats.update(json.loads((target / "stats.json").read_text()), cache_hit=True)
@@ -340,6 +348,7 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
         with atomic_directory(target, "tokenized_cache", per_process=True, replace=False) as tmp:
             out.save_to_disk(str(tmp))
             (tmp / "stats.json").write_text(json.dumps(st, indent=2))
+            write_checksums(tmp)
         out = datasets.load_from_disk(str(target))
     if stats is not None:
         stats.update(st, cache_hit=False)

@@ -15,7 +15,6 @@ its model and optimizer shards with full unpickling: only resume from checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,14 +23,17 @@ from pathlib import Path
 import torch
 
 from clo_fast.atomic import (
+    CHECKSUMS,
     STAGING_PREFIX,
     OutputDirError,
     RunLock,
     check_publishable,
     check_replaceable,
+    checksum_problem,
     claim_output_dir,
     publish,
     staging_path,
+    write_checksums,
     write_text_atomic,
 )
 from clo_fast.config import ConfigError, RunConfig, flatten_config, to_dict
@@ -46,7 +48,6 @@ from clo_fast.training.distributed import (
     world_size,
 )
 
-CHECKSUMS = "checksums.json"
 # Changes --resume cannot honour: the saved shards would not fit, or mean another model.
 # (a prefix: every field under it)
 RESUME_REFUSED = ("model.name_or_path", "model.trainable_patterns", "model.dtype", "model.lora")
@@ -90,44 +91,20 @@ def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
     return lock
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_checksums(folder: Path) -> None:
-    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-
-
 def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> str | None:
     """None when every file matches checksums.json, else what is wrong (naming the file). A checkpoint without
     checksums.json is refused unless `allow_unverified` (train.py --resume-unverified)."""
-    sums_file = folder / CHECKSUMS
     if not (folder / "trainer_state.json").is_file():
         return f"{folder / 'trainer_state.json'} is missing"
-    if not sums_file.is_file():
+    if not (folder / CHECKSUMS).is_file():
         if allow_unverified:
             log0(f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)")
             return None
         return (
-            f"{sums_file} is missing (written by an older clo_fast, or removed), so its files cannot be verified; "
-            "to resume from it knowingly, add --resume-unverified"
+            f"{folder / CHECKSUMS} is missing (written by an older clo_fast, or removed), so its files cannot be "
+            "verified; to resume from it knowingly, add --resume-unverified"
         )
-    try:
-        sums = json.loads(sums_file.read_text())
-    except ValueError:
-        return f"{sums_file} is not valid JSON"
-    for rel, digest in sums.items():
-        path = folder / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if _sha256(path) != digest:
-            return f"{path} does not match its sha256 in {CHECKSUMS} (corrupted or truncated)"
-    return None
+    return checksum_problem(folder)
 
 
 def rotate_checkpoints(root: Path, newest: str, keep: int) -> list[str]:
