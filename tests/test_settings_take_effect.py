@@ -274,3 +274,28 @@ def test_a_damaged_tokenized_cache_entry_is_named_not_trained_on(tmp_path, demo_
 
     shutil.rmtree(entry)  # as the message says: rebuilt, identical
     assert tokenize_dataset(dsd["train"], demo_tokenizer, cfg)["input_ids"] == first["input_ids"]
+
+
+# ------------------------------------------------------------------------ DeepSpeed shards loaded without unpickling
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("touch PLANTED_RAN",))
+
+
+def test_deepspeed_shards_are_loaded_weights_only_and_a_planted_pickle_is_not_executed(tmp_path, monkeypatch):
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from clo_fast.training.checkpoint import weights_only_checkpoint_engine
+
+    monkeypatch.chdir(tmp_path)
+    engine = weights_only_checkpoint_engine()
+    shard = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    record = {"zero_stage": ZeroStageEnum.weights, "state": torch.arange(4.0)}  # what DeepSpeed's shards hold
+    torch.save(record, shard)
+    loaded = engine.load(str(shard), map_location="cpu")
+    assert loaded["zero_stage"] == ZeroStageEnum.weights and torch.equal(loaded["state"], torch.arange(4.0))
+    torch.save({"optimizer_state_dict": _Planted()}, shard)
+    with pytest.raises(ConfigError, match=rf"{shard.name} holds a pickled object .* not loaded"):
+        engine.load(str(shard), map_location="cpu")
+    assert not (tmp_path / "PLANTED_RAN").exists()

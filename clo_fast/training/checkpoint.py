@@ -9,8 +9,10 @@ Each checkpoint holds `checksums.json` (sha256 of every file) and the run config
 it accepts, refuses the ones it cannot honour and re-applies the optimizer hyper-parameters of the new
 config (a new `optim.lr` re-bases the LR schedule).
 
-Our own files are loaded with `torch.load(..., weights_only=True)`. DeepSpeed's `load_checkpoint` reads
-its model and optimizer shards with full unpickling: only resume from checkpoint folders you trust.
+Nothing is unpickled on resume: our own files are loaded with `torch.load(..., weights_only=True)`, and
+DeepSpeed's model and optimizer shards too, through `WeightsOnlyCheckpointEngine` (DeepSpeed's torch engine with
+weights_only loading and an allow-list of the few plain DeepSpeed records its shards hold). A shard holding any
+other pickled object is refused, not executed.
 """
 
 from __future__ import annotations
@@ -248,10 +250,41 @@ def check_resume_progress(state: dict, total_steps: int, folder: Path) -> None:
         )
 
 
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed 0.19's ZeRO shards pickle (found by reading the pickles' globals): plain
+    records, no code runs when they are rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` (its own loads with full unpickling):
+    installed on the engine before `load_checkpoint`, every shard it reads goes through it."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ConfigError(
+                    f"--resume: {path} holds a pickled object that is not a tensor or a known DeepSpeed record, so "
+                    f"it is not loaded (loading it could run code): {str(e).splitlines()[-1][:300]}"
+                ) from None
+
+    return WeightsOnlyCheckpointEngine()
+
+
 def load_checkpoint(engine, cfg: RunConfig, which: str, *, allow_unverified: bool = False, prepared=None) -> int:
     """Verify (unless `prepared` by `prepare_resume`), then restore weights, optimizer, LR schedule and this
     rank's RNG; returns the step to continue from."""
     folder, state, changes = prepared or prepare_resume(cfg, which, allow_unverified=allow_unverified)
+    engine.checkpoint_engine = weights_only_checkpoint_engine()  # every shard DeepSpeed reads: no unpickling
     engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
