@@ -378,9 +378,17 @@ def test_translate_sharded_covers_every_text_own_shard_first(tmp_path):
     assert fake.translated[: len(set(own))] == list(dict.fromkeys(own))
 
 
+COLLECTIVES = (
+    "barrier", "all_reduce", "broadcast", "all_gather", "all_gather_object", "all_gather_into_tensor",
+    "broadcast_object_list", "gather", "gather_object", "scatter", "scatter_object_list", "reduce",
+    "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "monitored_barrier",
+)  # fmt: skip
+
+
 def _prepare_in_world(rank, world, port, tmp, out_dir):
-    """One rank of a gloo world whose collectives time out after 3 s: runs the trainer's data stage with a
-    translator that needs 0.05 s per text (12 s in all: 4 times the timeout), then a barrier and a gather."""
+    """One rank of a gloo world: runs the trainer's data stage with a translator that needs 0.05 s per text,
+    every torch.distributed collective counted while it runs (the property: none, so no rank can wait in one while
+    another translates; proved by the count, not by racing a collective timeout), then a barrier and a gather."""
     import datetime
     import json
     import pathlib
@@ -389,7 +397,7 @@ def _prepare_in_world(rank, world, port, tmp, out_dir):
     import torch.distributed as tdist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
     import clo_fast.data.translate as translate_module
     from clo_fast.config import load_config
     from clo_fast.train import Run
@@ -399,10 +407,22 @@ def _prepare_in_world(rank, world, port, tmp, out_dir):
     cfg = load_config(pathlib.Path(tmp) / "run.yaml")
     run = Run(cfg, pathlib.Path(tmp) / "run.yaml", None)
     run.device = torch.device("cpu")  # set by Run.setup, skipped here: the data stage picks the packing for it
-    run.data()
+    collectives = []
+    names = [n for n in COLLECTIVES if hasattr(tdist, n)]
+    originals = {n: getattr(tdist, n) for n in names}
+    for n in names:
+        setattr(tdist, n, lambda *a, _n=n, **k: collectives.append(_n) or originals[_n](*a, **k))
+    tdist.barrier()  # both ranks start the data stage together (outside it: not counted)
+    collectives.clear()
+    try:
+        run.data()
+    finally:
+        held = list(collectives)
+        for n in names:
+            setattr(tdist, n, originals[n])
     tdist.barrier()
     counts = [None] * world
-    tdist.all_gather_object(counts, (len(fake.translated), len(run.train_ds)))
+    tdist.all_gather_object(counts, (len(fake.translated), len(run.train_ds), held))
     if rank == 0:
         pathlib.Path(out_dir, "result.json").write_text(json.dumps(counts))
     tdist.destroy_process_group()
@@ -421,13 +441,14 @@ def test_data_stage_holds_no_collective_and_shares_translation(tmp_path, llama3_
         f"model: {{name_or_path: {tok_dir}}}\n"
         f"data: {{translator: hf, target_lang: sw, max_examples: 120, cache_dir: {tmp_path / 'cache'}, "
         f"output_dir: {tmp_path / 'data'}, template: chat}}\n"
-        f"train: {{output_dir: {tmp_path / 'run'}, dist_timeout_s: 3}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n"
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_prepare_in_world, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
-    (n0, train0), (n1, train1) = json.loads((tmp_path / "result.json").read_text())
+    (n0, train0, held0), (n1, train1, held1) = json.loads((tmp_path / "result.json").read_text())
+    assert held0 == held1 == []  # no collective in the data stage, on either rank
     n_texts = 240  # 120 pairs of distinct texts
     assert train0 == train1 > 0
     # the two ranks shared the work: each translated a good part, together about all (little overlap)

@@ -316,7 +316,7 @@ def test_bad_config_names_the_field(tmp_path, text, field):
 def test_override_errors_name_the_flag(tmp_path):
     p = tmp_path / "ok.yaml"
     p.write_text("clo:\n  beta: 0.2\n")
-    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be > 0"):
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be in \(0, 10\]"):
         load_config(p, ["clo.beta=-1"])
     with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: optim\.lrr: unknown key"):
         load_config(p, ["optim.lrr=1"])
