@@ -363,6 +363,11 @@ def validate_train(cfg: RunConfig, origin) -> None:
     validate_report_to(t.report_to, check)
     check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
     check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
+    check(
+        re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", str(t.export_max_shard_size), re.IGNORECASE) is not None,
+        "train.export_max_shard_size",
+        f"must be a size such as 5GB, 500MB or 2GiB, got {t.export_max_shard_size!r}",
+    )
 
 
 REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name → module

@@ -55,6 +55,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_environment(cfg: RunConfig, config_path: Path) -> None:
+    """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
+    needs the Hub online and a token; float16 needs a CUDA device."""
+    t = cfg.train
+    if t.push_to_hub:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise ConfigError(
+                f"{config_path}: train.push_to_hub: {t.push_to_hub!r} cannot be uploaded with HF_HUB_OFFLINE set; "
+                "unset it, or set train.push_to_hub: null"
+            )
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise ConfigError(
+                f"{config_path}: train.push_to_hub: no Hugging Face token (set HF_TOKEN, or run `hf auth login`); "
+                "or set train.push_to_hub: null"
+            )
+    if cfg.model.dtype == "float16" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{config_path}: model.dtype: float16 needs a CUDA device (DeepSpeed's fp16 mode); use float32 or "
+            "bfloat16 on CPU"
+        )
+
+
 class Run:
     """One training run's state, built in order by `main`: the stages below read like a recipe."""
 
@@ -69,6 +93,7 @@ class Run:
         from clo_fast.training.step import LossSetup
 
         t = self.cfg.train
+        check_environment(self.cfg, self.config_path)
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
         self.device = dist.init_process_group(t.dist_timeout_s)
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

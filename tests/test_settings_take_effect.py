@@ -299,3 +299,45 @@ def test_deepspeed_shards_are_loaded_weights_only_and_a_planted_pickle_is_not_ex
     with pytest.raises(ConfigError, match=rf"{shard.name} holds a pickled object .* not loaded"):
         engine.load(str(shard), map_location="cpu")
     assert not (tmp_path / "PLANTED_RAN").exists()
+
+
+# ------------------------------------------------------------------------ checked at start-up, not after the work
+def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at_start_up(tmp_path, monkeypatch):
+    import torch
+
+    from clo_fast.train import check_environment
+
+    cfg = load_config(None, ["train.push_to_hub=me/clo-sw"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="train.push_to_hub: 'me/clo-sw' cannot be uploaded with HF_HUB_OFFLINE"):
+        check_environment(cfg, Path("c.yaml"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(ConfigError, match="train.push_to_hub: no Hugging Face token"):
+        check_environment(cfg, Path("c.yaml"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.dtype: float16 needs a CUDA device"):
+            check_environment(load_config(None, ["model.dtype=float16"]), Path("c.yaml"))
+    check_environment(load_config(None), Path("c.yaml"))  # the defaults pass
+
+
+@pytest.mark.parametrize("size", ["lots", "5 parsecs", "-1GB"])
+def test_a_bad_export_shard_size_is_refused_at_load(size):
+    with pytest.raises(ConfigError, match="train.export_max_shard_size: must be a size such as 5GB"):
+        load_config(None, [f"train.export_max_shard_size={size}"])
+    load_config(None, ["train.export_max_shard_size=500MB"])
+
+
+def test_a_permission_error_writing_a_checkpoint_is_not_called_a_full_disk(tmp_path):
+    from types import SimpleNamespace
+
+    from clo_fast.training.checkpoint import save_checkpoint
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.pt"))
+
+    with pytest.raises(OSError, match=r"permission denied .*x\.pt") as info:
+        save_checkpoint(SimpleNamespace(save_checkpoint=denied), _cfg(tmp_path), 3, {})
+    assert "free" not in str(info.value)

@@ -131,6 +131,11 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
     try:
         engine.save_checkpoint(str(root), tag=staging.name, client_state={"clo_step": step}, save_latest=False)
         torch.save(rng_state(), staging / f"rng_state_rank{rank()}.pt")
+    except PermissionError as e:
+        raise OSError(
+            f"{staging}: writing checkpoint {tag} failed on rank {rank()}: permission denied ({e.filename or e}); "
+            "make the folder writable, then --resume. The published checkpoints are untouched"
+        ) from e
     except (OSError, RuntimeError) as e:  # disk full surfaces as "basic_ios::clear" from torch's writer
         free = shutil.disk_usage(root).free / 2**30
         raise OSError(
