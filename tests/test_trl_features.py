@@ -91,7 +91,7 @@ def test_lora_config_section_is_null_by_default_and_set_turns_it_on(tmp_path):
         "*self_attn.v_proj",
         "*self_attn.o_proj",
     ]
-    with pytest.raises(ConfigError, match=r"--set model.lora=\{r: 0\}: model.lora.r: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"--set model.lora=\{r: 0\}: model.lora.r: must be in \[1, 4096\]"):
         load_config(None, ["model.lora={r: 0}"])
     with pytest.raises(ConfigError, match="model.lora.dropout"):
         load_config(None, ["model.lora={dropout: 1.5}"])
