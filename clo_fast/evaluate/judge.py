@@ -12,10 +12,12 @@ The protocol, per pair (candidate, baseline) and per prompt language:
 - the **95% interval** is a percentile bootstrap over prompts (each resampled prompt keeps both of its
   judgments: the pairs stay paired), `eval.judge_bootstrap` resamples, seeded;
 - the **length-controlled** win rate answers "how often would the candidate win if both answers had the same
-  length": a logistic regression of each judgment's score (1 / 0.5 / 0) on the standardised length difference
-  (candidate − baseline answer, in characters), win rate = sigmoid(intercept), i.e. the fitted win rate at zero
-  length difference. This is AlpacaEval 2's length-controlled idea reduced to its length term (no per-prompt
-  difficulty term: with a single baseline it is absorbed into the intercept). It gets its own bootstrap interval.
+  length": a logistic regression of each judgment's score (1 / 0.5 / 0, as fractional targets) on the length
+  difference (candidate − baseline answer, in characters, divided by its standard deviation), win rate =
+  sigmoid(intercept), i.e. the fitted win rate at zero length difference (a small L2 penalty on the slope,
+  LC_RIDGE, keeps it finite when length alone separates wins from losses). This is AlpacaEval 2's
+  length-controlled idea reduced to its length term (no per-prompt difficulty term: with one baseline it is
+  absorbed into the intercept), fitted our own way; it gets its own bootstrap interval.
 
 Judgments are cached on disk (JSON lines, `eval.judge_cache`, default `<output_dir>/judge_cache.jsonl`), keyed by
 a hash of the prompt, the two answers in the order shown, the judge model and the template: a rerun sends nothing
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -107,7 +108,7 @@ def http_judge(
     retrying 429 / 5xx / transport errors up to `max_retries` times with exponential back-off (tenacity:
     retry_wait_s, 2×, 4× ... capped at 60 s, with jitter)."""
     import httpx
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
     url = judge_url(endpoint)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -122,7 +123,7 @@ def http_judge(
     retrying = Retrying(
         retry=retry_if_exception(retryable),
         stop=stop_after_attempt(max_retries + 1),
-        wait=wait_exponential_jitter(initial=retry_wait_s, max=60.0, jitter=retry_wait_s),
+        wait=wait_exponential(multiplier=retry_wait_s, max=60.0) + wait_random(0, retry_wait_s),
         reraise=True,
     )
 
@@ -185,49 +186,83 @@ class JudgmentCache:
 
 
 # ------------------------------------------------------------------------------------------ statistics
+LC_RIDGE = 1e-2  # L2 penalty on the (standardised) length slope: keeps a fit finite when length separates wins
+
+
+def _lc_fit(y, x, weights):
+    """sigmoid(intercept) of weighted logistic regressions of fractional y on (1, x), one per row of
+    `weights` [B, n], by Newton's method (batched: the bootstrap refits thousands of times; a library fit costs
+    tens of ms each). Objective: Σ w·logloss + LC_RIDGE/2 · slope²; sklearn's LogisticRegression(C=1/LC_RIDGE)
+    minimises the same (the test compares the two)."""
+    import numpy as np
+
+    b0 = np.zeros(weights.shape[0])
+    b1 = np.zeros(weights.shape[0])
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(b0[:, None] + b1[:, None] * x, -35, 35)))
+        r = weights * (y - p)
+        s = weights * p * (1.0 - p)
+        g0, g1 = r.sum(1), (r * x).sum(1) - LC_RIDGE * b1
+        h00, h01, h11 = s.sum(1), (s * x).sum(1), (s * x * x).sum(1) + LC_RIDGE
+        det = np.maximum(h00 * h11 - h01**2, 1e-300)
+        d0, d1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        b0, b1 = np.clip(b0 + d0, -35, 35), b1 + d1
+        if np.max(np.abs(d0)) < 1e-10 and np.max(np.abs(d1)) < 1e-10:
+            break
+    return 1.0 / (1.0 + np.exp(-b0))
+
+
+def _lc_batch(y, x, weights):
+    """`_lc_fit` where the weighted scores vary; the plain weighted mean where they are all equal (one class:
+    no finite intercept) or the lengths do not vary."""
+    import numpy as np
+
+    total = weights.sum(1)
+    mean = (weights * y).sum(1) / total
+    used = weights > 0
+    varies = (np.where(used, y, np.inf).min(1) < np.where(used, y, -np.inf).max(1)) & (
+        np.where(used, x, np.inf).min(1) < np.where(used, x, -np.inf).max(1)
+    )
+    out = mean.copy()
+    if varies.any():
+        out[varies] = _lc_fit(y, x, weights[varies])
+    return out
+
+
 def length_controlled_win_rate(scores: Sequence[float], length_diffs: Sequence[float]) -> float | None:
-    """sigmoid(intercept) of a logistic regression of the judgment scores (1 / 0.5 / 0) on the standardised
-    length difference: the fitted win rate at equal lengths. Fractional scores enter as two weighted rows
-    (y=1 with weight s, y=0 with weight 1−s). Equal scores everywhere (one class) give that score; no length
-    spread gives the plain mean."""
+    """The fitted win rate at equal lengths: sigmoid(intercept) of a logistic regression of the judgment
+    scores (1 / 0.5 / 0, fractional targets) on the length difference standardised by its standard deviation.
+    Equal scores everywhere, or no length spread, give the plain mean."""
     import numpy as np
 
     y = np.asarray(scores, dtype=np.float64)
     x = np.asarray(length_diffs, dtype=np.float64)
     if y.size == 0:
         return None
-    if np.all(y == y[0]) or y.size < 3:
-        return float(y.mean())
     sd = x.std()
-    if sd == 0:
-        return float(y.mean())
-    from sklearn.linear_model import LogisticRegression
-
-    feats = np.concatenate([x, x])[:, None] / sd
-    labels = np.concatenate([np.ones_like(y), np.zeros_like(y)])
-    weights = np.concatenate([y, 1.0 - y])
-    keep = weights > 0
-    fit = LogisticRegression(penalty=None, max_iter=1000).fit(feats[keep], labels[keep], sample_weight=weights[keep])
-    return float(1.0 / (1.0 + math.exp(-float(fit.intercept_[0]))))
+    return float(_lc_batch(y, x / (sd if sd > 0 else 1.0), np.ones((1, y.size)))[0])
 
 
 def summarize_judgments(prompts: list[dict], n_boot: int, seed: int) -> dict:
     """Win rate, counts, bootstrap intervals and the length-controlled figure from per-prompt judgments.
 
     prompts: one dict per prompt, {"scores": [score per on-format judgment], "off_format", "errors",
-    "length_diff": candidate − baseline answer length in characters}."""
+    "length_diff": candidate − baseline answer length in characters}. The bootstrap resamples prompts (with
+    replacement): a resample weights each prompt's judgments by how often the prompt was drawn."""
     import numpy as np
 
     judged = [p for p in prompts if p["scores"]]
-    flat = [(s, p["length_diff"]) for p in judged for s in p["scores"]]
+    y = np.array([s for p in judged for s in p["scores"]], dtype=np.float64)
+    x = np.array([p["length_diff"] for p in judged for _ in p["scores"]], dtype=np.float64)
+    owner = np.array([i for i, p in enumerate(judged) for _ in p["scores"]], dtype=np.int64)
     out = {
         "n_prompts": len(prompts),
         "judged_prompts": len(judged),
         "unjudged_prompts": len(prompts) - len(judged),
-        "judgments": sum(len(p["scores"]) for p in prompts),
-        "wins": sum(s == 1.0 for s, _ in flat),
-        "ties": sum(s == 0.5 for s, _ in flat),
-        "losses": sum(s == 0.0 for s, _ in flat),
+        "judgments": int(y.size),
+        "wins": int((y == 1.0).sum()),
+        "ties": int((y == 0.5).sum()),
+        "losses": int((y == 0.0).sum()),
         "off_format": sum(p["off_format"] for p in prompts),
         "errors": sum(p["errors"] for p in prompts),
         "order_agreement": None,
@@ -243,16 +278,14 @@ def summarize_judgments(prompts: list[dict], n_boot: int, seed: int) -> dict:
     out["order_agreement"] = sum(p["scores"][0] == p["scores"][1] for p in both) / len(both) if both else None
     prompt_scores = np.array([np.mean(p["scores"]) for p in judged])
     out["win_rate"] = float(prompt_scores.mean())
-    out["lc_win_rate"] = length_controlled_win_rate(*zip(*flat, strict=True))
+    out["lc_win_rate"] = length_controlled_win_rate(y, x)
     if n_boot > 0 and len(judged) > 1:
         rng = np.random.default_rng(seed)
-        draws = rng.integers(0, len(judged), size=(n_boot, len(judged)))
-        raw = prompt_scores[draws].mean(axis=1)
+        counts = rng.multinomial(len(judged), np.full(len(judged), 1.0 / len(judged)), size=n_boot)  # [B, prompts]
+        raw = counts @ prompt_scores / len(judged)
+        sd = x.std()
+        lc = _lc_batch(y, x / (sd if sd > 0 else 1.0), counts[:, owner].astype(np.float64))
         out["win_rate_ci95"] = [float(np.quantile(raw, 0.025)), float(np.quantile(raw, 0.975))]
-        lc = []
-        for idx in draws:
-            pts = [(s, judged[i]["length_diff"]) for i in idx for s in judged[i]["scores"]]
-            lc.append(length_controlled_win_rate(*zip(*pts, strict=True)))
         out["lc_win_rate_ci95"] = [float(np.quantile(lc, 0.025)), float(np.quantile(lc, 0.975))]
     return out
 

@@ -86,8 +86,8 @@ def evaluate_models(
     pairs = list(pairs_to_judge) if pairs_to_judge is not None else None
     _check_before_generating(specs, cfg, judging=judging, pairs=pairs)
     manager = check_benchmarks(cfg, ev.benchmarks) if ev.benchmarks else None
-    if judging and len(specs) >= 2:
-        judge_send = judge_send or make_send(cfg)
+    if judging and len(specs) >= 2 and judge_send is None:  # a judge function passed in code is not probed
+        judge_send = make_send(cfg)
         check_judge_reachable(cfg, judge_send)
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
