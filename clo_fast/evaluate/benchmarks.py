@@ -101,10 +101,12 @@ def use_chat_template(cfg: RunConfig, tokenizer) -> bool:
     return mode == "always" or (mode == "auto" and has and cfg.data.template == "chat")
 
 
-def run_benchmarks(model, tokenizer, cfg: RunConfig, manager, tasks: Sequence[str] | None = None) -> dict:
+def run_benchmarks(
+    model, tokenizer, cfg: RunConfig, manager, tasks: Sequence[str] | None = None, *, keep_samples: bool = False
+) -> dict:
     """{task: {"lang", "acc", "acc_stderr", ("acc_norm", "acc_norm_stderr"), "n"}} for one loaded model, plus
-    "_settings" (chat template, few-shot, limit). Log-likelihood tasks score every choice in one forward pass
-    per request batch (eval.batch_size)."""
+    "_settings" (chat template, few-shot, limit), and with keep_samples "_samples": {task: [{"doc_id",
+    "target", "loglikelihoods": one per choice}]}. Requests are batched by eval.batch_size."""
     require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -120,7 +122,7 @@ def run_benchmarks(model, tokenizer, cfg: RunConfig, manager, tasks: Sequence[st
         num_fewshot=cfg.eval.benchmark_num_fewshot,
         limit=cfg.eval.benchmark_limit,
         apply_chat_template=chat,
-        log_samples=False,
+        log_samples=keep_samples,
         bootstrap_iters=1000,  # accuracy's stderr is analytic (a mean); the bootstrap serves other metrics only
         random_seed=0,
         numpy_random_seed=0,
@@ -135,6 +137,14 @@ def run_benchmarks(model, tokenizer, cfg: RunConfig, manager, tasks: Sequence[st
                 row[key] = _number(metrics[f"{key},none"])
                 row[f"{key}_stderr"] = _number(metrics.get(f"{key}_stderr,none"))
         results[task] = row
+    if keep_samples:
+        results["_samples"] = {
+            task: [
+                {"doc_id": x["doc_id"], "target": x["target"], "loglikelihoods": [float(r[0][0]) for r in x["resps"]]}
+                for x in samples
+            ]
+            for task, samples in out["samples"].items()
+        }
     results["_settings"] = {
         "chat_template": chat,
         "num_fewshot": cfg.eval.benchmark_num_fewshot,
