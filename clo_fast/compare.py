@@ -242,15 +242,18 @@ def main(argv=None) -> int:
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
     from clo_fast.evaluate.comparison import aggregate, write_comparison
+    from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
     specs = [("base", base_path)] + [(label, str(Path(run["run_dir"]) / "hf_model")) for label, run in runs.items()]
-    report = evaluate_models(cfg, specs, out_dir=out / "eval")
+    judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed
+    report = evaluate_models(cfg, specs, out_dir=out / "eval", pairs_to_judge=judge_pairs)
 
     # summarise over seeds and write the files
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
     summary = aggregate(report, {"base": ["base"], **groups})
+    extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
     comp = {
         "config": str(config),
         "overrides": args.set,
@@ -262,6 +265,8 @@ def main(argv=None) -> int:
         "launcher": args.launcher,
         "reference_method": "clo",
         "base": summary.pop("base"),
+        "extra": extra,
+        "judge_versus": "SFT" if judge_pairs else None,
         "methods": {
             m.name: {
                 "title": m.title,

@@ -126,3 +126,21 @@ def test_bad_benchmark_input_fails_before_any_model_loads(tmp_path, monkeypatch,
     cfg.eval.benchmark_chat_template = "sometimes"
     with pytest.raises(ConfigError, match="eval.benchmark_chat_template"):
         cfg.validate()
+
+
+def test_evaluate_models_reports_benchmarks(tmp_path):
+    """eval.benchmarks through evaluate_models: accuracy ± stderr per model in report.json, report.md and the plot."""
+    from test_evaluate import ROWS, make_cfg, make_model, make_tokenizer
+
+    from clo_fast.evaluate import evaluate_models
+
+    tok = make_tokenizer()
+    cfg = make_cfg(tmp_path, max_new_tokens=2, max_prompts=1, benchmarks=["demo_mc_sw"], benchmark_limit=4)
+    models = [("a", (make_model(tok, seed=0), tok)), ("b", (make_model(tok, seed=1), tok))]
+    report = evaluate_models(cfg, models, prompts=ROWS[:1])
+    rows = {label: report["models"][label]["benchmarks"]["demo_mc_sw"] for label in ("a", "b")}
+    assert all(r["n"] == 4 and r["lang"] == "sw" and r["acc"] in (0, 0.25, 0.5, 0.75, 1) for r in rows.values())
+    md = (tmp_path / "eval" / "report.md").read_text()
+    cells = " | ".join(f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}" for r in rows.values())
+    assert f"| demo_mc_sw (sw) accuracy (↑) | {cells} |" in md
+    assert (tmp_path / "eval" / "report.png").read_bytes()[:4] == b"\x89PNG"
