@@ -211,6 +211,9 @@ class EvalConfig:
     benchmark_num_fewshot: int | None = None  # few-shot examples per question (null = each task's default)
     # auto = the tokenizer's chat template when data.template is chat and the tokenizer has one | always | never
     benchmark_chat_template: str = "auto"
+    # null = each model on one device (the current GPU, else CPU) | auto = sharded over every visible GPU
+    # (accelerate's device_map): a model too large for one GPU generates and runs benchmarks across several
+    device_map: str | None = None
     output_dir: str = "outputs/eval"  # report.json, report.md, report.png, generations.jsonl
 
 
@@ -394,6 +397,7 @@ def validate_eval(cfg: RunConfig, origin) -> None:
         "eval.benchmark_num_fewshot",
         "must be >= 0 or null",
     )
+    check(e.device_map in (None, "auto"), "eval.device_map", f"null or auto, got {e.device_map!r}")
     modes = ("auto", "always", "never")
     check(e.benchmark_chat_template in modes, "eval.benchmark_chat_template", f"one of {' | '.join(modes)}")
     check(

@@ -492,3 +492,18 @@ def test_different_tokenizers_flag_nll_as_not_comparable(tmp_path):
     report = E.evaluate_models(cfg, [("a", (model, tok_a)), ("b", (model, tok_b))], prompts=ROWS)
     assert report["nll_comparable"] is False
     assert "not comparable" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_device_map_auto_loads_the_same_model(saved, tmp_path):
+    """eval.device_map=auto (accelerate places the layers; on a CPU-only machine, all on the CPU) gives the same
+    greedy answers as the plain load. Sharding over several GPUs needs a GPU machine: not tested here."""
+    cfg = make_cfg(tmp_path)
+    plain, tok = E.load_model(saved["base"], cfg)
+    cfg.eval.device_map = "auto"
+    mapped, _ = E.load_model(saved["base"], cfg)
+    ids = [E.encode_item(tok, it, cfg.data) for it in E.normalize_prompts(ROWS, "ko")]
+    kw = {"max_new_tokens": 4, "batch_size": 2}
+    assert E.generate_responses(mapped, tok, ids, **kw) == E.generate_responses(plain, tok, ids, **kw)
+    cfg.eval.device_map = "balanced_low_0"
+    with pytest.raises(ConfigError, match="eval.device_map"):
+        cfg.validate()
