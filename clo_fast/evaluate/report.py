@@ -108,6 +108,7 @@ def judge_markdown_rows(judge: dict, models: list[str], langs: list[str]) -> lis
                 f"{r['wins']} wins / {r['ties']} ties / {r['losses']} losses over {r['judgments']} judgments "
                 f"(both orders), {r['off_format']} off-format replies, {r['errors']} failed requests, "
                 f"order agreement {fmt(r['order_agreement'])}"
+                + (f"; first failure: {r['first_error']}" if r.get("first_error") else "")
             )
     judge_model = judge.get("judge_model") or "the endpoint's default model"
     head = f"LLM judge ({judge_model}): win rate [95% bootstrap interval over prompts]; ties count half."
