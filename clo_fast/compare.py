@@ -36,6 +36,7 @@ from pathlib import Path
 from clo_fast.atomic import OutputDirError, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config
 from clo_fast.constants import LAYER_ABLATION_PATTERNS
+from clo_fast.evaluate.comparison_extra import check_evaluation_extras
 from clo_fast.training.distributed import LAUNCHER_ENV
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     if args.as_ranks < 1 or not args.seeds:
         raise ConfigError("--as-ranks must be >= 1 and --seeds must name at least one seed")
     methods = plan_methods(cfg, args.methods, args.lams, args.layers)
+    check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
     out = claim_output_dir(Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare"), "--out-dir")
     t0 = time.time()
 

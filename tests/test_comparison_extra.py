@@ -1,5 +1,7 @@
 """compare's benchmark and judge rows (clo_fast.evaluate.comparison_extra), on a synthetic evaluation report."""
 
+from pathlib import Path
+
 import pytest
 
 from clo_fast.evaluate.comparison import aggregate, render_comparison_markdown
@@ -72,3 +74,22 @@ def test_benchmark_and_judge_rows_for_every_method():
     table = md.split("\n\n")[1]
     assert "demo_mc_sw (sw) accuracy" in table and "judge win rate vs SFT en" in table
     assert extra_rows({}, ["sft"]) == []  # no benchmarks, no judge: nothing added
+
+
+def test_compare_checks_the_judge_before_training(tmp_path, monkeypatch):
+    import socket
+
+    from clo_fast import compare
+    from clo_fast.config import ConfigError
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a run was trained"))
+    out = tmp_path / "cmp"
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    argv = ["--config", str(demo), "--seeds", "0", "--out-dir", str(out)]
+    argv += ["--set", f"eval.judge_endpoint=http://127.0.0.1:{port}/v1", "--set", "eval.judge_max_retries=0"]
+    with pytest.raises(ConfigError, match=r"eval\.judge_endpoint .*did not answer"):
+        compare.main(argv)
+    assert not out.exists()  # nothing claimed, nothing written

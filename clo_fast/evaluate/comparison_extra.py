@@ -8,11 +8,27 @@ the win rate per method is then summarised over seeds like every other metric.
 
 from __future__ import annotations
 
-from clo_fast.evaluate.benchmarks import acc_cell, benchmark_tasks, task_language
+from clo_fast.config import ConfigError, RunConfig
+from clo_fast.evaluate.benchmarks import acc_cell, benchmark_tasks, check_benchmarks, task_language
 from clo_fast.evaluate.comparison import summarize
 from clo_fast.evaluate.report import fmt
 
 JUDGE_KEYS = (("win_rate", "judge win rate"), ("lc_win_rate", "length-controlled win rate"))
+
+
+def check_evaluation_extras(cfg: RunConfig) -> None:
+    """compare trains for minutes before it evaluates: an unknown benchmark task or an unreachable judge fails
+    first (a ConfigError naming the field), not after the training."""
+    from clo_fast.evaluate.errors import EvalError
+    from clo_fast.evaluate.judge import check_judge_reachable, make_send
+
+    try:
+        if cfg.eval.benchmarks:
+            check_benchmarks(cfg, cfg.eval.benchmarks)
+        if cfg.eval.judge_endpoint:
+            check_judge_reachable(cfg, make_send(cfg))
+    except EvalError as e:
+        raise ConfigError(str(e)) from None
 
 
 def compare_judge_pairs(methods: list[str], seeds: list[int], versus: str = "sft") -> list[tuple[str, str]] | None:
