@@ -84,6 +84,16 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
     "llama-3.2-1b": LLAMA_3_2_1B,
+    # gpu_check's CPU dry run: the smallest Llama that runs every code path
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+    },
 }
 ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
 VARIANTS = ("today", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")
@@ -344,6 +354,16 @@ def run_variant(variant: str, profile: str, a) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     n = len(examples)
+    extra = {}
+    if a.profile_split:  # after the timed steps and the peak: the profiler's own cost is in neither
+        extra["profile_split"] = profile_split(step, opt, cuda)
+    flops = model_flops(model, examples)
+    step_s = statistics.median(times) / 1e3
+    peaks = peak_flops(device, dtype)
+    extra["model_flops_per_step"] = flops
+    extra["model_tokens_per_s"] = round(flops["tokens"] / step_s, 1)
+    extra["mfu"] = {k: (round(flops["total"] / step_s / v, 4) if v else None) for k, v in peaks["flops_per_s"].items()}
+    extra["peak_flops"] = peaks
     res = {
         "body_tokens_per_example": round(stats["body_tokens"] / n, 2),
         "head_rows_per_example": round(stats["head_rows"] / n, 2),
@@ -353,12 +373,150 @@ def run_variant(variant: str, profile: str, a) -> dict:
         "first_loss": losses[0],
         "micro_batches": stats["micro_batches"],
         "examples_per_step": n,
+        **extra,
     }
     del step, module, opt, params, model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+# ------------------------------------------------------------------------------ profile split and MFU
+# How profile_split files time: the first rule an event's op chain (the op, its parents, up to the step's
+# ranges and the autograd engine's per-function events) or its kernel's name matches. Lower-case substrings.
+OPTIMIZER_RANGE = "bench_step::optimizer"
+SPLIT_RULES = (
+    ("optimizer", (OPTIMIZER_RANGE,)),
+    # our head's autograd Function (forward and its backward), Liger's fused linear losses, CCE
+    ("head", ("_linearlogprobs", "ligerfusedlinear", "linearcrossentropy", "linear_cross_entropy", "cce")),
+    ("attention", ("attention", "scaled_dot_product", "scaleddotproduct", "flash", "fmha", "varlen_attn")),
+    (
+        "body_gemm",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mmbackward", "gemm", "nvjet"),
+    ),
+)
+SPLIT_CATEGORIES = tuple(name for name, _ in SPLIT_RULES) + ("other", "idle")
+
+
+def _category(chain: list[str]) -> str:
+    low = [c.lower() for c in chain]
+    for name, markers in SPLIT_RULES:
+        if any(m in c for c in low for m in markers):
+            return name
+    return "other"
+
+
+def profile_split(step, opt, cuda: bool) -> dict:
+    """One more step (micro-batches + optimizer) under torch.profiler, its time split by category: attention,
+    body GEMMs (every other matrix product of the body), head (forward and backward of the LM head + log-prob
+    op), optimizer, other (norms, element-wise, copies, the loss), idle (wall time with no kernel running).
+    CUDA: kernel time, filed by the op that launched it; CPU: each op's self CPU time (all threads)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        with record_function(OPTIMIZER_RANGE):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    ms = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    for e in prof.events():
+        if getattr(e, "device_type", None) is not None and "CPU" not in str(e.device_type):
+            continue
+        chain, p = [], e
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if cuda:
+            for k in e.kernels:
+                ms[_category(chain + [k.name])] += k.duration / 1e3
+        else:
+            ms[_category(chain)] += e.self_cpu_time_total / 1e3
+    busy = sum(ms.values())
+    ms["idle"] = max(0.0, wall_ms - busy)
+    return {
+        "wall_ms": round(wall_ms, 2),
+        "ms": {k: round(v, 2) for k, v in ms.items()},
+        "share": {k: round(v / max(wall_ms, busy, 1e-9), 3) for k, v in ms.items()},
+        "kind": (
+            "CUDA kernel time by the op that launched it; idle = wall time - kernel time (one stream)"
+            if cuda
+            else "self CPU time of each op (all threads); idle = wall time - that sum, floored at 0"
+        ),
+        "rules": {name: list(markers) for name, markers in SPLIT_RULES},
+    }
+
+
+def model_flops(model, examples: list[dict]) -> dict:
+    """The FLOPs one step must do for these examples, the same for every variant (MFU then orders the variants
+    as tokens/s does): the four sequences of each example unpadded, through every decoder layer forward (2 per
+    parameter per token) and backward for the input gradients (2; the first trainable layer needs them from
+    the top) and for the trainable parameters' gradients (2 each), causal attention scores (forward
+    2·T²·heads·head_dim per layer, backward twice that), and the frozen LM head on labelled rows (forward
+    and input gradient, 2·H·V each). Embeddings and norms are not counted."""
+    cfg = model.config
+    layers = model.model.layers
+    p_layers = sum(p.numel() for p in layers.parameters())
+    p_train = sum(p.numel() for p in layers.parameters() if p.requires_grad)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    lens = [len(ids) for ex in examples for ids in ex["input_ids"]]
+    labelled = sum(sum(1 for t in lab if t != -100) for ex in examples for lab in ex["labels"])
+    tokens = sum(lens)
+    linear = tokens * (4 * p_layers + 2 * p_train)
+    attention = 3 * sum(2 * T * T * cfg.num_attention_heads * head_dim for T in lens) * cfg.num_hidden_layers
+    head = labelled * 4 * cfg.hidden_size * cfg.vocab_size
+    return {
+        "total": linear + attention + head,
+        "linear": linear,
+        "attention": attention,
+        "head": head,
+        "tokens": tokens,
+        "labelled_tokens": labelled,
+    }
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts, without sparsity): H100 and H200 989.4
+# TFLOP/s (NVIDIA H100 / H200 Tensor Core GPU datasheets), A100 312 TFLOP/s (A100 datasheet).
+DATASHEET_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+_PEAK: dict = {}
+
+
+def peak_flops(device, dtype) -> dict:
+    """FLOP/s to divide by: measured (the best of a few large matrix products in the run dtype, here) and the
+    datasheet's dense bf16 peak for the GPU where the table has it."""
+    import torch
+
+    if "measured" not in _PEAK:
+        n = 8192 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(5 if device.type == "cuda" else 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / 10)
+        _PEAK["measured"] = 2 * n**3 / best
+        _PEAK["measured_with"] = f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul, best of 5x10"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    sheet = next((v for k, v in DATASHEET_BF16_FLOPS.items() if k in name), None)
+    return {
+        "flops_per_s": {"measured": _PEAK["measured"], "datasheet_bf16_dense": sheet},
+        "measured_with": _PEAK["measured_with"],
+        "datasheet_source": "NVIDIA datasheets (dense bf16, SXM)" if sheet else None,
+    }
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -626,6 +784,12 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto", help="head impl for ours: auto | triton | torch")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--profile-split",
+        action="store_true",
+        help="one more step per variant under torch.profiler, its time split by category (attention, body GEMMs, "
+        "head, optimizer, other, idle) in the JSON",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds per child process (default 600)")
     p.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)"
@@ -696,7 +860,7 @@ def main(argv=None) -> int:
         a.impl,
         "--threads",
         str(a.threads),
-    ]
+    ] + (["--profile-split"] if a.profile_split else [])
     remaining = list(variants)
     with tempfile.TemporaryDirectory() as td:
         while remaining:
