@@ -309,6 +309,7 @@ def main(argv=None):
         "examples": B,
         "reps": reps,
         "time": utc_now(),
+        "clo_tma": os.environ.get("CLO_TMA"),  # TMA tiles asked for (gpu_check sets it for its TMA step only)
         "rows": [],
     }
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_head_{dev.split(':')[0]}.json")
