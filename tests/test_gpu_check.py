@@ -93,7 +93,8 @@ def test_dry_run_on_cpu_runs_every_step_and_writes_its_json(tmp_path):
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
     docs = {f: json.loads((out / f).read_text()) for f in files if f.endswith(".json")}
     for step in summary["steps"][1:]:
-        assert step["json"] in docs, (step, files)
+        assert all(f in docs for f in step.get("jsons", [step["json"]])), (step, files)
+    assert summary["steps"][3]["jsons"] == ["bench_step_cpu.json", "bench_step_liger_body_cpu.json"]
 
     head = docs["bench_head_cpu.json"]
     assert head["clo_tma"] is None, "CLO_TMA leaked into the head benchmark"
@@ -117,3 +118,29 @@ def test_dry_run_on_cpu_runs_every_step_and_writes_its_json(tmp_path):
     assert all(t["tests"] > 0 and t["failures"] == t["errors"] == 0 for t in tests.values()), tests
     smoke = docs["gpu_smoke_cpu.json"]
     assert smoke["ok"] and smoke["steps_first_run"] == 20 and smoke["resumed_from_checkpoint"]
+
+
+def test_model_flops_match_torchs_flop_counter():
+    """bench_step's model FLOPs (the MFU numerator) against torch's FLOP counter over the work itself: each sequence
+    through the body forward and backward (attention q/k/v/o trainable, eager attention), the frozen head on
+    the labelled rows. The counter counts the full T×T score products where the causal count takes half."""
+    import bench_step
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clo_fast.model import apply_trainable_patterns
+
+    model = bench_step.make_model("tiny", torch.float32, "cpu", "eager")
+    apply_trainable_patterns(model, bench_step.ATTN_ONLY)
+    examples = bench_step.make_examples("demo", 2, bench_step.SHAPES["tiny"]["vocab_size"])
+    want = bench_step.model_flops(model, examples)
+    w = model.lm_head.weight
+    with FlopCounterMode(display=False) as counter:
+        for ex in examples:
+            for ids, labels in zip(ex["input_ids"], ex["labels"], strict=True):
+                h = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+                rows = torch.tensor([i for i, t in enumerate(labels) if t != -100])
+                logits = h.index_select(0, rows) @ w.T
+                logits.logsumexp(-1).sum().backward()
+    counted = counter.get_total_flops()
+    assert counted == want["linear"] + 2 * want["attention"] + want["head"], (counted, want)
