@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("imports", "bench_head", "tma_ab", "bench_step", "gpu_tests", "gpu_smoke")
 # seconds per step at most (the total budget caps them further; the smoke takes what is left)
-STEP_CAPS = {"imports": 40, "bench_head": 120, "tma_ab": 40, "bench_step": 100, "gpu_tests": 75, "gpu_smoke": 180}
+STEP_CAPS = {"imports": 30, "bench_head": 110, "tma_ab": 60, "bench_step": 100, "gpu_tests": 60, "gpu_smoke": 180}
 TOTAL_BUDGET_S = 420
 MIN_STEP_S = 10
 DRY_RUN_SLACK = 3
@@ -215,7 +215,7 @@ class Check:
             probe_rc = None
             result["probe"] = "not run: needs CUDA (dry run)"
         else:
-            probe_rc = self.run([sys.executable, "benchmarks/tma_probe.py"], min(60, cap / 3), env)
+            probe_rc = self.run([sys.executable, "benchmarks/tma_probe.py"], min(45, cap / 2), env)
             result["probe"] = "ok" if probe_rc == 0 else f"failed (rc {probe_rc})"
         report = {"probe": result["probe"]}
         if probe_rc not in (None, 0):
