@@ -18,7 +18,11 @@ Per variant and length profile, the JSON has: body_tokens_per_example (tokens th
 head_rows_per_example (rows the LM head does GEMMs for), step_ms (median over --steps after --warmup),
 peak_mib (CUDA: max allocated above the model's weights; CPU: the variant process's peak RSS above its
 RSS after building the model), plus first_loss (our modes agree to ~1e-5: they are exact) and the micro-batch
-count. Length profiles (benchmarks/common.py LENGTH_PROFILES; it says where the numbers come from):
+count; model_flops_per_step, model_tokens_per_s and mfu (model FLOPs per second over the measured matmul peak
+and the datasheet's bf16 peak: `model_flops`, `peak_flops`); with --profile-split, profile_split (one more
+step under torch.profiler split into attention, body GEMMs, head, optimizer, other and idle); with
+--liger-body, Liger's RMSNorm/RoPE/SwiGLU on every variant's body. Length profiles (benchmarks/common.py
+LENGTH_PROFILES; it says where the numbers come from):
   demo   the bundled demo data's profile (short pairs, max 128 tokens)
   oasst  OpenAssistant-like prompts/responses, target language ≈1.4× the English token count
 
