@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clo_fast import numerics
 from clo_fast.atomic import OutputDirError, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config
 from clo_fast.constants import LAYER_ABLATION_PATTERNS
@@ -209,6 +210,7 @@ def versions() -> dict:
         "deepspeed": deepspeed.__version__,
         "sacrebleu": sacrebleu.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_numerics": numerics.describe(),
     }
 
 
