@@ -34,9 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clo_fast import numerics
 from clo_fast.atomic import OutputDirError, RunLock, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, validate_output_locations
 from clo_fast.constants import LAYER_ABLATION_PATTERNS
+from clo_fast.evaluate.comparison_extra import check_evaluation_extras
 from clo_fast.training.distributed import LAUNCHER_ENV
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -229,6 +231,7 @@ def versions() -> dict:
         "deepspeed": deepspeed.__version__,
         "sacrebleu": sacrebleu.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_numerics": numerics.describe(),
     }
 
 
@@ -251,6 +254,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"--seeds: {bad[0]} is out of range (a seed is in [0, 2**32))")
     check_launcher(args.launcher)
     methods = plan_methods(cfg, args.methods, args.lams, args.layers)
+    check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
     out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
     validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})
     out = claim_output_dir(out_dir, "--out-dir", "compare")
@@ -274,15 +278,18 @@ def main(argv=None) -> int:
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
     from clo_fast.evaluate.comparison import aggregate, write_comparison
+    from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
     specs = [("base", base_path)] + [(label, str(Path(run["run_dir"]) / "hf_model")) for label, run in runs.items()]
-    report = evaluate_models(cfg, specs, out_dir=out / "eval")
+    judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed
+    report = evaluate_models(cfg, specs, out_dir=out / "eval", pairs_to_judge=judge_pairs)
 
     # summarise over seeds and write the files
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
     summary = aggregate(report, {"base": ["base"], **groups})
+    extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
     comp = {
         "config": str(config),
         "overrides": args.set,
@@ -294,6 +301,8 @@ def main(argv=None) -> int:
         "launcher": args.launcher,
         "reference_method": "clo",
         "base": summary.pop("base"),
+        "extra": extra,
+        "judge_versus": "SFT" if judge_pairs else None,
         "methods": {
             m.name: {
                 "title": m.title,

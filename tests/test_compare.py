@@ -232,6 +232,7 @@ def test_readme_comparison_table_reproduces(tmp_path, demo_cache):
         "--set", f"data.output_dir={tmp_path / 'data'}", "--set", f"data.cache_dir={demo_cache}",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["ATEN_CPU_CAPABILITY"] = "default"  # overridden by the command's pinned CPU numerics (clo_fast/numerics.py)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     printed = table_rows((out / "compare.md").read_text())
