@@ -487,3 +487,21 @@ def test_save_text_dataset_replaces_atomically(tmp_path):
     out = save_text_dataset(dsd, summary, tmp_path / "o")
     save_text_dataset(dsd, summary, out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == ["o"]
+
+
+def test_a_text_file_named_parquet_is_a_data_error_naming_the_file(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    path.write_text('{"q": "not parquet"}\n')
+    with pytest.raises(DataError, match=r"pairs.parquet: not a readable parquet file"):
+        build_text_dataset(_cfg(tmp_path, source=str(path), **_fields()), progress=False)
+
+
+def test_a_folder_of_mixed_file_types_is_refused_not_read_in_part(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    _write_jsonl(folder, [json.dumps(r) for r in RECS])
+    (folder / "more.csv").write_text("q,a\nx,y\n")
+    (folder / ".hidden.txt").write_text("ignored: hidden files are not data")
+    types = r"\(\.jsonl \(e\.g\. bad\.jsonl\), \.csv \(e\.g\. more\.csv\)\)"
+    with pytest.raises(DataError, match=r"src: data files of several types " + types):
+        build_text_dataset(_cfg(tmp_path, source=str(folder), **_fields()), progress=False)

@@ -88,9 +88,14 @@ def _iter_local_file(path: Path, src: str, skips: BadRecords) -> Iterator[tuple[
     elif suffix == ".json":
         yield from _iter_json_file(path, skips)
     elif suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as e:  # not a parquet file (a renamed text file, a torn copy)
+            raise DataError(f"{path}: not a readable parquet file ({e})", "bad_file") from None
+        for i, rec in enumerate(table.to_pylist()):
             yield f"{path}: record {i}", rec
     elif suffix == ".csv":
         import io
@@ -135,11 +140,33 @@ def _iter_json_file(path: Path, skips: BadRecords) -> Iterator[tuple[str, Any]]:
         yield f"{path}: record {i}", rec
 
 
+DATA_FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def _check_one_file_type(folder: Path) -> None:
+    """datasets.load_dataset reads a folder's most common file type and silently skips the others: refuse a
+    folder whose data files are of several types instead of training on part of it."""
+    kinds: dict[str, str] = {}
+    for f in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in f.relative_to(folder).parts)
+        if f.is_file() and f.suffix.lower() in DATA_FILE_TYPES and not hidden:
+            kinds.setdefault(f.suffix.lower(), f.name)
+    if len(kinds) > 1:
+        found = ", ".join(f"{k} (e.g. {name})" for k, name in kinds.items())
+        raise DataError(
+            f"{folder}: data files of several types ({found}); the loader would read one type and skip the "
+            "others: keep one type in the folder, or name one file as data.source",
+            "bad_file",
+        )
+
+
 def _iter_hub_dataset(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     """A Hugging Face dataset name (or a local dataset folder), loaded with datasets.load_dataset."""
     import datasets
 
     src = cfg.source
+    if os.path.isdir(os.path.expanduser(src)):
+        _check_one_file_type(Path(src).expanduser())
     try:
         name = os.path.expanduser(src) if os.path.isdir(os.path.expanduser(src)) else src
         ds = datasets.load_dataset(name, cfg.source_config, split=cfg.split)
