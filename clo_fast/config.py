@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clo_fast.constants import ATTENTION_ONLY_PATTERNS, DEMO_LANGS, PRECISION_DTYPE_NAMES
+from clo_fast.constants import ATTENTION_ONLY_PATTERNS, DEMO_LANGS, PRECISION_DTYPE_NAMES, TOKENIZER_FILES
+from clo_fast.paths import looks_local
 
 DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
 
@@ -289,6 +291,14 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         "data.max_examples",
         f"must be >= 1 or null, got {d.max_examples}",
     )
+    if d.translator == "hf" and looks_local(d.translation_model):  # a hub name is checked when it loads
+        folder = Path(os.path.expanduser(d.translation_model))
+        check(folder.is_dir(), "data.translation_model", f"local model folder not found: {folder}")
+        check(
+            not folder.is_dir() or any((folder / f).is_file() for f in TOKENIZER_FILES),
+            "data.translation_model",
+            f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside the model",
+        )
     check(
         not (d.translator == "columns" and d.source_format == "oasst"),
         "data.translator",

@@ -24,3 +24,6 @@ PRECISION_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16
 
 DEFAULT_CACHE_DIR = "~/.cache/clo_fast"
 DEMO_LANGS = ("ko", "sw")  # target languages the bundled demo data carries translations for
+
+# any one of these in a model folder means a tokenizer was saved there (checked before a model loads)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

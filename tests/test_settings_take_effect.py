@@ -341,3 +341,17 @@ def test_a_permission_error_writing_a_checkpoint_is_not_called_a_full_disk(tmp_p
     with pytest.raises(OSError, match=r"permission denied .*x\.pt") as info:
         save_checkpoint(SimpleNamespace(save_checkpoint=denied), _cfg(tmp_path), 3, {})
     assert "free" not in str(info.value)
+
+
+def test_a_missing_local_translation_model_or_its_tokenizer_is_named_at_load(tmp_path):
+    missing = tmp_path / "models" / "m2m100"
+    with pytest.raises(ConfigError, match=r"data.translation_model.*local model folder not found: .*m2m100"):
+        load_config(DEMO, ["data.translator=hf", f"data.translation_model={missing}"])
+    missing.mkdir(parents=True)
+    (missing / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data.translation_model.*holds no tokenizer"):
+        load_config(DEMO, ["data.translator=hf", f"data.translation_model={missing}"])
+    (missing / "tokenizer_config.json").write_text("{}")
+    assert load_config(DEMO, ["data.translator=hf", f"data.translation_model={missing}"]).data.translator == "hf"
+    # a hub name is not looked up at load (offline machines), it is checked when the model loads
+    assert load_config(DEMO, ["data.translator=hf", "data.translation_model=facebook/m2m100_418M"])

@@ -16,6 +16,7 @@ import torch
 
 from clo_fast.atomic import claim_output_dir
 from clo_fast.config import RunConfig, validate_eval
+from clo_fast.constants import TOKENIZER_FILES
 from clo_fast.data.tokenize import tokenizer_fingerprint
 from clo_fast.evaluate.benchmarks import check_benchmarks, run_benchmarks
 from clo_fast.evaluate.errors import EvalError
@@ -174,9 +175,6 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
             nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok, nll_sequences=len(ex)
         )
     return gens, detected, metrics
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def _check_before_generating(
