@@ -301,6 +301,21 @@ def test_deepspeed_shards_are_loaded_weights_only_and_a_planted_pickle_is_not_ex
     assert not (tmp_path / "PLANTED_RAN").exists()
 
 
+def test_the_weights_only_engine_saves_in_the_format_the_run_configured(tmp_path):
+    """It replaces the engine DeepSpeed built from the run's config: a default one would save the exported model
+    in the legacy format, which the export's mmap load refuses (found by the compare resume test)."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from clo_fast.training.checkpoint import weights_only_checkpoint_engine
+
+    configured = TorchCheckpointEngine()
+    configured.zipfile_serialization = True  # as DeepSpeed configures it by default
+    engine = weights_only_checkpoint_engine(configured)
+    engine.save({"w": torch.arange(3.0)}, str(tmp_path / "m.bin"))
+    assert torch.equal(torch.load(tmp_path / "m.bin", weights_only=True, mmap=True)["w"], torch.arange(3.0))
+
+
 # ------------------------------------------------------------------------ checked at start-up, not after the work
 def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at_start_up(tmp_path, monkeypatch):
     import torch

@@ -264,9 +264,11 @@ def _deepspeed_safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
-def weights_only_checkpoint_engine():
+def weights_only_checkpoint_engine(original=None):
     """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` (its own loads with full unpickling):
-    installed on the engine before `load_checkpoint`, every shard it reads goes through it."""
+    installed on the engine before `load_checkpoint`, every shard it reads goes through it. It takes over the
+    `original` engine's settings (its serialization format above all: the export reads the saved model back
+    with mmap, which needs the zipfile format the engine was configured with)."""
     import pickle
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -282,14 +284,17 @@ def weights_only_checkpoint_engine():
                     f"it is not loaded (loading it could run code): {str(e).splitlines()[-1][:300]}"
                 ) from None
 
-    return WeightsOnlyCheckpointEngine()
+    engine = WeightsOnlyCheckpointEngine()
+    if original is not None:
+        engine.__dict__.update(vars(original))
+    return engine
 
 
 def load_checkpoint(engine, cfg: RunConfig, which: str, *, allow_unverified: bool = False, prepared=None) -> int:
     """Verify (unless `prepared` by `prepare_resume`), then restore weights, optimizer, LR schedule and this
     rank's RNG; returns the step to continue from."""
     folder, state, changes = prepared or prepare_resume(cfg, which, allow_unverified=allow_unverified)
-    engine.checkpoint_engine = weights_only_checkpoint_engine()  # every shard DeepSpeed reads: no unpickling
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)  # no unpickling on load
     engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
