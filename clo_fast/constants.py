@@ -24,3 +24,6 @@ PRECISION_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16
 
 DEFAULT_CACHE_DIR = "~/.cache/clo_fast"
 DEMO_LANGS = ("ko", "sw")  # target languages the bundled demo data carries translations for
+# model.name_or_path / data.source naming the miniature fact world (clo_fast/world.py), and its target language
+WORLD_NAME = "world"
+WORLD_TARGET_LANG = "sw"

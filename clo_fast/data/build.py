@@ -16,6 +16,7 @@ from typing import Any
 
 from clo_fast.atomic import OutputDirError, atomic_directory, check_replaceable
 from clo_fast.config import DataConfig, validate_data
+from clo_fast.constants import WORLD_NAME
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
 from clo_fast.data.stats import percentiles
@@ -67,6 +68,10 @@ def _config_key(cfg: DataConfig) -> str:
     d["_dedup"] = "prompt"  # datasets saved before deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
+    elif cfg.source == WORLD_NAME:  # the world's recipe names its pairs
+        from clo_fast.world import world_fingerprint
+
+        d["_data"] = world_fingerprint()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
         st = os.stat(os.path.expanduser(cfg.source))
         d["_data"] = [st.st_size, st.st_mtime_ns]
