@@ -171,9 +171,8 @@ def plan_methods(
             raise ConfigError("--fractions: the number of training pairs is unknown")
         n = max(1, round(f * n_pairs))
         overrides = ("clo.mode=clo", f"clo.lam={lam!r}", f"data.max_examples={n}")
-        plan.append(
-            Method(f"clo-frac{f:g}", f"CLO, {f:g} of pairs", f"CLO\n{f:g} pairs", overrides, ref_data=f"ref_data-frac{f:g}")
-        )
+        name = f"clo-frac{f:g}"
+        plan.append(Method(name, f"CLO, {f:g} of pairs", f"CLO\n{f:g} pairs", overrides, ref_data=f"ref_data-{name}"))
     for x in lams:
         if not 0.0 <= x <= 1.0:
             raise ConfigError(f"--lams: λ must be in [0, 1], got {x}")

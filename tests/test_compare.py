@@ -4,7 +4,6 @@ the method plan, chrF's wiring, and one small end-to-end comparison (slow: it tr
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
