@@ -385,10 +385,9 @@ def world_test_prompts(cfg: RunConfig) -> list[dict] | None:
     held-out split of the config's data, as clo_fast.evaluate takes it."""
     if cfg.data.source != WORLD_NAME:
         return None
-    from clo_fast.world import ensure_world
+    from clo_fast.data.world import build_entities, test_items
 
-    path = ensure_world(cfg.data.cache_dir) / "test.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return test_items(build_entities())
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ def _config_key(cfg: DataConfig) -> str:
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif cfg.source == WORLD_NAME:  # the world's recipe names its pairs
-        from clo_fast.world import world_fingerprint
+        from clo_fast.data.world import text_fingerprint
 
-        d["_data"] = world_fingerprint()
+        d["_data"] = text_fingerprint()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
         st = os.stat(os.path.expanduser(cfg.source))
         d["_data"] = [st.st_size, st.st_mtime_ns]

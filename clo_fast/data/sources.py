@@ -74,10 +74,11 @@ def _iter_records(cfg: DataConfig, skips: BadRecords) -> Iterator[tuple[str, Any
     if src == "demo":
         name = f"<bundled demo>/{DEMO_FILE}"
         yield from _iter_jsonl_text(demo_data_path().read_text(encoding="utf-8"), name, skips)
-    elif src == WORLD_NAME:  # the miniature fact world's fine-tuning pairs (built and cached)
-        from clo_fast.world import ensure_world
+    elif src == WORLD_NAME:  # the miniature fact world's fine-tuning pairs (generated, deterministic)
+        from clo_fast.data.world import build_entities, finetune_pairs
 
-        yield from _iter_local_file(ensure_world(cfg.cache_dir) / "pairs.jsonl", src, skips)
+        for i, rec in enumerate(finetune_pairs(build_entities())):
+            yield f"<world>: pair {i}", rec
     elif looks_local(src) and not Path(src).expanduser().is_dir():  # a folder goes to datasets.load_dataset
         yield from _iter_local_file(Path(src).expanduser(), src, skips)
     else:

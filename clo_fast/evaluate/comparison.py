@@ -52,7 +52,7 @@ def prompt_scores(generations_path: str | Path, prompts: Sequence[dict] | None =
     """Per-prompt scores from an evaluation's generations.jsonl: {"ids": {lang: [prompt id, ...]}, "scores":
     [PROMPT_SCORES present], "models": {label: {lang: {score: [1/0 per prompt, in the ids' order]}}}}.
     prompts: the evaluation items; those with "attribute" and "answer" (the world's) are scored for correctness."""
-    from clo_fast.world import score_response
+    from clo_fast.data.world import score_response
 
     answers = {(p["id"], p["lang"]): p for p in prompts or () if "answer" in p and "attribute" in p}
     rows = [json.loads(line) for line in Path(generations_path).read_text(encoding="utf-8").splitlines() if line]
