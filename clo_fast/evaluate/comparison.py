@@ -216,7 +216,7 @@ def render_comparison_markdown(comp: dict) -> str:
             }
             lines.append(f"| {name[score]} {lang} | " + " | ".join(_interval(diffs[m][key]) for m in others) + " |")
     if comp.get("claims"):
-        lines += ["", "The paper's claims, decided on the per-prompt score named (" + rule_text() + "):", ""]
+        lines += ["", "The paper's claims, each decided on the per-prompt score named. " + rule_text(), ""]
         for c in comp["claims"]:
             if c["verdict"] == "not run":
                 lines.append(f"- ({c['id']}) {c['claim']}: not run (no {c['method']} runs)")
