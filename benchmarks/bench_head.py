@@ -19,6 +19,7 @@ sums where the path exposes them, the loss, and dX).
 
     python benchmarks/bench_head.py                      # CPU: scaled-down shapes
     python benchmarks/bench_head.py --out results.json   # GPU: Llama-3-8B, Qwen-2.5-3B, Mistral-7B heads
+    python benchmarks/bench_head.py --paths all          # also fused_padded and reference
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from clo_fast.loss import clo_loss  # noqa: E402
 from clo_fast.ops import packed_sequence_logprobs, sequence_logprobs  # noqa: E402
 
 GPU_SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-3b": (2048, 151936), "mistral-7b": (4096, 32000)}
-CPU_SHAPES = {"cpu-small": (256, 8000)}
+CPU_SHAPES = {"cpu-small": (256, 8000), "tiny": (64, 512)}  # tiny: gpu_check's CPU dry run
+# --paths default: what the GPU check times (the padded and materialized paths are slow and already measured)
+DEFAULT_PATHS = ("fused", "fused_cublas", "liger", "cce")
 BETA, LAM = 0.1, 0.5
 
 
@@ -245,6 +248,26 @@ def kernel_breakdown(fn, c, top=8):
     return {k[:80]: round(v, 3) for k, v in rows[:top]}
 
 
+def select_paths(paths: dict, spec: str) -> dict:
+    """The paths --paths names: 'all', 'default' (DEFAULT_PATHS where available) or a comma list (each must exist)."""
+    if spec == "all":
+        return paths
+    if spec == "default":
+        return {k: v for k, v in paths.items() if k in DEFAULT_PATHS}
+    names = [n for n in spec.split(",") if n]
+    missing = [n for n in names if n not in paths]
+    if missing:
+        raise SystemExit(f"--paths: {missing} not available here (available: {', '.join(paths)})")
+    return {n: paths[n] for n in names}
+
+
+def tma_in_tile_space() -> bool:
+    """Whether the autotune space holds TMA tile shapes (CLO_TMA=1 on Hopper, at import of the launchers)."""
+    import clo_kernels.launch as launch
+
+    return any(c[5] for c in launch._GPU_SHAPES)
+
+
 def tuned_configs() -> dict:
     """The tile shapes the autotuner picked for our kernels (for the record)."""
     import clo_kernels.launch as launch
@@ -261,6 +284,11 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=None, help="B (4B sequences); default 4 on GPU, 1 on CPU")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--heads", nargs="*", default=["frozen", "trainable"])
+    ap.add_argument(
+        "--paths",
+        default="default",
+        help=f"comma list of paths to time, 'default' ({','.join(DEFAULT_PATHS)}: those available here) or 'all'",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_head_<device>.json)")
     args = ap.parse_args(argv)
 
@@ -272,7 +300,7 @@ def main(argv=None):
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes}
-    paths = available_paths(gpu)
+    paths = select_paths(available_paths(gpu), args.paths)
     result = {
         "device": machine_info(dev),
         "versions": versions(),
@@ -281,6 +309,7 @@ def main(argv=None):
         "examples": B,
         "reps": reps,
         "time": utc_now(),
+        "clo_tma": os.environ.get("CLO_TMA"),  # TMA tiles asked for (gpu_check sets it for its TMA step only)
         "rows": [],
     }
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_head_{dev.split(':')[0]}.json")
@@ -313,7 +342,8 @@ def main(argv=None):
                     row["peak_mb"][name] = round(cuda_peak_mb(timed[name]), 1)
                 floor, parts = gemm_floor(c, head_trains, dev, reps)
                 row["floor_ms"], row["floor_parts_ms"] = floor, parts
-                row["fused_kernels_ms"] = kernel_breakdown(paths["fused"], c)
+                if "fused" in paths:
+                    row["fused_kernels_ms"] = kernel_breakdown(paths["fused"], c)
                 f = row["ms"].get("fused", {}).get("median")
                 if f:
                     row["fused_over_floor"] = round(f / floor, 3)
@@ -327,6 +357,7 @@ def main(argv=None):
             row["accuracy"] = accuracy(paths, c)
             if gpu:
                 row["autotuned"] = tuned_configs()
+                row["tma_in_tile_space"] = tma_in_tile_space()
             clear_grads()
             c = None  # free this shape's inputs before the next one is made
             if gpu:

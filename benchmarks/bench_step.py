@@ -18,7 +18,11 @@ Per variant and length profile, the JSON has: body_tokens_per_example (tokens th
 head_rows_per_example (rows the LM head does GEMMs for), step_ms (median over --steps after --warmup),
 peak_mib (CUDA: max allocated above the model's weights; CPU: the variant process's peak RSS above its
 RSS after building the model), plus first_loss (our modes agree to ~1e-5: they are exact) and the micro-batch
-count. Length profiles (benchmarks/common.py LENGTH_PROFILES; it says where the numbers come from):
+count; model_flops_per_step, model_tokens_per_s and mfu (model FLOPs per second over the measured matmul peak
+and the datasheet's bf16 peak: `model_flops`, `peak_flops`); with --profile-split, profile_split (one more
+step under torch.profiler split into attention, body GEMMs, head, optimizer, other and idle); with
+--liger-body, Liger's RMSNorm/RoPE/SwiGLU on every variant's body. Length profiles (benchmarks/common.py
+LENGTH_PROFILES; it says where the numbers come from):
   demo   the bundled demo data's profile (short pairs, max 128 tokens)
   oasst  OpenAssistant-like prompts/responses, target language ≈1.4× the English token count
 
@@ -84,6 +88,16 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
     "llama-3.2-1b": LLAMA_3_2_1B,
+    # gpu_check's CPU dry run: the smallest Llama that runs every code path
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+    },
 }
 ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
 VARIANTS = ("today", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")
@@ -120,7 +134,18 @@ def make_examples(profile: str, n: int, vocab: int, seed: int = 0) -> list[dict]
     return out
 
 
-def make_model(shape: str, dtype, device, attn: str):
+def apply_liger_body(model) -> None:
+    """Liger's fused RMSNorm, RoPE and SwiGLU on the body, as TRL's `use_liger_kernel` applies them (its head
+    kernels stay off: each variant brings its own head). The RoPE patch replaces transformers' Llama
+    `apply_rotary_pos_emb` for the whole process, so --liger-body is applied to every variant alike."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
+def make_model(shape: str, dtype, device, attn: str, liger_body: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -134,6 +159,8 @@ def make_model(shape: str, dtype, device, attn: str):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
+    if liger_body:
+        apply_liger_body(model)
     return model
 
 
@@ -315,7 +342,11 @@ def run_variant(variant: str, profile: str, a) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
     model = make_model(
-        a.shape, dtype, device, a.peer_attn if variant in ("trl_liger", "materialized_logits") else a.attn
+        a.shape,
+        dtype,
+        device,
+        a.peer_attn if variant in ("trl_liger", "materialized_logits") else a.attn,
+        liger_body=a.liger_body,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -344,6 +375,16 @@ def run_variant(variant: str, profile: str, a) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     n = len(examples)
+    extra = {}
+    if a.profile_split:  # after the timed steps and the peak: the profiler's own cost is in neither
+        extra["profile_split"] = profile_split(step, opt, cuda)
+    flops = model_flops(model, examples)
+    step_s = statistics.median(times) / 1e3
+    peaks = peak_flops(device, dtype)
+    extra["model_flops_per_step"] = flops
+    extra["model_tokens_per_s"] = round(flops["tokens"] / step_s, 1)
+    extra["mfu"] = {k: (round(flops["total"] / step_s / v, 4) if v else None) for k, v in peaks["flops_per_s"].items()}
+    extra["peak_flops"] = peaks
     res = {
         "body_tokens_per_example": round(stats["body_tokens"] / n, 2),
         "head_rows_per_example": round(stats["head_rows"] / n, 2),
@@ -353,12 +394,186 @@ def run_variant(variant: str, profile: str, a) -> dict:
         "first_loss": losses[0],
         "micro_batches": stats["micro_batches"],
         "examples_per_step": n,
+        **extra,
     }
     del step, module, opt, params, model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+# ------------------------------------------------------------------------------ profile split and MFU
+# How profile_split files time: the first rule an event's op chain (the op, its parents, up to the step's
+# ranges and the autograd engine's per-function events) or its kernel's name matches. Lower-case substrings.
+OPTIMIZER_RANGE = "bench_step::optimizer"
+SPLIT_RULES = (
+    ("optimizer", (OPTIMIZER_RANGE,)),
+    # our head's autograd Function (forward and its backward) and its Triton kernels, Liger's fused linear losses
+    (
+        "head",
+        (
+            "_linearlogprobs",
+            "_partial_lse_kernel",
+            "_combine_kernel",
+            "_softmax_grad_rows_kernel",
+            "_logit_grad_kernel",
+            "_rows_lse_grad_kernel",
+            "ligerfusedlinear",
+            "linearcrossentropy",
+            "linear_cross_entropy",
+        ),
+    ),
+    ("attention", ("attention", "scaled_dot_product", "scaleddotproduct", "flash", "fmha", "varlen_attn")),
+    (
+        "body_gemm",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mmbackward", "gemm", "nvjet"),
+    ),
+)
+SPLIT_CATEGORIES = tuple(name for name, _ in SPLIT_RULES) + ("other", "idle")
+
+
+def _category(chain: list[str]) -> str:
+    low = [c.lower() for c in chain]
+    for name, markers in SPLIT_RULES:
+        if any(m in c for c in low for m in markers):
+            return name
+    return "other"
+
+
+def profile_split(step, opt, cuda: bool) -> dict:
+    """One more step (micro-batches + optimizer) under torch.profiler, its time split by category: attention,
+    body GEMMs (every other matrix product of the body), head (forward and backward of the LM head + log-prob
+    op), optimizer, other (norms, element-wise, copies, the loss), idle (wall time with no kernel running).
+    CUDA: kernel time, filed by the op that launched it; CPU: each op's self CPU time (all threads)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        with record_function(OPTIMIZER_RANGE):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    ms = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    by_name = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    device_total = 0.0
+    for e in prof.events():
+        if "CPU" not in str(e.device_type):  # a kernel: by its name alone (the fallback below)
+            d = e.time_range.elapsed_us() / 1e3
+            device_total += d
+            by_name[_category([e.name])] += d
+            continue
+        chain, p = [], e
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if cuda:
+            for k in e.kernels:
+                ms[_category(chain + [k.name])] += k.duration / 1e3
+        else:
+            ms[_category(chain)] += e.self_cpu_time_total / 1e3
+    attribution = "by the launching op's chain"
+    if cuda and not 0.9 * device_total <= sum(ms.values()) <= 1.1 * device_total:
+        # kernels the profiler did not link to exactly one CPU op (e.g. launched outside aten): file them by name
+        ms, attribution = by_name, "by kernel name (the ops' linked kernel time was off the total by over 10%)"
+    busy = sum(ms.values())
+    ms["idle"] = max(0.0, wall_ms - busy)
+    return {
+        "wall_ms": round(wall_ms, 2),
+        "ms": {k: round(v, 2) for k, v in ms.items()},
+        "share": {k: round(v / max(wall_ms, busy, 1e-9), 3) for k, v in ms.items()},
+        "kind": (
+            "CUDA kernel time by the op that launched it; idle = wall time - kernel time (one stream)"
+            if cuda
+            else "self CPU time of each op (all threads); idle = wall time - that sum, floored at 0"
+        ),
+        "attribution": attribution if cuda else "by the op's chain",
+        "rules": {name: list(markers) for name, markers in SPLIT_RULES},
+    }
+
+
+def model_flops(model, examples: list[dict]) -> dict:
+    """The FLOPs one step must do for these examples, the same for every variant (MFU then orders the variants
+    as tokens/s does): the four sequences of each example unpadded, through every decoder layer forward (2 per
+    parameter per token) and backward for the input gradients (2; every layer needs them, except the first
+    layer's q/k/v projections, whose input comes from frozen embeddings) and for the trainable parameters'
+    gradients (2 each), causal attention scores (forward 2·T²·heads·head_dim per layer, backward twice that),
+    and the frozen LM head on labelled rows (forward and input gradient, 2·H·V each). Embeddings, norms and
+    element-wise work are not counted. (tests/test_gpu_check.py checks it against torch's FLOP counter.)"""
+    import torch
+
+    cfg = model.config
+    layers = model.model.layers
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]  # norms' weights do no GEMM
+    p_layers = sum(p.numel() for m in linears for p in m.parameters())
+    p_train = sum(p.numel() for m in linears for p in m.parameters() if p.requires_grad)
+    first = layers[0].self_attn
+    frozen_below = not any(p.requires_grad for p in model.model.embed_tokens.parameters()) and not any(
+        p.requires_grad for p in layers[0].input_layernorm.parameters()
+    )
+    p_no_input_grad = (
+        sum(p.numel() for m in (first.q_proj, first.k_proj, first.v_proj) for p in m.parameters())
+        if frozen_below
+        else 0
+    )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    lens = [len(ids) for ex in examples for ids in ex["input_ids"]]
+    labelled = sum(sum(1 for t in lab if t != -100) for ex in examples for lab in ex["labels"])
+    tokens = sum(lens)
+    linear = tokens * (4 * p_layers + 2 * p_train - 2 * p_no_input_grad)
+    attention = 3 * sum(2 * T * T * cfg.num_attention_heads * head_dim for T in lens) * cfg.num_hidden_layers
+    head = labelled * 4 * cfg.hidden_size * cfg.vocab_size
+    return {
+        "total": linear + attention + head,
+        "linear": linear,
+        "attention": attention,
+        "head": head,
+        "tokens": tokens,
+        "labelled_tokens": labelled,
+    }
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts, without sparsity): H100 and H200 989.4
+# TFLOP/s (NVIDIA H100 / H200 Tensor Core GPU datasheets), A100 312 TFLOP/s (A100 datasheet).
+DATASHEET_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+_PEAK: dict = {}
+
+
+def peak_flops(device, dtype) -> dict:
+    """FLOP/s to divide by: measured (the best of a few large matrix products in the run dtype, here) and the
+    datasheet's dense bf16 peak for the GPU where the table has it."""
+    import torch
+
+    if "measured" not in _PEAK:
+        n = 8192 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(5 if device.type == "cuda" else 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / 10)
+        _PEAK["measured"] = 2 * n**3 / best
+        _PEAK["measured_with"] = f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul, best of 5x10"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    sheet = next((v for k, v in DATASHEET_BF16_FLOPS.items() if k in name), None)
+    return {
+        "flops_per_s": {"measured": _PEAK["measured"], "datasheet_bf16_dense": sheet},
+        "measured_with": _PEAK["measured_with"],
+        "datasheet_source": "NVIDIA datasheets (dense bf16, SXM)" if sheet else None,
+    }
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -416,7 +631,11 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
     for v in variants:
         try:
             model = make_model(
-                a.shape, dtype, device, a.peer_attn if v in ("trl_liger", "materialized_logits") else a.attn
+                a.shape,
+                dtype,
+                device,
+                a.peer_attn if v in ("trl_liger", "materialized_logits") else a.attn,
+                liger_body=a.liger_body,
             )
             step, _, module = build_step(v, model, examples, ref, a, device)
             opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
@@ -530,6 +749,7 @@ def write_report(a, results: dict, errors: dict, out: Path, paired: dict | None 
         "peer_attn_implementation": a.peer_attn,
         "stream_pad": a.stream_pad,
         "head_impl": a.impl,
+        "liger_body_kernels": a.liger_body,
         "examples_per_step": a.examples,
         "padded_micro_examples": a.micro,
         "pad_to_multiple_of": a.pad_to,
@@ -626,6 +846,17 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto", help="head impl for ours: auto | triton | torch")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--liger-body",
+        action="store_true",
+        help="Liger's RMSNorm/RoPE/SwiGLU kernels on every variant's body, as TRL's use_liger_kernel (CUDA)",
+    )
+    p.add_argument(
+        "--profile-split",
+        action="store_true",
+        help="one more step per variant under torch.profiler, its time split by category (attention, body GEMMs, "
+        "head, optimizer, other, idle) in the JSON",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds per child process (default 600)")
     p.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/bench_step_<shape>_<device>.json)"
@@ -661,42 +892,46 @@ def main(argv=None) -> int:
     if not gpu and "trl_liger" in a.variants.split(","):
         errors["trl_liger"] = "skipped: Liger's kernels need CUDA"
     own_steps = ["--steps", "1", "--warmup", "0"] if not gpu else []  # CPU: times come from the interleaved run
-    passthrough = [
-        "--shape",
-        a.shape,
-        "--device",
-        a.device,
-        "--dtype",
-        a.dtype,
-        "--profiles",
-        a.profiles,
-        "--examples",
-        str(a.examples),
-        "--micro",
-        str(a.micro),
-        "--token-budget",
-        str(a.token_budget),
-        "--split",
-        a.split,
-        "--pad-to",
-        str(a.pad_to),
-        "--attn",
-        a.attn,
-        "--peer-attn",
-        a.peer_attn,
-        "--stream-pad",
-        str(a.stream_pad),
-        "--steps",
-        str(a.steps),
-        "--warmup",
-        str(a.warmup),
-        "--seed",
-        str(a.seed),
-        "--impl",
-        a.impl,
-        "--threads",
-        str(a.threads),
-    ]
+    passthrough = (
+        [
+            "--shape",
+            a.shape,
+            "--device",
+            a.device,
+            "--dtype",
+            a.dtype,
+            "--profiles",
+            a.profiles,
+            "--examples",
+            str(a.examples),
+            "--micro",
+            str(a.micro),
+            "--token-budget",
+            str(a.token_budget),
+            "--split",
+            a.split,
+            "--pad-to",
+            str(a.pad_to),
+            "--attn",
+            a.attn,
+            "--peer-attn",
+            a.peer_attn,
+            "--stream-pad",
+            str(a.stream_pad),
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+            "--seed",
+            str(a.seed),
+            "--impl",
+            a.impl,
+            "--threads",
+            str(a.threads),
+        ]
+        + (["--profile-split"] if a.profile_split else [])
+        + (["--liger-body"] if a.liger_body else [])
+    )
     remaining = list(variants)
     with tempfile.TemporaryDirectory() as td:
         while remaining:

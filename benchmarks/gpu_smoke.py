@@ -9,7 +9,7 @@
 heads, vocabulary 128256, tied embeddings) with random weights, and the demo tokenizer (its ids are a
 subset of the vocabulary). `check` reads metrics.jsonl and fails unless the loss fell over the first run,
 the resumed run continued from the checkpoint's step, and the HF export loads and scores a prompt.
-`--tiny` builds a small model of the same family, for trying the flow on CPU.
+`--tiny` builds a small model of the same family (its vocabulary the tokenizer's), for trying the flow on CPU.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def build(out_dir: Path, tiny: bool) -> None:
     from clo_fast.demo_model import demo_texts, train_tokenizer
 
     tok = train_tokenizer(demo_texts())
+    # tiny: the vocabulary cut to the tokenizer's (rounded up to 64), so the CPU flow is not all LM head
+    shape = dict(TINY, vocab_size=-(-len(tok) // 64) * 64) if tiny else LLAMA_3_2_1B
     cfg = LlamaConfig(
-        **(TINY if tiny else LLAMA_3_2_1B),
+        **shape,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

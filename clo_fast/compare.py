@@ -46,9 +46,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clo_fast import numerics
 from clo_fast.atomic import OutputDirError, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config
 from clo_fast.constants import LAYER_ABLATION_PATTERNS, WORLD_NAME
+from clo_fast.evaluate.comparison_extra import check_evaluation_extras
 from clo_fast.training.distributed import LAUNCHER_ENV
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -281,6 +283,7 @@ def versions() -> dict:
         "deepspeed": deepspeed.__version__,
         "sacrebleu": sacrebleu.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_numerics": numerics.describe(),
     }
 
 
@@ -300,6 +303,7 @@ def main(argv=None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds: a seed is named twice ({args.seeds}); the bootstrap resamples seeds")
     plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs=1)  # arguments checked first
+    check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
     out = claim_output_dir(Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare"), "--out-dir")
     t0 = time.time()
     n_pairs = count_training_pairs(cfg) if args.fractions else None
@@ -323,18 +327,21 @@ def main(argv=None) -> int:
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
     from clo_fast.evaluate.comparison import aggregate, claim_verdicts, differences, prompt_scores, write_comparison
+    from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
     specs = [("base", base_path)] + [(label, str(Path(run["run_dir"]) / "hf_model")) for label, run in runs.items()]
     prompts = world_test_prompts(cfg)
-    report = evaluate_models(cfg, specs, prompts=prompts, out_dir=out / "eval")
+    judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed
+    report = evaluate_models(cfg, specs, prompts=prompts, out_dir=out / "eval", pairs_to_judge=judge_pairs)
 
     # per-prompt scores, summaries over seeds, intervals against SFT, the claims' verdicts, and the files
     scores = prompt_scores(out / "eval" / "generations.jsonl", prompts)
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
     summary = aggregate(report, {"base": ["base"], **groups}, scores)
     diffs = differences(scores, groups, REFERENCE_METHOD) if REFERENCE_METHOD in groups else {}
+    extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
     comp = {
         "config": str(config),
         "overrides": args.set,
@@ -347,6 +354,8 @@ def main(argv=None) -> int:
         "reference_method": REFERENCE_METHOD,
         "n_pairs": n_pairs,
         "base": summary.pop("base"),
+        "extra": extra,
+        "judge_versus": "SFT" if judge_pairs else None,
         "methods": {
             m.name: {
                 "title": m.title,

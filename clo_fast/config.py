@@ -197,6 +197,23 @@ class EvalConfig:
     judge_baseline: str | None = None  # model label the others are judged against (default: the first --model)
     judge_api_key_env: str | None = "OPENAI_API_KEY"  # env var holding the judge's API key (sent only if set)
     judge_timeout_s: float = 60.0  # per judge request
+    judge_max_retries: int = 4  # retries of a judge request on 429 / 5xx / transport errors (exponential back-off)
+    judge_retry_wait_s: float = 1.0  # first back-off wait; doubles each retry (capped at 60 s, with jitter)
+    judge_cache: str | None = None  # judgments cache (JSON lines, keyed by prompt, answers, judge model, template);
+    # null = <output_dir>/judge_cache.jsonl. A rerun sends only the judgments it has not cached
+    judge_bootstrap: int = 1000  # bootstrap resamples (over prompts) for the win rates' 95% intervals; 0 = none
+    judge_seed: int = 0  # seed of the bootstrap resampling
+    # lm-evaluation-harness task (or group) names run on every model (the `lm-eval` package: pip install
+    # 'clo-fast[eval]'), e.g. [mmlu, mmmlu_sw_ke]; accuracy ± stderr per task in the report. [] = none
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_tasks_dir: str | None = None  # extra folder of harness task YAMLs (besides the shipped demo tasks)
+    benchmark_limit: int | None = None  # at most this many documents per task (null = all; for smoke runs)
+    benchmark_num_fewshot: int | None = None  # few-shot examples per question (null = each task's default)
+    # auto = the tokenizer's chat template when data.template is chat and the tokenizer has one | always | never
+    benchmark_chat_template: str = "auto"
+    # null = each model on one device (the current GPU, else CPU) | auto = sharded over every visible GPU
+    # (accelerate's device_map): a model too large for one GPU generates and runs benchmarks across several
+    device_map: str | None = None
     output_dir: str = "outputs/eval"  # report.json, report.md, report.png, generations.jsonl
 
 
@@ -377,6 +394,24 @@ def validate_eval(cfg: RunConfig, origin) -> None:
     check(e.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}")
     check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
     check(e.judge_timeout_s > 0, "eval.judge_timeout_s", f"must be > 0, got {e.judge_timeout_s}")
+    check(e.judge_max_retries >= 0, "eval.judge_max_retries", f"must be >= 0, got {e.judge_max_retries}")
+    check(e.judge_retry_wait_s >= 0, "eval.judge_retry_wait_s", f"must be >= 0, got {e.judge_retry_wait_s}")
+    check(e.judge_bootstrap >= 0, "eval.judge_bootstrap", f"must be >= 0, got {e.judge_bootstrap}")
+    check(e.benchmark_limit is None or e.benchmark_limit >= 1, "eval.benchmark_limit", "must be >= 1 or null")
+    check(
+        e.benchmark_num_fewshot is None or e.benchmark_num_fewshot >= 0,
+        "eval.benchmark_num_fewshot",
+        "must be >= 0 or null",
+    )
+    check(e.device_map in (None, "auto"), "eval.device_map", f"null or auto, got {e.device_map!r}")
+    modes = ("auto", "always", "never")
+    check(e.benchmark_chat_template in modes, "eval.benchmark_chat_template", f"one of {' | '.join(modes)}")
+    check(
+        not e.benchmarks or _has_module("lm_eval"),
+        "eval.benchmarks",
+        "needs the lm-eval package (lm-evaluation-harness): pip install 'clo-fast[eval]'",
+    )
+    check(len(set(e.benchmarks)) == len(e.benchmarks), "eval.benchmarks", f"has repeats: {e.benchmarks}")
     for code in e.detector_languages:
         try:
             normalize_lang(code)

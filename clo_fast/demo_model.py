@@ -24,8 +24,11 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+from clo_fast import numerics
 from clo_fast.atomic import atomic_directory
 from clo_fast.constants import DEFAULT_CACHE_DIR
 
@@ -327,16 +330,28 @@ def build_demo_model(out_dir: str | Path, texts: list[str] | None = None, pretra
     return out_dir
 
 
+def demo_model_path(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where the demo model lives under `cache_dir`: named by the texts, the recipe and the CPU numerics it is
+    built under (clo_fast.numerics), so a model built with the pinning switched off is never taken for the
+    pinned one."""
+    mode, _ = numerics.decide()
+    return Path(os.path.expanduser(str(cache_dir))) / "demo_model" / f"{_fingerprint(demo_texts())}-{mode}"
+
+
 def ensure_demo_model(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    """Path of the demo model directory under `cache_dir`, building it first if needed (safe across processes)."""
-    texts = demo_texts()
-    root = Path(os.path.expanduser(str(cache_dir))) / "demo_model"
-    final = root / _fingerprint(texts)
+    """Path of the demo model directory under `cache_dir`, building it first if needed (safe across processes).
+
+    The build runs as its own `python -m clo_fast.demo_model` process, which pins the CPU numerics before it
+    imports torch: the weights are the same whoever asks for them (a test process, a notebook)."""
+    final = demo_model_path(cache_dir)
     if (final / "config.json").is_file():
         return final
     # several processes (ranks, test workers) may build it at once: the first to publish wins
     with atomic_directory(final, per_process=True, replace=False) as tmp:
-        build_demo_model(tmp, texts)
+        cmd = [sys.executable, "-m", "clo_fast.demo_model", "--out", str(tmp)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the demo model failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
     return final
 
 

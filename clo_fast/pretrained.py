@@ -115,7 +115,6 @@ def resolve_model_path_without_collective(name_or_path: str, cache_dir: str, ran
     """`resolve_model_path` in a launched world without a collective: rank 0 builds the demo model when it is
     not cached yet, the other ranks wait for it on disk (a barrier would time out while it trains)."""
     import time
-    from pathlib import Path
 
     if name_or_path not in ("demo", WORLD_NAME) or rank == 0:
         return resolve_model_path(name_or_path, cache_dir)
@@ -125,9 +124,9 @@ def resolve_model_path_without_collective(name_or_path: str, cache_dir: str, ran
         while not (world_dir(cache_dir) / "base" / "config.json").is_file():
             time.sleep(poll_s)
         return resolve_model_path(name_or_path, cache_dir)
-    from clo_fast.demo_model import _fingerprint, demo_texts
+    from clo_fast.demo_model import demo_model_path
 
-    final = Path(os.path.expanduser(str(cache_dir))) / "demo_model" / _fingerprint(demo_texts())
+    final = demo_model_path(cache_dir)
     while not (final / "config.json").is_file():
         time.sleep(poll_s)
     return resolve_model_path(name_or_path, cache_dir)

@@ -21,6 +21,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 if os.path.dirname(_HERE) not in sys.path:
     sys.path.append(os.path.dirname(_HERE))
 
+from clo_fast import numerics  # first: importing clo_fast pins the CPU numerics before torch is (numerics.py)
+
+# isort: split
 import argparse
 import json
 import warnings
@@ -85,7 +88,7 @@ class Run:
         c = self.cfg.clo
         dist.log0(
             f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "
-            f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}"
+            f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}; {numerics.summary_line()}"
         )
 
     def data(self) -> None:
@@ -259,6 +262,7 @@ class Run:
         summary = {
             "steps": self.step,
             "world_size": world_size(),
+            "cpu_numerics": numerics.describe(),
             "final_metrics": self.last_metrics,
             "config": to_dict(cfg),
             "base_model": self.model_path,

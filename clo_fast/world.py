@@ -15,9 +15,12 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from clo_fast import numerics
 from clo_fast.atomic import atomic_directory
 from clo_fast.constants import DEFAULT_CACHE_DIR
 from clo_fast.data.world import (
@@ -56,7 +59,9 @@ def world_fingerprint() -> str:
 
 
 def world_dir(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
-    return Path(os.path.expanduser(str(cache_dir))) / "world" / world_fingerprint()
+    """Named by the recipe and the CPU numerics it is built under (clo_fast.numerics), as the demo model is."""
+    mode, _ = numerics.decide()
+    return Path(os.path.expanduser(str(cache_dir))) / "world" / f"{world_fingerprint()}-{mode}"
 
 
 def pretrain(model, tokenizer, docs: dict[str, list[str]]) -> list[float]:
@@ -164,8 +169,12 @@ def ensure_world(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
     if (final / "base" / "config.json").is_file():
         return final
     print(f"[world] building the miniature world and its base model into {final} (a few minutes)", flush=True)
+    # its own `python -m clo_fast.world` process, which pins the CPU numerics before it imports torch
     with atomic_directory(final, per_process=True, replace=False) as tmp:
-        build_world(tmp)
+        cmd = [sys.executable, "-m", "clo_fast.world", "--out", str(tmp)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the world's base failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
     return final
 
 
@@ -173,9 +182,10 @@ def main(argv=None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="build into this directory instead of the cache")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     a = p.parse_args(argv)
-    print(ensure_world(a.cache_dir))
+    print(build_world(a.out) if a.out else ensure_world(a.cache_dir))
 
 
 if __name__ == "__main__":

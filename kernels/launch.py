@@ -10,6 +10,7 @@ where available); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -125,21 +126,56 @@ def _num_sms(device: torch.device) -> int:
 # How the forward makes the logits: "triton" — the streaming Triton GEMM with the online log-sum-exp (no
 # fp32 logit chunk; the frozen head keeps P̃ in the input dtype): the default, the path measured on an H200
 # (benchmarks/results/bench_head_h200.json). "cublas" — an fp32-output cuBLAS GEMM per row chunk, then one
-# Triton pass per row (lse, logp, G in place): tested against float64, not yet timed on a GPU
-# (benchmarks/NOTES.md). "auto" — cublas where torch offers an fp32-output GEMM for the dtype, else triton.
+# Triton pass per row (lse, logp, G into its own buffer): tested against float64, not yet timed on a GPU
+# (benchmarks/NOTES.md). "auto" — cublas where torch offers an fp32-output GEMM for the dtype and the chunk
+# fits in memory, else triton (an out-of-memory fallback is announced with a warning).
 LOGITS_GEMM = "triton"
+LOGITS_GEMM_MODES = ("auto", "cublas", "triton")
+
+# The cuBLAS path's chunk (see `cublas_chunk_rows`): its [C, V] buffers (fp32 logits + G) stay within this
+# many bytes and within half the device's free memory; 1024 rows fit it at Llama-3 / Qwen-2.5 vocabularies.
+CUBLAS_CHUNK_BUDGET_BYTES = 1 << 30
+CUBLAS_CHUNK_ROWS_MAX = 1024
+# Chunk sizes (bytes of [C, V] buffers) that ran out of memory under logits_gemm="auto", per device: later
+# calls needing at least as much go straight to the streaming path (an out-of-memory error empties the
+# caching allocator before it is raised, which a training step should not pay every time).
+_CUBLAS_OOM_BYTES: dict[str, int] = {}
 
 
 def _logits_fp32(x: torch.Tensor, w: torch.Tensor):
-    """x·wᵀ with fp32 output (fp32 accumulation of the input-dtype product), or None where torch cannot."""
+    """x·wᵀ with fp32 output (fp32 accumulation of the input-dtype product), or None where torch cannot.
+    Out of memory is raised as such (it is not "cannot")."""
     if x.dtype in (torch.float32, torch.float64):
         return torch.mm(x.float(), w.float().t())
-    if x.device.type != "cuda":
-        return None
     try:
         return torch.mm(x, w.t(), out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):  # older torch: no mm(out_dtype=)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError):  # no mm(out_dtype=) here (older torch; CPU)
         return None
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can get on a CUDA device: the driver's free memory plus what torch's caching
+    allocator holds unused. None off CUDA (host memory is not budgeted here)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def cublas_chunk_rows(V: int, g_bytes: int, device: torch.device) -> int:
+    """Rows per chunk of the cuBLAS logits path. Memory rule: a chunk of C rows holds C·V fp32 logits and,
+    for a frozen head's D, C·V gradient entries G of g_bytes each (0 without), i.e. C·V·(4 + g_bytes) bytes
+    (6 per logit in bf16); C is the largest multiple of 128 with that within min(CUBLAS_CHUNK_BUDGET_BYTES,
+    half the free device memory), capped at CUBLAS_CHUNK_ROWS_MAX (1024: the GEMMs are compute-bound there) and
+    at least 128. At Llama-3's V = 128256 in bf16 1024 rows take 788 MB, at Qwen-2.5's 151936 934 MB."""
+    budget = CUBLAS_CHUNK_BUDGET_BYTES
+    free = _free_device_bytes(device)
+    if free is not None:
+        budget = min(budget, free // 2)
+    rows = budget // max(1, V * (4 + g_bytes)) // 128 * 128
+    return max(128, min(CUBLAS_CHUNK_ROWS_MAX, rows))
 
 
 def forward(
@@ -157,33 +193,73 @@ def forward(
     """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
     and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
 
-    logits_gemm (default `LOGITS_GEMM`): "cublas" processes row chunks of fp32 logits (4·chunk_rows·V bytes);
-    "triton" streams the vocabulary and, with input_grad, keeps P̃ [chunk, V] in x.dtype (2 B/logit in bf16).
+    logits_gemm (default `LOGITS_GEMM`): "cublas" processes row chunks of fp32 logits (`cublas_chunk_rows`);
+    "triton" streams the vocabulary and, with input_grad, keeps P̃ [chunk, V] in x.dtype (2 B/logit in bf16);
+    "auto" is cublas where it can run, else triton. Out of device memory in the cuBLAS path: "auto" warns and
+    falls back to triton (and skips cublas for chunks as large from then on), "cublas" raises
+    torch.OutOfMemoryError naming the chunk.
     """
     mode = logits_gemm or LOGITS_GEMM
-    if mode not in ("auto", "cublas", "triton"):
-        raise ValueError(f"logits_gemm must be auto|cublas|triton, got {mode!r}")
+    if mode not in LOGITS_GEMM_MODES:
+        raise ValueError(f"logits_gemm must be one of {'|'.join(LOGITS_GEMM_MODES)}, got {mode!r}")
     if mode != "triton" and x.shape[0] > 0:
-        out = _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_rows, strict=mode == "cublas")
-        if out is not None:
-            return out
+        plan = _cublas_plan(x, w, input_grad, chunk_rows)
+        known_oom = _CUBLAS_OOM_BYTES.get(str(x.device))
+        if mode == "cublas" or known_oom is None or plan["bytes"] < known_oom:
+            try:
+                out = _forward_cublas(
+                    x, w, y, ignore_index, seq_ids, num_seqs, input_grad, plan, strict=mode == "cublas"
+                )
+            except torch.OutOfMemoryError as e:
+                what = (
+                    f"the cuBLAS logits path ran out of device memory with chunks of {plan['rows']} rows × "
+                    f"V {w.shape[0]} ({plan['bytes'] / 2**20:.0f} MiB of fp32 logits"
+                    f"{' + G' if input_grad else ''})"
+                )
+                if mode == "cublas":
+                    raise torch.OutOfMemoryError(
+                        f"logits_gemm='cublas': {what}; pass a smaller chunk_rows or use 'auto' / 'triton'. "
+                        f"Original error: {e}"
+                    ) from e
+                _CUBLAS_OOM_BYTES[str(x.device)] = min(plan["bytes"], known_oom or plan["bytes"])
+                warnings.warn(
+                    f"logits_gemm='auto': {what}; falling back to the streaming Triton path (and for chunks "
+                    "this large from now on)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                out = None
+            if out is not None:
+                return out
     return _forward_streaming(x, w, y, ignore_index, seq_ids, num_seqs, n_splits, input_grad, chunk_rows)
 
 
-def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_rows, strict):
-    """Row chunks: Z = X_c·Wᵀ (cuBLAS, fp32 out), `_rows_lse_grad_kernel` (lse, logp, sums, G in Z's memory),
-    D_c = G·W (cuBLAS). Returns None (caller falls back) when no fp32-output GEMM exists, unless strict."""
+def _cublas_plan(x, w, input_grad, chunk_rows) -> dict:
+    """The cuBLAS path's chunk: rows, G's dtype and the bytes of its [rows, V] buffers (fp32 Z + G)."""
+    N, V = x.shape[0], w.shape[0]
+    g_dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
+    g_bytes = torch.finfo(g_dtype).bits // 8 if input_grad else 0
+    rows = chunk_rows or cublas_chunk_rows(V, g_bytes, x.device)
+    rows = max(1, min(rows, N))
+    return {"rows": rows, "g_dtype": g_dtype, "bytes": rows * V * (4 + g_bytes)}
+
+
+def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, plan, strict):
+    """Row chunks: Z = X_c·Wᵀ (cuBLAS, fp32 out), `_rows_lse_grad_kernel` (lse, logp, sums and G into a buffer
+    of its own), D_c = G·W (cuBLAS). Returns None (caller falls back) when no fp32-output GEMM exists, unless
+    strict. G never shares Z's memory: the rows kernel's warps store G while other warps of the same program
+    may still be loading Z, and nothing orders the two (a bf16 G over the start of its fp32 row overwrote
+    logits not yet read)."""
     N, H = x.shape
     V = w.shape[0]
     dev = x.device
-    rows = chunk_rows or min(FROZEN_CHUNK_ROWS_MAX, default_chunk_rows(V, 4, budget_bytes=CHUNK_BUDGET_BYTES))
-    rows = max(1, min(rows, N))
+    rows, g_dtype = plan["rows"], plan["g_dtype"]
     lse = torch.empty(N, device=dev, dtype=torch.float32)
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     has_seq = seq_ids is not None
     seq_sums = torch.zeros(max(num_seqs, 1), device=dev, dtype=torch.float32)
-    g_dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
     D = torch.empty((N, H), device=dev, dtype=x.dtype) if input_grad else None
+    G = torch.empty((rows, V), device=dev, dtype=g_dtype) if input_grad else None
     w_mm = w if w.dtype == g_dtype else w.to(g_dtype)
     block = 64 if interpreting() else 2048
     for n0 in range(0, N, rows):
@@ -196,8 +272,7 @@ def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_
                     f"{x.dtype} on {dev.type}; use 'triton' or 'auto'"
                 )
             return None
-        # G [rows, V] in g_dtype over the start of each fp32 logit row (row stride in g_dtype units)
-        g = z if g_dtype == torch.float32 else z.view(g_dtype)[:, :V]
+        g = G[: n1 - n0] if input_grad else z  # without STORE_G the kernel never touches its G argument
         _rows_lse_grad_kernel[(n1 - n0,)](
             z,
             y[n0:n1],
@@ -216,7 +291,7 @@ def _forward_cublas(x, w, y, ignore_index, seq_ids, num_seqs, input_grad, chunk_
         )
         if input_grad:
             _mm_into(D[n0:n1], g, w_mm)
-        del z, g
+        del z
     return lse, logp, (seq_sums[:num_seqs] if has_seq else None), D
 
 

@@ -7,8 +7,9 @@ Two ways to make the logits (`launch.LOGITS_GEMM`; the benchmark measures both):
   cuBLAS chunks — Z = X_c·Wᵀ by an fp32-output cuBLAS GEMM per chunk of C rows (4·C·V bytes), then
       `_rows_lse_grad_kernel`, one program per row: online max / Σexp and the label's logit over Z (lse,
       logp, the sequence sum by atomics) and, for a frozen head, G = onehot − exp(z − lse) written in the
-      input dtype over the start of Z's own row; D_c = G·W by cuBLAS. 4·N·H·V FLOPs, all in cuBLAS; HBM
-      traffic 16 B per logit in bf16 (write Z 4, read Z 4 + 4, write G 2, read G 2), minus what stays in L2.
+      input dtype into a [C, V] buffer of its own (not over Z: the kernel's warps would race, see its
+      docstring); D_c = G·W by cuBLAS. 4·N·H·V FLOPs, all in cuBLAS; HBM traffic 16 B per logit in bf16
+      (write Z 4, read Z 4 + 4, write G 2, read G 2), minus what stays in L2; memory C·V·(4 + 2) bytes.
   Streaming Triton GEMM — the kernels below; no fp32 logit chunk.
 
 Streaming forward (two kernels):
@@ -358,8 +359,10 @@ def _rows_lse_grad_kernel(
     """One row of fp32 logits Z (made by a cuBLAS GEMM): lse, logp, the row's sequence sum and, with STORE_G,
     G = onehot(y) − exp(z − lse) (0 on ignored rows) in G's dtype.
 
-    G may alias Z's memory (G row r at the start of Z row r's bytes): pass 2 reads each block before it
-    stores it, and a block's store only reaches bytes of blocks already read, so the overwrite is safe.
+    G must not alias Z's memory. A block's elements are spread over the program's warps, and nothing orders
+    one warp's store of G against another warp's load of Z (no barrier between iterations): with a bf16 G
+    written over the start of Z's row, g[v] lands on the bytes of z[v/2], which a slower warp may not have
+    loaded yet. Triton's interpreter runs a block as one vector, so it cannot show this race.
     Cost per row: one (two with STORE_G) read of 4·V bytes, a write of V·sizeof(G); no FLOP-heavy work.
     """
     row = tl.program_id(0)

@@ -366,6 +366,7 @@ def test_world_small_comparison_reproduces(tmp_path):
         "--set", f"data.output_dir={tmp_path / 'data'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["ATEN_CPU_CAPABILITY"] = "default"  # overridden by the command's pinned CPU numerics (clo_fast/numerics.py)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads((out / "compare.json").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parent.parent / "clo_fast"
 
 # lowest first; a module is in the first layer whose prefix matches its dotted name
 LAYERS = [
-    ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id"]),
+    ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id", "clo_fast.numerics"]),
     ("config", ["clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),
     ("data", ["clo_fast.data", "clo_fast.packing"]),
@@ -50,7 +50,9 @@ def module_name(path: Path) -> str:
 def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clo_fast"):
+        if isinstance(node, ast.ImportFrom) and node.module == "clo_fast":  # `from clo_fast import numerics`
+            found.update(f"clo_fast.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clo_fast"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("clo_fast"))

@@ -422,3 +422,104 @@ def test_cublas_logits_path_needs_an_fp32_output_gemm():
     lse, logp, _, _ = launch.forward(x, w, y, -100, logits_gemm="auto")  # streaming fallback
     ref = torch.log_softmax(x.double() @ w.double().T, -1).gather(1, y[:, None])[:, 0]
     assert rel(logp, ref) < 1e-5
+
+
+def test_cublas_rows_kernel_writes_g_apart_from_the_logits(monkeypatch):
+    """The cuBLAS path's rows kernel gets a G buffer that shares no byte with the fp32 logits it reads (its warps
+    are not ordered: a G over the start of Z's row raced on a GPU, which the interpreter cannot show), and the
+    frozen head's log-probs, sums and gradients still equal float64 over several chunks."""
+    import clo_kernels.launch as launch
+
+    real = launch._rows_lse_grad_kernel
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch_(z, *args, **kwargs):
+                g = args[5]
+                z_bytes = (z.data_ptr(), z.data_ptr() + z.untyped_storage().nbytes())
+                g_bytes = (g.data_ptr(), g.data_ptr() + g.shape[0] * g.stride(0) * g.element_size())
+                seen.append((kwargs["STORE_G"], z_bytes[1] <= g_bytes[0] or g_bytes[1] <= z_bytes[0]))
+                return real[grid](z, *args, **kwargs)
+
+            return launch_
+
+    monkeypatch.setattr(launch, "_rows_lse_grad_kernel", Recorder())
+    monkeypatch.setattr(launch, "LOGITS_GEMM", "cublas")
+    dev = DEVICE["triton"]
+    for dtype in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
+        check_linear("triton", dtype, 53, 48, 131, dev, seed=21, chunk_rows=16, head_trains=False)
+    frozen = [apart for store_g, apart in seen if store_g]
+    assert len(frozen) >= 4 and all(frozen), seen
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 788.00 MiB (simulated)")
+
+
+def test_cublas_logits_out_of_memory_falls_back_in_auto_and_says_so(monkeypatch):
+    """Out of memory in the cuBLAS path: 'auto' warns (naming the reason and the chunk) and returns the streaming
+    path's exact result; later calls with chunks as large skip the cuBLAS attempt without another warning."""
+    import warnings
+
+    import clo_kernels.launch as launch
+
+    calls = []
+    monkeypatch.setattr(launch, "_CUBLAS_OOM_BYTES", {})
+    monkeypatch.setattr(launch, "_logits_fp32", lambda *a: (calls.append(1), _oom())[1])
+    x, w, y, _ = make(40, 32, 150, torch.float32, "cpu", 31)
+    ref = torch.log_softmax(x.detach().double() @ w.detach().double().T, -1)
+    ref = torch.where(y != -100, ref.gather(1, y.clamp_min(0)[:, None])[:, 0], 0.0)
+    with pytest.warns(RuntimeWarning, match=r"auto.*out of device memory.*chunks of 16 rows.*falling back"):
+        _, logp, _, D = launch.forward(
+            x.detach(), w.detach(), y, -100, input_grad=True, chunk_rows=16, logits_gemm="auto"
+        )
+    assert len(calls) == 1 and D is not None
+    assert rel(logp, ref) < 1e-5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, again, _, _ = launch.forward(
+            x.detach(), w.detach(), y, -100, input_grad=True, chunk_rows=16, logits_gemm="auto"
+        )
+    assert not [m for m in caught if "logits_gemm" in str(m.message)], "warned once, not every call"
+    assert len(calls) == 1, "a chunk size that ran out of memory is not tried again"
+    assert torch.equal(again, logp)
+    with pytest.warns(RuntimeWarning, match="chunks of 8 rows"):  # a smaller chunk is tried again
+        launch.forward(x.detach(), w.detach(), y, -100, input_grad=True, chunk_rows=8, logits_gemm="auto")
+    assert len(calls) == 2
+
+
+def test_cublas_logits_out_of_memory_is_reported_as_such(monkeypatch):
+    """logits_gemm='cublas' raises torch.OutOfMemoryError naming the chunk (not "needs an fp32-output GEMM"), and
+    the fp32-output GEMM helper lets an out-of-memory error through instead of reading it as "unsupported"."""
+    import clo_kernels.launch as launch
+
+    monkeypatch.setattr(launch, "_CUBLAS_OOM_BYTES", {})
+    x, w, y, _ = make(40, 32, 150, torch.float32, "cpu", 32)
+    monkeypatch.setattr(launch, "_logits_fp32", _oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"logits_gemm='cublas'.*chunks of 16 rows × V 150") as err:
+        launch.forward(x.detach(), w.detach(), y, -100, input_grad=True, chunk_rows=16, logits_gemm="cublas")
+    assert "out_dtype" not in str(err.value)
+    monkeypatch.undo()
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: _oom() if "out_dtype" in k else real_mm(*a, **k))
+    with pytest.raises(torch.OutOfMemoryError):
+        launch._logits_fp32(x.detach().bfloat16(), w.detach().bfloat16())
+
+
+def test_cublas_chunk_rows_memory_rule(monkeypatch):
+    """The cuBLAS path's chunk: 1024 rows where C·V·(4 + g_bytes) fits the budget and half the free device
+    memory, fewer (multiples of 128, at least 128) where it does not."""
+    import clo_kernels.launch as launch
+
+    cpu = torch.device("cpu")
+    for V in (32000, 128256, 151936):  # Mistral, Llama-3, Qwen-2.5 vocabularies, bf16 G
+        assert launch.cublas_chunk_rows(V, 2, cpu) == 1024
+    big = launch.cublas_chunk_rows(256000, 2, cpu)  # Gemma-sized: 1024 rows would pass the budget
+    assert big % 128 == 0 and big * 256000 * 6 <= launch.CUBLAS_CHUNK_BUDGET_BYTES < (big + 128) * 256000 * 6
+    free = 600 << 20
+    monkeypatch.setattr(launch, "_free_device_bytes", lambda device: free)
+    rows = launch.cublas_chunk_rows(128256, 2, cpu)
+    assert rows % 128 == 0 and rows * 128256 * 6 <= free // 2 < (rows + 128) * 128256 * 6
+    monkeypatch.setattr(launch, "_free_device_bytes", lambda device: 1 << 20)
+    assert launch.cublas_chunk_rows(128256, 2, cpu) == 128  # the floor: an OOM then says so

@@ -452,7 +452,7 @@ def test_a_judge_endpoint_echoing_headers_leaks_no_key_into_the_report(tmp_path,
         judge = run_judge(cfg, items, {"base": ["a"], "trained": ["b"]}, ["en"])
     finally:
         server.shutdown()
-    assert judge["results"]["trained"]["en"]["errors"] == 1
+    assert judge["results"]["trained"]["base"]["en"]["errors"] == 2  # both orders
     report = {"eval_config": to_dict(cfg)["eval"], "judge": judge, "models": {}, "languages": ["en"]}
     report.update(target_lang="sw", n_prompts={"en": 1})
     files = write_report(report, [], tmp_path)

@@ -12,8 +12,12 @@ For each model and each prompt language (English and the config's target languag
 - reference NLL per token: teacher-forced negative log-likelihood of the held-out reference responses
   (response tokens and the closing EOS only, token-mean over the whole language) - cheap, deterministic
   and comparable across models that share a tokenizer (base vs fine-tuned);
-- optionally, an LLM-judge pairwise win rate against a baseline model through an OpenAI-compatible
-  endpoint (`eval.judge_endpoint`); without an endpoint the judge is skipped with a message.
+- optionally, the paper's pairwise win rate against a baseline model (`--versus sft=PATH`) through an LLM
+  judge at an OpenAI-compatible endpoint (`eval.judge_endpoint`): both orders, ties half, per language, a
+  bootstrap interval and a length-controlled figure, judgments cached on disk (`judge`); without an
+  endpoint the judge is skipped with a message;
+- optionally, benchmark accuracy ± stderr through lm-evaluation-harness (`eval.benchmarks` / `--benchmarks`,
+  e.g. mmlu and the paper's MMMLU tasks mmmlu_<lang>_<region>; `benchmarks`).
 
 Prompts come from the "eval" split of the text-level dataset (`clo_fast.data.build_text_dataset`) or from
 an explicit list. Prompts are formatted as in training: `data.prompt_template` for `data.template: plain`,
@@ -25,11 +29,12 @@ Outputs in `eval.output_dir` (or `--out-dir`): report.json, report.md (models as
 Python API (the training run calls it at the end, on rank 0 only):
 
 Modules: prompts (held-out prompts, encoded as in training), models (loading), generation (greedy
-responses, reference NLL), judge (optional LLM judge), report (metrics, table, plot, files), run (the
-driver, `evaluate_models`), cli (`python -m clo_fast.evaluate`), comparison (several seeds per method: mean,
-standard deviation, table and plot, for `python -m clo_fast.compare`).
+responses, reference NLL), judge (optional LLM judge), benchmarks (lm-evaluation-harness tasks), report
+(metrics, table, plot, files), run (the driver, `evaluate_models`), cli (`python -m clo_fast.evaluate`),
+comparison (several seeds per method: mean, standard deviation, table and plot, for `python -m clo_fast.compare`).
 """
 
+from clo_fast.evaluate.benchmarks import run_benchmarks, task_language
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.generation import (
     build_reference_batch,
@@ -38,7 +43,14 @@ from clo_fast.evaluate.generation import (
     reference_nll,
     sequence_logprob_sums,
 )
-from clo_fast.evaluate.judge import build_judge_request, http_judge, judge_pairwise, judge_url, parse_verdict
+from clo_fast.evaluate.judge import (
+    build_judge_request,
+    http_judge,
+    judge_pairwise,
+    judge_url,
+    length_controlled_win_rate,
+    parse_verdict,
+)
 from clo_fast.evaluate.models import load_model
 from clo_fast.evaluate.prompts import encode_item, encode_prompt, format_prompt, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import render_markdown, write_report
@@ -56,6 +68,7 @@ __all__ = [
     "http_judge",
     "judge_pairwise",
     "judge_url",
+    "length_controlled_win_rate",
     "load_eval_prompts",
     "load_model",
     "normalize_prompts",
@@ -63,7 +76,9 @@ __all__ = [
     "parse_verdict",
     "reference_examples",
     "reference_nll",
+    "run_benchmarks",
     "render_markdown",
     "sequence_logprob_sums",
+    "task_language",
     "write_report",
 ]

@@ -1,8 +1,13 @@
-"""`python -m clo_fast.evaluate --config <run>.yaml --model base=<path> --model clo=<path>` (clo-fast-eval)."""
+"""`python -m clo_fast.evaluate --config <run>.yaml --model base=<path> --model clo=<path>` (clo-fast-eval).
+
+... --model clo=<path> --versus sft=<path> --set eval.judge_endpoint=http://localhost:8000/v1   # win rate
+... --model base=<path> --model clo=<path> --benchmarks mmlu mmmlu_sw_ke                        # lm-eval
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -10,7 +15,7 @@ from clo_fast.config import ConfigError, add_override_argument, load_config
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.prompts import read_prompts_file
 from clo_fast.evaluate.report import render_markdown
-from clo_fast.evaluate.run import evaluate_models
+from clo_fast.evaluate.run import evaluate_models, parse_model_specs
 from clo_fast.language_id import UnknownLanguageError
 
 
@@ -24,6 +29,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="[LABEL=]PATH",
         help="model directory or hub name; repeat for a side-by-side table (e.g. base=... clo=...)",
     )
+    ap.add_argument(
+        "--versus",
+        metavar="LABEL=PATH",
+        help="the baseline every --model is judged against (e.g. sft=PATH): both answer every prompt, the LLM "
+        "judge at eval.judge_endpoint compares them in both orders; same as adding --model LABEL=PATH with "
+        "--set eval.judge_baseline=LABEL",
+    )
+    ap.add_argument(
+        "--benchmarks",
+        nargs="+",
+        metavar="TASK",
+        help="lm-evaluation-harness tasks run on every model (e.g. mmlu mmmlu_sw_ke); "
+        "same as --set eval.benchmarks=[...]",
+    )
     ap.add_argument("--prompts", help="JSON/JSONL prompt records instead of the dataset's eval split")
     ap.add_argument("--out-dir", help="output folder (default eval.output_dir)")
     add_override_argument(ap)
@@ -36,10 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in ("max_prompts", "max_new_tokens", "batch_size")
         if getattr(args, k) is not None
     ]
+    models = list(args.model)
+    if args.benchmarks:
+        shorthands.append("eval.benchmarks=" + json.dumps(args.benchmarks))
     try:
+        if args.versus:
+            label = parse_model_specs([args.versus])[0][0]
+            models.append(args.versus)
+            shorthands.append(f"eval.judge_baseline={json.dumps(label)}")
         cfg = load_config(args.config, args.set + shorthands)
+        if args.versus and not cfg.eval.judge_endpoint:
+            raise EvalError("--versus needs an LLM judge: set eval.judge_endpoint (e.g. --set eval.judge_endpoint=URL)")
         prompts = read_prompts_file(args.prompts) if args.prompts else None
-        report = evaluate_models(cfg, args.model, prompts=prompts, out_dir=args.out_dir)
+        report = evaluate_models(cfg, models, prompts=prompts, out_dir=args.out_dir)
     except (EvalError, ConfigError, UnknownLanguageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -195,6 +195,9 @@ def render_comparison_markdown(comp: dict) -> str:
             s = comp["methods"][m]["metrics"][metric]
             cells.append(fmt(s["mean"], d) + ("" if s["std"] is None else f" ± {s['std']:.{d}f}"))
         lines.append(f"| {_label(metric)} | " + " | ".join(cells) + " |")
+    from clo_fast.evaluate.comparison_extra import extra_rows  # benchmark and judge rows (imports this module)
+
+    lines += extra_rows(comp, methods)
     diffs = comp.get("differences") or {}
     ref = comp.get("reference_method")
     if diffs and ref in comp["methods"]:

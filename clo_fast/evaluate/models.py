@@ -16,7 +16,8 @@ from clo_fast.pretrained import ensure_pad_token, resolve_model_path
 def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
     """(model, tokenizer) from a local HF directory, a hub name or `demo`; errors name the path.
 
-    The tokenizer gets a pad token (EOS when it has none). Model in eval mode, `cfg.model.dtype`.
+    The tokenizer gets a pad token (EOS when it has none). Model in eval mode, `cfg.model.dtype`, on `device`
+    (default: the current GPU, else CPU), or sharded by accelerate when `cfg.eval.device_map` is set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,9 +43,11 @@ def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as e:
         raise EvalError(f"cannot load the tokenizer of model {path!r}{where}: {type(e).__name__}: {e}") from e
+    # eval.device_map: auto shards the model over every visible GPU (accelerate places the layers)
+    placement = {"device_map": cfg.eval.device_map} if cfg.eval.device_map else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+            src, dtype=dtype, attn_implementation=cfg.model.attn_implementation, **placement
         )
     except Exception as e:
         raise EvalError(f"cannot load model {path!r}{where}: {type(e).__name__}: {e}") from e
@@ -52,7 +55,7 @@ def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
         ensure_pad_token(tokenizer)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    return model.to(device).eval(), tokenizer
+    return (model if placement else model.to(device)).eval(), tokenizer
 
 
 def default_device() -> torch.device:

@@ -73,17 +73,46 @@ def render_markdown(report: dict) -> str:
         row(f"reference NLL/token {lang} (↓)", "nll_per_token", lang)
     for lang in langs:
         row(f"mean response tokens {lang}", "mean_response_tokens", lang, 1)
+    from clo_fast.evaluate.benchmarks import benchmark_markdown_rows
+
+    lines += benchmark_markdown_rows(report)
     judge = report.get("judge", {})
     if judge.get("results"):
-        base = judge["baseline"]
-        for lang in langs:
-            vals = [judge["results"].get(m, {}).get(lang, {}).get("win_rate") if m != base else None for m in models]
-            lines.append(f"| judge win rate vs {base}, {lang} (↑) | " + " | ".join(fmt(v) for v in vals) + " |")
+        lines += judge_markdown_rows(judge, models, langs)
     elif judge.get("skipped"):
         lines += ["", f"LLM judge: skipped ({judge['skipped']})."]
     if not report.get("nll_comparable", True):
         lines += ["", "Note: the models use different tokenizers, so NLL per token is not comparable across them."]
     return "\n".join(lines) + "\n"
+
+
+def judge_markdown_rows(judge: dict, models: list[str], langs: list[str]) -> list[str]:
+    """Per baseline and language: the win rate with its bootstrap interval, and the length-controlled one, in
+    the candidate's column; then a line of counts (ties, off-format replies, failed requests) per pair."""
+    lines, notes = [], []
+    baselines = list(dict.fromkeys(base for _, base in judge["pairs"]))
+    for base in baselines:
+        for lang in langs:
+            for key, name in (("win_rate", "judge win rate"), ("lc_win_rate", "length-controlled win rate")):
+                cells = []
+                for m in models:
+                    r = judge["results"].get(m, {}).get(base, {}).get(lang)
+                    ci = r and r.get(f"{key}_ci95")
+                    cells.append("–" if not r else fmt(r[key]) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+                lines.append(f"| {name} vs {base}, {lang} (↑) | " + " | ".join(cells) + " |")
+    for cand, base in judge["pairs"]:
+        for lang in langs:
+            r = judge["results"][cand][base][lang]
+            notes.append(
+                f"- {cand} vs {base}, {lang}: {r['judged_prompts']}/{r['n_prompts']} prompts judged, "
+                f"{r['wins']} wins / {r['ties']} ties / {r['losses']} losses over {r['judgments']} judgments "
+                f"(both orders), {r['off_format']} off-format replies, {r['errors']} failed requests, "
+                f"order agreement {fmt(r['order_agreement'])}"
+                + (f"; first failure: {r['first_error']}" if r.get("first_error") else "")
+            )
+    judge_model = judge.get("judge_model") or "the endpoint's default model"
+    head = f"LLM judge ({judge_model}): win rate [95% bootstrap interval over prompts]; ties count half."
+    return lines + ["", head, *notes]
 
 
 def new_figure(width: float, height: float, dpi: int):
@@ -97,13 +126,19 @@ def new_figure(width: float, height: float, dpi: int):
 
 
 def plot_report(report: dict, path: str | Path) -> bool:
-    """PNG with two panels: fidelity and reference NLL/token, one bar group per model. False if no matplotlib."""
+    """PNG with two panels: fidelity and reference NLL/token, one bar group per model; a third with benchmark
+    accuracy ± stderr per task when the report has benchmarks. False if no matplotlib."""
+    from clo_fast.evaluate.benchmarks import benchmark_tasks
+
     models = list(report["models"])
     langs = report["languages"]
-    fig = new_figure(max(6.5, 1.4 * len(models) + 4), 4.0, 120)
+    tasks = benchmark_tasks(report["models"])
+    fig = new_figure(max(6.5, 1.4 * len(models) + 4) * (1.5 if tasks else 1.0), 4.0, 120)
     if fig is None:
         return False
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if tasks else 2)
+    if tasks:
+        _plot_benchmarks(axes[2], report, models, tasks)
     width = min(0.35, 0.8 / max(1, len(langs)))
     for ax, key, title, fmt in (
         (axes[0], "fidelity", "language fidelity (↑)", "%.2f"),
@@ -125,6 +160,22 @@ def plot_report(report: dict, path: str | Path) -> bool:
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(str(path))
     return True
+
+
+def _plot_benchmarks(ax, report: dict, models: list[str], tasks: list[str]) -> None:
+    """One bar group per task, one bar per model, the harness's stderr as the error bar."""
+    width = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        rows = [report["models"][m].get("benchmarks", {}).get(t, {}) for t in tasks]
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(tasks))]
+        accs = [float("nan") if r.get("acc") is None else r["acc"] for r in rows]
+        errs = [r.get("acc_stderr") or 0.0 for r in rows]
+        ax.bar(xs, accs, width, yerr=errs, capsize=2, label=m)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=20, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("benchmark accuracy ± stderr (↑)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
 
 
 REDACTED = "<redacted>"

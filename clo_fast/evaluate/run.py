@@ -16,9 +16,10 @@ import torch
 
 from clo_fast.config import RunConfig, validate_eval
 from clo_fast.data.tokenize import tokenizer_fingerprint
+from clo_fast.evaluate.benchmarks import check_benchmarks, run_benchmarks
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.generation import generate_responses, reference_examples, reference_nll
-from clo_fast.evaluate.judge import run_judge
+from clo_fast.evaluate.judge import check_judge_reachable, judge_cache_path, judge_pairs, make_send, run_judge
 from clo_fast.evaluate.models import load_model
 from clo_fast.evaluate.prompts import encode_item, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import fmt, response_metrics, write_report
@@ -61,6 +62,7 @@ def evaluate_models(
     out_dir: str | Path | None = None,
     *,
     judge_send: Callable[[dict], str] | None = None,
+    pairs_to_judge: Sequence[tuple[str, str]] | None = None,
 ) -> dict:
     """Evaluate models side by side and write the report files. Returns the report dict.
 
@@ -70,12 +72,23 @@ def evaluate_models(
     out_dir: default `cfg.eval.output_dir`.
     judge_send: replaces the HTTP call of the LLM judge (tests); the judge runs only when
       `cfg.eval.judge_endpoint` is set or judge_send is given.
+    pairs_to_judge: (candidate, baseline) labels to judge (default: every model against eval.judge_baseline).
+    `cfg.eval.benchmarks` (lm-evaluation-harness tasks) run on every model, after its generations.
+    Bad input (unknown task, no lm-eval, unreachable judge, a model folder without a tokenizer) fails before
+    any model is loaded.
     """
     ev = cfg.eval
     validate_eval(cfg, lambda _name: "<config>")  # configs built in code skip load_config
     target = normalize_lang(cfg.data.target_lang)
     specs = parse_model_specs(model_paths)
-    _check_before_generating(specs, cfg, judging=bool(ev.judge_endpoint or judge_send))
+    out_dir = out_dir if out_dir is not None else ev.output_dir
+    judging = bool(ev.judge_endpoint or judge_send)
+    pairs = list(pairs_to_judge) if pairs_to_judge is not None else None
+    _check_before_generating(specs, cfg, judging=judging, pairs=pairs)
+    manager = check_benchmarks(cfg, ev.benchmarks) if ev.benchmarks else None
+    if judging and len(specs) >= 2 and judge_send is None:  # a judge function passed in code is not probed
+        judge_send = make_send(cfg)
+        check_judge_reachable(cfg, judge_send)
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
@@ -110,8 +123,10 @@ def evaluate_models(
             "path": str(src) if owned else "<in-memory model>",
             "metrics": metrics,
             "tokenizer": tokenizer_fingerprint(tokenizer)[:12],
-            "seconds": round(time.time() - t1, 2),
         }
+        if manager is not None:
+            report["models"][label]["benchmarks"] = run_benchmarks(model, tokenizer, cfg, manager)
+        report["models"][label]["seconds"] = round(time.time() - t1, 2)
         responses[label] = [g["text"] for g in gens]
         generations += _generation_records(label, items, gens, detected)
         summary = "; ".join(
@@ -131,9 +146,11 @@ def evaluate_models(
     report["nll_comparable"] = len(fingerprints) == 1
     if not report["nll_comparable"]:
         print("[evaluate] warning: the models use different tokenizers: NLL per token is not comparable across them")
-    report["judge"] = run_judge(cfg, items, responses, langs, send=judge_send)
+    report["judge"] = run_judge(
+        cfg, items, responses, langs, send=judge_send, pairs=pairs, cache_path=judge_cache_path(cfg, out_dir)
+    )
     report["seconds"] = round(time.time() - t0, 2)
-    write_report(report, generations, out_dir if out_dir is not None else ev.output_dir)
+    write_report(report, generations, out_dir)
     return report
 
 
@@ -155,15 +172,31 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
     return gens, detected, metrics
 
 
-def _check_before_generating(specs: list[tuple[str, Any]], cfg: RunConfig, *, judging: bool) -> None:
-    """Fail before any generation when a local model path is plainly wrong or the judge baseline is unknown."""
-    for _, src in specs:
-        if not isinstance(src, tuple) and looks_local(str(src)) and not os.path.exists(os.path.expanduser(str(src))):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_before_generating(
+    specs: list[tuple[str, Any]], cfg: RunConfig, *, judging: bool, pairs: list[tuple[str, str]] | None
+) -> None:
+    """Fail before any generation when a local model path is plainly wrong (missing, no tokenizer) or the
+    judge's labels are unknown."""
+    for label, src in specs:
+        if isinstance(src, tuple):
+            continue
+        path = os.path.expanduser(str(src))
+        if looks_local(str(src)) and not os.path.exists(path):
             raise EvalError(f"model path {str(src)!r} does not exist")
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise EvalError(
+                f"model {label!r} ({str(src)!r}, --model/--versus): the folder has no tokenizer "
+                f"({' / '.join(TOKENIZER_FILES)}); save the tokenizer beside the weights"
+            )
     labels = [label for label, _ in specs]
-    baseline = cfg.eval.judge_baseline
-    if judging and baseline and baseline not in labels:
-        raise EvalError(f"eval.judge_baseline {baseline!r} is not one of the model labels {labels}")
+    if judging and len(labels) >= 2:
+        for cand, base in pairs if pairs is not None else judge_pairs(cfg, labels):
+            for name in (cand, base):
+                if name not in labels:
+                    raise EvalError(f"judge pair ({cand!r}, {base!r}): {name!r} is not a model label ({labels})")
 
 
 def _generation_records(label: str, items: list[dict], gens: list[dict], detected: list) -> list[dict]:
