@@ -252,10 +252,23 @@ def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path
     return out
 
 
+def _load_saved(out: Path):
+    """The saved DatasetDict; an empty split (eval_fraction 0) is saved without a data file, which
+    datasets.load_from_disk cannot read back: it is rebuilt empty with the text features."""
+    import datasets
+
+    splits = {}
+    for name in json.loads((out / "dataset_dict.json").read_text())["splits"]:
+        if any((out / name).glob("*.arrow")):
+            splits[name] = datasets.load_from_disk(str(out / name))
+        else:
+            splits[name] = datasets.Dataset.from_dict({k: [] for k in _text_features()}, features=_text_features())
+    return datasets.DatasetDict(splits)
+
+
 def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
     """Load the text dataset from cfg.output_dir when it was built from the same data config, else build
     and save it. Returns (DatasetDict, summary)."""
-    import datasets
 
     out = Path(cfg.output_dir).expanduser()
     sfile = out / "summary.json"
@@ -263,7 +276,7 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
         try:
             summary = json.loads(sfile.read_text())
             if summary.get("config_key") == _config_key(cfg):
-                return datasets.load_from_disk(str(out)), summary
+                return _load_saved(out), summary
         except (OSError, ValueError):
             pass
     try:  # refused before the (possibly long) build, not after it
