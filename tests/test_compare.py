@@ -248,7 +248,7 @@ def test_compare_end_to_end_small(tmp_path):
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "sft", "clo",
-        "--seeds", "0", "1", "--out-dir", str(out),
+        "--fractions", "--seeds", "0", "1", "--out-dir", str(out),
         "--set", "optim.max_steps=2", "--set", f"data.output_dir={tmp_path / 'data'}",
         "--set", "eval.max_prompts=4", "--set", "eval.max_new_tokens=8",
     ]  # fmt: skip
@@ -286,7 +286,7 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     named; started again, compare resumes that run from its checkpoint instead of starting over."""
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--seeds", "0",
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--fractions", "--seeds", "0",
         "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
         "--set", f"data.output_dir={tmp_path / 'data'}", "--set", "eval.max_prompts=2",
         "--set", "eval.max_new_tokens=4",
