@@ -286,8 +286,8 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     named; started again, compare resumes that run from its checkpoint instead of starting over."""
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--fractions", "--seeds", "0",
-        "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--fractions",
+        "--seeds", "0", "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
         "--set", f"data.output_dir={tmp_path / 'data'}", "--set", "eval.max_prompts=2",
         "--set", "eval.max_new_tokens=4",
     ]  # fmt: skip
@@ -324,7 +324,7 @@ def test_readme_world_table_is_the_committed_world_comparison():
     from conftest import README, table_rows
 
     if not (WORLD_FULL / "compare.json").is_file():
-        pytest.skip("docs/compare/world is not committed yet: run python -m clo_fast.compare --config configs/world.yaml")
+        pytest.skip("docs/compare/world is not committed yet: python -m clo_fast.compare --config configs/world.yaml")
     md = (WORLD_FULL / "compare.md").read_text(encoding="utf-8")
     comp = json.loads((WORLD_FULL / "compare.json").read_text(encoding="utf-8"))
     readme = README.read_text(encoding="utf-8")
