@@ -1,9 +1,20 @@
-"""CLO vs SFT vs DPO from one run config over several seeds: the CLO paper's claim in miniature.
+"""CLO vs the paper's baselines from one run config over several seeds, with the paper's three claims decided.
 
-    python -m clo_fast.compare --config configs/demo.yaml                         # SFT, DPO, CLO × seeds 0 1 2
+    python -m clo_fast.compare --config configs/world.yaml    # the miniature fact world: SFT, SFT → DPO, CLO, CLO
+                                                              # at half the pairs × seeds 0-4; the three verdicts
     python -m clo_fast.compare --config configs/demo.yaml --lams 0.25 0.75        # + CLO at other λ
     python -m clo_fast.compare --config configs/demo.yaml --layers mlp all        # + which layers train (CLO)
-    python -m clo_fast.compare --config configs/demo.yaml --seeds 0 1 2 3 4 --set optim.epochs=6
+    python -m clo_fast.compare --config configs/demo.yaml --methods sft sft_target dpo dpo_base clo --fractions
+
+The methods (the paper's baselines): `sft` = SFT on both languages (the translated pairs' English and target
+NLL, clo.sft_sequences [0, 2]); `dpo` = SFT → DPO, DPO started from the same seed's SFT model (which is then its
+reference); `clo` = CLO at the config's λ. Named variants: `sft_target` = SFT on the target language only,
+`dpo_base` = DPO from the base. --fractions adds CLO trained on that share of the pairs (data.max_examples;
+default 0.5: the paper's data-size claim). Every difference against SFT gets a 95% interval from a paired
+bootstrap over prompts × seeds (clo_fast.evaluate.bootstrap), and the paper's three claims a verdict by the
+rule written there: (1) CLO beats SFT in the target language, (2) CLO keeps English better than SFT, (3) CLO
+with half the pairs matches or beats SFT with all of them. The per-prompt measure of the claims is "correct and
+in the prompt's language" where the prompts carry answers (the world), else language fidelity.
 
 Each (method, seed) is one run of clo_fast/train.py: by default one process, with the config's gradient
 accumulation times --as-ranks (default 2), so that its global batch, and so its result, equal a 2-rank launch of
@@ -11,14 +22,16 @@ the same config (the README's demo: the CLO run of seed 0 is the demo's own run)
 "deepspeed --num_gpus 8" (or "torchrun --nproc_per_node 8") launches each run on several ranks; --as-ranks is then
 1 unless given. The seed is optim.seed
 (data order and every RNG); the held-out split (data.seed) is the same for every run. The runs share the built
-demo model, the tokenized-data cache and one reference log-prob cache (train.reference_dir). Then the base and
+base model, the tokenized-data cache and one reference log-prob cache (train.reference_dir). Then the base and
 every trained model are evaluated on the same held-out prompts (clo_fast.evaluate: fidelity, chrF against the
-reference answer, reference NLL), and each method's metrics are summarised over its seeds.
+reference answer, reference NLL; with the world's test set also exact-match accuracy and "correct and in the
+prompt's language"), and each method's metrics are summarised over its seeds.
 
 Outputs in --out-dir (default: next to train.output_dir, in `compare`): runs/<method>-s<seed>/ (each run's own
 folder, with train.log), ref_data/, eval/ (report.*, generations.jsonl), compare.json (per method: per-seed
-values, mean and standard deviation of every metric), compare.md and compare.png. Started again with the same
-settings, it reuses finished runs and resumes an interrupted one from its last checkpoint.
+values, mean and standard deviation of every metric, per-prompt scores, intervals, verdicts), compare.md and
+compare.png. Started again with the same settings, it reuses finished runs and resumes an interrupted one from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from pathlib import Path
 from clo_fast import numerics
 from clo_fast.atomic import OutputDirError, RunLock, claim_output_dir, write_text_atomic
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, validate_output_locations
-from clo_fast.constants import LAYER_ABLATION_PATTERNS
+from clo_fast.constants import LAYER_ABLATION_PATTERNS, WORLD_NAME
 from clo_fast.evaluate.comparison_extra import check_evaluation_extras
 from clo_fast.training.distributed import LAUNCHER_ENV
 
@@ -47,6 +60,7 @@ RUN_MARKER = "compare_run.json"  # in each run folder: the settings it was start
 CONTROLLED = (
     "clo.mode",
     "clo.lam",
+    "clo.sft_sequences",
     "optim.seed",
     "optim.gradient_accumulation_steps",
     "model.trainable_patterns",
@@ -54,6 +68,17 @@ CONTROLLED = (
     "train.reference_dir",
     "train.run_evaluation",
     "train.push_to_hub",
+)
+DEFAULT_SEEDS = [0, 1, 2, 3, 4]
+DEFAULT_METHODS = ["sft", "dpo", "clo"]
+METHOD_CHOICES = ("sft", "sft_target", "dpo", "dpo_base", "clo")
+DEFAULT_FRACTIONS = [0.5]
+REFERENCE_METHOD = "sft"  # every difference is taken against SFT on both languages (the paper's baseline)
+# the paper's claims: (id, statement, method, per-language measure, language ("tgt" = the target), kind)
+CLAIMS = (
+    ("1", "CLO beats SFT in the target language", "clo", "tgt", "beats"),
+    ("2", "CLO keeps English better than SFT", "clo", "en", "beats"),
+    ("3", "CLO with half the pairs matches or beats SFT with all of them", "clo-frac0.5", "tgt", "matches"),
 )
 
 
@@ -67,14 +92,29 @@ class Method:
     title: str  # table column
     short: str  # plot tick
     overrides: tuple[str, ...]
+    init_from: str | None = None  # starts from this method's model of the same seed (SFT → DPO)
+    # folder (in --out-dir) of the reference log-prob cache, shared by the runs of one base model and one dataset;
+    # a run that starts from another run's model keeps its own (in its run folder)
+    ref_data: str = "ref_data"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (configs/demo.yaml for the bundled demo)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="optim.seed of each run (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="optim.seed of each run (default 0-4)")
     p.add_argument(
-        "--methods", nargs="+", default=["sft", "dpo", "clo"], choices=["sft", "dpo", "clo"], help="default: all three"
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        choices=METHOD_CHOICES,
+        help="default: sft dpo clo (SFT on both languages, SFT → DPO, CLO: the paper's)",
+    )
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=DEFAULT_FRACTIONS,
+        help="extra CLO runs on this share of the training pairs (default 0.5; none: --fractions)",
     )
     p.add_argument("--lams", type=float, nargs="*", default=[], help="extra CLO runs at these λ (the λ sweep)")
     p.add_argument(
@@ -104,15 +144,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def plan_methods(cfg: RunConfig, methods: list[str], lams: list[float], layers: list[str]) -> list[Method]:
-    """The methods to train, in table order; a λ or layer set equal to CLO's own is not trained twice."""
+def plan_methods(
+    cfg: RunConfig,
+    methods: list[str],
+    lams: list[float],
+    layers: list[str],
+    fractions: list[float] = (),
+    n_pairs: int | None = None,
+) -> list[Method]:
+    """The methods to train, in table order (a method another starts from comes first); a λ or layer set equal
+    to CLO's own is not trained twice. n_pairs: the pairs a full run trains on (needed with fractions)."""
     lam = cfg.clo.lam
+    sft_seqs = ("clo.sft_sequences=[0, 2]",)
     base = {
-        "sft": Method("sft", "SFT (λ=1)", "SFT", ("clo.mode=sft",)),
-        "dpo": Method("dpo", "DPO (λ=0)", "DPO", ("clo.mode=dpo",)),
+        "sft": Method("sft", "SFT (en+tgt)", "SFT", ("clo.mode=sft", *sft_seqs)),
+        "sft_target": Method("sft_target", "SFT (tgt only)", "SFT\ntgt", ("clo.mode=sft", "clo.sft_sequences=[2]")),
+        "dpo": Method("dpo", "SFT → DPO", "SFT\n→DPO", ("clo.mode=dpo",), init_from="sft"),
+        "dpo_base": Method("dpo_base", "DPO from base", "DPO\nbase", ("clo.mode=dpo",)),
         "clo": Method("clo", f"CLO (λ={lam:g})", f"CLO\nλ={lam:g}", ("clo.mode=clo", f"clo.lam={lam!r}")),
     }
-    plan = [base[m] for m in methods]
+    wanted = list(dict.fromkeys(methods))
+    if "dpo" in wanted and "sft" not in wanted:
+        wanted.insert(wanted.index("dpo"), "sft")  # SFT → DPO needs the SFT runs
+    plan = [base[m] for m in wanted]
+    for f in fractions:
+        if not 0.0 < f < 1.0:
+            raise ConfigError(f"--fractions: a share of the pairs must be in (0, 1), got {f}")
+        if n_pairs is None:
+            raise ConfigError("--fractions: the number of training pairs is unknown")
+        n = max(1, round(f * n_pairs))
+        overrides = ("clo.mode=clo", f"clo.lam={lam!r}", f"data.max_examples={n}")
+        name = f"clo-frac{f:g}"
+        plan.append(Method(name, f"CLO, {f:g} of pairs", f"CLO\n{f:g} pairs", overrides, ref_data=f"ref_data-{name}"))
     for x in lams:
         if not 0.0 <= x <= 1.0:
             raise ConfigError(f"--lams: λ must be in [0, 1], got {x}")
@@ -139,9 +202,19 @@ def _patterns_of(override: str) -> list[str] | None:
     return json.loads(value) if name == "model.trainable_patterns" else None
 
 
-def run_overrides(cfg: RunConfig, method: Method, seed: int, run_dir: Path, ref_dir: Path, as_ranks: int) -> list[str]:
+def run_overrides(
+    cfg: RunConfig,
+    method: Method,
+    seed: int,
+    run_dir: Path,
+    ref_dir: Path,
+    as_ranks: int,
+    init_model: Path | None = None,
+) -> list[str]:
+    start = [f"model.name_or_path={json.dumps(str(init_model))}"] if init_model is not None else []
     return [
         *method.overrides,
+        *start,
         f"optim.seed={seed}",
         f"optim.gradient_accumulation_steps={cfg.optim.gradient_accumulation_steps * as_ranks}",
         f"train.output_dir={json.dumps(str(run_dir))}",
@@ -239,9 +312,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = Path(args.config)
     cfg = load_config(config, args.set)  # validated once, before anything runs
-    clash = [s for s in args.set if s.split("=", 1)[0].strip() in CONTROLLED]
+    controlled = CONTROLLED + (("data.max_examples",) if args.fractions else ())
+    controlled += ("model.name_or_path",) if "dpo" in args.methods else ()
+    clash = [s for s in args.set if s.split("=", 1)[0].strip() in controlled]
     if clash:
-        raise ConfigError(f"--set {clash[0]}: compare sets this field for each run ({', '.join(CONTROLLED)})")
+        raise ConfigError(f"--set {clash[0]}: compare sets this field for each run ({', '.join(controlled)})")
     if args.as_ranks is None:
         args.as_ranks = 1 if args.launcher else 2
     if args.as_ranks < 1 or not args.seeds:
@@ -253,7 +328,7 @@ def main(argv=None) -> int:
     if bad:
         raise ConfigError(f"--seeds: {bad[0]} is out of range (a seed is in [0, 2**32))")
     check_launcher(args.launcher)
-    methods = plan_methods(cfg, args.methods, args.lams, args.layers)
+    plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs=1)  # arguments checked first
     check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
     out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
     validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})
@@ -261,14 +336,18 @@ def main(argv=None) -> int:
     lock = RunLock(out).acquire()  # one compare per folder: a second one would train into the same run folders
     atexit.register(lock.release)
     t0 = time.time()
+    n_pairs = count_training_pairs(cfg) if args.fractions else None
+    methods = plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs)
 
-    # train: every method × seed, one process each
+    # train: every method × seed, one process each (a method another starts from is trained first)
     runs: dict[str, dict] = {}
     for m in methods:
         for seed in args.seeds:
             label = f"{m.name}/s{seed}"
             run_dir = out / "runs" / f"{m.name}-s{seed}"
-            overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, out / "ref_data", args.as_ranks)]
+            init = Path(runs[f"{m.init_from}/s{seed}"]["run_dir"]) / "hf_model" if m.init_from else None
+            ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data
+            overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init)]
             print(f"[compare] training {label} → {run_dir}", flush=True)
             done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
             runs[label] = {**done, "run_dir": str(run_dir)}
@@ -277,18 +356,21 @@ def main(argv=None) -> int:
 
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
-    from clo_fast.evaluate.comparison import aggregate, write_comparison
+    from clo_fast.evaluate.comparison import aggregate, claim_verdicts, differences, prompt_scores, write_comparison
     from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
     specs = [("base", base_path)] + [(label, str(Path(run["run_dir"]) / "hf_model")) for label, run in runs.items()]
+    prompts = world_test_prompts(cfg)
     judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed
-    report = evaluate_models(cfg, specs, out_dir=out / "eval", pairs_to_judge=judge_pairs)
+    report = evaluate_models(cfg, specs, prompts=prompts, out_dir=out / "eval", pairs_to_judge=judge_pairs)
 
-    # summarise over seeds and write the files
+    # per-prompt scores, summaries over seeds, intervals against SFT, the claims' verdicts, and the files
+    scores = prompt_scores(out / "eval" / "generations.jsonl", prompts)
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
-    summary = aggregate(report, {"base": ["base"], **groups})
+    summary = aggregate(report, {"base": ["base"], **groups}, scores)
+    diffs = differences(scores, groups, REFERENCE_METHOD) if REFERENCE_METHOD in groups else {}
     extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
     comp = {
         "config": str(config),
@@ -299,7 +381,8 @@ def main(argv=None) -> int:
         "seeds": args.seeds,
         "as_ranks": args.as_ranks,
         "launcher": args.launcher,
-        "reference_method": "clo",
+        "reference_method": REFERENCE_METHOD,
+        "n_pairs": n_pairs,
         "base": summary.pop("base"),
         "extra": extra,
         "judge_versus": "SFT" if judge_pairs else None,
@@ -308,11 +391,15 @@ def main(argv=None) -> int:
                 "title": m.title,
                 "short": m.short,
                 "overrides": list(m.overrides),
+                "init_from": m.init_from,
                 "metrics": summary[m.name],
                 "train_seconds": [runs[f"{m.name}/s{s}"].get("seconds") for s in args.seeds],
             }
             for m in methods
         },
+        "differences": diffs,
+        "claims": claim_verdicts(diffs, CLAIMS, report["target_lang"]),
+        "scores": scores,
         "seconds": round(time.time() - t0, 1),  # this invocation, reused runs not counted again
         "runs_trained": sum(not r.get("reused") for r in runs.values()),
         "runs_reused": sum(bool(r.get("reused")) for r in runs.values()),
@@ -322,6 +409,24 @@ def main(argv=None) -> int:
     print("\n" + (out / files["markdown"]).read_text())
     print(f"[compare] {out.resolve()}: " + ", ".join(files.values()))
     return 0
+
+
+def count_training_pairs(cfg: RunConfig) -> int:
+    """The pairs a run of this config trains on (the text dataset's train split, built here if needed)."""
+    from clo_fast.data import load_or_build_text_dataset
+
+    dsd, _ = load_or_build_text_dataset(cfg.data)
+    return len(dsd["train"])
+
+
+def world_test_prompts(cfg: RunConfig) -> list[dict] | None:
+    """The world's test questions (with their answers) when the config trains on the world; else None: the
+    held-out split of the config's data, as clo_fast.evaluate takes it."""
+    if cfg.data.source != WORLD_NAME:
+        return None
+    from clo_fast.data.world import build_entities, test_items
+
+    return test_items(build_entities())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clo_fast.constants import ATTENTION_ONLY_PATTERNS, DEMO_LANGS, PRECISION_DTYPE_NAMES, TOKENIZER_FILES
+from clo_fast.constants import (
+    ATTENTION_ONLY_PATTERNS,
+    DEMO_LANGS,
+    PRECISION_DTYPE_NAMES,
+    TOKENIZER_FILES,
+    WORLD_NAME,
+    WORLD_TARGET_LANG,
+)
 from clo_fast.paths import looks_local
 
 DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
@@ -309,6 +316,12 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         "data.target_lang",
         f"the bundled demo data has translations for {', '.join(DEMO_LANGS)} only, "
         f"got {d.target_lang!r} (use translator=hf for other languages)",
+    )
+    check(
+        not (d.source == WORLD_NAME and (d.target_lang, d.source_lang) != (WORLD_TARGET_LANG, "en")),
+        "data.target_lang",
+        f"the miniature world (data.source: {WORLD_NAME}) is English → {WORLD_TARGET_LANG}, "
+        f"got {d.source_lang!r} → {d.target_lang!r}",
     )
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
     check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")

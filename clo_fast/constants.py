@@ -27,3 +27,6 @@ DEMO_LANGS = ("ko", "sw")  # target languages the bundled demo data carries tran
 
 # any one of these in a model folder means a tokenizer was saved there (checked before a model loads)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+# model.name_or_path / data.source naming the miniature fact world (clo_fast/world.py), and its target language
+WORLD_NAME = "world"
+WORLD_TARGET_LANG = "sw"

@@ -253,8 +253,9 @@ def _fingerprint(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def train_tokenizer(texts: list[str]):
-    """Byte-level BPE trained on `texts`, wrapped in PreTrainedTokenizerFast with the chat template."""
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE trained on `texts` (vocab_size tokens, specials included), wrapped in PreTrainedTokenizerFast
+    with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -264,7 +265,7 @@ def train_tokenizer(texts: list[str]):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = [SPECIAL_TOKENS[k] for k in ("pad", "bos", "eos", "unk")] + EXTRA_SPECIAL
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from clo_fast.constants import DEFAULT_CACHE_DIR
+from clo_fast.constants import DEFAULT_CACHE_DIR, WORLD_NAME
 from clo_fast.paths import looks_local
 
 
@@ -15,6 +15,10 @@ def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR) ->
         from clo_fast.demo_model import ensure_demo_model
 
         return str(ensure_demo_model(cache_dir))
+    if name_or_path == WORLD_NAME:  # the miniature fact world's base model (built and cached)
+        from clo_fast.world import ensure_world
+
+        return str(ensure_world(cache_dir) / "base")
     path = os.path.expanduser(name_or_path)
     if looks_local(name_or_path) and not os.path.exists(path):
         from clo_fast.config import ConfigError
@@ -112,7 +116,13 @@ def resolve_model_path_without_collective(name_or_path: str, cache_dir: str, ran
     not cached yet, the other ranks wait for it on disk (a barrier would time out while it trains)."""
     import time
 
-    if name_or_path != "demo" or rank == 0:
+    if name_or_path not in ("demo", WORLD_NAME) or rank == 0:
+        return resolve_model_path(name_or_path, cache_dir)
+    if name_or_path == WORLD_NAME:
+        from clo_fast.world import world_dir
+
+        while not (world_dir(cache_dir) / "base" / "config.json").is_file():
+            time.sleep(poll_s)
         return resolve_model_path(name_or_path, cache_dir)
     from clo_fast.demo_model import demo_model_path
 

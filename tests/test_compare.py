@@ -4,7 +4,6 @@ the method plan, chrF's wiring, and one small end-to-end comparison (slow: it tr
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
@@ -14,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clo_fast.compare import CONTROLLED, plan_methods
+from clo_fast.compare import CLAIMS, CONTROLLED, plan_methods
 from clo_fast.config import ConfigError, load_config
+from clo_fast.evaluate.bootstrap import MATCH_MARGIN, bootstrap_draws, paired_bootstrap, verdict
 from clo_fast.evaluate.comparison import (
     METRICS,
     aggregate,
+    claim_verdicts,
+    differences,
     metric_names,
-    noise_separated,
     render_comparison_markdown,
     summarize,
 )
@@ -43,16 +44,104 @@ def test_summarize_matches_float64_numpy():
     assert summarize([1.0, None])["mean"] is None  # a missing value is not averaged away
 
 
-def test_noise_separated_is_welch_at_two_standard_errors():
+def test_paired_bootstrap_matches_a_float64_loop_over_the_same_draws():
+    """The counts/einsum form of the two-way bootstrap equals the mean of each resampled prompts × seeds grid."""
     rng = np.random.default_rng(random.randrange(2**32))
-    for _ in range(50):
-        a = summarize(rng.normal(0, 1, size=3).tolist())
-        b = summarize(rng.normal(rng.uniform(-3, 3), 1, size=4).tolist())
-        se = math.sqrt(np.var(a["values"], ddof=1) / 3 + np.var(b["values"], ddof=1) / 4)
-        assert noise_separated(a, b) == (abs(np.mean(a["values"]) - np.mean(b["values"])) > 2 * se)
-    assert noise_separated(summarize([1.0, 1.0]), summarize([0.0, 0.0])) is True  # constant, different
-    assert noise_separated(summarize([1.0, 1.0]), summarize([1.0, 1.0])) is False
-    assert noise_separated(summarize([1.0]), summarize([0.0, 2.0])) is None  # one seed: not testable
+    n_p, n_s, draws, seed = int(rng.integers(5, 40)), int(rng.integers(2, 6)), 300, int(rng.integers(1000))
+    d = rng.normal(rng.uniform(-1, 1), rng.uniform(0.1, 2), size=(n_p, n_s))
+    got = paired_bootstrap(d, draws=draws, seed=seed)
+    draw_rng = np.random.default_rng(seed)  # the same draws, as indices
+    p_idx = draw_rng.integers(0, n_p, size=(draws, n_p))
+    s_idx = draw_rng.integers(0, n_s, size=(draws, n_s))
+    means = np.array([d[np.ix_(p_idx[b], s_idx[b])].mean() for b in range(draws)], dtype=np.float64)
+    assert got["mean"] == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
+    assert got["lo"] == pytest.approx(np.percentile(means, 2.5), rel=1e-10, abs=1e-12)
+    assert got["hi"] == pytest.approx(np.percentile(means, 97.5), rel=1e-10, abs=1e-12)
+    p_counts, s_counts = bootstrap_draws(n_p, n_s, draws, seed)
+    assert (p_counts.sum(1) == n_p).all() and (s_counts.sum(1) == n_s).all()
+    with pytest.raises(ValueError, match="prompts, seeds"):
+        paired_bootstrap(np.zeros(3))
+
+
+def test_bootstrap_interval_covers_the_truth_and_shrinks_with_prompts():
+    """A known effect (0.1 plus prompt and seed noise): the interval holds it and narrows with more prompts."""
+    rng = np.random.default_rng(random.randrange(2**32))
+    widths = []
+    for n_p in (50, 800):
+        d = 0.1 + rng.normal(0, 0.3, size=(n_p, 1)) + rng.normal(0, 0.01, size=(1, 5)) + rng.normal(0, 0.3, (n_p, 5))
+        r = paired_bootstrap(d, draws=2000)
+        assert r["lo"] < r["mean"] < r["hi"]
+        widths.append(r["hi"] - r["lo"])
+    assert widths[1] < widths[0] / 2
+
+
+def test_verdict_rule():
+    assert verdict("beats", 0.01, 0.2) == "confirmed"
+    assert verdict("beats", -0.01, 0.2) == "inconclusive"
+    assert verdict("beats", -0.2, -0.01) == "refuted"
+    assert verdict("matches", -MATCH_MARGIN + 0.001, 0.1) == "confirmed"
+    assert verdict("matches", -0.1, 0.0) == "inconclusive"
+    assert verdict("matches", -0.2, -MATCH_MARGIN - 0.001) == "refuted"
+    with pytest.raises(ValueError, match="claim kind"):
+        verdict("wins", 0.0, 1.0)
+
+
+def _scores(values: dict[str, np.ndarray]) -> dict:
+    """Per-prompt scores as prompt_scores writes them: label → {"sw": {"correct_in_lang": [...]}}."""
+    n = len(next(iter(values.values())))
+    return {
+        "ids": {"sw": [f"q{i}" for i in range(n)]},
+        "scores": ["correct_in_lang"],
+        "models": {label: {"sw": {"correct_in_lang": v.astype(int).tolist()}} for label, v in values.items()},
+    }
+
+
+def test_sign_control_swapping_sides_reverses_the_effect_and_the_verdict():
+    """Sign control on the statistics path: A better than B gives a positive interval and 'confirmed'; the same
+    data with A and B swapped gives the mirrored interval and 'refuted'."""
+    rng = np.random.default_rng(random.randrange(2**32))
+    a = {f"clo/s{s}": rng.random(300) < 0.7 for s in range(3)}
+    b = {f"sft/s{s}": rng.random(300) < 0.3 for s in range(3)}
+    groups = {"sft": list(b), "clo": list(a)}
+    fwd = differences(_scores({**a, **b}), groups, "sft")["clo"]["correct_in_lang/sw"]
+    swapped = {f"clo/s{s}": b[f"sft/s{s}"] for s in range(3)} | {f"sft/s{s}": a[f"clo/s{s}"] for s in range(3)}
+    rev = differences(_scores(swapped), groups, "sft")["clo"]["correct_in_lang/sw"]
+    assert fwd["lo"] > 0 and rev["hi"] < 0
+    assert rev["mean"] == pytest.approx(-fwd["mean"]) and rev["lo"] == pytest.approx(-fwd["hi"])
+    claim = [("1", "CLO beats SFT in the target language", "clo", "tgt", "beats")]
+    assert claim_verdicts({"clo": {"correct_in_lang/sw": fwd}}, claim, "sw")[0]["verdict"] == "confirmed"
+    assert claim_verdicts({"clo": {"correct_in_lang/sw": rev}}, claim, "sw")[0]["verdict"] == "refuted"
+    assert claim_verdicts({}, claim, "sw")[0]["verdict"] == "not run"
+
+
+def test_sign_control_swapping_chosen_and_rejected_reverses_the_preference_gradient():
+    """Sign control on the loss path: the preference term pushes each direction's chosen response up and the
+    rejected one down; with chosen and rejected swapped, the same responses are pushed the other way."""
+    import torch
+
+    from clo_fast.loss import clo_loss
+
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    logps = -torch.rand(6, 4, generator=g, dtype=torch.float64) * 20
+    ref = logps.detach() - torch.rand(6, 4, generator=g, dtype=torch.float64)
+    tokens = torch.randint(3, 9, (6, 4), generator=g)
+    swap = [1, 0, 3, 2]  # chosen ↔ rejected in both directions
+
+    def grad(policy, reference):
+        p = policy.clone().requires_grad_(True)
+        loss, _ = clo_loss(p, reference, tokens, beta=0.1, lam=0.0)
+        loss.backward()
+        return p.grad
+
+    g_fwd = grad(logps, ref)
+    g_rev = grad(logps[:, swap], ref[:, swap])[:, swap]  # back in the original responses' order
+    assert (g_fwd[:, [0, 2]] < 0).all() and (g_fwd[:, [1, 3]] > 0).all()  # descent raises chosen, lowers rejected
+    assert (g_rev[:, [0, 2]] > 0).all() and (g_rev[:, [1, 3]] < 0).all()
+
+
+def test_claims_are_the_papers_three():
+    assert [c[0] for c in CLAIMS] == ["1", "2", "3"]
+    assert {c[4] for c in CLAIMS} == {"beats", "matches"} and CLAIMS[2][2] == "clo-frac0.5"
 
 
 def _fake_report(models: dict[str, float]) -> dict:
@@ -90,7 +179,7 @@ def test_aggregate_groups_seeds_and_renders_every_metric():
     }
     md = render_comparison_markdown(comp)
     assert "| fidelity en (↑) | 0.000 | 0.600 ± 0.141 | 0.100 ± 0.000 |" in md
-    assert "- vs B: " in md and "fidelity en (↑) +0.500" in md
+    assert "accuracy" not in md  # no per-prompt answers: no accuracy rows
 
 
 def test_plan_methods_dedupes_and_checks():
@@ -98,6 +187,15 @@ def test_plan_methods_dedupes_and_checks():
     names = [m.name for m in plan_methods(cfg, ["sft", "dpo", "clo"], [0.5, 0.25], ["attention", "mlp"])]
     # λ=0.5 and attention-only are the config's own CLO run: trained once
     assert names == ["sft", "dpo", "clo", "clo-lam0.25", "clo-mlp"]
+    plan = plan_methods(cfg, ["dpo", "clo", "sft_target"], [], [], [0.5], n_pairs=101)
+    assert [m.name for m in plan] == ["sft", "dpo", "clo", "sft_target", "clo-frac0.5"]  # SFT → DPO needs SFT
+    by_name = {m.name: m for m in plan}
+    assert "clo.sft_sequences=[0, 2]" in by_name["sft"].overrides  # the paper's SFT: both languages
+    assert "clo.sft_sequences=[2]" in by_name["sft_target"].overrides
+    assert by_name["dpo"].init_from == "sft" and "clo.mode=dpo" in by_name["dpo"].overrides
+    assert "data.max_examples=50" in by_name["clo-frac0.5"].overrides  # round(0.5 × 101), half to even
+    with pytest.raises(ConfigError, match="--fractions"):
+        plan_methods(cfg, ["clo"], [], [], [1.0], n_pairs=10)
     mlp = plan_methods(cfg, [], [], ["mlp"])[0]
     patterns = json.loads(next(o for o in mlp.overrides if o.startswith("model.trainable_patterns=")).split("=", 1)[1])
     assert patterns and all("mlp" in p for p in patterns)
@@ -150,7 +248,7 @@ def test_compare_end_to_end_small(tmp_path):
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "sft", "clo",
-        "--seeds", "0", "1", "--out-dir", str(out),
+        "--fractions", "--seeds", "0", "1", "--out-dir", str(out),
         "--set", "optim.max_steps=2", "--set", f"data.output_dir={tmp_path / 'data'}",
         "--set", "eval.max_prompts=4", "--set", "eval.max_new_tokens=8",
     ]  # fmt: skip
@@ -188,8 +286,8 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     named; started again, compare resumes that run from its checkpoint instead of starting over."""
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--seeds", "0",
-        "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
+        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--fractions",
+        "--seeds", "0", "--out-dir", str(out), "--set", "optim.max_steps=4", "--set", "train.save_steps=2",
         "--set", f"data.output_dir={tmp_path / 'data'}", "--set", "eval.max_prompts=2",
         "--set", "eval.max_new_tokens=4",
     ]  # fmt: skip
@@ -218,24 +316,22 @@ def test_train_command_with_and_without_a_launcher():
     assert launched[:3] == ["deepspeed", "--num_gpus", "8"] and launched[3:] == plain[1:5] + ["clo.mode=sft"]
 
 
-@pytest.mark.slow
-def test_readme_comparison_table_reproduces(tmp_path, demo_cache):
-    """The README's CLO vs SFT vs DPO table is what `python -m clo_fast.compare --config configs/demo.yaml`
-    prints (nine runs and the evaluation, ~6 min on 2 cores), under the versions the README states."""
-    from conftest import readme_table, skip_unless_readme_versions, table_rows
+WORLD_FULL = ROOT / "docs" / "compare" / "world"  # `python -m clo_fast.compare --config configs/world.yaml`
 
-    skip_unless_readme_versions()
-    expected = readme_table("| metric | base | SFT (λ=1) | DPO (λ=0) | CLO (λ=0.5) |")
-    out = tmp_path / "cmp"
-    cmd = [
-        sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--out-dir", str(out),
-        "--set", f"data.output_dir={tmp_path / 'data'}", "--set", f"data.cache_dir={demo_cache}",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["ATEN_CPU_CAPABILITY"] = "default"  # overridden by the command's pinned CPU numerics (clo_fast/numerics.py)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    printed = table_rows((out / "compare.md").read_text())
-    assert len(expected) >= 7
-    for metric, values in expected.items():
-        assert printed.get(metric) == values, f"README row {metric!r}: {values} vs printed {printed.get(metric)}"
+
+def test_readme_world_table_is_the_committed_world_comparison():
+    """The README's world table, intervals and verdicts are the committed compare.md of the full command."""
+    from conftest import README, table_rows
+
+    if not (WORLD_FULL / "compare.json").is_file():
+        pytest.skip("docs/compare/world is not committed yet: python -m clo_fast.compare --config configs/world.yaml")
+    md = (WORLD_FULL / "compare.md").read_text(encoding="utf-8")
+    comp = json.loads((WORLD_FULL / "compare.json").read_text(encoding="utf-8"))
+    readme = README.read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| metric | base |"))
+    block = readme[readme.index(header) :]
+    assert table_rows(block[: block.index("\n\n")]) == table_rows(md[md.index(header) :].split("\n\n")[0])
+    for c in comp["claims"]:
+        assert f"({c['id']}) {c['claim']}: **{c['verdict']}**" in readme
+        assert f"[{c['lo']:+.3f}, {c['hi']:+.3f}]" in readme
+    assert comp["seeds"] == [0, 1, 2, 3, 4] and comp["overrides"] == [] and comp["config"].endswith("world.yaml")

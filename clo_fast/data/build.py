@@ -16,6 +16,7 @@ from typing import Any
 
 from clo_fast.atomic import OutputDirError, atomic_directory, check_publishable
 from clo_fast.config import DataConfig, validate_data
+from clo_fast.constants import WORLD_NAME
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
 from clo_fast.data.stats import percentiles
@@ -67,6 +68,10 @@ def _config_key(cfg: DataConfig) -> str:
     d["_dedup"] = "prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
+    elif cfg.source == WORLD_NAME:  # the world's recipe names its pairs
+        from clo_fast.data.world import text_fingerprint
+
+        d["_data"] = text_fingerprint()
     elif looks_local(cfg.source) and os.path.exists(os.path.expanduser(cfg.source)):
         st = os.stat(os.path.expanduser(cfg.source))
         d["_data"] = [st.st_size, st.st_mtime_ns]
@@ -251,10 +256,23 @@ def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path
     return out
 
 
+def _load_saved(out: Path):
+    """The saved DatasetDict; an empty split (eval_fraction 0) is saved without a data file, which
+    datasets.load_from_disk cannot read back: it is rebuilt empty with the text features."""
+    import datasets
+
+    splits = {}
+    for name in json.loads((out / "dataset_dict.json").read_text())["splits"]:
+        if any((out / name).glob("*.arrow")):
+            splits[name] = datasets.load_from_disk(str(out / name))
+        else:
+            splits[name] = datasets.Dataset.from_dict({k: [] for k in _text_features()}, features=_text_features())
+    return datasets.DatasetDict(splits)
+
+
 def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
     """Load the text dataset from cfg.output_dir when it was built from the same data config, else build
     and save it. Returns (DatasetDict, summary)."""
-    import datasets
 
     out = Path(cfg.output_dir).expanduser()
     sfile = out / "summary.json"
@@ -262,7 +280,7 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
         try:
             summary = json.loads(sfile.read_text())
             if summary.get("config_key") == _config_key(cfg):
-                return datasets.load_from_disk(str(out)), summary
+                return _load_saved(out), summary
         except (OSError, ValueError):
             pass
     try:  # refused before the (possibly long) build, not after it

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.config import DataConfig
+from clo_fast.constants import WORLD_NAME
 from clo_fast.paths import looks_local
 
 DEMO_FILE = "demo_en_ko_sw.jsonl"
@@ -73,6 +74,11 @@ def _iter_records(cfg: DataConfig, skips: BadRecords) -> Iterator[tuple[str, Any
     if src == "demo":
         name = f"<bundled demo>/{DEMO_FILE}"
         yield from _iter_jsonl_text(demo_data_path().read_text(encoding="utf-8"), name, skips)
+    elif src == WORLD_NAME:  # the miniature fact world's fine-tuning pairs (generated, deterministic)
+        from clo_fast.data.world import build_entities, finetune_pairs
+
+        for i, rec in enumerate(finetune_pairs(build_entities())):
+            yield f"<world>: pair {i}", rec
     elif looks_local(src) and not Path(src).expanduser().is_dir():  # a folder goes to datasets.load_dataset
         yield from _iter_local_file(Path(src).expanduser(), src, skips)
     else:

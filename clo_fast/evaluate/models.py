@@ -7,6 +7,7 @@ import os
 import torch
 
 from clo_fast.config import RunConfig
+from clo_fast.constants import WORLD_NAME
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.paths import looks_local
 from clo_fast.pretrained import ensure_pad_token, resolve_model_path
@@ -21,7 +22,7 @@ def load_model(path: str, cfg: RunConfig, device: torch.device | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    if path == "demo":  # the tiny demo model (built offline and cached, as training resolves it)
+    if path in ("demo", WORLD_NAME):  # the demo model / the world's base (built and cached, as training resolves it)
         path = resolve_model_path(path, cfg.data.cache_dir)
     local = os.path.expanduser(path)
     if os.path.exists(local):

@@ -15,6 +15,7 @@ import torch
 
 from clo_fast.atomic import publish, staging_path
 from clo_fast.config import RunConfig
+from clo_fast.constants import WORLD_NAME
 from clo_fast.training.distributed import barrier, rank
 
 CARD_FILE = "README.md"
@@ -164,9 +165,9 @@ def model_card_text(
     d, c, m = cfg.data, cfg.clo, cfg.model
     base = str(summary.get("base_model", m.name_or_path))
     card_data = ModelCardData(
-        base_model=base if m.name_or_path != "demo" and not Path(base).exists() else None,  # Hub ids only
+        base_model=base if m.name_or_path not in ("demo", WORLD_NAME) and not Path(base).exists() else None,  # Hub ids
         language=[d.source_lang, d.target_lang],
-        datasets=[d.source] if d.source != "demo" else None,
+        datasets=[d.source] if d.source not in ("demo", WORLD_NAME) else None,
         library_name=library,  # "peft" on the adapter's card
         tags=["clo", "cross-lingual-optimization", "dpo"] + (["lora"] if m.lora is not None else []),
     )
