@@ -24,12 +24,10 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from clo_fast import numerics
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import build_in_own_process
 from clo_fast.constants import DEFAULT_CACHE_DIR
 
 RECIPE_VERSION = 3  # bump when the recipe below changes
@@ -347,12 +345,7 @@ def ensure_demo_model(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     if (final / "config.json").is_file():
         return final
     # several processes (ranks, test workers) may build it at once: the first to publish wins
-    with atomic_directory(final, "model_cache", per_process=True, replace=False) as tmp:
-        cmd = [sys.executable, "-m", "clo_fast.demo_model", "--out", str(tmp)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the demo model failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
-    return final
+    return build_in_own_process(final, "model_cache", "clo_fast.demo_model", "the demo model")
 
 
 def main(argv=None) -> None:

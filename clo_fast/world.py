@@ -15,13 +15,11 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from clo_fast import numerics
-from clo_fast.atomic import atomic_directory
+from clo_fast.atomic import build_in_own_process
 from clo_fast.constants import DEFAULT_CACHE_DIR
 from clo_fast.data.world import (
     SEED,
@@ -169,13 +167,7 @@ def ensure_world(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
     if (final / "base" / "config.json").is_file():
         return final
     print(f"[world] building the miniature world and its base model into {final} (a few minutes)", flush=True)
-    # its own `python -m clo_fast.world` process, which pins the CPU numerics before it imports torch
-    with atomic_directory(final, per_process=True, replace=False) as tmp:
-        cmd = [sys.executable, "-m", "clo_fast.world", "--out", str(tmp)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the world's base failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
-    return final
+    return build_in_own_process(final, "model_cache", "clo_fast.world", "the world's base")
 
 
 def main(argv=None) -> None:

@@ -4,6 +4,7 @@ replaced; output locations never nest or collide; unmarked folders are never ado
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -212,3 +213,43 @@ def test_evaluate_out_dir_holding_the_users_report_is_refused(tmp_path, capsys):
     assert eval_cli.main([*argv, str(tmp_path / "fresh")]) == 0  # a new folder is claimed, then reused
     assert marked_kind(tmp_path / "fresh") == "evaluation"
     assert eval_cli.main([*argv, str(tmp_path / "fresh")]) == 0
+
+
+def test_a_cache_built_in_its_own_process_is_published_once_with_its_kind(tmp_path, monkeypatch):
+    from clo_fast.atomic import build_in_own_process, marked_kind
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "fake_builder.py").write_text(
+        "import argparse, json, os, sys\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--out'); a = p.parse_args()\n"
+        "if os.environ.get('FAIL_BUILD'): sys.exit('no luck')\n"
+        "open(os.path.join(a.out, 'config.json'), 'w').write(json.dumps({'pid': os.getpid()}))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{mods}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    target = tmp_path / "cache" / "thing"
+    assert build_in_own_process(target, "model_cache", "fake_builder", "the thing") == target
+    assert (target / "config.json").is_file() and marked_kind(target) == "model_cache"
+    monkeypatch.setenv("FAIL_BUILD", "1")
+    with pytest.raises(RuntimeError, match=r"building the other thing failed \(exit 1\):\n.*no luck"):
+        build_in_own_process(tmp_path / "cache" / "other", "model_cache", "fake_builder", "the other thing")
+    assert not (tmp_path / "cache" / "other").exists()
+
+
+def test_the_world_and_the_demo_model_are_built_as_model_caches(tmp_path, monkeypatch):
+    """Both builders hand a valid output kind to the shared publisher (a missing kind once broke the world)."""
+    import clo_fast.demo_model as demo_model
+    import clo_fast.world as world
+    from clo_fast.atomic import OUTPUT_KINDS
+
+    calls = []
+
+    def record(target, kind, module, what):
+        calls.append((kind, module))
+
+    for mod in (world, demo_model):
+        monkeypatch.setattr(mod, "build_in_own_process", record)
+    world.ensure_world(tmp_path)
+    demo_model.ensure_demo_model(tmp_path)
+    assert calls == [("model_cache", "clo_fast.world"), ("model_cache", "clo_fast.demo_model")]
+    assert all(kind in OUTPUT_KINDS for kind, _ in calls)
