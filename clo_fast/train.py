@@ -60,7 +60,8 @@ def parse_args(argv=None):
 
 def check_environment(cfg: RunConfig, config_path: Path) -> None:
     """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
-    needs the Hub online and a token; float16 needs a CUDA device."""
+    needs the Hub online and a token; W&B logging needs an API key (unless WANDB_MODE is offline); float16 needs a
+    CUDA device."""
     t = cfg.train
     if t.push_to_hub:
         if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -75,6 +76,16 @@ def check_environment(cfg: RunConfig, config_path: Path) -> None:
                 f"{config_path}: train.push_to_hub: no Hugging Face token (set HF_TOKEN, or run `hf auth login`); "
                 "or set train.push_to_hub: null"
             )
+    wandb_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if "wandb" in t.report_to and wandb_mode not in ("offline", "disabled", "dryrun"):
+        import wandb
+
+        try:  # reads the key (WANDB_API_KEY, ~/.netrc) without a network call; fails at once when there is none
+            wandb.login(verify=False)
+        except Exception as e:  # wandb.errors.UsageError: no API key configured
+            raise ConfigError(
+                f"{config_path}: train.report_to: wandb: {e} (or set WANDB_MODE=offline to log without an account)"
+            ) from None
     if cfg.model.dtype == "float16" and not torch.cuda.is_available():
         raise ConfigError(
             f"{config_path}: model.dtype: float16 needs a CUDA device (DeepSpeed's fp16 mode); use float32 or "

@@ -338,6 +338,22 @@ def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at
     check_environment(load_config(None), Path("c.yaml"))  # the defaults pass
 
 
+def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(tmp_path, monkeypatch):
+    from clo_fast.train import check_environment
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no stored login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_config(None, ["train.report_to=[jsonl, wandb]"])
+    with pytest.raises(ConfigError, match=r"c.yaml: train.report_to: wandb: No API key configured.*WANDB_MODE=offline"):
+        check_environment(cfg, Path("c.yaml"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_environment(cfg, Path("c.yaml"))  # offline logging needs no account
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    check_environment(cfg, Path("c.yaml"))  # a key is there: accepted without a network call
+
+
 @pytest.mark.parametrize("size", ["lots", "5 parsecs", "-1GB"])
 def test_a_bad_export_shard_size_is_refused_at_load(size):
     with pytest.raises(ConfigError, match="train.export_max_shard_size: must be a size such as 5GB"):
