@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clo_fast.atomic import marked_kind
 from clo_fast.compare import CLAIMS, CONTROLLED, plan_methods
 from clo_fast.config import ConfigError, load_config
 from clo_fast.evaluate.bootstrap import MATCH_MARGIN, bootstrap_draws, paired_bootstrap, verdict
@@ -269,7 +270,9 @@ def test_compare_end_to_end_small(tmp_path):
     # the CLO runs share one reference cache: computed by the first, reused by the second; SFT needs none
     assert "reusing" not in (out / "runs" / "clo-s0" / "train.log").read_text()
     assert "reusing" in (out / "runs" / "clo-s1" / "train.log").read_text()
-    assert sorted(p.name for p in (out / "ref_data").iterdir()) == ["eval", "train"]
+    ref_data = out / "ref_data"  # one cache per split, in a folder marked as a reference cache (ownership rule)
+    assert sorted(p.name for p in ref_data.iterdir() if not p.name.startswith(".")) == ["eval", "train"]
+    assert marked_kind(ref_data) == "reference_cache"
     # started again: the finished runs are reused (no new training output), the result is the same
     sizes = {p: p.stat().st_size for p in (out / "runs").glob("*/train.log")}
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
