@@ -338,20 +338,27 @@ def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at
     check_environment(load_config(None), Path("c.yaml"))  # the defaults pass
 
 
-def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(tmp_path, monkeypatch):
-    from clo_fast.train import check_environment
+def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(tmp_path):
+    """Checked in a process of its own: wandb.login keeps the key in process-wide state, which would leak into
+    later tests that log to W&B offline."""
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no stored login
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = load_config(None, ["train.report_to=[jsonl, wandb]"])
-    with pytest.raises(ConfigError, match=r"c.yaml: train.report_to: wandb: No API key configured.*WANDB_MODE=offline"):
-        check_environment(cfg, Path("c.yaml"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    check_environment(cfg, Path("c.yaml"))  # offline logging needs no account
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    check_environment(cfg, Path("c.yaml"))  # a key is there: accepted without a network call
+    code = (
+        "from pathlib import Path; from clo_fast.config import load_config; from clo_fast.train import "
+        "check_environment; check_environment(load_config(None, ['train.report_to=[jsonl, wandb]']), Path('c.yaml'))"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "TRITON_INTERPRET"}
+    base["HOME"] = str(tmp_path)  # no ~/.netrc, no stored login
+
+    def check(**env):
+        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+
+    r = check()
+    assert r.returncode != 0
+    assert "c.yaml: train.report_to: wandb: No API key configured" in r.stderr and "WANDB_MODE=offline" in r.stderr
+    assert check(WANDB_MODE="offline").returncode == 0  # offline logging needs no account
+    assert check(WANDB_API_KEY="x" * 40).returncode == 0  # a key is there: accepted without a network call
 
 
 @pytest.mark.parametrize("size", ["lots", "5 parsecs", "-1GB"])
