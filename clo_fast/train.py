@@ -80,12 +80,18 @@ def check_environment(cfg: RunConfig, config_path: Path) -> None:
     if "wandb" in t.report_to and wandb_mode not in ("offline", "disabled", "dryrun"):
         import wandb
 
-        try:  # reads the key (WANDB_API_KEY, ~/.netrc) without a network call; fails at once when there is none
-            wandb.login(verify=False)
-        except Exception as e:  # wandb.errors.UsageError: no API key configured
+        # prompt=False: with no key, wandb.login would otherwise ask for one on a terminal and wait for ever
+        # (a CI job under a pseudo-terminal hung there). verify=False: the key is read, not sent anywhere.
+        try:
+            logged_in = wandb.login(verify=False, prompt=False)
+        except Exception as e:  # wandb.errors.UsageError: a malformed key or settings file
+            logged_in, why = False, f"{e}"
+        else:
+            why = "no W&B API key found (set WANDB_API_KEY, or run `wandb login`)"
+        if not logged_in:
             raise ConfigError(
-                f"{config_path}: train.report_to: wandb: {e} (or set WANDB_MODE=offline to log without an account)"
-            ) from None
+                f"{config_path}: train.report_to: wandb: {why} (or set WANDB_MODE=offline to log without an account)"
+            )
     if cfg.model.dtype == "float16" and not torch.cuda.is_available():
         raise ConfigError(
             f"{config_path}: model.dtype: float16 needs a CUDA device (DeepSpeed's fp16 mode); use float32 or "

@@ -340,7 +340,9 @@ def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at
 
 def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(tmp_path):
     """Checked in a process of its own: wandb.login keeps the key in process-wide state, which would leak into
-    later tests that log to W&B offline."""
+    later tests that log to W&B offline. The check must never ask for a key: it runs here on a pseudo-terminal,
+    where an asking wandb.login waits for ever (this hung CI)."""
+    import shlex
     import subprocess
     import sys
 
@@ -352,11 +354,21 @@ def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(
     base["HOME"] = str(tmp_path)  # no ~/.netrc, no stored login
 
     def check(**env):
-        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+        # `script` gives the child a terminal of its own, as a CI runner or a user's shell would
+        cmd = ["script", "-qec", shlex.join([sys.executable, "-c", code]), "/dev/null"]
+        return subprocess.run(
+            cmd,
+            env={**base, **env},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,  # not a race: a check that asks for a key would wait for ever; fail instead of hanging CI
+        )
 
     r = check()
     assert r.returncode != 0
-    assert "c.yaml: train.report_to: wandb: No API key configured" in r.stderr and "WANDB_MODE=offline" in r.stderr
+    out = r.stdout + r.stderr  # under `script`, the child's stderr arrives on the terminal, i.e. stdout
+    assert "c.yaml: train.report_to: wandb: no W&B API key found" in out and "WANDB_MODE=offline" in out
     assert check(WANDB_MODE="offline").returncode == 0  # offline logging needs no account
     assert check(WANDB_API_KEY="x" * 40).returncode == 0  # a key is there: accepted without a network call
 
