@@ -9,6 +9,9 @@ IGNORE_INDEX = -100
 SEQUENCES_PER_EXAMPLE = 4
 SEQUENCE_KINDS = ("en_en", "en_tgt", "tgt_tgt", "tgt_en")  # (prompt language, response language)
 
+# How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout).
+PACKING_MODES = ("none", "padding_free", "prefix_shared")
+
 # The default trainable modules: attention projections only (the CLO paper's setting).
 ATTENTION_ONLY_PATTERNS = ("*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*")
 # The paper's ablation of which layers train (Llama/Qwen/Mistral module names): attention only, MLP only, or

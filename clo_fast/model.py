@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clo_fast.attention import PACKED_SDPA, attention_inputs, use_packed_sdpa
 from clo_fast.config import ConfigError, LoraSettings, ModelConfig
+from clo_fast.packing import PackedBatch
 from clo_fast.pretrained import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,13 +90,41 @@ class CLOPolicy(nn.Module):
     ) -> torch.Tensor:
         """policy(input_ids, attention_mask, labels) on a padded batch, or policy(batch) on a
         `clo_fast.packing.PackedBatch` (any packing mode; only labelled rows reach the head). Both -> [4B]."""
-        from clo_fast.packing import PackedBatch, packed_sequence_logps
-
         if isinstance(input_ids, PackedBatch):
             return packed_sequence_logps(self, input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.lm_head(hidden, labels)
+
+
+# ------------------------------------------------------------------------------ packed forward
+def attn_implementation_of(policy) -> str:
+    """The model's attention backend ("clo_packed_sdpa" is sdpa: `use_packed_sdpa`)."""
+    cfg = getattr(policy, "config", None)
+    attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    return "sdpa" if attn == PACKED_SDPA else attn
+
+
+def backbone_hidden_rows(policy, batch: PackedBatch, attn_implementation: str | None = None) -> torch.Tensor:
+    """Run the backbone once on the batch: hidden states flattened to [L or 4B·T, H]."""
+    attn = attn_implementation or attn_implementation_of(policy)
+    param = next(policy.model.parameters())
+    kwargs = attention_inputs(batch, attn, dtype=param.dtype if param.is_floating_point() else torch.float32)
+    if "clo_windows" in kwargs:
+        use_packed_sdpa(policy.model)
+    out = policy.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def packed_sequence_logps(policy, batch: PackedBatch, attn_implementation: str | None = None) -> torch.Tensor:
+    """Per-sequence log-prob sums [4B] fp32 (row 4b+k = example b, sequence k) from one backbone pass and a
+    head pass over exactly the labelled rows: hidden[head_rows] → FusedLogprobHead (rows gathered inside
+    the head module's forward, where ZeRO-3 has gathered its weight)."""
+    hidden = backbone_hidden_rows(policy, batch, attn_implementation)
+    return policy.lm_head(
+        hidden, batch.head_labels, rows=batch.head_rows, seq_ids=batch.head_seq_ids, num_seqs=batch.num_seqs
+    )
 
 
 # -------------------------------------------------------------------------------------- freezing

@@ -10,6 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "clo_fast"
 # lowest first; a module is in the first layer whose prefix matches its dotted name
 LAYERS = [
     ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id", "clo_fast.numerics"]),
+    ("attention", ["clo_fast.attention"]),
     ("config", ["clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),
     ("data", ["clo_fast.data", "clo_fast.packing"]),

@@ -13,21 +13,19 @@ import random
 import pytest
 import torch
 
-from clo_fast.data import collate_clo
-from clo_fast.model import build_policy
-from clo_fast.packing import (
-    PACKING_MODES,
+from clo_fast.attention import (
     PackingError,
     attention_inputs,
-    build_packed_batch,
     check_packing,
     default_packing,
     dense_packed_mask,
-    packed_length,
-    plan_micro_batches,
     supported_packing,
     windowed_packed_mask,
 )
+from clo_fast.constants import PACKING_MODES
+from clo_fast.data import collate_clo
+from clo_fast.model import build_policy
+from clo_fast.packing import build_packed_batch, packed_length, plan_micro_batches
 
 VOCAB = 97
 PAD, EOS = 0, 1
@@ -333,7 +331,7 @@ def test_flex_block_mask_allows_exactly_the_dense_mask():
     (forward only: torch has no flex backward on CPU) and sdpa with the dense mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from clo_fast.packing import dense_packed_mask, flex_block_mask
+    from clo_fast.attention import dense_packed_mask, flex_block_mask
 
     exs = make_examples(3, seed=12)
     g = torch.Generator().manual_seed(0)
@@ -491,7 +489,7 @@ def test_windowed_mask_is_the_dense_mask_span_by_span(mode, window):
 def test_windowed_sdpa_matches_a_float64_dense_reference(kv_heads):
     """`_windowed_sdpa_forward` with spans (split q/k/v, grouped-query heads handed to sdpa on CPU) against a
     float64 softmax over the dense packed mask, outputs and q/k/v gradients, on fresh random inputs."""
-    from clo_fast.packing import _windowed_sdpa_forward, register_packed_sdpa
+    from clo_fast.attention import _windowed_sdpa_forward, register_packed_sdpa
 
     register_packed_sdpa()
     g = torch.Generator().manual_seed(kv_heads)
@@ -558,7 +556,8 @@ def test_packed_sdpa_is_its_own_attention_name():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import AttentionInterface
 
-    from clo_fast.packing import PACKED_SDPA, attn_implementation_of
+    from clo_fast.attention import PACKED_SDPA
+    from clo_fast.model import attn_implementation_of
 
     policy, other = tiny_policy("llama"), tiny_policy("llama")
     exs = make_examples(3, seed=50)

@@ -12,16 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from clo_fast.attention import PackingError, check_packing, default_packing
 from clo_fast.config import ConfigError
-from clo_fast.packing import (
-    ALL_SEQUENCES,
-    PackedBatch,
-    PackingError,
-    balance_micro_batches,
-    build_packed_batch,
-    check_packing,
-    default_packing,
-)
+from clo_fast.packing import ALL_SEQUENCES, PackedBatch, balance_micro_batches, build_packed_batch
 
 
 def resolve_packing(requested: str, attn_implementation: str, device_type: str, where: str = "<config>") -> str:
