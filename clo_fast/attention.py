@@ -10,14 +10,12 @@ and `train.packing` against the same facts the model uses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from clo_fast.constants import PACKING_MODES
-
-_ATTN_DENSE = ("sdpa", "eager")
-_ATTN_FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 class PackingError(ValueError):
@@ -30,26 +28,18 @@ PROMPT, FIRST_RESPONSE, SECOND_RESPONSE = 0, 1, 2
 
 
 def supported_packing(attn_implementation: str, device_type: str) -> tuple[str, ...]:
-    """Packing modes that are exact with this attention backend on this device type.
-
-    sdpa / eager: every mode (a dense [1,1,L,L] mask; attention cost L² — keep the token budget moderate).
-    flex_attention: every mode on CUDA (a block-sparse BlockMask); on CPU torch has no flex backward.
-    flash_attention_2/3: none and padding_free (variable-length kernel over cu_seqlens); prefix_shared needs
-    the second response to skip the first, which a contiguous varlen segment cannot express.
-    """
-    if attn_implementation in _ATTN_DENSE:
-        return ("none", "padding_free", "prefix_shared")
-    if attn_implementation == "flex_attention":
-        return ("none", "padding_free", "prefix_shared") if device_type != "cpu" else ("none",)
-    if attn_implementation in _ATTN_FLASH:
-        return ("none", "padding_free")
-    return ("none",)
+    """Packing modes that are exact with this attention backend on this device type (`ATTENTION_BACKENDS`;
+    a backend not in the table: `none` only)."""
+    backend = ATTENTION_BACKENDS.get(attn_implementation)
+    if backend is None:
+        return ("none",)
+    return backend.cpu_packing if device_type == "cpu" and backend.cpu_packing is not None else backend.packing
 
 
 def default_packing(attn_implementation: str, device_type: str) -> str:
-    """The fastest exact mode the backend supports: prefix_shared > padding_free > none."""
+    """The fastest exact mode the backend supports (PACKING_MODES runs slowest to fastest)."""
     ok = supported_packing(attn_implementation, device_type)
-    for mode in ("prefix_shared", "padding_free", "none"):
+    for mode in reversed(PACKING_MODES):
         if mode in ok:
             return mode
     return "none"
@@ -62,21 +52,14 @@ def check_packing(mode: str, attn_implementation: str, device_type: str) -> None
     ok = supported_packing(attn_implementation, device_type)
     if mode in ok:
         return
-    if attn_implementation in _ATTN_FLASH and mode == "prefix_shared":
-        why = (
-            "flash attention's variable-length kernel attends to one contiguous segment per token, but in "
-            "prefix_shared the second response must see its prompt and skip the first response"
-        )
-        fix = (
-            "use train.packing: padding_free with flash_attention_2, "
-            "or model.attn_implementation: flex_attention / sdpa"
-        )
-    elif attn_implementation == "flex_attention" and device_type == "cpu":
-        why = "torch's flex_attention has no backward on CPU"
-        fix = "use model.attn_implementation: sdpa on CPU (every packing mode works with it)"
-    else:
-        why = f"attention backend {attn_implementation!r} has no packed-sequence mask support here"
-        fix = "use model.attn_implementation: sdpa or flex_attention, or train.packing: none"
+    backend = ATTENTION_BACKENDS.get(attn_implementation)
+    refusal = None
+    if backend is not None:
+        refusal = backend.cpu_refusal if device_type == "cpu" and backend.cpu_packing is not None else backend.refusal
+    why, fix = refusal or (
+        f"attention backend {attn_implementation!r} has no packed-sequence mask support here",
+        "use model.attn_implementation: sdpa or flex_attention, or train.packing: none",
+    )
     raise PackingError(
         f"train.packing: {mode!r} is not supported with model.attn_implementation="
         f"{attn_implementation!r} on {device_type}: {why}; {fix} "
@@ -209,7 +192,8 @@ def use_packed_sdpa(model) -> None:
 
 
 def attention_inputs(batch, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
-    """Backbone keyword arguments that confine attention as the batch's layout needs.
+    """Backbone keyword arguments that confine attention as the batch's (a `clo_fast.packing.PackedBatch`)
+    layout needs: the padding mask for `none`, else what the backend's `packed_inputs` builds.
 
     A prepared 4D mask / BlockMask makes transformers use it as given (no mask building, no packed-sequence
     detection from position ids). Flash attention gets the host-made cu_seqlens and max length, so its
@@ -220,25 +204,82 @@ def attention_inputs(batch, attn_implementation: str, dtype: torch.dtype = torch
         return {"attention_mask": batch.attention_mask}
     device_type = batch.input_ids.device.type
     check_packing(batch.mode, attn_implementation, device_type)
-    if attn_implementation in _ATTN_FLASH:
-        cu = batch.cu_seqlens
-        return {
-            "attention_mask": None,
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": batch.max_seqlen,
-            "max_length_k": batch.max_seqlen,
-        }
-    if attn_implementation == "flex_attention":
-        return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
-    if attn_implementation == "sdpa" and batch.windows is not None:
+    return ATTENTION_BACKENDS[attn_implementation].packed_inputs(batch, dtype)
+
+
+def _varlen_inputs(batch, dtype: torch.dtype) -> dict:
+    cu = batch.cu_seqlens
+    return {
+        "attention_mask": None,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": batch.max_seqlen,
+        "max_length_k": batch.max_seqlen,
+    }
+
+
+def _block_mask_inputs(batch, dtype: torch.dtype) -> dict:
+    return {"attention_mask": flex_block_mask(batch.doc_ids, batch.branch_ids)}
+
+
+def _sdpa_inputs(batch, dtype: torch.dtype) -> dict:
+    if batch.windows is not None:
         register_packed_sdpa()
         return {
             "attention_mask": windowed_packed_mask(batch.doc_ids, batch.branch_ids, batch.windows),
             "clo_windows": batch.windows,
         }
+    return {"attention_mask": dense_packed_mask(batch.doc_ids, batch.branch_ids)}
+
+
+def _additive_mask_inputs(batch, dtype: torch.dtype) -> dict:
     mask = dense_packed_mask(batch.doc_ids, batch.branch_ids)
-    if attn_implementation == "eager":  # eager adds the mask to the scores
-        zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return {"attention_mask": torch.where(mask, zero, torch.finfo(dtype).min)}
-    return {"attention_mask": mask}
+    zero = torch.zeros((), dtype=dtype, device=mask.device)  # eager adds the mask to the scores
+    return {"attention_mask": torch.where(mask, zero, torch.finfo(dtype).min)}
+
+
+# ------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One `model.attn_implementation` (transformers' name for it) and what it does with packed batches."""
+
+    packing: tuple[str, ...]  # packing modes it computes exactly (on CUDA and other accelerators)
+    packed_inputs: Callable  # (batch, dtype) -> backbone keyword arguments for a packed batch
+    cpu_packing: tuple[str, ...] | None = None  # on CPU, when that differs
+    refusal: tuple[str, str] | None = None  # (why, fix) for a packing mode outside `packing`
+    cpu_refusal: tuple[str, str] | None = None  # the same on CPU
+    requires: tuple[str, str] | None = None  # (module, how to install it): checked when the model loads
+
+
+_FLASH_REFUSAL = (
+    "flash attention's variable-length kernel attends to one contiguous segment per token, but in "
+    "prefix_shared the second response must see its prompt and skip the first response",
+    "use train.packing: padding_free with flash_attention_2, or model.attn_implementation: flex_attention / sdpa",
+)
+
+# The attention backends a run may use: config validates model.attn_implementation against these names, the
+# packing check and `attention_inputs` read their capabilities. Adding a backend is one entry here.
+#   sdpa / eager: every mode (a dense [1,1,L,L] mask, or sdpa per window; attention cost L² — keep the token
+#     budget moderate). flex_attention: every mode on CUDA (a block-sparse BlockMask); on CPU torch has no flex
+#     backward. flash_attention_2/3: none and padding_free (variable-length kernel over cu_seqlens);
+#     prefix_shared needs the second response to skip the first, which a contiguous varlen segment cannot express.
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": AttentionBackend(PACKING_MODES, _sdpa_inputs),
+    "eager": AttentionBackend(PACKING_MODES, _additive_mask_inputs),
+    "flex_attention": AttentionBackend(
+        PACKING_MODES,
+        _block_mask_inputs,
+        cpu_packing=("none",),
+        cpu_refusal=(
+            "torch's flex_attention has no backward on CPU",
+            "use model.attn_implementation: sdpa on CPU (every packing mode works with it)",
+        ),
+    ),
+    "flash_attention_2": AttentionBackend(
+        ("none", "padding_free"),
+        _varlen_inputs,
+        refusal=_FLASH_REFUSAL,
+        requires=("flash_attn", "the flash-attn package (pip install 'clo-fast[gpu]')"),
+    ),
+    "flash_attention_3": AttentionBackend(("none", "padding_free"), _varlen_inputs, refusal=_FLASH_REFUSAL),
+}

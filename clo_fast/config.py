@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clo_fast.attention import ATTENTION_BACKENDS
 from clo_fast.constants import (
     ATTENTION_ONLY_PATTERNS,
     DEMO_LANGS,
+    PACKING_MODES,
     PRECISION_DTYPE_NAMES,
     TOKENIZER_FILES,
     WORLD_NAME,
@@ -61,7 +63,9 @@ class ModelConfig:
     # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode);
     # auto = bfloat16 where a CUDA device with bf16 is present, else float32 (resolved when the config is built)
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the `gpu` extra)
+    # sdpa | eager | flex_attention | flash_attention_2 (needs the `gpu` extra) | flash_attention_3: the names of
+    # clo_fast/attention.py's ATTENTION_BACKENDS, which also says which train.packing modes each computes exactly
+    attn_implementation: str = "sdpa"
     # recompute activations in backward to save memory; null = on where CUDA is present (resolved like dtype)
     gradient_checkpointing: bool | None = None
     # Modules whose parameters train (fnmatch patterns on parameter names, e.g. model.layers.0.self_attn.q_proj.weight;
@@ -181,8 +185,8 @@ class TrainConfig:
     fidelity_samples: int = 2  # sample generations logged per language
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
-    packing: str = "auto"  # auto | none | padding_free | prefix_shared — how micro-batches lay out tokens
-    # (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
+    packing: str = "auto"  # auto | none | padding_free | prefix_shared (constants.PACKING_MODES) — how micro-batches
+    # lay out tokens (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
     dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
     # a fresh run into an output_dir holding checkpoints: false = refuse (use --resume), true = remove them
@@ -257,9 +261,9 @@ def validate_model(cfg: RunConfig, origin) -> None:
     check(m.dtype in DTYPE_NAMES, "model.dtype", f"must be {'|'.join(DTYPE_NAMES)}, got {m.dtype!r}")
     check(len(m.trainable_patterns) > 0, "model.trainable_patterns", "must list at least one pattern")
     check(
-        m.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+        m.attn_implementation in ATTENTION_BACKENDS,
         "model.attn_implementation",
-        f"must be sdpa|eager|flash_attention_2, got {m.attn_implementation!r}",
+        f"must be {'|'.join(ATTENTION_BACKENDS)}, got {m.attn_implementation!r}",
     )
     if m.lora is not None:
         check(1 <= m.lora.r <= 4096, "model.lora.r", f"must be in [1, 4096], got {m.lora.r}")
@@ -398,7 +402,7 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
     check(t.dist_timeout_s is None or t.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 or null")
     check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
-    packings = ("auto", "none", "padding_free", "prefix_shared")
+    packings = ("auto", *PACKING_MODES)
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
     validate_report_to(t.report_to, check)
     check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")

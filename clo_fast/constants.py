@@ -9,7 +9,7 @@ IGNORE_INDEX = -100
 SEQUENCES_PER_EXAMPLE = 4
 SEQUENCE_KINDS = ("en_en", "en_tgt", "tgt_tgt", "tgt_en")  # (prompt language, response language)
 
-# How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout).
+# How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout), slowest to fastest.
 PACKING_MODES = ("none", "padding_free", "prefix_shared")
 
 # The default trainable modules: attention projections only (the CLO paper's setting).

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clo_fast.attention import PACKED_SDPA, attention_inputs, use_packed_sdpa
+from clo_fast.attention import ATTENTION_BACKENDS, PACKED_SDPA, attention_inputs, use_packed_sdpa
 from clo_fast.config import ConfigError, LoraSettings, ModelConfig
 from clo_fast.packing import PackedBatch
 from clo_fast.pretrained import resolve_model_path
@@ -274,11 +274,9 @@ def apply_lora_trainable(module: nn.Module) -> TrainableInfo:
 
 # --------------------------------------------------------------------------------------- loading
 def _check_attn(attn: str) -> None:
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError(
-            "model.attn_implementation: flash_attention_2 needs the flash-attn package "
-            "(pip install 'clo-fast[gpu]'); use sdpa"
-        )
+    backend = ATTENTION_BACKENDS.get(attn)
+    if backend is not None and backend.requires and importlib.util.find_spec(backend.requires[0]) is None:
+        raise ConfigError(f"model.attn_implementation: {attn} needs {backend.requires[1]}; use sdpa")
 
 
 def load_hf_model(path: str, cfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None):

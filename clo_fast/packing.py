@@ -46,9 +46,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from clo_fast.attention import FIRST_RESPONSE, PROMPT, SECOND_RESPONSE, PackingError
-from clo_fast.constants import PACKING_MODES
+from clo_fast.constants import IGNORE_INDEX, PACKING_MODES
 
-IGNORE_INDEX = -100
 # pairs of sequences that share a prompt: (0: x_en+y_en, 1: x_en+y_tgt), (2: x_tgt+y_tgt, 3: x_tgt+y_en)
 SHARED_PROMPT_PAIRS = ((0, 1), (2, 3))
 ALL_SEQUENCES = (0, 1, 2, 3)
@@ -356,7 +355,8 @@ def plan_micro_batches(
     to `pad_to_multiple_of`) for none. An example larger than the budget on its own gets a micro-batch of
     its own. Greedy in order (the sampler's shuffle is kept). The loss's denominators are global (sum of
     `response_tokens` and of `num_examples` over every micro-batch of the step and every rank), so
-    micro-batches of different sizes are weighted exactly.
+    micro-batches of different sizes are weighted exactly. The trainer balances a fixed count instead
+    (`balance_micro_batches`); benchmarks/bench_step.py --split budget measures this grouping.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")

@@ -70,6 +70,36 @@ def test_lower_layers_never_import_higher_ones():
     assert not wrong, "\n".join(wrong)
 
 
+def _string_constants(path: Path) -> set[str]:
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and n.value}
+
+
+def test_one_table_of_attention_backends_read_by_config_and_model():
+    """clo_fast/attention.py's ATTENTION_BACKENDS is the one list of attention backends: the config validates
+    model.attn_implementation against it, the model builds a packed batch's attention inputs and checks a
+    backend's package from it, and no other module names a backend (sdpa, the default, aside)."""
+    from clo_fast import attention, config, model
+
+    readers = [m for m in (config, model) if m.ATTENTION_BACKENDS is attention.ATTENTION_BACKENDS]
+    assert readers == [config, model]
+    assert "ATTENTION_BACKENDS" in (PKG / "attention.py").read_text().split("def attention_inputs", 1)[1]
+    others = set(attention.ATTENTION_BACKENDS) - {"sdpa"}
+    named = {
+        f"{path.relative_to(PKG.parent)} names {name!r}"
+        for path in sorted(PKG.rglob("*.py"))
+        if path.name != "attention.py"
+        for name in others & _string_constants(path)
+    }
+    assert not named, "\n".join(sorted(named))
+    # the packing modes: stated once (constants.PACKING_MODES), read by the config, the layouts and the table
+    from clo_fast import constants, packing
+
+    assert config.PACKING_MODES is packing.PACKING_MODES is attention.PACKING_MODES is constants.PACKING_MODES
+    for name, backend in attention.ATTENTION_BACKENDS.items():
+        assert set(backend.packing) <= set(constants.PACKING_MODES), name
+        assert backend.cpu_packing is None or set(backend.cpu_packing) <= set(constants.PACKING_MODES), name
+
+
 def test_every_cited_file_exists():
     """Code and docs cite files by path (e.g. docs/DESIGN.md §3): each must be in the repository."""
     import re
