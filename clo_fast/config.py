@@ -22,9 +22,13 @@ from typing import Any
 from clo_fast.attention import ATTENTION_BACKENDS
 from clo_fast.constants import (
     ATTENTION_ONLY_PATTERNS,
+    CLO_MODES,
     DEMO_LANGS,
+    LOSS_TYPES,
     PACKING_MODES,
     PRECISION_DTYPE_NAMES,
+    REPORTERS,
+    SOURCE_FORMATS,
     TOKENIZER_FILES,
     WORLD_NAME,
     WORLD_TARGET_LANG,
@@ -285,9 +289,9 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     check(d.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {d.template!r}")
     check(d.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {d.translator!r}")
     check(
-        d.source_format in ("pairs", "oasst", "messages"),
+        d.source_format in SOURCE_FORMATS,
         "data.source_format",
-        f"must be pairs|oasst|messages, got {d.source_format!r}",
+        f"must be {'|'.join(SOURCE_FORMATS)}, got {d.source_format!r}",
     )
     check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
     check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
@@ -351,11 +355,11 @@ def _language_code(code: str, name: str, origin) -> str:
 
 def validate_clo(cfg: RunConfig, origin) -> None:
     check, c = _checker(origin), cfg.clo
-    check(c.mode in ("clo", "sft", "dpo"), "clo.mode", f"must be clo|sft|dpo, got {c.mode!r}")
+    check(c.mode in CLO_MODES, "clo.mode", f"must be {'|'.join(CLO_MODES)}, got {c.mode!r}")
     check(0 < c.beta <= 10, "clo.beta", f"must be in (0, 10], got {c.beta}")
     check(0.0 <= c.lam <= 1.0, "clo.lam", f"must be in [0, 1], got {c.lam}")
     check(all(s in (0, 1, 2, 3) for s in c.sft_sequences), "clo.sft_sequences", "entries must be 0..3")
-    check(c.loss_type in ("sigmoid", "ipo"), "clo.loss_type", f"must be sigmoid|ipo, got {c.loss_type!r}")
+    check(c.loss_type in LOSS_TYPES, "clo.loss_type", f"must be {'|'.join(LOSS_TYPES)}, got {c.loss_type!r}")
     check(0.0 <= c.label_smoothing < 0.5, "clo.label_smoothing", f"must be in [0, 0.5), got {c.label_smoothing}")
     check(
         c.label_smoothing == 0.0 or c.loss_type == "sigmoid",
@@ -412,9 +416,6 @@ def validate_train(cfg: RunConfig, origin) -> None:
         "train.export_max_shard_size",
         f"must be a size such as 5GB, 500MB or 2GiB, got {t.export_max_shard_size!r}",
     )
-
-
-REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name → module
 
 
 def validate_report_to(report_to: list[str], check) -> None:

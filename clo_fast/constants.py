@@ -9,6 +9,13 @@ IGNORE_INDEX = -100
 SEQUENCES_PER_EXAMPLE = 4
 SEQUENCE_KINDS = ("en_en", "en_tgt", "tgt_tgt", "tgt_en")  # (prompt language, response language)
 
+# The allowed values of config fields that more than one module reads (the validator in clo_fast/config.py and
+# the code that acts on them), each stated once here.
+CLO_MODES = ("clo", "sft", "dpo")  # clo.mode (training/step.py maps a mode to λ and the sequences it runs)
+LOSS_TYPES = ("sigmoid", "ipo")  # clo.loss_type (loss.preference_loss)
+SOURCE_FORMATS = ("pairs", "oasst", "messages")  # data.source_format (data/sources.py reads each)
+# train.report_to: logger name → the package it needs (None: none); training/metrics.py's LOGGERS implements each
+REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout), slowest to fastest.
 PACKING_MODES = ("none", "padding_free", "prefix_shared")
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clo_fast.constants import IGNORE_INDEX
+from clo_fast.constants import IGNORE_INDEX, LOSS_TYPES
 from clo_fast.ops import token_logps
 
 _DIRECTIONS = {"en": (0, 1), "tgt": (2, 3)}
-LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def preference_loss(margins: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):

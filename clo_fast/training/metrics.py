@@ -129,6 +129,7 @@ class MlflowLogger:
         self.mlflow.end_run()
 
 
+# one logger per name of constants.REPORTERS (the names train.report_to is validated against)
 LOGGERS = {"jsonl": JsonlLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
 
 
