@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "clo_fast"
 LAYERS = [
     ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id", "clo_fast.numerics"]),
     ("attention", ["clo_fast.attention"]),
-    ("config", ["clo_fast.config"]),
+    ("config", ["clo_fast.config_loading", "clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),
     ("data", ["clo_fast.data", "clo_fast.packing"]),
     ("model", ["clo_fast.demo_model", "clo_fast.world", "clo_fast.pretrained", "clo_fast.model"]),
