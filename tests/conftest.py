@@ -10,14 +10,16 @@ CI runs everything.
 """
 
 import os
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# before transformers / huggingface_hub are imported (they read it once): no test reaches the Hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from helpers import CHATML, LLAMA3, TEXTS, make_bpe_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,33 +29,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def make_bpe_tokenizer(texts, *, vocab_size, special_tokens, unk_token=None, chat_template=None):
-    """A tiny byte-level BPE tokenizer trained offline on `texts`, with a BOS prefix like Llama's.
-
-    special_tokens must contain "<s>" (BOS), "</s>" (EOS) and "<pad>"; their order fixes their ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=unk_token))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    extra = {"unk_token": unk_token} if unk_token else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **extra)
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
 
 
 @pytest.fixture(scope="session")
@@ -89,40 +64,16 @@ def demo_model_dir(demo_cache):
     return ensure_demo_model(demo_cache)
 
 
-# ------------------------------------------------------------------------ the README's measured tables
-README = Path(__file__).resolve().parent.parent / "README.md"
+# ------------------------------------------------------------------------ chat-template tokenizers
 
 
-def table_rows(markdown: str) -> dict[str, list[str]]:
-    """The rows of the markdown tables in `markdown`: {first cell: the other cells}."""
-    rows = {}
-    for line in markdown.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 3 and not set(cells[1]) <= set("-:"):
-            rows[cells[0]] = cells[1:]
-    return rows
+@pytest.fixture(scope="module")
+def chatml_tok():
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    return make_bpe_tokenizer(TEXTS, vocab_size=400, special_tokens=specials, chat_template=CHATML)
 
 
-def readme_table(header: str) -> dict[str, list[str]]:
-    """The README table that starts with the line `header`."""
-    text = README.read_text(encoding="utf-8")
-    block = text[text.index(header) :]
-    return table_rows(block[: block.index("\n\n")])
-
-
-def skip_unless_readme_versions() -> None:
-    """The README's measured tables hold for the torch/transformers/deepspeed versions it states; with others
-    the test says which differ (re-measure and update the README) instead of comparing."""
-    import re
-
-    import deepspeed
-    import transformers
-
-    text = README.read_text(encoding="utf-8")
-    stated = re.search(r"torch ([\d.]+), transformers ([\d.]+), deepspeed ([\d.]+)", text).groups()
-    installed = (torch.__version__.split("+")[0], transformers.__version__, deepspeed.__version__)
-    if installed != stated:
-        pytest.skip(
-            f"the README's tables were measured with torch/transformers/deepspeed {stated}; installed {installed}: "
-            "re-measure them and update the README"
-        )
+@pytest.fixture(scope="module")
+def llama3_tok():
+    specials = ["<pad>", "<s>", "</s>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return make_bpe_tokenizer(TEXTS, vocab_size=400, special_tokens=specials, chat_template=LLAMA3)

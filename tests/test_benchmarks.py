@@ -65,7 +65,7 @@ def check_against_hand(model, tok, tmp_path):
 
 
 def test_local_task_accuracy_equals_hand_computation(tmp_path):
-    from test_evaluate import make_model, make_tokenizer
+    from helpers import make_model, make_tokenizer
 
     tok = make_tokenizer()
     check_against_hand(make_model(tok, seed=0), tok, tmp_path)
@@ -130,7 +130,7 @@ def test_bad_benchmark_input_fails_before_any_model_loads(tmp_path, monkeypatch,
 
 def test_evaluate_models_reports_benchmarks(tmp_path):
     """eval.benchmarks through evaluate_models: accuracy ± stderr per model in report.json, report.md and the plot."""
-    from test_evaluate import ROWS, make_cfg, make_model, make_tokenizer
+    from helpers import ROWS, make_cfg, make_model, make_tokenizer
 
     from clo_fast.evaluate import evaluate_models
 

@@ -326,7 +326,7 @@ WORLD_FULL = ROOT / "docs" / "compare" / "world"  # `python -m clo_fast.compare 
 
 def test_readme_world_table_is_the_committed_world_comparison():
     """The README's world table, intervals and verdicts are the committed compare.md of the full command."""
-    from conftest import README, table_rows
+    from helpers import README, table_rows
 
     if not (WORLD_FULL / "compare.json").is_file():
         pytest.skip("docs/compare/world is not committed yet: python -m clo_fast.compare --config configs/world.yaml")

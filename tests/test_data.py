@@ -505,3 +505,13 @@ def test_a_folder_of_mixed_file_types_is_refused_not_read_in_part(tmp_path):
     types = r"\(\.jsonl \(e\.g\. bad\.jsonl\), \.csv \(e\.g\. more\.csv\)\)"
     with pytest.raises(DataError, match=r"src: data files of several types " + types):
         build_text_dataset(_cfg(tmp_path, source=str(folder), **_fields()), progress=False)
+
+
+def test_host_token_range_check_names_the_position():
+    from clo_fast.data.collate import check_token_range, collate_clo
+
+    ex = {"input_ids": [[1, 2, 3]] * 4, "labels": [[-100, 2, 3]] * 4}
+    batch = collate_clo([ex], pad_token_id=0, pad_to_multiple_of=1)
+    check_token_range(batch, vocab_size=4, where="step 1")
+    with pytest.raises(ValueError, match=r"step 1: input_ids\[0, 2\] = 3 is outside .*\[0, 3\)"):
+        check_token_range(batch, vocab_size=3, where="step 1")

@@ -339,3 +339,13 @@ def test_cache_open_retries_a_locked_database_and_names_other_errors(tmp_path, m
     with pytest.raises(TranslationError, match=r"d\.sqlite: the translation cache cannot be read \(disk I/O error\)"):
         TranslationCache(tmp_path / "d.sqlite")
     assert broken.connects == 1
+
+
+def test_corrupt_translation_cache_names_the_file_and_is_kept(tmp_path):
+    from clo_fast.data.translate import TranslationCache, TranslationError
+
+    path = tmp_path / "translations.sqlite"
+    path.write_bytes(b"this is not a database, just 64 bytes of something else entirely.")
+    with pytest.raises(TranslationError, match=r"translations.sqlite: the translation cache cannot be read"):
+        TranslationCache(path)
+    assert path.read_bytes().startswith(b"this is not a database")  # the user's file is left as it was

@@ -3,6 +3,19 @@
 import importlib
 import os
 
+from helpers import (
+    CONVERSATIONS,
+    ROWS,
+    SlowCachedTranslator,
+    data_config,
+    make_cfg,
+    make_model,
+    make_tokenizer,
+    write_jsonl,
+)
+
+from clo_fast.data import build_text_dataset, tokenize_dataset
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
@@ -10,90 +23,16 @@ import re
 
 import pytest
 import torch
-from conftest import make_bpe_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from clo_fast import evaluate as E
-from clo_fast.config import ConfigError, RunConfig
+from clo_fast.config import ConfigError
 from clo_fast.constants import IGNORE_INDEX
 from clo_fast.evaluate import cli as eval_cli
 from clo_fast.language_id import UnknownLanguageError, get_identifier
 
 for extra in ("lingua", "matplotlib"):  # the `test` extra: a missing package fails, never skips
     importlib.import_module(extra)
-
-CORPUS = [
-    "Explain why the sky is blue in simple words.",
-    "The sky looks blue because air scatters blue light more than red light.",
-    "Write a short poem about the sea and the wind.",
-    "Give me three tips for learning a new language quickly.",
-    "하늘이 왜 파란지 쉬운 말로 설명해 주세요.",
-    "공기가 빨간빛보다 파란빛을 더 많이 흩뜨리기 때문에 하늘이 파랗게 보입니다.",
-    "바다와 바람에 대한 짧은 시를 써 주세요.",
-    "새로운 언어를 빨리 배우는 세 가지 방법을 알려 주세요.",
-    "### Instruction:\n\n### Response:\n",
-] * 4
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-ROWS = [
-    {
-        "id": "a",
-        "prompt_en": "Explain why the sky is blue.",
-        "response_en": "Air scatters blue light more than red light.",
-        "prompt_tgt": "하늘이 왜 파란지 설명해 주세요.",
-        "response_tgt": "공기가 파란빛을 더 많이 흩뜨립니다.",
-        "target_lang": "ko",
-    },
-    {
-        "id": "b",
-        "prompt_en": "Write a short poem about the sea.",
-        "response_en": "The sea and the wind sing together.",
-        "prompt_tgt": "바다에 대한 짧은 시를 써 주세요.",
-        "response_tgt": "바다와 바람이 함께 노래합니다.",
-        "target_lang": "ko",
-    },
-    {
-        "id": "c",
-        "prompt_en": "Give me three tips for learning a new language quickly, please.",
-        "response_en": "Practice every day.",
-        "prompt_tgt": "새로운 언어를 빨리 배우는 방법을 알려 주세요.",
-        "response_tgt": "매일 연습하세요. 그리고 많이 들으세요.",
-        "target_lang": "ko",
-    },
-]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with EOS = id 0 (the `mute` model relies on it) and a chat template."""
-    return make_bpe_tokenizer(
-        CORPUS, vocab_size=420, special_tokens=["</s>", "<s>", "<pad>"], chat_template=CHAT_TEMPLATE
-    )
-
-
-def make_model(tok, seed=0, mute=False) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    if mute:  # final norm 0 -> all logits 0 -> greedy picks id 0, which is EOS: every response is empty
-        assert tok.eos_token_id == 0
-        with torch.no_grad():
-            model.model.norm.weight.zero_()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +46,6 @@ def saved(tmp_path_factory):
         tok.save_pretrained(d)
         paths[name] = str(d)
     return paths
-
-
-def make_cfg(tmp_path, **eval_kw) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.target_lang = "ko"
-    cfg.data.max_length = 128
-    cfg.eval.max_new_tokens = 6
-    cfg.eval.batch_size = 2
-    cfg.eval.output_dir = str(tmp_path / "eval")
-    for k, v in eval_kw.items():
-        setattr(cfg.eval, k, v)
-    return cfg
 
 
 def independent_nll(model, tok, items, template):
@@ -507,3 +434,21 @@ def test_device_map_auto_loads_the_same_model(saved, tmp_path):
     cfg.eval.device_map = "balanced_low_0"
     with pytest.raises(ConfigError, match="eval.device_map"):
         cfg.validate()
+
+
+def test_evaluation_prompts_encode_as_training_does(tmp_path, chatml_tok):
+    """Evaluation items carry their language and conversation: the prompt ids equal the training prompt's
+    (per-language system prompt, earlier turns), for every row and both languages."""
+    from clo_fast.evaluate.prompts import encode_item, normalize_prompts
+
+    src = write_jsonl(tmp_path / "conv.jsonl", CONVERSATIONS)
+    cfg = data_config(tmp_path, source=str(src), source_format="messages", translator="hf", template="chat")
+    cfg.eval_fraction, cfg.system_prompt, cfg.system_prompts = 0.0, "Be brief.", {"sw": "Jibu."}
+    ds = build_text_dataset(cfg, translator=SlowCachedTranslator(tmp_path / "t.sqlite"), progress=False)[0]["train"]
+    trained = tokenize_dataset(ds, chatml_tok, cfg)
+    items = normalize_prompts([dict(r) for r in ds], "sw")
+    assert len(items) == 2 * len(ds)
+    for row, t in enumerate(trained):
+        for item, seq in zip(items[2 * row : 2 * row + 2], (0, 2), strict=True):
+            prompt_len = t["labels"][seq].index(next(x for x in t["labels"][seq] if x != -100))
+            assert encode_item(chatml_tok, item, cfg) == t["input_ids"][seq][:prompt_len], (row, item["lang"])

@@ -3,6 +3,8 @@ reply, a 429 then success, the disk cache, the bootstrap interval and the length
 
 import os
 
+from clo_fast.config import to_dict
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
@@ -223,7 +225,7 @@ def test_length_controlled_win_rate_matches_sklearn():
 
 def test_evaluate_cli_versus_against_fake_server(server, tmp_path, capsys):
     """--model clo=... --versus sft=...: the mute model (always empty) is judged against the base model."""
-    from test_evaluate import ROWS, make_model, make_tokenizer
+    from helpers import ROWS, make_model, make_tokenizer
 
     from clo_fast.evaluate import cli
 
@@ -258,3 +260,53 @@ def test_evaluate_cli_versus_against_fake_server(server, tmp_path, capsys):
     assert cli.main(argv) == 0 and len(server.requests) == n + 1  # rerun: only the reachability check is sent
     # --versus without a judge endpoint is refused before anything runs
     assert cli.main(argv[:-2]) == 2 and "--versus needs an LLM judge" in capsys.readouterr().err
+
+
+def test_a_judge_endpoint_echoing_headers_leaks_no_key_into_the_report(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from clo_fast.evaluate.judge import run_judge
+    from clo_fast.evaluate.report import write_report
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self):  # an endpoint that answers with the request's headers and path
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"echo": dict(self.headers), "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key, url_key = "sk-test-" + "k" * 24, "querysecret123"
+    monkeypatch.setenv("CLO_TEST_JUDGE_KEY", key)
+    cfg = RunConfig()
+    cfg.eval.judge_endpoint = f"http://127.0.0.1:{server.server_port}/v1?api-key={url_key}"
+    cfg.eval.judge_api_key_env = "CLO_TEST_JUDGE_KEY"
+    items = [{"lang": "en", "prompt": "Hi"}]
+    try:
+        judge = run_judge(cfg, items, {"base": ["a"], "trained": ["b"]}, ["en"])
+    finally:
+        server.shutdown()
+    assert judge["results"]["trained"]["base"]["en"]["errors"] == 2  # both orders
+    report = {"eval_config": to_dict(cfg)["eval"], "judge": judge, "models": {}, "languages": ["en"]}
+    report.update(target_lang="sw", n_prompts={"en": 1})
+    files = write_report(report, [], tmp_path)
+    from pathlib import Path
+
+    written = Path(files["json"]).read_text() + Path(files["markdown"]).read_text()
+    assert "unexpected judge reply" in written  # the error is kept, without its secrets
+    assert key not in written and url_key not in written
+    assert "127.0.0.1" in written
+
+
+def test_judge_url_keeps_the_query_string_after_the_path():
+    from clo_fast.evaluate.judge import judge_url
+
+    assert judge_url("http://h/v1/?api-key=x") == "http://h/v1/chat/completions?api-key=x"
+    assert judge_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"

@@ -10,12 +10,15 @@ import sys
 
 import pytest
 import torch
+from helpers import CPU, PAD, InProcessEngine, examples, full_logits_logps, lora_policy, save_tiny_model, tiny_model
 
-from clo_fast.config import ConfigError, ModelConfig
+from clo_fast.config import CLOConfig, ConfigError, LoraSettings, ModelConfig
+from clo_fast.data import collate_clo
 from clo_fast.demo_model import demo_records, demo_texts, heldout_ids
 from clo_fast.loss import clo_loss, reference_clo_loss
-from clo_fast.model import FusedLogprobHead, apply_trainable_patterns, build_policy, load_policy
+from clo_fast.model import FusedLogprobHead, add_lora_adapters, apply_trainable_patterns, build_policy, load_policy
 from clo_fast.pretrained import load_tokenizer
+from clo_fast.training.step import LossSetup, train_step
 
 ATTN = ModelConfig().trainable_patterns
 
@@ -137,3 +140,106 @@ def test_head_casts_hidden_and_reports_shape(demo_dir):
     out = head(h, y)
     assert out.shape == (4,) and out.dtype == torch.float32
     assert "weight=(50, 8)" in repr(head)
+
+
+def test_lora_trains_only_adapters_and_starts_at_the_base_model():
+    base = tiny_model(0)
+    hf, policy, info = lora_policy()
+    assert info.names and all(".lora_A." in n or ".lora_B." in n for n in info.names)
+    assert all("self_attn" in n for n in info.names)
+    assert not policy.lm_head.weight.requires_grad, "the fused head stays frozen"
+    assert info.trainable == sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    # at step 0 (lora_B = 0) the adapted policy is the base model: its log-probs are the base model's reference
+    batch = collate_clo(examples(3), PAD, pad_to_multiple_of=8)
+    with torch.no_grad():
+        got = policy(batch["input_ids"], batch["attention_mask"], batch["labels"]).double()
+    torch.testing.assert_close(got, full_logits_logps(base, batch), rtol=1e-5, atol=1e-4)
+
+
+def test_lora_step_changes_adapters_only_and_gradient_flows():
+    hf, policy, _ = lora_policy()
+    frozen_before = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    setup = LossSetup.from_config(CLOConfig(beta=0.3, lam=0.4))
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+    micro = [collate_clo(examples(4)[i : i + 2], PAD, pad_to_multiple_of=8) for i in (0, 2)]
+    for _ in range(2):  # the first step only moves lora_B (lora_A's gradient is 0 while B = 0)
+        train_step(InProcessEngine(policy, len(micro)), micro, setup, CPU)
+        opt.step()
+        opt.zero_grad()
+    for n, p in policy.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    lora_b = [p for n, p in policy.named_parameters() if ".lora_B." in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_lora_target_patterns_must_match_and_never_the_head():
+    with pytest.raises(ConfigError, match="model.lora.target_patterns.*match no nn.Linear"):
+        add_lora_adapters(tiny_model(), LoraSettings(target_patterns=["*nonexistent*"]))
+    with pytest.raises(ConfigError, match="match the LM head"):
+        add_lora_adapters(tiny_model(), LoraSettings(target_patterns=["*proj", "lm_head"]))
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "model_cls", "extra", "message"),
+    [
+        ("PhiConfig", "PhiForCausalLM", {}, r"LM head has a bias"),
+        ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}, r"config.logit_scale = 0.0625"),
+        ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}, r"config.logits_scaling = 8.0"),
+        ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}, r"config.final_logit_softcapping = 30.0"),
+    ],
+)
+def test_heads_the_fused_path_does_not_represent_fail_at_load(tmp_path, config_cls, model_cls, extra, message):
+    from clo_fast.config import ModelConfig
+    from clo_fast.model import load_policy
+
+    path = save_tiny_model(tmp_path, config_cls, model_cls, "m", **extra)
+    with pytest.raises(ConfigError, match=rf"model '.*m' \({model_cls}\).*{message}"):
+        cfg = ModelConfig(name_or_path=str(path), trainable_patterns=["*"], attn_implementation="eager")
+        load_policy(cfg, cache_dir=str(tmp_path))
+
+
+def test_plain_heads_load_and_neutral_scaling_is_accepted(tmp_path):
+    from clo_fast.config import ModelConfig
+    from clo_fast.model import load_policy
+
+    path = save_tiny_model(tmp_path, "GraniteConfig", "GraniteForCausalLM", "g", logits_scaling=1.0)
+    load_policy(ModelConfig(name_or_path=str(path), trainable_patterns=["*q_proj*"]), cache_dir=str(tmp_path))
+
+
+def _logps_float64(model, ids):
+    """Independent reference: full logits in float64, Σ log p(next token) per sequence."""
+    import torch
+
+    logits = model(input_ids=ids).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return lp.sum(-1)
+
+
+def test_dropout_is_off_in_the_policy_as_in_the_reference_pass(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from clo_fast.config import ModelConfig
+    from clo_fast.constants import IGNORE_INDEX
+    from clo_fast.model import load_policy
+
+    path = save_tiny_model(tmp_path, "LlamaConfig", "LlamaForCausalLM", "d", attention_dropout=0.5)
+    policy = load_policy(
+        ModelConfig(name_or_path=str(path), attn_implementation="eager"), head_impl="reference", cache_dir="x"
+    )[0]
+    assert policy.training
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]  # labels aligned with the rows that score them
+    mask = torch.ones_like(ids)
+    first, second = policy(ids, mask, labels), policy(ids, mask, labels)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = _logps_float64(ref, ids)
+    torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(first, second)
+    # the same model left in train mode with its dropout does differ: the check above can fail
+    ref.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(_logps_float64(ref, ids), expected, atol=1e-3)

@@ -523,3 +523,49 @@ def test_cublas_chunk_rows_memory_rule(monkeypatch):
     assert rows % 128 == 0 and rows * 128256 * 6 <= free // 2 < (rows + 128) * 128256 * 6
     monkeypatch.setattr(launch, "_free_device_bytes", lambda device: 1 << 20)
     assert launch.cublas_chunk_rows(128256, 2, cpu) == 128  # the floor: an OOM then says so
+
+
+def _head(V=11, N=6, H=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("bad_label", [11, 12, -5])
+def test_labels_outside_the_vocabulary_are_errors(impl, bad_label):
+    from clo_fast.ops import linear_logprobs, sequence_logprobs
+
+    x, w = _head()
+    y = torch.tensor([0, 3, bad_label, -100, 10, 1])
+    with pytest.raises(ValueError, match=rf"labels\[2\] = {bad_label} is outside the vocabulary \[0, 11\)"):
+        linear_logprobs(x, w, y, impl=impl)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sequence_logprobs(x.view(2, 3, 8), w, y.view(2, 3), impl=impl)
+    y[2] = 10  # the largest valid id, and ignore_index, pass
+    assert torch.isfinite(linear_logprobs(x, w, y, impl=impl)).all()
+
+
+@pytest.mark.parametrize("chunk_rows", [0, -1, 2.5])
+def test_invalid_chunk_rows_are_errors(chunk_rows):
+    from clo_fast.ops import linear_logprobs
+
+    x, w = _head()
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        linear_logprobs(x, w, torch.zeros(6, dtype=torch.long), impl="torch", chunk_rows=chunk_rows)
+
+
+def test_triton_without_cuda_or_interpreter_says_so(monkeypatch):
+    from clo_fast.ops import linear_logprobs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w = _head()
+    with pytest.raises(ValueError, match="needs CUDA tensors .* or TRITON_INTERPRET=1"):
+        linear_logprobs(x, w, torch.zeros(6, dtype=torch.long), impl="triton")
+
+
+def test_empty_vocabulary_is_an_error():
+    from clo_fast.ops import linear_logprobs
+
+    x, w = _head(V=0)
+    with pytest.raises(ValueError, match="V = 0"):
+        linear_logprobs(x, w, torch.full((6,), -100), impl="torch")

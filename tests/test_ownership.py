@@ -187,7 +187,7 @@ def test_an_unmarked_export_folder_inside_a_run_is_refused_at_start_up(tmp_path)
 
 # ------------------------------------------------------------------------ case 4: evaluate --out-dir
 def test_evaluate_out_dir_holding_the_users_report_is_refused(tmp_path, capsys):
-    from test_evaluate import ROWS, make_model, make_tokenizer
+    from helpers import ROWS, make_model, make_tokenizer
 
     from clo_fast.evaluate import cli as eval_cli
 

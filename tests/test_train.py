@@ -10,78 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO, ROOT, STEPS, TRAIN, full_logits_logps, have_deepspeed_launcher, launch, metrics, weights
 
-from clo_fast.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT / "clo_fast" / "train.py"
-DEMO = ROOT / "configs" / "demo.yaml"
-STEPS = 12
-LAUNCH_TIMEOUT = 300
-
-
-def _have_deepspeed_launcher():
-    return shutil.which("deepspeed") is not None
-
-
-def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False, short=True):
-    """deepspeed --num_gpus <ranks> clo_fast/train.py --config configs/demo.yaml (+ test overrides; short=False:
-    the demo config as it is, only its folders moved)."""
-    sets = {
-        "train.output_dir": str(out / "run"),
-        "data.output_dir": str(out / "data"),
-        "data.cache_dir": str(cache),
-        "eval.output_dir": str(out / "eval"),
-    }
-    if short:
-        sets |= {"optim.max_steps": STEPS, "train.save_steps": 4, "train.eval_steps": 4, "train.save_total_limit": 3}
-    for kv in extra:
-        k, v = kv.split("=", 1)
-        sets[k] = v
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN), "--config", str(DEMO)]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    if resume:
-        cmd += ["--resume"]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    e.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; the trainer uses the torch head on CPU
-    log = out / "launch.log"
-    with open(log, "w") as f, open(out / "launch.err", "w") as ferr:
-        rc = subprocess.run(
-            cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT
-        ).returncode
-    return subprocess.CompletedProcess(cmd, rc, log.read_text(), (out / "launch.err").read_text())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(run: Path) -> dict[int, dict]:
-    """step -> merged record (train metrics and eval metrics logged at the same step)."""
-    out: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out.setdefault(rec["step"], {}).update(rec)
-    return out
-
-
-def weights(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(d / "model.safetensors"))
-
+from clo_fast.atomic import OWNER_MARKER
+from clo_fast.config import load_config
+from clo_fast.data import collate_clo
 
 # ------------------------------------------------------------------------------ launched runs
 slow = pytest.mark.slow
@@ -91,7 +30,7 @@ needs_launcher = pytest.mark.usefixtures("deepspeed_launcher")
 
 @pytest.fixture(scope="module")
 def deepspeed_launcher():
-    assert _have_deepspeed_launcher(), "the `deepspeed` launcher is not on PATH (pip install -e '.[test]')"
+    assert have_deepspeed_launcher(), "the `deepspeed` launcher is not on PATH (pip install -e '.[test]')"
 
 
 @pytest.fixture(scope="module")
@@ -291,42 +230,6 @@ def test_every_packing_mode_trains_under_zero3_with_the_same_first_step(run_a, t
 
 
 # ------------------------------------------------------------------------------------ fast checks
-BAD = [
-    ("clo:\n  beta: -1\n", "clo.beta"),
-    ("optim:\n  lr: 0\n", "optim.lr"),
-    ("optim:\n  micro_batch_sizes: 2\n", "optim.micro_batch_sizes: unknown key"),
-    ("train:\n  precision: bf16\n", "train.precision: removed: the precision is stated once, as model.dtype"),
-    ("eval:\n  batch_size: 0\n", "eval.batch_size"),  # at load, not after training (train.run_evaluation)
-    ("data:\n  target_lang: en\n", "data.target_lang"),
-    ("optim:\n  schedule: step\n", "optim.schedule"),
-    ("model:\n  trainable_patterns: []\n", "model.trainable_patterns"),
-    ("optim:\n  betas: [0.9]\n", "optim.betas"),
-    ("clo:\n  mode: ppo\n", "clo.mode"),
-]
-
-
-@pytest.mark.parametrize("text,field", BAD)
-def test_bad_config_names_the_field(tmp_path, text, field):
-    p = tmp_path / "bad.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(p)
-
-
-def test_override_errors_name_the_flag(tmp_path):
-    p = tmp_path / "ok.yaml"
-    p.write_text("clo:\n  beta: 0.2\n")
-    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be in \(0, 10\]"):
-        load_config(p, ["clo.beta=-1"])
-    with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: optim\.lrr: unknown key"):
-        load_config(p, ["optim.lrr=1"])
-    with pytest.raises(ConfigError, match=r"^--set clo\.beta: expected FIELD=VALUE"):
-        load_config(p, ["clo.beta"])
-    p.write_text("clo:\n  beta: -1\n")
-    with pytest.raises(ConfigError, match=rf"^{p}: clo\.beta"):  # a bad value in the file names the file
-        load_config(p, ["clo.lam=0.3"])
-    assert load_config(p, ["clo.beta=0.5"]).clo.beta == 0.5
-    assert load_config(None, ["data.target_lang=sw"]).data.target_lang == "sw"  # defaults + overrides
 
 
 def test_train_script_fails_fast_on_bad_config(tmp_path):
@@ -351,56 +254,12 @@ def test_train_script_fails_fast_on_bad_config(tmp_path):
     assert r.returncode == 2 and "clo.lam" in r.stderr
 
 
-def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path):
-    from clo_fast.training.ds_config import build_ds_config
-
-    js = tmp_path / "ds.json"
-    js.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 8}))
-    y = tmp_path / "run.yaml"
-    y.write_text(f"train:\n  deepspeed_config: {js}\n")
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        build_ds_config(load_config(y), y, 1)
-    js.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match="zero_optimization.stage"):
-        build_ds_config(load_config(y), y, 1)
-    cfg = load_config(DEMO)
-    ds = build_ds_config(cfg, DEMO, 2)
-    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-
-
-def test_sampler_covers_each_epoch_once_and_is_layout_independent():
-    from clo_fast.training.sampler import StepSampler
-
-    n = 37
-    two = StepSampler(n, micro=2, accumulation_steps=2, world=2, seed=5)
-    one = StepSampler(n, micro=2, accumulation_steps=4, world=1, seed=5)
-    assert two.steps_per_epoch == one.steps_per_epoch == 4
-    seen = []
-    for s in range(4):
-        g2 = [i for m in range(2) for r in range(2) for i in two.indices(s, m, r)]
-        g1 = [i for m in range(4) for i in one.indices(s, m, 0)]
-        assert g1 == g2
-        seen += g2
-    assert len(set(seen)) == 32  # no repeats within an epoch
-    assert two.indices(4, 0, 0) != two.indices(0, 0, 0)  # a new permutation next epoch
-
-
-def test_lr_schedule():
-    from clo_fast.training.optim import lr_multiplier
-
-    assert [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in (0, 1)] == [0.5, 1.0]
-    assert lr_multiplier(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(9, 10, 0, "constant", 0.0) == 1.0
-
-
 @slow
 @needs_launcher
 def test_readme_demo_table_reproduces(tmp_path, cache):
     """The README's before/after table is what its main command prints (the whole demo config: 60 steps on 2
     ranks, then the evaluation), under the library versions the README states."""
-    from conftest import readme_table, skip_unless_readme_versions, table_rows
+    from helpers import readme_table, skip_unless_readme_versions, table_rows
 
     skip_unless_readme_versions()
     expected = readme_table("| metric | base | trained |")
@@ -412,3 +271,137 @@ def test_readme_demo_table_reproduces(tmp_path, cache):
     assert len(expected) >= 6
     for metric, values in expected.items():
         assert printed.get(metric) == values, f"README row {metric!r}: {values} vs printed {printed.get(metric)}"
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_path):
+    """2 CPU ranks through the deepspeed launcher; the loss of step 2 turns NaN (the test hook: an LR that would
+    diverge is refused by the config now): the run stops naming the step, writes no checkpoint and no export,
+    and releases its lock."""
+    from helpers import launch
+
+    extra = (
+        "optim.max_steps=4",
+        "train.save_steps=0",
+        "train.eval_steps=0",
+        "train.run_evaluation=false",
+    )
+    r = launch(tmp_path, tmp_path / "cache", extra=extra, env={"CLO_FAST_TEST_NONFINITE": "2"})
+    assert r.returncode != 0
+    assert "[train] stopped: step 2:" in r.stderr and "not finite" in r.stderr
+    run = tmp_path / "run"
+    assert (run / OWNER_MARKER).is_file()
+    assert not (run / "checkpoints").exists() and not (run / "hf_model").exists()
+    assert not (run / ".clo_fast.lock").exists()
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_two_ranks_reference_is_base_and_export_merges(tmp_path, demo_cache):
+    """deepspeed, 2 CPU ranks, ZeRO-3, fused head, model.lora on: the stored reference log-probs are the base
+    model's (plain HF, materialized logits), only the attention projections change in the merged export, and
+    base + saved adapter computes what the merged model computes."""
+    from datasets import load_from_disk
+    from helpers import launch, metrics
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from clo_fast.pretrained import load_tokenizer
+
+    steps = 6
+    r = launch(
+        tmp_path,
+        demo_cache,
+        extra=[
+            "model.lora={r: 4, alpha: 8.0, dropout: 0.0}",
+            f"optim.max_steps={steps}",
+            "train.run_evaluation=false",
+            "train.save_steps=0",
+            "train.eval_steps=0",
+        ],
+    )
+    assert r.returncode == 0, f"LoRA run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
+    run = tmp_path / "run"
+    m = metrics(run)
+    assert m[1]["cl_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    assert m[steps]["loss"] < m[1]["loss"]
+
+    summary = json.loads((run / "hf_model" / "clo_training_summary.json").read_text())
+    base_dir = summary["base_model"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tok = load_tokenizer(base_dir)
+    ds = load_from_disk(str(run / "ref_data" / "train"))
+    batch = collate_clo([ds[i] for i in range(4)], tok.pad_token_id, pad_to_multiple_of=16)
+    torch.testing.assert_close(
+        batch["ref_logps"].double().view(-1), full_logits_logps(base, batch), rtol=1e-4, atol=2e-3
+    )
+
+    old, new = (
+        load_file(str(Path(base_dir) / "model.safetensors")),
+        load_file(str(run / "hf_model" / "model.safetensors")),
+    )
+    assert old.keys() == new.keys()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(any(f"self_attn.{p}_proj.weight" in k for p in "qkvo") for k in changed), changed
+    merged = AutoModelForCausalLM.from_pretrained(run / "hf_model", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, run / "hf_adapter")
+    torch.testing.assert_close(
+        full_logits_logps(adapted, batch), full_logits_logps(merged, batch), rtol=1e-5, atol=1e-3
+    )
+    assert "LoRA r = 4" in (run / "hf_model" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_plain_python_launch_with_lora_and_the_fidelity_probe(tmp_path, demo_cache):
+    """`python clo_fast/train.py` (no launcher, no MPI): one ZeRO-3 process; the probe logs fidelity, reference
+    NLL and samples at every eval; LoRA export next to the merged model."""
+    import subprocess
+    import sys
+
+    from helpers import DEMO, ROOT, TRAIN, metrics
+
+    from clo_fast.training.distributed import LAUNCHER_ENV
+
+    sets = {
+        "train.output_dir": tmp_path / "run",
+        "data.output_dir": tmp_path / "data",
+        "data.cache_dir": demo_cache,
+        "optim.max_steps": 4,
+        "train.eval_steps": 2,
+        "train.save_steps": 0,
+        "train.run_evaluation": "false",
+        "train.fidelity_prompts": 2,
+        "eval.max_new_tokens": 8,
+        "model.lora": "{r: 4}",
+    }
+    cmd = [sys.executable, str(TRAIN), "--config", str(DEMO)] + [
+        a for k, v in sets.items() for a in ("--set", f"{k}={v}")
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    for step in (0, 2, 4):
+        assert {"fidelity/en", "fidelity/sw", "ref_nll/en", "ref_nll/sw", "samples/sw"} <= set(m[step]), step
+    assert m[4]["ref_nll/sw"] < m[0]["ref_nll/sw"]  # the target-language NLL is trained
+    assert (tmp_path / "run" / "hf_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_demo_run_on_a_cold_cache_with_a_short_collective_timeout(tmp_path):
+    """Rank 0 builds the demo model (~45 s) while rank 1 waits for it on disk, not in a collective: with a 20 s
+    process-group timeout (and DEEPSPEED_TIMEOUT=1) the run still passes."""
+    from helpers import launch
+
+    sets = [
+        "train.dist_timeout_s=20",
+        "optim.max_steps=2",
+        "train.run_evaluation=false",
+        "train.export_hf=false",
+        "train.save_steps=0",
+        "train.eval_steps=0",
+    ]
+    r = launch(tmp_path, tmp_path / "cold_cache", extra=sets, env={"DEEPSPEED_TIMEOUT": "1"})
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert (tmp_path / "cold_cache" / "demo_model").is_dir() and "final metrics" in r.stdout

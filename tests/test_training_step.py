@@ -5,68 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PAD, InProcessEngine, examples, tiny_model
 
-from clo_fast.config import CLOConfig
-from clo_fast.constants import ATTENTION_ONLY_PATTERNS, IGNORE_INDEX
+from clo_fast.config import CLOConfig, ConfigError, load_config
+from clo_fast.constants import ATTENTION_ONLY_PATTERNS
 from clo_fast.data import collate_clo
-from clo_fast.loss import reference_clo_loss
+from clo_fast.loss import clo_loss, reference_clo_loss
 from clo_fast.model import apply_trainable_patterns, build_policy
 from clo_fast.training.batches import MicroBatcher
 from clo_fast.training.step import LossSetup, policy_logps, train_step
-
-VOCAB, PAD = 61, 0
-
-
-class InProcessEngine:
-    """DeepSpeed's engine contract without DeepSpeed: backward divides by the accumulation steps (as
-    DeepSpeed does); step() would update at the boundary, and is a no-op here so gradients can be read."""
-
-    def __init__(self, module, accumulation_steps: int):
-        self.module, self.accumulation_steps = module, accumulation_steps
-
-    def __call__(self, *batch):  # (input_ids, attention_mask, labels) or (PackedBatch,)
-        return self.module(*batch)
-
-    def backward(self, loss):
-        (loss / self.accumulation_steps).backward()
-
-    def step(self):
-        pass
-
-
-def tiny_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def examples(n, seed=1):
-    """Tokenized CLO examples (4 sequences each, labels unshifted, IGNORE_INDEX on the prompt) with ref_logps."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids4, lab4 = [], []
-        for _ in range(4):
-            p, r = (int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g)))
-            ids = torch.randint(1, VOCAB, (p + r,), generator=g).tolist()
-            ids4.append(ids)
-            lab4.append([IGNORE_INDEX] * p + ids[p:])
-        ref = (-30 * torch.rand(4, generator=g) - 5).tolist()
-        out.append({"input_ids": ids4, "labels": lab4, "ref_logps": ref})
-    return out
 
 
 def grads(model):
@@ -141,3 +88,46 @@ def test_micro_batches_do_not_depend_on_the_rank_layout():
     by_slot = [two[r][m] for m in range(2) for r in range(2)]  # micro m of rank r is global slot m·W + r
     assert [b.input_ids.tolist() for b in one] == [b.input_ids.tolist() for b in by_slot]
     assert sum(b.num_examples for b in one) == 9
+
+
+def test_guard_names_the_first_step_with_a_non_finite_loss():
+    from clo_fast.training.step import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"))
+    for step, loss in ((1, 0.7), (2, 0.6)):
+        guard.observe(step, {"loss": torch.tensor(loss)})
+    guard.check(2, grad_norm=1.5)  # all finite: silent
+    for step, loss in ((3, float("nan")), (4, float("inf")), (5, 0.5)):
+        guard.observe(step, {"loss": torch.tensor(loss)})
+    with pytest.raises(NonFiniteError, match="^step 3: the training loss is not finite"):
+        guard.check(5, grad_norm=1.0)
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), torch.tensor(float("inf"))])
+def test_guard_stops_on_a_non_finite_gradient_norm(norm):
+    from clo_fast.training.step import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"))
+    guard.observe(7, {"loss": torch.tensor(0.3)})
+    with pytest.raises(NonFiniteError, match="^step 7: the gradient norm"):
+        guard.check(7, grad_norm=norm)
+    guard.check(7, grad_norm=None)  # clipping disabled: DeepSpeed reports no norm
+
+
+def test_loss_options_reach_the_training_step_and_are_validated():
+    setup = LossSetup.from_config(CLOConfig(loss_type="ipo", length_normalize=True))
+    assert setup.options == {"loss_type": "ipo", "label_smoothing": 0.0, "length_normalize": True}
+    hf = tiny_model()
+    policy = build_policy(hf, head_impl="torch")
+    batch = collate_clo(examples(2), PAD, pad_to_multiple_of=8)
+    with torch.no_grad():
+        logps = policy_logps(policy, batch, None)
+    got, _ = setup.loss(logps, batch)
+    want, _ = clo_loss(
+        logps, batch["ref_logps"], batch["response_tokens"], 0.1, 0.5, loss_type="ipo", length_normalize=True
+    )
+    assert torch.equal(got, want)
+    with pytest.raises(ConfigError, match="clo.label_smoothing: applies to loss_type sigmoid only"):
+        load_config(None, ["clo.loss_type=ipo", "clo.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="clo.loss_type: must be sigmoid|ipo"):
+        load_config(None, ["clo.loss_type=hinge"])

@@ -1,0 +1,444 @@
+"""What several test files share: tokenizers and tiny models built offline, the in-process engine, example makers,
+the DeepSpeed launcher of the demo run, and the README's measured tables. Imported as `from helpers import ...`
+(pytest puts tests/ on sys.path); no test file imports another test file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from clo_fast.config import DataConfig, LoraSettings, RunConfig, load_config
+from clo_fast.constants import IGNORE_INDEX
+from clo_fast.model import add_lora_adapters, apply_lora_trainable, build_policy
+
+
+# ---------------------------------------------------------------------------------------------------------- tokenizers
+def make_bpe_tokenizer(texts, *, vocab_size, special_tokens, unk_token=None, chat_template=None):
+    """A tiny byte-level BPE tokenizer trained offline on `texts`, with a BOS prefix like Llama's.
+
+    special_tokens must contain "<s>" (BOS), "</s>" (EOS) and "<pad>"; their order fixes their ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    extra = {"unk_token": unk_token} if unk_token else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **extra)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+# ---------------------------------------------------------------------------------------- the README's measured tables
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of the markdown tables in `markdown`: {first cell: the other cells}."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 3 and not set(cells[1]) <= set("-:"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def readme_table(header: str) -> dict[str, list[str]]:
+    """The README table that starts with the line `header`."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index(header) :]
+    return table_rows(block[: block.index("\n\n")])
+
+
+def skip_unless_readme_versions() -> None:
+    """The README's measured tables hold for the torch/transformers/deepspeed versions it states; with others
+    the test says which differ (re-measure and update the README) instead of comparing."""
+    import re
+
+    import deepspeed
+    import transformers
+
+    text = README.read_text(encoding="utf-8")
+    stated = re.search(r"torch ([\d.]+), transformers ([\d.]+), deepspeed ([\d.]+)", text).groups()
+    installed = (torch.__version__.split("+")[0], transformers.__version__, deepspeed.__version__)
+    if installed != stated:
+        pytest.skip(
+            f"the README's tables were measured with torch/transformers/deepspeed {stated}; installed {installed}: "
+            "re-measure them and update the README"
+        )
+
+
+# ----------------------------------------------------------------- the launched demo run (deepspeed clo_fast/train.py)
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "clo_fast" / "train.py"
+DEMO = ROOT / "configs" / "demo.yaml"
+STEPS = 12
+LAUNCH_TIMEOUT = 300
+
+
+def have_deepspeed_launcher():
+    return shutil.which("deepspeed") is not None
+
+
+def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False, short=True):
+    """deepspeed --num_gpus <ranks> clo_fast/train.py --config configs/demo.yaml (+ test overrides; short=False:
+    the demo config as it is, only its folders moved)."""
+    sets = {
+        "train.output_dir": str(out / "run"),
+        "data.output_dir": str(out / "data"),
+        "data.cache_dir": str(cache),
+        "eval.output_dir": str(out / "eval"),
+    }
+    if short:
+        sets |= {"optim.max_steps": STEPS, "train.save_steps": 4, "train.eval_steps": 4, "train.save_total_limit": 3}
+    for kv in extra:
+        k, v = kv.split("=", 1)
+        sets[k] = v
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN), "--config", str(DEMO)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    if resume:
+        cmd += ["--resume"]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    e.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; the trainer uses the torch head on CPU
+    log = out / "launch.log"
+    with open(log, "w") as f, open(out / "launch.err", "w") as ferr:
+        rc = subprocess.run(
+            cmd, cwd=ROOT, env=e, stdout=f, stderr=ferr, stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT
+        ).returncode
+    return subprocess.CompletedProcess(cmd, rc, log.read_text(), (out / "launch.err").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    """step -> merged record (train metrics and eval metrics logged at the same step)."""
+    out: dict[int, dict] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault(rec["step"], {}).update(rec)
+    return out
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+# ------------------------------ in-process training: a tiny Llama, tokenized CLO examples, DeepSpeed's engine contract
+VOCAB, PAD = 61, 0
+
+
+class InProcessEngine:
+    """DeepSpeed's engine contract without DeepSpeed: backward divides by the accumulation steps (as
+    DeepSpeed does); step() would update at the boundary, and is a no-op here so gradients can be read."""
+
+    def __init__(self, module, accumulation_steps: int):
+        self.module, self.accumulation_steps = module, accumulation_steps
+
+    def __call__(self, *batch):  # (input_ids, attention_mask, labels) or (PackedBatch,)
+        return self.module(*batch)
+
+    def backward(self, loss):
+        (loss / self.accumulation_steps).backward()
+
+    def step(self):
+        pass
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def examples(n, seed=1):
+    """Tokenized CLO examples (4 sequences each, labels unshifted, IGNORE_INDEX on the prompt) with ref_logps."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids4, lab4 = [], []
+        for _ in range(4):
+            p, r = (int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g)))
+            ids = torch.randint(1, VOCAB, (p + r,), generator=g).tolist()
+            ids4.append(ids)
+            lab4.append([IGNORE_INDEX] * p + ids[p:])
+        ref = (-30 * torch.rand(4, generator=g) - 5).tolist()
+        out.append({"input_ids": ids4, "labels": lab4, "ref_logps": ref})
+    return out
+
+
+# ----------------------------------- evaluation: a tokenizer with a chat template, a tiny Llama for it, an eval config
+CORPUS = [
+    "Explain why the sky is blue in simple words.",
+    "The sky looks blue because air scatters blue light more than red light.",
+    "Write a short poem about the sea and the wind.",
+    "Give me three tips for learning a new language quickly.",
+    "하늘이 왜 파란지 쉬운 말로 설명해 주세요.",
+    "공기가 빨간빛보다 파란빛을 더 많이 흩뜨리기 때문에 하늘이 파랗게 보입니다.",
+    "바다와 바람에 대한 짧은 시를 써 주세요.",
+    "새로운 언어를 빨리 배우는 세 가지 방법을 알려 주세요.",
+    "### Instruction:\n\n### Response:\n",
+] * 4
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+ROWS = [
+    {
+        "id": "a",
+        "prompt_en": "Explain why the sky is blue.",
+        "response_en": "Air scatters blue light more than red light.",
+        "prompt_tgt": "하늘이 왜 파란지 설명해 주세요.",
+        "response_tgt": "공기가 파란빛을 더 많이 흩뜨립니다.",
+        "target_lang": "ko",
+    },
+    {
+        "id": "b",
+        "prompt_en": "Write a short poem about the sea.",
+        "response_en": "The sea and the wind sing together.",
+        "prompt_tgt": "바다에 대한 짧은 시를 써 주세요.",
+        "response_tgt": "바다와 바람이 함께 노래합니다.",
+        "target_lang": "ko",
+    },
+    {
+        "id": "c",
+        "prompt_en": "Give me three tips for learning a new language quickly, please.",
+        "response_en": "Practice every day.",
+        "prompt_tgt": "새로운 언어를 빨리 배우는 방법을 알려 주세요.",
+        "response_tgt": "매일 연습하세요. 그리고 많이 들으세요.",
+        "target_lang": "ko",
+    },
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with EOS = id 0 (the `mute` model relies on it) and a chat template."""
+    return make_bpe_tokenizer(
+        CORPUS, vocab_size=420, special_tokens=["</s>", "<s>", "<pad>"], chat_template=CHAT_TEMPLATE
+    )
+
+
+def make_model(tok, seed=0, mute=False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if mute:  # final norm 0 -> all logits 0 -> greedy picks id 0, which is EOS: every response is empty
+        assert tok.eos_token_id == 0
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    return model.eval()
+
+
+def make_cfg(tmp_path, **eval_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.target_lang = "ko"
+    cfg.data.max_length = 128
+    cfg.eval.max_new_tokens = 6
+    cfg.eval.batch_size = 2
+    cfg.eval.output_dir = str(tmp_path / "eval")
+    for k, v in eval_kw.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ LoRA and run configs
+CPU = torch.device("cpu")
+
+
+def lora_policy(lora=None, tied=False, seed=0):
+    hf = tiny_model(seed)
+    if tied:
+        hf.config.tie_word_embeddings = True
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    add_lora_adapters(hf, lora or LoraSettings(r=4, alpha=8.0, dropout=0.0))
+    policy = build_policy(hf, head_impl="torch")
+    info = apply_lora_trainable(policy)
+    return hf, policy, info
+
+
+def full_logits_logps(hf_model, batch) -> torch.Tensor:
+    """Independent: materialized logits in float64, Σ log-softmax at the labels (labels already aligned)."""
+    with torch.no_grad():
+        logits = hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"]
+    logp = torch.log_softmax(logits, -1)
+    mask = labels != -100
+    picked = torch.gather(logp, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def run_config(tmp_path, **overrides) -> RunConfig:
+    sets = {"train.output_dir": str(tmp_path / "run"), "data.target_lang": "sw", **overrides}
+    return load_config(None, sets)
+
+
+# ---------------- chat templates, data configs, tiny models of other families, a cached fake translator, conversations
+TEXTS = [
+    "Explain why the sky is blue.",
+    "The sky looks blue because air scatters short wavelengths more.",
+    "Eleza kwa nini anga ni la buluu.",
+    "Anga linaonekana la buluu kwa sababu hewa hutawanya mawimbi mafupi zaidi.",
+] * 4
+
+
+# Qwen2.5-like ChatML: adds an English system prompt of its own when the conversation has none
+CHATML = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{% set rest = messages[1:] %}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% set rest = messages %}"
+    "{% endif %}"
+    "{% for m in rest %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Llama-3-like: BOS in the template, turns closed by <|eot_id|>, EOS is a different token
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def data_config(tmp_path, **kw):
+    base = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "target_lang": "sw"}
+    return DataConfig(**{**base, **kw})
+
+
+def token_ids(tok, s):
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
+
+
+def save_tiny_model(tmp_path, config_cls_name, model_cls_name, name, **extra):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls_name)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls_name)(config)
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return out
+
+
+class SlowCachedTranslator:
+    """A stand-in for HFTranslator: the shared sqlite cache in front of a slow "model" that tags texts."""
+
+    name = "slow-fake"
+
+    def __init__(self, cache_path, seconds_per_text=0.0):
+        from clo_fast.data.translate import TranslationCache
+
+        self.cache = TranslationCache(cache_path)
+        self.seconds_per_text = seconds_per_text
+        self.translated: list[str] = []  # texts this process ran through the "model"
+
+    def translate(self, texts):
+        done = self.cache.get_many(self.name, "en", "sw", texts)
+        todo = [t for t in dict.fromkeys(texts) if t not in done]
+        for t in todo:
+            time.sleep(self.seconds_per_text)
+            done[t] = f"[sw] {t}"
+        self.cache.put_many(self.name, "en", "sw", [(t, done[t]) for t in todo])
+        self.translated += todo
+        return [done[t] for t in texts]
+
+    def translate_pairs(self, pairs, src, tgt):
+        out = self.translate([p.instruction for p in pairs] + [p.response for p in pairs])
+        return list(zip(out[: len(pairs)], out[len(pairs) :], strict=True))
+
+
+CONVERSATIONS = [
+    {
+        "id": "multi",
+        "messages": [
+            {"role": "system", "content": "You answer about weather."},
+            {"role": "user", "content": "Is it raining?"},
+            {"role": "assistant", "content": "Yes, lightly."},
+            {"role": "user", "content": "Should I take an umbrella?"},
+            {"role": "assistant", "content": "Yes, take a small one."},
+        ],
+    },
+    {
+        "id": "single",
+        "messages": [
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+    },
+]
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,114 @@
+"""clo_fast.config (and the machinery in clo_fast/config_loading.py): bad values, keys and overrides are
+errors naming the file or the --set flag and the field; defaults resolved at load; records keep no secret."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clo_fast.config import ConfigError, LoraSettings, RunConfig, load_config, to_dict
+
+BAD = [
+    ("clo:\n  beta: -1\n", "clo.beta"),
+    ("optim:\n  lr: 0\n", "optim.lr"),
+    ("optim:\n  micro_batch_sizes: 2\n", "optim.micro_batch_sizes: unknown key"),
+    ("train:\n  precision: bf16\n", "train.precision: removed: the precision is stated once, as model.dtype"),
+    ("eval:\n  batch_size: 0\n", "eval.batch_size"),  # at load, not after training (train.run_evaluation)
+    ("data:\n  target_lang: en\n", "data.target_lang"),
+    ("optim:\n  schedule: step\n", "optim.schedule"),
+    ("model:\n  trainable_patterns: []\n", "model.trainable_patterns"),
+    ("optim:\n  betas: [0.9]\n", "optim.betas"),
+    ("clo:\n  mode: ppo\n", "clo.mode"),
+]
+
+
+@pytest.mark.parametrize("text,field", BAD)
+def test_bad_config_names_the_field(tmp_path, text, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(p)
+
+
+def test_override_errors_name_the_flag(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("clo:\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta=-1: clo\.beta: must be in \(0, 10\]"):
+        load_config(p, ["clo.beta=-1"])
+    with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: optim\.lrr: unknown key"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set clo\.beta: expected FIELD=VALUE"):
+        load_config(p, ["clo.beta"])
+    p.write_text("clo:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: clo\.beta"):  # a bad value in the file names the file
+        load_config(p, ["clo.lam=0.3"])
+    assert load_config(p, ["clo.beta=0.5"]).clo.beta == 0.5
+    assert load_config(None, ["data.target_lang=sw"]).data.target_lang == "sw"  # defaults + overrides
+
+
+@pytest.mark.parametrize("field", ["optim.lr=.inf", "clo.beta=.inf", "optim.eps=.nan", "optim.betas=[0.9, .nan]"])
+def test_float_fields_reject_inf_and_nan(field):
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, [field])
+
+
+def test_exponent_without_dot_is_a_number():
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("flag", ["optim.lr=[", "optim.lr.x=1"])
+def test_malformed_overrides_are_config_errors(flag):
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(None, [flag])
+
+
+@pytest.mark.parametrize("field", ["translation_num_beams", "translation_batch_size", "translation_max_length"])
+def test_translation_sizes_must_be_positive(field):
+    with pytest.raises(ConfigError, match=f"data.{field}: must be >= 1, got 0"):
+        load_config(None, [f"data.{field}=0"])
+
+
+def test_run_records_store_no_key_given_in_a_url():
+    cfg = RunConfig()
+    cfg.eval.judge_endpoint = "https://user:pw@judge.example/v1?api-key=abc123"
+    assert to_dict(cfg)["eval"]["judge_endpoint"] == "https://<redacted>@judge.example/v1?<redacted>"
+    assert cfg.eval.judge_endpoint.endswith("abc123")  # the run itself still uses it
+
+
+def test_lora_config_section_is_null_by_default_and_set_turns_it_on(tmp_path):
+    assert load_config(None).model.lora is None
+    cfg = load_config(None, ["model.lora={r: 8}"])
+    assert cfg.model.lora == LoraSettings(r=8)
+    assert cfg.model.lora.target_patterns == [
+        "*self_attn.q_proj",
+        "*self_attn.k_proj",
+        "*self_attn.v_proj",
+        "*self_attn.o_proj",
+    ]
+    with pytest.raises(ConfigError, match=r"--set model.lora=\{r: 0\}: model.lora.r: must be in \[1, 4096\]"):
+        load_config(None, ["model.lora={r: 0}"])
+    with pytest.raises(ConfigError, match="model.lora.dropout"):
+        load_config(None, ["model.lora={dropout: 1.5}"])
+
+
+def test_gpu_defaults_bf16_and_checkpointing_unless_set(monkeypatch):
+    from clo_fast.config import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = ModelConfig()
+    assert (cpu.dtype, cpu.gradient_checkpointing) == ("float32", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = ModelConfig()
+    assert (gpu.dtype, gpu.gradient_checkpointing) == ("bfloat16", True)
+    assert load_config(None, ["model.dtype=float32", "model.gradient_checkpointing=false"]).model.dtype == "float32"
+    assert load_config(None, ["model.gradient_checkpointing=false"]).model.gradient_checkpointing is False
+
+
+def test_system_prompts_must_be_strings(tmp_path):
+    from clo_fast.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  system_prompts: {sw: 3}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: data.system_prompts.sw: must be a string"):
+        load_config(cfg)

@@ -1,0 +1,124 @@
+"""clo_fast.data.build: the text dataset's folder, and the data stage outside collectives (sharded translation
+through the shared cache)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import SlowCachedTranslator, data_config
+
+from clo_fast.data import build_text_dataset
+
+
+def test_save_text_dataset_into_a_user_folder_is_refused(tmp_path):
+    import datasets
+
+    from clo_fast.data.build import save_text_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": ["x"]})})
+    from clo_fast.data.sources import DataError
+
+    with pytest.raises(DataError, match=r"data.output_dir: .*mine: output folder exists and was not created"):
+        save_text_dataset(dsd, {}, mine)
+    assert (mine / "precious.txt").read_text() == "keep"
+
+
+def test_translate_sharded_covers_every_text_own_shard_first(tmp_path):
+    from clo_fast.data.build import translate_sharded
+
+    cfg = data_config(tmp_path, translator="hf", max_examples=20)
+    fake = SlowCachedTranslator(tmp_path / "t.sqlite")
+    translate_sharded(cfg, 1, 3, translator=fake, progress=False)
+    dsd, _ = build_text_dataset(cfg, translator=fake, progress=False)
+    rows = list(dsd["train"]) + list(dsd["eval"])
+    assert len(rows) == 20 and all(r["prompt_tgt"] == f"[sw] {r['prompt_en']}" for r in rows)
+    n_texts = len(fake.translated)
+    assert n_texts == len({t for r in rows for t in (r["prompt_en"], r["response_en"])})  # built: nothing new
+    # rank 1 of 3 starts with its own shard (every third selected pair from the second)
+    from clo_fast.data.build import select_pairs
+    from clo_fast.data.sources import BadRecords
+
+    selected = select_pairs(cfg, BadRecords("error"), {})[0]
+    own = [t for p in selected[1::3] for t in (p.instruction, p.response)]
+    assert fake.translated[: len(set(own))] == list(dict.fromkeys(own))
+
+
+COLLECTIVES = (
+    "barrier", "all_reduce", "broadcast", "all_gather", "all_gather_object", "all_gather_into_tensor",
+    "broadcast_object_list", "gather", "gather_object", "scatter", "scatter_object_list", "reduce",
+    "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "monitored_barrier",
+)  # fmt: skip
+
+
+def _prepare_in_world(rank, world, port, tmp, out_dir):
+    """One rank of a gloo world: runs the trainer's data stage with a translator that needs 0.05 s per text,
+    every torch.distributed collective counted while it runs (the property: none, so no rank can wait in one while
+    another translates; proved by the count, not by racing a collective timeout), then a barrier and a gather."""
+    import datetime
+    import json
+    import pathlib
+
+    import torch
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    import clo_fast.data.translate as translate_module
+    from clo_fast.config import load_config
+    from clo_fast.train import Run
+
+    fake = SlowCachedTranslator(pathlib.Path(tmp) / "cache" / "translations.sqlite", seconds_per_text=0.05)
+    translate_module.make_translator = lambda cfg, progress=True: fake
+    cfg = load_config(pathlib.Path(tmp) / "run.yaml")
+    run = Run(cfg, pathlib.Path(tmp) / "run.yaml", None)
+    run.device = torch.device("cpu")  # set by Run.setup, skipped here: the data stage picks the packing for it
+    collectives = []
+    names = [n for n in COLLECTIVES if hasattr(tdist, n)]
+    originals = {n: getattr(tdist, n) for n in names}
+    for n in names:
+        setattr(tdist, n, lambda *a, _n=n, **k: collectives.append(_n) or originals[_n](*a, **k))
+    tdist.barrier()  # both ranks start the data stage together (outside it: not counted)
+    collectives.clear()
+    try:
+        run.data()
+    finally:
+        held = list(collectives)
+        for n in names:
+            setattr(tdist, n, originals[n])
+    tdist.barrier()
+    counts = [None] * world
+    tdist.all_gather_object(counts, (len(fake.translated), len(run.train_ds), held))
+    if rank == 0:
+        pathlib.Path(out_dir, "result.json").write_text(json.dumps(counts))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_stage_holds_no_collective_and_shares_translation(tmp_path, llama3_tok):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tok_dir = tmp_path / "tok"
+    llama3_tok.save_pretrained(tok_dir)
+    (tmp_path / "run.yaml").write_text(
+        f"model: {{name_or_path: {tok_dir}}}\n"
+        f"data: {{translator: hf, target_lang: sw, max_examples: 120, cache_dir: {tmp_path / 'cache'}, "
+        f"output_dir: {tmp_path / 'data'}, template: chat}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_prepare_in_world, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    (n0, train0, held0), (n1, train1, held1) = json.loads((tmp_path / "result.json").read_text())
+    assert held0 == held1 == []  # no collective in the data stage, on either rank
+    n_texts = 240  # 120 pairs of distinct texts
+    assert train0 == train1 > 0
+    # the two ranks shared the work: each translated a good part, together about all (little overlap)
+    assert n0 >= n_texts // 3 and n1 >= n_texts // 3 and n_texts <= n0 + n1 <= n_texts + 4 * 16 * 2

@@ -1,0 +1,136 @@
+"""clo_fast.training.distributed: launchers and process groups, RNG state, one shared output folder,
+computed_on_rank0."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from clo_fast.config import ConfigError
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    from clo_fast.training.distributed import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_pickle_planted_as_rng_state_is_not_executed(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with open(tmp_path / "rng.pt", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _probe_worker(rank, init_file, folders, results):
+    import torch.distributed as tdist
+
+    from clo_fast.training.distributed import check_shared_output_dir
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_shared_output_dir(folders[rank])
+        results[rank] = "ok"
+    except ConfigError as e:
+        results[rank] = str(e)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
+    """Two gloo ranks in-process: with node-local folders (each rank its own), every rank stops with a clear
+    error; with one shared folder both go on and the probes are removed."""
+    import torch.multiprocessing as mp
+
+    folders = [tmp_path / "a", tmp_path / "a" if shared else tmp_path / "b"]
+    for f in folders:
+        f.mkdir(exist_ok=True)
+    results = mp.Manager().dict()
+    mp.spawn(_probe_worker, args=(str(tmp_path / "init"), [str(f) for f in folders], results), nprocs=2)
+    if shared:
+        assert dict(results) == {0: "ok", 1: "ok"}
+    else:
+        for r in (0, 1):
+            assert "rank 0 cannot see the files written there by rank(s) [1]" in results[r]
+            assert "one filesystem shared by every node" in results[r]
+    assert not list(tmp_path.rglob(".probe-*"))
+
+
+def _rank0_worker(rank, init_file, results):
+    import torch.distributed as tdist
+
+    from clo_fast.training.distributed import computed_on_rank0
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = []
+    try:
+        value = computed_on_rank0(lambda: calls.append(rank) or {"hashed_by": rank})
+        try:
+            computed_on_rank0(lambda: 1 / 0)
+            failed = None
+        except RuntimeError as e:
+            failed = str(e)
+        results[rank] = (value, calls, failed)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_computed_on_rank0_runs_once_and_hands_the_result_or_the_error_to_every_rank(tmp_path):
+    """The reference cache key hashes the model's files on rank 0 only; the others get the same key, and an
+    error there reaches every rank instead of leaving them to a collective timeout."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_rank0_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == ({"hashed_by": 0}, [0], "on rank 0: ZeroDivisionError: division by zero")
+    assert results[1] == ({"hashed_by": 0}, [], "on rank 0: ZeroDivisionError: division by zero")
+
+
+def test_plain_python_gets_a_one_process_group_without_mpi():
+    """`python clo_fast/train.py` has no launcher environment: DeepSpeed would go to MPI discovery (mpi4py)."""
+    import os
+    import subprocess
+    import sys
+
+    from clo_fast.training.distributed import LAUNCHER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    code = (
+        "from clo_fast.training.distributed import init_process_group; import torch.distributed as d; "
+        "dev = init_process_group(); print('group', d.get_rank(), d.get_world_size(), dev.type)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "group 0 1 cpu" in r.stdout
+
+
+def test_launcher_environment_is_left_alone(monkeypatch):
+    from clo_fast.training.distributed import single_process_env
+
+    monkeypatch.setenv("RANK", "3")
+    assert single_process_env() == {}
+    monkeypatch.delenv("RANK")
+    env = single_process_env()
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0

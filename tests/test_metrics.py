@@ -1,0 +1,84 @@
+"""clo_fast.training.metrics: every train.report_to name has a logger, each writes offline, JSONL on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run_config
+
+from clo_fast.config import ConfigError, load_config
+
+
+def test_every_report_to_name_has_a_logger():
+    from clo_fast.config import REPORTERS
+    from clo_fast.training.metrics import LOGGERS
+
+    assert set(REPORTERS) == set(LOGGERS)
+    with pytest.raises(ConfigError, match="train.report_to: unknown 'neptune'"):
+        load_config(None, ["train.report_to=[jsonl, neptune]"])
+    with pytest.raises(ConfigError, match="train.tensorboard: removed: list tensorboard in train.report_to"):
+        load_config(None, ["train.tensorboard=true"])
+
+
+RECORDS = [(1, {"loss": 0.75, "rewards/accuracies": 0.5}), (2, {"loss": 0.5, "samples/sw": "Habari ya leo?"})]
+
+
+def test_all_loggers_write_offline(tmp_path, monkeypatch):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from clo_fast.training.metrics import MetricsSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = run_config(
+        tmp_path, **{"train.report_to": ["jsonl", "tensorboard", "wandb", "mlflow"], "train.run_name": "r1"}
+    )
+    out = tmp_path / "run"
+    out.mkdir()
+    sink = MetricsSink(cfg, 0)
+    for step, rec in RECORDS:
+        sink.write(step, rec)
+    sink.close()
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": s, **r} for s, r in RECORDS]
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.75), (2, 0.5)]
+
+    run_id = (out / "wandb_run_id").read_text()
+    # the offline run log (what `wandb sync` uploads) holds the history records: keys and JSON values as text
+    (log_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    raw = log_file.read_bytes()
+    assert b"rewards/accuracies" in raw and b"0.75" in raw
+    (sample,) = (log_file.parent / "files" / "media").rglob("*.html")  # the sample text, as W&B HTML media
+    assert "Habari ya leo?" in sample.read_text()
+    assert b"target_lang" in raw  # the run config
+
+    client = mlflow.tracking.MlflowClient((out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("clo-fast").experiment_id])
+    assert run.info.run_name == "r1" and run.data.params["data.target_lang"] == "sw"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.75), (2, 0.5)]
+    assert (
+        "Habari"
+        in (out / "mlruns")
+        .joinpath(run.info.experiment_id, run.info.run_id, "artifacts", "samples", "step_0000002_samples_sw.txt")
+        .read_text()
+    )
+
+
+def test_jsonl_logger_drops_lines_after_the_resumed_checkpoint(tmp_path):
+    from clo_fast.training.metrics import MetricsSink
+
+    cfg = run_config(tmp_path, **{"train.report_to": ["jsonl"]})
+    (tmp_path / "run").mkdir()
+    sink = MetricsSink(cfg, 0)
+    for step in (1, 2, 3):
+        sink.write(step, {"loss": float(step)})
+    resumed = MetricsSink(cfg, 2)
+    resumed.write(3, {"loss": 30.0})
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
