@@ -112,6 +112,18 @@ def test_each_set_of_choices_is_stated_once():
     assert config.REPORTERS is constants.REPORTERS and set(metrics.LOGGERS) == set(constants.REPORTERS)
 
 
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers.py (and fixtures in tests/conftest.py), never in a test file."""
+    tests = Path(__file__).resolve().parent
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            wrong += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith(("test_", "conftest"))]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_every_cited_file_exists():
     """Code and docs cite files by path (e.g. docs/DESIGN.md §3): each must be in the repository."""
     import re

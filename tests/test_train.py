@@ -1,8 +1,9 @@
 """The trainer end to end: 2 CPU ranks (gloo) through the `deepspeed` launcher, as users run it.
 
 One uninterrupted demo run (A) is shared by most checks; a crashed-then-resumed run (B) and a 1-rank run
-with twice the accumulation (C) are compared with it. Fast checks (config errors, schedule, sampler) run
-in-process.
+with twice the accumulation (C) are compared with it; other launched runs (a diverging run, LoRA under ZeRO-3,
+a plain `python` launch, a cold cache) check what only a whole run shows. The config's errors, the schedule and
+the sampler are checked in-process in tests/test_config.py, tests/test_optim.py and tests/test_sampler.py.
 """
 
 from __future__ import annotations
