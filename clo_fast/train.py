@@ -30,9 +30,42 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
+from tqdm.auto import tqdm
 
 from clo_fast.atomic import OutputDirError
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
+from clo_fast.data import build_text_dataset, tokenize_dataset
+from clo_fast.data.build import translate_sharded
+from clo_fast.data.collate import check_token_range
+from clo_fast.data.sources import DataError
+from clo_fast.data.split import require_examples
+from clo_fast.data.translate import TranslationError
+from clo_fast.evaluate import evaluate_models
+from clo_fast.evaluate.probe import FidelityProbe
+from clo_fast.model import load_policy
+from clo_fast.pretrained import load_tokenizer, resolve_model_path_without_collective
+from clo_fast.training import distributed as dist
+from clo_fast.training.batches import MicroBatcher, resolve_packing
+from clo_fast.training.checkpoint import (
+    check_resume_progress,
+    checkpoint_root,
+    load_checkpoint,
+    prepare_output_dir,
+    prepare_resume,
+    save_checkpoint,
+)
+from clo_fast.training.distributed import barrier, log0, maybe_crash, rank, test_poisoned, world_size
+from clo_fast.training.ds_config import build_ds_config
+from clo_fast.training.export import add_evaluation_to_card, export_hf
+from clo_fast.training.metrics import MetricsSink, StepLog, format_metrics
+from clo_fast.training.optim import build_optimizer
+from clo_fast.training.reference import with_reference_logps
+from clo_fast.training.sampler import StepSampler
+from clo_fast.training.scoring import held_out_loss
+from clo_fast.training.step import LossSetup, NonFiniteError, NonFiniteGuard, train_step
+
+# deepspeed and transformers (seconds to import) are imported where first used, so a config error fails at once
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -108,10 +141,6 @@ class Run:
         self.resume_point = None
 
     def setup(self) -> None:
-        from clo_fast.training import distributed as dist
-        from clo_fast.training.ds_config import build_ds_config
-        from clo_fast.training.step import LossSetup
-
         t = self.cfg.train
         check_environment(self.cfg, self.config_path)
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
@@ -124,18 +153,12 @@ class Run:
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
         self.out_dir = Path(t.output_dir)
-        from clo_fast.training.checkpoint import prepare_output_dir
-
         # refuses a folder that is not ours or holds checkpoints (without --resume); locks it
         self.lock = dist.rank0_checked(lambda: prepare_output_dir(self.cfg, self.resume))
         dist.check_shared_output_dir(self.out_dir)
         if self.resume:  # verified and checked against this config now, not after data, model and reference pass
-            from clo_fast.training.checkpoint import prepare_resume
-
             self.resume_point = prepare_resume(self.cfg, self.resume, allow_unverified=self.resume_unverified)
         if dist.rank() == 0:
-            import yaml
-
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
         c = self.cfg.clo
@@ -148,14 +171,6 @@ class Run:
         """Text dataset, tokenizer, tokenized splits, batch order. No collective here (a rank waiting in one
         times out while another translates or builds): the ranks translate shards through the shared cache,
         then each builds and tokenizes (caches written atomically, first writer wins)."""
-        from clo_fast.data import build_text_dataset, tokenize_dataset
-        from clo_fast.data.build import translate_sharded
-        from clo_fast.data.split import require_examples
-        from clo_fast.pretrained import load_tokenizer, resolve_model_path_without_collective
-        from clo_fast.training.batches import MicroBatcher, resolve_packing
-        from clo_fast.training.distributed import log0, rank, world_size
-        from clo_fast.training.sampler import StepSampler
-
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
         texts = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)[0]
@@ -188,8 +203,6 @@ class Run:
             )
         self.total_steps = o.max_steps or o.epochs * self.sampler.steps_per_epoch
         if self.resume_point is not None:
-            from clo_fast.training.checkpoint import check_resume_progress
-
             folder, state, _ = self.resume_point
             check_resume_progress(state, self.total_steps, folder)
         n_eval = len(self.eval_ds) if self.eval_ds else 0
@@ -202,12 +215,6 @@ class Run:
         """ZeRO-3 partitioned while loading, frozen but for trainable_patterns, fused head; the engine; the
         reference log-probs (the engine still holds the starting weights); resume."""
         import deepspeed
-
-        from clo_fast.model import load_policy
-        from clo_fast.training.checkpoint import load_checkpoint
-        from clo_fast.training.distributed import log0
-        from clo_fast.training.optim import build_optimizer
-        from clo_fast.training.reference import with_reference_logps
 
         cfg = self.cfg
         policy, info, _, self._keepalive = load_policy(
@@ -229,13 +236,9 @@ class Run:
         self.step = load_checkpoint(self.engine, cfg, self.resume, prepared=self.resume_point) if self.resume else 0
         self.fidelity = None
         if cfg.train.fidelity_prompts and self.eval_records:
-            from clo_fast.evaluate.probe import FidelityProbe
-
             self.fidelity = FidelityProbe(cfg, self.tokenizer, self.eval_records)
 
     def evaluate_loss(self, step: int) -> None:
-        from clo_fast.training.scoring import held_out_loss
-
         m = held_out_loss(
             self.engine, self.eval_ds, self.collate, self.cfg.optim.micro_batch_examples, self.device, self.loss_setup
         )
@@ -245,14 +248,6 @@ class Run:
         self.last_metrics.update({k: v for k, v in m.items() if not isinstance(v, str)})
 
     def train(self) -> None:
-        from tqdm.auto import tqdm
-
-        from clo_fast.data.collate import check_token_range
-        from clo_fast.training.checkpoint import save_checkpoint
-        from clo_fast.training.distributed import log0, maybe_crash, rank, test_poisoned, world_size
-        from clo_fast.training.metrics import MetricsSink, StepLog
-        from clo_fast.training.step import NonFiniteGuard, train_step
-
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
         if self.eval_ds is not None and t.eval_steps > 0 and self.step == 0:
@@ -313,11 +308,6 @@ class Run:
 
     def finish(self) -> None:
         """HF export, final report, process group down, then the optional evaluation on rank 0."""
-        from clo_fast.training.checkpoint import checkpoint_root
-        from clo_fast.training.distributed import barrier, rank, world_size
-        from clo_fast.training.export import export_hf
-        from clo_fast.training.metrics import format_metrics
-
         cfg = self.cfg
         summary = {
             "steps": self.step,
@@ -343,8 +333,6 @@ class Run:
     def evaluate_models(self, export: Path) -> None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from clo_fast.evaluate import evaluate_models
-
         del self.engine, self._keepalive
         unset_hf_deepspeed_config()  # plain (non-ZeRO) from_pretrained for the evaluation models
         if self.device.type == "cuda":
@@ -356,14 +344,13 @@ class Run:
         )
         table = Path(report["files"]["markdown"]).read_text()
         print(table)  # the before/after table
-        from clo_fast.training.export import add_evaluation_to_card
 
         add_evaluation_to_card(export, self.cfg, table)  # the model card gains it too
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # validated before anything heavy is imported, so a bad field fails in a second
+    # validated before deepspeed and transformers are imported, so a bad field fails in a second
     cfg = load_config(args.config, args.set)
     if args.resume_unverified and not args.resume:
         raise ConfigError("--resume-unverified applies to --resume only")
@@ -383,15 +370,10 @@ if __name__ == "__main__":
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except ValueError as e:  # bad input data or translation set-up: named by the message, no traceback
-        from clo_fast.data.sources import DataError
-        from clo_fast.data.translate import TranslationError
-
         if not isinstance(e, (DataError, TranslationError)):
             raise
         print(f"[train] data error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except RuntimeError as e:
-        if type(e).__name__ != "NonFiniteError":
-            raise
+    except NonFiniteError as e:
         print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
