@@ -29,8 +29,6 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-IGNORE = -100
-
 # Llama-3.2-1B's shape (LlamaConfig fields): the step benchmark's and the GPU smoke run's model, random weights
 LLAMA_3_2_1B = {
     "hidden_size": 2048,

@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from clo_fast.constants import IGNORE_INDEX, LOSS_TYPES
 from clo_fast.ops import token_logps
 
-_DIRECTIONS = {"en": (0, 1), "tgt": (2, 3)}
-
 
 def preference_loss(margins: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """Per-triple loss of the preference term from margins Δ = β·(chosen − rejected log-ratio)."""

@@ -14,7 +14,7 @@ from helpers import (
     write_jsonl,
 )
 
-from clo_fast.data import build_text_dataset, tokenize_dataset
+from clo_fast.data import build_text_dataset, format_prompt, tokenize_dataset
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -199,7 +199,7 @@ def test_chat_template_and_item_prompts(saved, tmp_path):
     cfg = make_cfg(tmp_path, max_new_tokens=3)
     cfg.data.template = "chat"
     _, tok = E.load_model(saved["base"], cfg)
-    s = E.format_prompt(tok, "Hi there", cfg.data)
+    s = format_prompt("Hi there", tok, cfg.data)
     assert s == "<s><|user|>\nHi there</s>\n<|assistant|>\n"
     ids = E.encode_prompt(tok, "Hi there", cfg.data)
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # no second BOS

@@ -52,7 +52,7 @@ from clo_fast.evaluate.judge import (
     parse_verdict,
 )
 from clo_fast.evaluate.models import load_model
-from clo_fast.evaluate.prompts import encode_item, encode_prompt, format_prompt, load_eval_prompts, normalize_prompts
+from clo_fast.evaluate.prompts import encode_item, encode_prompt, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import render_markdown, write_report
 from clo_fast.evaluate.run import evaluate_models, parse_model_specs
 
@@ -63,7 +63,6 @@ __all__ = [
     "encode_item",
     "encode_prompt",
     "evaluate_models",
-    "format_prompt",
     "generate_responses",
     "http_judge",
     "judge_pairwise",

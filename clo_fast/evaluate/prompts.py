@@ -10,8 +10,7 @@ from pathlib import Path
 
 from clo_fast.config import RunConfig
 from clo_fast.data.sources import CHAT_ROLES
-from clo_fast.data.tokenize import format_prompt as data_format_prompt
-from clo_fast.data.tokenize import special_prefix
+from clo_fast.data.tokenize import format_prompt, special_prefix
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.language_id import normalize_lang
 
@@ -78,18 +77,11 @@ def read_prompts_file(path: str | Path) -> list[dict]:
         raise EvalError(f"{path}: not valid JSON: {e}") from None
 
 
-def format_prompt(tokenizer, text: str, data_cfg, lang: str | None = None, context: list[dict] | None = None) -> str:
-    """The prompt string exactly as training formats it (`clo_fast.data.format_prompt`):
-    template=plain: data.prompt_template; template=chat: the tokenizer's chat template; with the system prompt
-    configured for `lang` (data.system_prompts / data.system_prompt) and the conversation's earlier turns."""
-    return data_format_prompt(text, tokenizer, data_cfg, lang, context)
-
-
 def encode_prompt(tokenizer, text: str, data_cfg, lang: str | None = None, context: list[dict] | None = None):
     """Prompt token ids as `clo_fast.data.tokenize_dataset` builds them: template=plain gets the tokenizer's
     special prefix (BOS) before the text; a chat template writes its own, so nothing is added there."""
     prefix = special_prefix(tokenizer) if data_cfg.template == "plain" else []
-    text = format_prompt(tokenizer, text, data_cfg, lang, context)
+    text = format_prompt(text, tokenizer, data_cfg, lang, context)
     return prefix + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
