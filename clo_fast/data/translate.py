@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from clo_fast.data.language_codes import FLORES_CODES, ISO1_FROM_FLORES, marian_candidates
+
 __all__ = [
     "TranslationError",
     "UnknownLanguageError",
@@ -150,92 +152,6 @@ class ColumnsTranslator:
 
 
 # ------------------------------------------------------------------------------- language codes
-# ISO 639-1 -> FLORES-200 (NLLB) codes for the common cases; users may also give FLORES codes directly.
-_FLORES = {
-    "en": "eng_Latn",
-    "ko": "kor_Hang",
-    "sw": "swh_Latn",
-    "zh": "zho_Hans",
-    "de": "deu_Latn",
-    "id": "ind_Latn",
-    "yo": "yor_Latn",
-    "fr": "fra_Latn",
-    "es": "spa_Latn",
-    "ja": "jpn_Jpan",
-    "ru": "rus_Cyrl",
-    "ar": "arb_Arab",
-    "hi": "hin_Deva",
-    "pt": "por_Latn",
-    "it": "ita_Latn",
-    "vi": "vie_Latn",
-    "th": "tha_Thai",
-    "tr": "tur_Latn",
-    "nl": "nld_Latn",
-    "pl": "pol_Latn",
-    "uk": "ukr_Cyrl",
-    "bn": "ben_Beng",
-    "ta": "tam_Taml",
-    "te": "tel_Telu",
-    "ur": "urd_Arab",
-    "fa": "pes_Arab",
-    "he": "heb_Hebr",
-    "el": "ell_Grek",
-    "cs": "ces_Latn",
-    "sv": "swe_Latn",
-    "fi": "fin_Latn",
-    "da": "dan_Latn",
-    "hu": "hun_Latn",
-    "ro": "ron_Latn",
-    "ms": "zsm_Latn",
-    "tl": "tgl_Latn",
-    "am": "amh_Ethi",
-    "ha": "hau_Latn",
-    "ig": "ibo_Latn",
-    "zu": "zul_Latn",
-    "xh": "xho_Latn",
-    "so": "som_Latn",
-    "rw": "kin_Latn",
-    "bg": "bul_Cyrl",
-    "ca": "cat_Latn",
-    "hr": "hrv_Latn",
-    "sk": "slk_Latn",
-    "sl": "slv_Latn",
-    "sr": "srp_Cyrl",
-    "lt": "lit_Latn",
-    "lv": "lvs_Latn",
-    "et": "est_Latn",
-    "no": "nob_Latn",
-    "nb": "nob_Latn",
-    "mr": "mar_Deva",
-    "gu": "guj_Gujr",
-    "kn": "kan_Knda",
-    "ml": "mal_Mlym",
-    "pa": "pan_Guru",
-    "ne": "npi_Deva",
-}
-_ISO1_FROM_FLORES = {v: k for k, v in _FLORES.items()}
-# Macrolanguage / alternative 3-letter codes Marian models may use.
-_ISO3_ALT = {
-    "sw": ["swa", "swh"],
-    "zh": ["zho", "cmn"],
-    "ar": ["ara", "arb"],
-    "fa": ["fas", "pes"],
-    "ms": ["msa", "zsm"],
-    "no": ["nor", "nob"],
-    "lv": ["lav", "lvs"],
-    "et": ["est", "ekk"],
-}
-
-
-def _marian_candidates(code: str) -> list[str]:
-    iso1 = _ISO1_FROM_FLORES.get(code, code)
-    cands = [code, iso1]
-    if iso1 in _FLORES:
-        cands.append(_FLORES[iso1].split("_")[0])
-    cands += _ISO3_ALT.get(iso1, [])
-    return list(dict.fromkeys(cands))
-
-
 def model_family(tokenizer: Any) -> str:
     """m2m100 | nllb | marian, from the tokenizer class (NLLB checkpoints use the m2m_100 model type)."""
     name = type(tokenizer).__name__.lower()
@@ -265,10 +181,10 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
     if family in ("m2m100", "nllb"):
         if family == "m2m100":  # ISO 639-1 codes ("sw"), token ids through get_lang_id
             known = list(getattr(tokenizer, "lang_code_to_id", {}) or {})
-            table, token_id = _ISO1_FROM_FLORES, tokenizer.get_lang_id
+            table, token_id = ISO1_FROM_FLORES, tokenizer.get_lang_id
         else:  # FLORES-200 codes ("swh_Latn"), which are tokens of the vocabulary
             known = [t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
-            table, token_id = _FLORES, tokenizer.convert_tokens_to_ids
+            table, token_id = FLORES_CODES, tokenizer.convert_tokens_to_ids
         codes = {}
         for which, code in (("source", src), ("target", tgt)):
             codes[which] = table.get(code, code)
@@ -283,16 +199,16 @@ def resolve_language_codes(family: str, src: str, tgt: str, tokenizer: Any, mode
     if family == "marian":
         supported = list(getattr(tokenizer, "supported_language_codes", None) or [])
         if supported:  # multi-target model: the target is chosen by a ">>xxx<<" prefix
-            for c in _marian_candidates(tgt):
+            for c in marian_candidates(tgt):
                 if f">>{c}<<" in supported:
                     return {"src": src, "tgt": c, "prefix": f">>{c}<< ", "forced_bos_token_id": None}
             raise unknown(tgt, "target", [s[2:-2] for s in supported])
         # single-pair model: the pair is in the name, e.g. Helsinki-NLP/opus-mt-en-sw
         m = re.search(r"opus-mt-(?:tc-big-)?([A-Za-z_]+)-([A-Za-z_]+)", str(model_name))
         if m:
-            if m.group(1) not in _marian_candidates(src):
+            if m.group(1) not in marian_candidates(src):
                 raise unknown(src, "source", [m.group(1)])
-            if m.group(2) not in _marian_candidates(tgt):
+            if m.group(2) not in marian_candidates(tgt):
                 raise unknown(tgt, "target", [m.group(2)])
         return {"src": src, "tgt": tgt, "prefix": "", "forced_bos_token_id": None}
     raise TranslationError(f"unknown translation model family {family!r}")
