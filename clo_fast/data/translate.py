@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from clo_fast import language_id
 from clo_fast.data.language_codes import FLORES_CODES, ISO1_FROM_FLORES, marian_candidates
 
 __all__ = [
@@ -42,8 +43,9 @@ class TranslationError(ValueError):
     """Translation cannot run as configured (bad model, bad language, ...)."""
 
 
-class UnknownLanguageError(TranslationError):
-    """A language code is not known to the chosen translation model."""
+class UnknownLanguageError(TranslationError, language_id.UnknownLanguageError):
+    """A language code is not known to the chosen translation model (a translation error, and the same kind of
+    error as an unknown code anywhere else: `except clo_fast.language_id.UnknownLanguageError` catches both)."""
 
 
 # ------------------------------------------------------------------------------------------ cache
