@@ -2,7 +2,7 @@
 
 Variants (all: the same random Llama-shaped model, attention q/k/v/o trainable, AdamW, the same examples per
 step, reference log-probs precomputed — a constant per sequence, as TRL's `precompute_ref_log_probs`):
-  today               padded micro-batches, every padded row through the fused head (main before issue #10)
+  padded_full_head    padded micro-batches, every padded row through the fused head (main before issue #10)
   none                padded micro-batches, only labelled rows through the head
   padding_free        every sequence of a micro-batch once in one stream
   prefix_shared       each prompt once, followed by both of its responses
@@ -33,7 +33,7 @@ CPU timing: the machine may be shared, so step_ms comes from one process that ru
 round-robin, the order rotated every round (median wall time of --steps rounds after --warmup, with p10/p90
 and min; step_ms_own_process is the variant's one step in its own process), and step_cpu_ms is that
 process's CPU time per step (one thread by default: the work itself, little disturbed by other load).
-"paired_round_ratios": per round, none's (today's) step time over the packed mode's in the same round, then
+"paired_round_ratios": per round, none's (padded_full_head's) step time over the packed mode's in the same round, then
 the median and p10/p90 of those ratios (both steps of a pair saw the same load). host_build_ms: building
 one step's micro-batches on the host (done before timing for every variant, so not in step_ms). CUDA: the
 median of --steps.
@@ -62,22 +62,16 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from common import LLAMA_3_2_1B  # noqa: E402
+from common import LLAMA_3_2_1B, machine_info, quantile  # noqa: E402
+
+from clo_fast.constants import ATTENTION_ONLY_PATTERNS  # noqa: E402
+from clo_fast.demo_model import MODEL_SHAPE as DEMO_MODEL_SHAPE  # noqa: E402
+from clo_fast.demo_model import VOCAB_SIZE as DEMO_VOCAB_SIZE  # noqa: E402
 
 SHAPES = {
     # name: LlamaConfig fields. "demo": the demo model's shape (clo_fast/demo_model.py MODEL_SHAPE, its
     # 2048-token vocabulary), i.e. the demo config's step; "cpu-small": a head-heavier small shape (V = 32000)
-    "demo": {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 2048,
-        "tie_word_embeddings": True,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-    },
+    "demo": {**DEMO_MODEL_SHAPE, "vocab_size": DEMO_VOCAB_SIZE},
     "cpu-small": {
         "hidden_size": 256,
         "intermediate_size": 688,
@@ -99,8 +93,8 @@ SHAPES = {
         "tie_word_embeddings": True,
     },
 }
-ATTN_ONLY = ["*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*"]
-VARIANTS = ("today", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")
+ATTN_ONLY = list(ATTENTION_ONLY_PATTERNS)
+VARIANTS = ("padded_full_head", "none", "padding_free", "prefix_shared", "trl_liger", "materialized_logits")
 PACKED = ("padding_free", "prefix_shared")
 BETA, LAM = 0.1, 0.5
 PAD_ID, EOS_ID = 0, 2
@@ -176,7 +170,7 @@ def step_groups(variant: str, examples: list[dict], a) -> list[list[int]]:
 
     n = len(examples)
     count = -(-n // a.micro)
-    mode = "none" if variant in ("today", "none", "trl_liger", "materialized_logits") else variant
+    mode = "none" if variant in ("padded_full_head", "none", "trl_liger", "materialized_logits") else variant
     if a.split == "trainer":
         return [g for g in balance_micro_batches(examples, mode, count) if g]
     if variant in PACKED:
@@ -253,12 +247,12 @@ def build_step(variant: str, model, examples: list[dict], ref, a, device):
 
         return step, stats, model
 
-    # ours: today / none / padding_free / prefix_shared through CLOPolicy
+    # ours: padded_full_head / none / padding_free / prefix_shared through CLOPolicy
     from clo_fast.loss import clo_loss
 
     policy = build_policy(model, head_impl=a.impl)
     apply_trainable_patterns(policy, ATTN_ONLY)
-    mode = "none" if variant == "today" else variant
+    mode = "none" if variant == "padded_full_head" else variant
     batches = [
         build_packed_batch(
             [examples[i] for i in g], mode, PAD_ID, pad_to_multiple_of=a.pad_to if mode == "none" else a.stream_pad
@@ -266,18 +260,21 @@ def build_step(variant: str, model, examples: list[dict], ref, a, device):
         for g in groups
     ]
     stats["body_tokens"] = sum(b.body_tokens for b in batches)
-    stats["head_rows"] = stats["body_tokens"] if variant == "today" else sum(b.head_row_count for b in batches)
+    stats["head_rows"] = (
+        stats["body_tokens"] if variant == "padded_full_head" else sum(b.head_row_count for b in batches)
+    )
     sft_den = float(sum(int(b.response_tokens[:, 2].sum()) for b in batches))
     cl_den = 2.0 * n
     batches = [b.to(device) for b in batches]
-    if variant == "today":  # the padded batch through the head whole: labels [4B,T] as collate_clo makes them
-        today = [_padded(examples, g, a, device) for g in groups]
+    full_head = variant == "padded_full_head"
+    if full_head:  # the padded batch through the head whole: labels [4B,T] as collate_clo makes them
+        padded = [_padded(examples, g, a, device) for g in groups]
 
     def step():
         total = 0.0
         for i, (g, b) in enumerate(zip(groups, batches, strict=False)):
-            if variant == "today":
-                d = today[i]
+            if full_head:
+                d = padded[i]
                 logps = policy(d["input_ids"], d["attention_mask"], d["labels"])
             else:
                 logps = policy(b)
@@ -576,20 +573,11 @@ def peak_flops(device, dtype) -> dict:
     }
 
 
-def _pct(xs: list[float], q: float) -> float:
-    """The q-quantile of xs (linear interpolation between order statistics)."""
-    ys = sorted(xs)
-    k = (len(ys) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(ys) - 1)
-    return ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
-
-
 def _spread(prefix: str, xs: list[float]) -> dict:
     return {
         prefix: round(statistics.median(xs), 2),
-        f"{prefix}_p10": round(_pct(xs, 0.1), 2),
-        f"{prefix}_p90": round(_pct(xs, 0.9), 2),
+        f"{prefix}_p10": round(quantile(xs, 0.1), 2),
+        f"{prefix}_p90": round(quantile(xs, 0.9), 2),
         f"{prefix}_min": round(min(xs), 2),
     }
 
@@ -600,9 +588,9 @@ def host_build_ms(variant: str, examples: list[dict], a, repeats: int = 5) -> fl
     on the host every step."""
     from clo_fast.packing import build_packed_batch
 
-    if variant not in ("today", "none") + PACKED:
+    if variant not in ("padded_full_head", "none") + PACKED:
         return None
-    mode = "none" if variant == "today" else variant
+    mode = "none" if variant == "padded_full_head" else variant
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -676,52 +664,34 @@ def interleaved_step_ms(variants: list[str], profile: str, a) -> dict:
         }
     paired = {}
     for mode in PACKED + ("none",):
-        for base in ("none", "today"):
+        for base in ("none", "padded_full_head"):
             if mode in live and base in live and mode != base:
                 r = [tb / tm for tb, tm in zip(times[base], times[mode], strict=True)]
                 rc = [tb / tm for tb, tm in zip(cpu_times[base], cpu_times[mode], strict=True)]
                 paired[f"{mode}_vs_{base}"] = {
                     "wall_ratio_median": round(statistics.median(r), 3),
-                    "wall_ratio_p10": round(_pct(r, 0.1), 3),
-                    "wall_ratio_p90": round(_pct(r, 0.9), 3),
+                    "wall_ratio_p10": round(quantile(r, 0.1), 3),
+                    "wall_ratio_p90": round(quantile(r, 0.9), 3),
                     "cpu_ratio_median": round(statistics.median(rc), 3),
-                    "cpu_ratio_p10": round(_pct(rc, 0.1), 3),
-                    "cpu_ratio_p90": round(_pct(rc, 0.9), 3),
+                    "cpu_ratio_p10": round(quantile(rc, 0.1), 3),
+                    "cpu_ratio_p90": round(quantile(rc, 0.9), 3),
                 }
     out["_paired"] = paired
     return out
 
 
 # --------------------------------------------------------------------------------------- reporting
-def machine(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
-
-
 def summarize(results: dict) -> dict:
     """Ratios the issue's targets are stated in, per profile."""
     out = {}
     for profile, res in results.items():
         s = {}
-        if "prefix_shared" in res and "today" in res:
-            s["prefix_shared_body_tokens_vs_today"] = round(
-                res["prefix_shared"]["body_tokens_per_example"] / res["today"]["body_tokens_per_example"], 3
+        if "prefix_shared" in res and "padded_full_head" in res:
+            s["prefix_shared_body_tokens_vs_padded_full_head"] = round(
+                res["prefix_shared"]["body_tokens_per_example"] / res["padded_full_head"]["body_tokens_per_example"], 3
             )
         for mode in PACKED + ("none",):
-            for base in ("none", "today", "trl_liger"):
+            for base in ("none", "padded_full_head", "trl_liger"):
                 if mode in res and base in res and mode != base:
                     s[f"{mode}_speedup_vs_{base}"] = round(res[base]["step_ms"] / res[mode]["step_ms"], 3)
                     if "step_cpu_ms" in res[mode] and "step_cpu_ms" in res[base]:
@@ -729,7 +699,7 @@ def summarize(results: dict) -> dict:
                             res[base]["step_cpu_ms"] / res[mode]["step_cpu_ms"], 3
                         )
                     s[f"{mode}_peak_mib_vs_{base}"] = round(res[mode]["peak_mib"] / max(res[base]["peak_mib"], 1e-9), 3)
-        ours = [res[m]["first_loss"] for m in ("today", "none") + PACKED if m in res]
+        ours = [res[m]["first_loss"] for m in ("padded_full_head", "none") + PACKED if m in res]
         if len(ours) > 1:
             s["our_modes_first_loss_max_abs_diff"] = max(ours) - min(ours)
         out[profile] = s
@@ -740,7 +710,7 @@ def write_report(a, results: dict, errors: dict, out: Path, paired: dict | None 
     report = {
         "benchmark": "bench_step",
         "issue": 10,
-        "machine": machine(a.device),
+        "machine": machine_info(a.device),
         "device": a.device,
         "shape": a.shape,
         "model": SHAPES[a.shape],
@@ -832,7 +802,9 @@ def main(argv=None) -> int:
         help="micro-batches as the trainer makes them (same count in every mode) or by --token-budget (packed)",
     )
     p.add_argument("--pad-to", type=int, default=None, help="padded length multiple (default 16 CPU / 64 GPU)")
-    p.add_argument("--attn", default="sdpa", help="attention implementation of our variants (today/none/packed)")
+    p.add_argument(
+        "--attn", default="sdpa", help="attention implementation of our variants (padded_full_head/none/packed)"
+    )
     p.add_argument("--peer-attn", default="sdpa", help="attention implementation of the peers")
     p.add_argument(
         "--stream-pad",
@@ -1014,7 +986,7 @@ def main(argv=None) -> int:
             errors["interleaved_timing"] = tail
         write_report(a, results, errors, out, paired)
 
-    print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {a.examples} examples/step  [{machine(a.device)}]")
+    print(f"bench_step  {a.shape}  {a.device} {a.dtype}  {a.examples} examples/step  [{machine_info(a.device)}]")
     for profile, res in results.items():
         print(f"-- profile {profile}")
         print(

@@ -61,9 +61,18 @@ LENGTH_PROFILES = {
 
 
 def machine_info(device: str) -> str:
+    """The device as a report names it: the GPU's name, or the CPU model and core count; with torch's version."""
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 def versions() -> dict:
@@ -131,6 +140,15 @@ def interleaved_timings(fns: dict, device: str, warmup: int, reps: int, on_error
 def summarize(ts: list[float]) -> dict:
     q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
     return {"median": round(statistics.median(ts), 3), "p10": round(q[0], 3), "p90": round(q[-1], 3), "reps": len(ts)}
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs (linear interpolation between order statistics)."""
+    ys = sorted(xs)
+    k = (len(ys) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
 
 
 def cuda_peak_mb(fn) -> float:
