@@ -147,11 +147,8 @@ def _with_logits_gemm(mode, fn):
     import clo_kernels.launch as launch
 
     def run(c):
-        before, launch.LOGITS_GEMM = launch.LOGITS_GEMM, mode
-        try:
+        with launch.use_logits_gemm(mode):
             return fn(c)
-        finally:
-            launch.LOGITS_GEMM = before
 
     return run
 

@@ -9,6 +9,8 @@ where available); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
 
@@ -129,8 +131,23 @@ def _num_sms(device: torch.device) -> int:
 # Triton pass per row (lse, logp, G into its own buffer): tested against float64, not yet timed on a GPU
 # (benchmarks/NOTES.md). "auto" — cublas where torch offers an fp32-output GEMM for the dtype and the chunk
 # fits in memory, else triton (an out-of-memory fallback is announced with a warning).
-LOGITS_GEMM = "triton"
+LOGITS_GEMM = "triton"  # the default; `use_logits_gemm` chooses another way for a block of code
 LOGITS_GEMM_MODES = ("auto", "cublas", "triton")
+_logits_gemm = contextvars.ContextVar("clo_kernels_logits_gemm", default=LOGITS_GEMM)
+
+
+@contextlib.contextmanager
+def use_logits_gemm(mode: str):
+    """Within the block, the forward makes its logits `mode`'s way (a test pins one path, the benchmark times
+    both) without changing the module's default for anyone else."""
+    if mode not in LOGITS_GEMM_MODES:
+        raise ValueError(f"logits_gemm must be one of {'|'.join(LOGITS_GEMM_MODES)}, got {mode!r}")
+    token = _logits_gemm.set(mode)
+    try:
+        yield
+    finally:
+        _logits_gemm.reset(token)
+
 
 # The cuBLAS path's chunk (see `cublas_chunk_rows`): its [C, V] buffers (fp32 logits + G) stay within this
 # many bytes and within half the device's free memory; 1024 rows fit it at Llama-3 / Qwen-2.5 vocabularies.
@@ -193,13 +210,14 @@ def forward(
     """lse [N] fp32, logp [N] fp32 (0 at ignored rows), per-sequence sums [num_seqs] fp32 (with seq_ids),
     and, with input_grad, D = dlogp/dx [N,H] (x.dtype) for a frozen head — else None.
 
-    logits_gemm (default `LOGITS_GEMM`): "cublas" processes row chunks of fp32 logits (`cublas_chunk_rows`);
+    logits_gemm (default: the mode of an enclosing `use_logits_gemm`, else `LOGITS_GEMM`): "cublas" processes row
+    chunks of fp32 logits (`cublas_chunk_rows`);
     "triton" streams the vocabulary and, with input_grad, keeps P̃ [chunk, V] in x.dtype (2 B/logit in bf16);
     "auto" is cublas where it can run, else triton. Out of device memory in the cuBLAS path: "auto" warns and
     falls back to triton (and skips cublas for chunks as large from then on), "cublas" raises
     torch.OutOfMemoryError naming the chunk.
     """
-    mode = logits_gemm or LOGITS_GEMM
+    mode = logits_gemm or _logits_gemm.get()
     if mode not in LOGITS_GEMM_MODES:
         raise ValueError(f"logits_gemm must be one of {'|'.join(LOGITS_GEMM_MODES)}, got {mode!r}")
     if mode != "triton" and x.shape[0] > 0:

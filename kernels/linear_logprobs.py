@@ -3,7 +3,7 @@
 Notation: X [N,H] hidden states, W [V,H] LM-head weight, y [N] labels (ignore_index = skipped),
 z = X Wᵀ (never stored whole), lse_i = log Σ_v exp z_iv, logp_i = z_{i,y_i} − lse_i.
 
-Two ways to make the logits (`launch.LOGITS_GEMM`; the benchmark measures both):
+Two ways to make the logits (`launch.LOGITS_GEMM`, or `launch.use_logits_gemm`; the benchmark measures both):
   cuBLAS chunks — Z = X_c·Wᵀ by an fp32-output cuBLAS GEMM per chunk of C rows (4·C·V bytes), then
       `_rows_lse_grad_kernel`, one program per row: online max / Σexp and the label's logit over Z (lse,
       logp, the sequence sum by atomics) and, for a frozen head, G = onehot − exp(z − lse) written in the

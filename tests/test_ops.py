@@ -4,6 +4,7 @@ On CPU the `triton` implementation runs the real kernels in Triton's interpreter
 `torch` is the chunked fallback. GPU-marked tests repeat the grid on CUDA with compiled kernels.
 """
 
+import contextlib
 import os
 import traceback
 
@@ -58,6 +59,15 @@ def reference(x, w, y, upstream):
     out = torch.where(valid, lp.gather(1, torch.where(valid, y, 0)[:, None])[:, 0], 0.0)
     dx, dw = torch.autograd.grad((out * upstream).sum(), [x64, w64])
     return out, dx, dw
+
+
+@pytest.fixture
+def pin_logits_gemm():
+    """pin_logits_gemm(mode): the rest of the test makes its logits `mode`'s way (launch.use_logits_gemm)."""
+    import clo_kernels.launch as launch
+
+    with contextlib.ExitStack() as stack:
+        yield lambda mode: stack.enter_context(launch.use_logits_gemm(mode))
 
 
 def check_linear(impl, dtype, N, H, V, device, seed=0, chunk_rows=None, head_trains=True):
@@ -278,7 +288,7 @@ def test_gpu_triton_matches_float64(dtype, N, H, V, head):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", range(len(GPU_TILE_SHAPES)))
-def test_gpu_every_autotune_config(config, monkeypatch):
+def test_gpu_every_autotune_config(config, monkeypatch, pin_logits_gemm):
     """Each tile shape the autotuner may pick computes the same function (not only the one it picks)."""
     import triton
 
@@ -291,7 +301,7 @@ def test_gpu_every_autotune_config(config, monkeypatch):
         "grad": (triton.autotune([cfg], key=[])(_logit_grad_kernel),) * 2,
     }
     monkeypatch.setattr(launch, "_kernels", fixed)
-    monkeypatch.setattr(launch, "LOGITS_GEMM", "triton")  # the tiles matter for the streaming forward
+    pin_logits_gemm("triton")  # the tiles matter for the streaming forward
     for head_trains in (False, True):
         check_linear("triton", torch.bfloat16, 777, 512, 151936, "cuda", seed=config, head_trains=head_trains)
 
@@ -377,7 +387,7 @@ def test_trainable_backward_vocab_slices(need_dw):
 
 
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
-def test_tma_operand_loads_match_float64(head, monkeypatch):
+def test_tma_operand_loads_match_float64(head, monkeypatch, pin_logits_gemm):
     """The TMA tensor-descriptor loads (a Hopper tile-space option) compute the same function: run in the
     interpreter on CPU, compiled in the GPU tests' every-config sweep."""
     import clo_kernels.launch as launch
@@ -385,19 +395,18 @@ def test_tma_operand_loads_match_float64(head, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("covered compiled by test_gpu_every_autotune_config")
     monkeypatch.setitem(launch._INTERPRETER_TILE, "USE_TMA", True)
-    monkeypatch.setattr(launch, "LOGITS_GEMM", "triton")
+    pin_logits_gemm("triton")
     check_linear("triton", torch.float32, 53, 48, 131, "cpu", seed=4, chunk_rows=16, head_trains=head == "trainable")
     check_linear("triton", torch.float32, 37, 64, 300, "cpu", seed=5, head_trains=head == "trainable")
 
 
 @pytest.mark.parametrize("logits_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
-def test_both_logit_gemm_paths_match_float64(logits_gemm, head, monkeypatch):
+def test_both_logit_gemm_paths_match_float64(logits_gemm, head, monkeypatch, pin_logits_gemm):
     """The forward's two ways to make the logits (fp32-output GEMM + rows kernel, or the streaming Triton GEMM)
     give the same log-probs, sequence sums and gradients, with several row chunks."""
-    import clo_kernels.launch as launch
 
-    monkeypatch.setattr(launch, "LOGITS_GEMM", logits_gemm)
+    pin_logits_gemm(logits_gemm)
     dev = DEVICE["triton"]
     for dtype in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
         check_linear("triton", dtype, 53, 48, 131, dev, seed=8, chunk_rows=16, head_trains=head == "trainable")
@@ -424,7 +433,7 @@ def test_cublas_logits_path_needs_an_fp32_output_gemm():
     assert rel(logp, ref) < 1e-5
 
 
-def test_cublas_rows_kernel_writes_g_apart_from_the_logits(monkeypatch):
+def test_cublas_rows_kernel_writes_g_apart_from_the_logits(monkeypatch, pin_logits_gemm):
     """The cuBLAS path's rows kernel gets a G buffer that shares no byte with the fp32 logits it reads (its warps
     are not ordered: a G over the start of Z's row raced on a GPU, which the interpreter cannot show), and the
     frozen head's log-probs, sums and gradients still equal float64 over several chunks."""
@@ -445,7 +454,7 @@ def test_cublas_rows_kernel_writes_g_apart_from_the_logits(monkeypatch):
             return launch_
 
     monkeypatch.setattr(launch, "_rows_lse_grad_kernel", Recorder())
-    monkeypatch.setattr(launch, "LOGITS_GEMM", "cublas")
+    pin_logits_gemm("cublas")
     dev = DEVICE["triton"]
     for dtype in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
         check_linear("triton", dtype, 53, 48, 131, dev, seed=21, chunk_rows=16, head_trains=False)
