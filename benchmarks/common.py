@@ -1,5 +1,6 @@
 """Shared benchmark utilities: the repo on sys.path, machine and version facts, interleaved timing,
-peak memory, and realistic inputs (length profiles, LM-like head inputs).
+peak memory, realistic inputs (length profiles, LM-like head inputs), and a step's profile split and model
+FLOPs / MFU (`profile_split`, `model_flops`, `peak_flops`).
 
 Realistic inputs, because the head's cost depends on them:
 - Lengths (`LENGTH_PROFILES`): per example an English prompt and response drawn from log-normal
@@ -244,3 +245,176 @@ def lm_like_head_inputs(
         "uniform_entropy_nats": round(math.log(V), 3),
     }
     return x.view(S, T, H), w, labels.view(S, T), stats
+
+
+# ------------------------------------------------------------------------------ profile split and MFU
+# How profile_split files time: the first rule an event's op chain (the op, its parents, up to the step's
+# ranges and the autograd engine's per-function events) or its kernel's name matches. Lower-case substrings.
+OPTIMIZER_RANGE = "bench_step::optimizer"
+SPLIT_RULES = (
+    ("optimizer", (OPTIMIZER_RANGE,)),
+    # our head's autograd Function (forward and its backward) and its Triton kernels, Liger's fused linear losses
+    (
+        "head",
+        (
+            "_linearlogprobs",
+            "_partial_lse_kernel",
+            "_combine_kernel",
+            "_softmax_grad_rows_kernel",
+            "_logit_grad_kernel",
+            "_rows_lse_grad_kernel",
+            "ligerfusedlinear",
+            "linearcrossentropy",
+            "linear_cross_entropy",
+        ),
+    ),
+    ("attention", ("attention", "scaled_dot_product", "scaleddotproduct", "flash", "fmha", "varlen_attn")),
+    (
+        "body_gemm",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mmbackward", "gemm", "nvjet"),
+    ),
+)
+SPLIT_CATEGORIES = tuple(name for name, _ in SPLIT_RULES) + ("other", "idle")
+
+
+def _category(chain: list[str]) -> str:
+    low = [c.lower() for c in chain]
+    for name, markers in SPLIT_RULES:
+        if any(m in c for c in low for m in markers):
+            return name
+    return "other"
+
+
+def profile_split(step, opt, cuda: bool) -> dict:
+    """One more step (micro-batches + optimizer) under torch.profiler, its time split by category: attention,
+    body GEMMs (every other matrix product of the body), head (forward and backward of the LM head + log-prob
+    op), optimizer, other (norms, element-wise, copies, the loss), idle (wall time with no kernel running).
+    CUDA: kernel time, filed by the op that launched it; CPU: each op's self CPU time (all threads)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        with record_function(OPTIMIZER_RANGE):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    ms = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    by_name = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    device_total = 0.0
+    for e in prof.events():
+        if "CPU" not in str(e.device_type):  # a kernel: by its name alone (the fallback below)
+            d = e.time_range.elapsed_us() / 1e3
+            device_total += d
+            by_name[_category([e.name])] += d
+            continue
+        chain, p = [], e
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if cuda:
+            for k in e.kernels:
+                ms[_category(chain + [k.name])] += k.duration / 1e3
+        else:
+            ms[_category(chain)] += e.self_cpu_time_total / 1e3
+    attribution = "by the launching op's chain"
+    if cuda and not 0.9 * device_total <= sum(ms.values()) <= 1.1 * device_total:
+        # kernels the profiler did not link to exactly one CPU op (e.g. launched outside aten): file them by name
+        ms, attribution = by_name, "by kernel name (the ops' linked kernel time was off the total by over 10%)"
+    busy = sum(ms.values())
+    ms["idle"] = max(0.0, wall_ms - busy)
+    return {
+        "wall_ms": round(wall_ms, 2),
+        "ms": {k: round(v, 2) for k, v in ms.items()},
+        "share": {k: round(v / max(wall_ms, busy, 1e-9), 3) for k, v in ms.items()},
+        "kind": (
+            "CUDA kernel time by the op that launched it; idle = wall time - kernel time (one stream)"
+            if cuda
+            else "self CPU time of each op (all threads); idle = wall time - that sum, floored at 0"
+        ),
+        "attribution": attribution if cuda else "by the op's chain",
+        "rules": {name: list(markers) for name, markers in SPLIT_RULES},
+    }
+
+
+def model_flops(model, examples: list[dict]) -> dict:
+    """The FLOPs one step must do for these examples, the same for every variant (MFU then orders the variants
+    as tokens/s does): the four sequences of each example unpadded, through every decoder layer forward (2 per
+    parameter per token) and backward for the input gradients (2; every layer needs them, except the first
+    layer's q/k/v projections, whose input comes from frozen embeddings) and for the trainable parameters'
+    gradients (2 each), causal attention scores (forward 2·T²·heads·head_dim per layer, backward twice that),
+    and the frozen LM head on labelled rows (forward and input gradient, 2·H·V each). Embeddings, norms and
+    element-wise work are not counted. (tests/test_gpu_check.py checks it against torch's FLOP counter.)"""
+    import torch
+
+    cfg = model.config
+    layers = model.model.layers
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]  # norms' weights do no GEMM
+    p_layers = sum(p.numel() for m in linears for p in m.parameters())
+    p_train = sum(p.numel() for m in linears for p in m.parameters() if p.requires_grad)
+    first = layers[0].self_attn
+    frozen_below = not any(p.requires_grad for p in model.model.embed_tokens.parameters()) and not any(
+        p.requires_grad for p in layers[0].input_layernorm.parameters()
+    )
+    p_no_input_grad = (
+        sum(p.numel() for m in (first.q_proj, first.k_proj, first.v_proj) for p in m.parameters())
+        if frozen_below
+        else 0
+    )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    lens = [len(ids) for ex in examples for ids in ex["input_ids"]]
+    labelled = sum(sum(1 for t in lab if t != -100) for ex in examples for lab in ex["labels"])
+    tokens = sum(lens)
+    linear = tokens * (4 * p_layers + 2 * p_train - 2 * p_no_input_grad)
+    attention = 3 * sum(2 * T * T * cfg.num_attention_heads * head_dim for T in lens) * cfg.num_hidden_layers
+    head = labelled * 4 * cfg.hidden_size * cfg.vocab_size
+    return {
+        "total": linear + attention + head,
+        "linear": linear,
+        "attention": attention,
+        "head": head,
+        "tokens": tokens,
+        "labelled_tokens": labelled,
+    }
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts, without sparsity): H100 and H200 989.4
+# TFLOP/s (NVIDIA H100 / H200 Tensor Core GPU datasheets), A100 312 TFLOP/s (A100 datasheet).
+DATASHEET_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+_PEAK: dict = {}
+
+
+def peak_flops(device, dtype) -> dict:
+    """FLOP/s to divide by: measured (the best of a few large matrix products in the run dtype, here) and the
+    datasheet's dense bf16 peak for the GPU where the table has it."""
+    import torch
+
+    if "measured" not in _PEAK:
+        n = 8192 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(5 if device.type == "cuda" else 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / 10)
+        _PEAK["measured"] = 2 * n**3 / best
+        _PEAK["measured_with"] = f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul, best of 5x10"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    sheet = next((v for k, v in DATASHEET_BF16_FLOPS.items() if k in name), None)
+    return {
+        "flops_per_s": {"measured": _PEAK["measured"], "datasheet_bf16_dense": sheet},
+        "measured_with": _PEAK["measured_with"],
+        "datasheet_source": "NVIDIA datasheets (dense bf16, SXM)" if sheet else None,
+    }
