@@ -112,3 +112,14 @@ def test_system_prompts_must_be_strings(tmp_path):
     cfg.write_text("data:\n  system_prompts: {sw: 3}\n")
     with pytest.raises(ConfigError, match=r"c.yaml: data.system_prompts.sw: must be a string"):
         load_config(cfg)
+
+
+def test_attn_implementation_is_checked_against_the_attention_table():
+    """Every backend the packing code supports is a valid model.attn_implementation (flex_attention and
+    flash_attention_3 were refused by the config before), and an unknown one names them all."""
+    from clo_fast.attention import ATTENTION_BACKENDS
+
+    for name in ATTENTION_BACKENDS:
+        assert load_config(None, [f"model.attn_implementation={name}"]).model.attn_implementation == name
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: must be sdpa\|eager\|flex_attention\|"):
+        load_config(None, ["model.attn_implementation=paged"])
