@@ -158,7 +158,18 @@ class Run:
 
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
-        texts = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)[0]
+        texts, summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
+        if rank() == 0:
+            from clo_fast.data.build import REJECTS_FILE, rejects_jsonl
+
+            rejected = summary["quality"]["rejected"]
+            (self.out_dir / f"data_{REJECTS_FILE}").write_text(rejects_jsonl(summary), encoding="utf-8")
+            if rejected:
+                log0(
+                    f"data: the translation quality gate dropped {sum(rejected.values())} of "
+                    f"{summary['quality']['checked']} pairs ({rejected}); they are in "
+                    f"{self.out_dir / f'data_{REJECTS_FILE}'}"
+                )
         del translator  # a translation model on the GPU: freed before the policy loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

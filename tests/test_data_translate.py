@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from clo_fast.config import DataConfig
+from clo_fast.config import DataConfig, QualitySettings
 from clo_fast.data import DataError, build_text_dataset, demo_data_path
 from clo_fast.data.translate import (
     HFTranslator,
@@ -265,6 +265,7 @@ def test_build_text_dataset_with_hf_backend_and_cached_rebuild(tiny_m2m, tmp_pat
         output_dir=str(tmp_path / "out"),
         on_bad_record="skip",
         eval_fraction=0.0,
+        quality=QualitySettings(enabled=False),  # the random model's output is no language: tests/test_quality.py
     )
     dsd, summary = build_text_dataset(cfg, progress=False)
     tr = summary["translation"]

@@ -11,7 +11,7 @@ import warnings
 import pytest
 from conftest import make_bpe_tokenizer
 
-from clo_fast.config import ConfigError, DataConfig
+from clo_fast.config import ConfigError, DataConfig, QualitySettings
 from clo_fast.data import build_text_dataset, tokenize_dataset
 from clo_fast.data.tokenize import end_of_turn_ids, format_prompt, special_prefix
 
@@ -53,6 +53,7 @@ def llama3_tok():
 
 def _cfg(tmp_path, **kw):
     base = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "target_lang": "sw"}
+    base["quality"] = QualitySettings(enabled=False)  # toy translations are copies ("[sw] Hi"): tests/test_quality.py
     return DataConfig(**{**base, **kw})
 
 

@@ -6,6 +6,7 @@ Model-independent: columns id, prompt_en, response_en, prompt_tgt, response_tgt,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from clo_fast.atomic import OutputDirError, atomic_directory, check_publishable
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.constants import WORLD_NAME
+from clo_fast.data.quality import REASONS, gate_pairs
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
 from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
 from clo_fast.data.stats import percentiles
@@ -32,6 +34,9 @@ TEXT_COLUMNS = (
     "context_en",  # earlier turns of a conversation, JSON [{role, content}] ("[]" for single-turn data)
     "context_tgt",  # the same turns in the target language
 )
+
+
+REJECTS_FILE = "rejects.jsonl"  # beside the dataset: the pairs the translation quality gate dropped, and why
 
 
 def _text_features():
@@ -66,6 +71,8 @@ def _config_key(cfg: DataConfig) -> str:
     )
     d = {k: getattr(cfg, k) for k in keys}
     d["_dedup"] = "prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
+    d["_split"] = "before-gate"  # held-out pairs chosen before translation checks (older datasets are rebuilt)
+    d["quality"] = dataclasses.asdict(cfg.quality)
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif cfg.source == WORLD_NAME:  # the world's recipe names its pairs
@@ -94,6 +101,14 @@ def _translated_contexts(selected: list, translator: Any) -> list[list[dict]]:
         else:
             out.append([{"role": t["role"], "content": table[t["content"]].strip()} for t in p.context])
     return out
+
+
+def _translated_fields(p, row: dict, ctx: list[dict]) -> list[tuple[str, str, str]]:
+    """(field name, English text, its translation) of every translated field of a pair: what the gate checks."""
+    turns = zip(p.context or [], ctx, strict=True)
+    return [("instruction", p.instruction, row["prompt_tgt"]), ("response", p.response, row["response_tgt"])] + [
+        (f"context turn {i}", s["content"], t["content"]) for i, (s, t) in enumerate(turns)
+    ]
 
 
 def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[list, int, int, int]:
@@ -177,7 +192,10 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     translator = translator or make_translator(cfg, progress=progress)
     translated = translator.translate_pairs(selected, cfg.source_lang, cfg.target_lang) if selected else []
     contexts_tgt = _translated_contexts(selected, translator)
-    rows = []
+    # held out: the first pairs of the seeded order, decided before any pair is dropped, so that a gate threshold
+    # or a failed translation never moves a prompt from one split to the other
+    held_out = {id(p) for p in selected[: eval_size(len(selected), cfg.eval_fraction)]}
+    rows, fields = [], []
     for p, (ti, tr), ctx in zip(selected, translated, contexts_tgt, strict=False):
         try:
             turns = [("instruction", ti), ("response", tr)] + [
@@ -191,21 +209,27 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         except DataError as e:
             skips.handle(e)
             continue
-        rows.append(
-            {
-                "id": p.id,
-                "prompt_en": p.instruction,
-                "response_en": p.response,
-                "prompt_tgt": ti.strip(),
-                "response_tgt": tr.strip(),
-                "target_lang": cfg.target_lang,
-                "context_en": json.dumps(p.context or [], ensure_ascii=False),
-                "context_tgt": json.dumps(ctx, ensure_ascii=False),
-            }
-        )
-
-    n = len(rows)
-    n_eval = eval_size(n, cfg.eval_fraction)
+        row = {
+            "id": p.id,
+            "prompt_en": p.instruction,
+            "response_en": p.response,
+            "prompt_tgt": ti.strip(),
+            "response_tgt": tr.strip(),
+            "target_lang": cfg.target_lang,
+            "context_en": json.dumps(p.context or [], ensure_ascii=False),
+            "context_tgt": json.dumps(ctx, ensure_ascii=False),
+        }
+        rows.append((row, id(p) in held_out, p.where))
+        fields.append(_translated_fields(p, row, ctx))
+    verdicts = gate_pairs(fields, [r["target_lang"] for r, _, _ in rows], cfg.quality)
+    rejects = [
+        {**row, "reason": v.reason, "field": fld, "detail": v.detail, "where": where}
+        for (row, _, where), found in zip(rows, verdicts, strict=True)
+        if found is not None
+        for fld, v in [found]
+    ]
+    kept = [(row, held) for (row, held, _), found in zip(rows, verdicts, strict=True) if found is None]
+    n = len(kept)
     feats = _text_features()
 
     def to_ds(rs):
@@ -214,10 +238,13 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     if n == 0:
         raise DataError(
             f"{cfg.source}: no usable examples (read {n_records} records; skipped: {skips.counts}; "
-            f"filtered: {filtered})",
+            f"filtered: {filtered}; rejected by the translation quality gate: {_count_reasons(rejects)})",
             "empty_dataset",
         )
-    dsd = datasets.DatasetDict({"train": to_ds(rows[n_eval:]), "eval": to_ds(rows[:n_eval])})
+    train_rows = [r for r, held in kept if not held]
+    eval_rows = [r for r, held in kept if held]
+    dsd = datasets.DatasetDict({"train": to_ds(train_rows), "eval": to_ds(eval_rows)})
+    rows = [r for r, _ in kept]
 
     char_lengths = {k: percentiles([len(r[k]) for r in rows]) for k in TEXT_COLUMNS[1:5]}
     summary = {
@@ -232,25 +259,54 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
         "fewer_than_max_examples": cfg.max_examples is not None and n_valid < cfg.max_examples,
         "selected": len(selected),
         "kept": n,
-        "train": n - n_eval,
-        "eval": n_eval,
+        "train": len(train_rows),
+        "eval": len(eval_rows),
         "skipped_bad_records": dict(skips.counts),
         "skipped_examples": list(skips.examples),
         "filtered": filtered,
         "translation": dict(getattr(translator, "stats", {}) or {}),
+        "quality": {
+            "enabled": cfg.quality.enabled,
+            "checked": len(fields),
+            "rejected": _count_reasons(rejects),
+            "rejects_file": REJECTS_FILE,
+            "rejects": rejects,  # written to REJECTS_FILE beside the dataset, not into summary.json
+        },
         "char_lengths": char_lengths,
         "seconds": round(time.time() - t0, 2),
     }
     return dsd, summary
 
 
+def _count_reasons(rejects: list[dict]) -> dict[str, int]:
+    return {r: n for r in REASONS if (n := sum(x["reason"] == r for x in rejects))}
+
+
+def saved_summary(summary: dict) -> dict:
+    """The summary as summary.json holds it: without the rejected pairs themselves (they are in REJECTS_FILE)."""
+    quality = {k: v for k, v in summary.get("quality", {}).items() if k != "rejects"}
+    return {**summary, "quality": quality}
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(saved_summary(summary), indent=2, ensure_ascii=False)
+
+
+def rejects_jsonl(summary: dict) -> str:
+    """The pairs the quality gate dropped, one JSON object a line: the pair's texts, reason, field, detail, where."""
+    rejects = summary.get("quality", {}).get("rejects", [])
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+
+
 def save_text_dataset(dsd, summary: dict, output_dir: str | os.PathLike) -> Path:
-    """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json."""
+    """save_to_disk under output_dir (written to a temporary folder, then moved) plus summary.json and the
+    pairs the quality gate dropped (REJECTS_FILE, JSON lines: the pair's texts, the reason, the field, why)."""
     out = Path(output_dir).expanduser()
     try:  # a folder the user made is refused, never replaced
         with atomic_directory(out, "data", per_process=True) as tmp:  # processes may save the same dataset at once
             dsd.save_to_disk(str(tmp))
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+            (tmp / "summary.json").write_text(summary_json(summary))
+            (tmp / REJECTS_FILE).write_text(rejects_jsonl(summary), encoding="utf-8")
     except OutputDirError as e:
         raise DataError(f"data.output_dir: {e}", "output_dir") from None
     return out
@@ -289,4 +345,4 @@ def load_or_build_text_dataset(cfg: DataConfig, *, progress: bool = True):
         raise DataError(f"data.output_dir: {e}", "output_dir") from None
     dsd, summary = build_text_dataset(cfg, progress=progress)
     save_text_dataset(dsd, summary, out)
-    return dsd, summary
+    return dsd, saved_summary(summary)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from clo_fast.atomic import OutputDirError, check_publishable
 from clo_fast.config import ConfigError, add_override_argument, load_config
-from clo_fast.data.build import build_text_dataset, save_text_dataset
+from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
 
@@ -40,6 +39,13 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
             p(f"    e.g. {e}")
     if summary["filtered"]:
         p(f"  filtered (oasst): {summary['filtered']}")
+    q = summary.get("quality") or {}
+    if q.get("enabled"):
+        rejected = q["rejected"]
+        why = ", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"
+        p(f"  translation quality gate: {q['checked']} pairs checked, dropped {sum(rejected.values())} ({why})")
+        if rejected:
+            p(f"    the dropped pairs, with the reason: {out / q['rejects_file']}")
     tr = summary.get("translation") or {}
     if tr.get("backend") == "hf":
         p(
@@ -95,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenize_dataset(dsd[split], tok, cfg, stats=st)
                 tok_stats[split] = st
             summary["tokenized"] = tok_stats
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+            (out / "summary.json").write_text(summary_json(summary))
     except (DataError, ConfigError, OutputDirError, TranslationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
