@@ -33,6 +33,14 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
         f"  records read {summary['records_read']}, valid pairs {summary['valid_pairs']}, "
         f"selected {summary['selected']}, kept {summary['kept']} (train {summary['train']}, eval {summary['eval']})"
     )
+    if len(summary.get("mix", [])) > 1:
+        p("  mix (selected / kept pairs, share of the kept):")
+        for m in summary["mix"]:
+            how = f"weight {m['weight']}" if m["weight"] is not None else f"max_examples {m['max_examples']}"
+            p(
+                f"    {m['source']} ({m['source_format']}, {m['translator']}, {how}): read {m['records_read']}, "
+                f"valid {m['valid_pairs']}, selected {m['selected']}, kept {m['kept']} ({m['share']:.1%})"
+            )
     if summary["skipped_bad_records"]:
         p(f"  skipped bad records: {summary['skipped_bad_records']}")
         for e in summary["skipped_examples"][:5]:
@@ -47,6 +55,8 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
         if rejected:
             p(f"    the dropped pairs, with the reason: {out / q['rejects_file']}")
     tr = summary.get("translation") or {}
+    if "backend" not in tr:  # a mix: one translator per kind
+        tr = tr.get("hf", {})
     if tr.get("backend") == "hf":
         p(
             f"  translation: {tr['texts']} texts, cache hits {tr['cache_hits']}, newly translated {tr['translated']} "

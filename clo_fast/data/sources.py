@@ -42,6 +42,7 @@ class Pair:
     response_tgt: str | None = None
     context: list[dict] | None = None  # earlier turns [{role, content}] (system first, if any): conversations
     context_tgt: list[dict] | None = None  # the same turns in the target language, when the data has them
+    source_index: int = 0  # which dataset of data.sources it came from (0 for a single source)
 
 
 class BadRecords:
