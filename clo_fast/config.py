@@ -145,6 +145,10 @@ class DataConfig:
     response_field: str = "response"  # field holding the English response
     source_lang: str = "en"
     target_lang: str = "ko"  # ISO 639-1 code of the target language ℓ
+    # several target languages in one run, e.g. [sw, ko, yo]: every English pair gives one CLO example per language
+    # (the English side shared; the split by English pair); [] = target_lang alone. When set, target_lang is its
+    # first entry (a target_lang set to another language is an error)
+    target_langs: list[str] = field(default_factory=list)
     max_examples: int | None = None  # keep at most this many source pairs (seeded selection)
     seed: int = 0  # selection / shuffling seed
     translator: str = "columns"  # columns (translations already in the data) | hf (a seq2seq model)
@@ -344,6 +348,18 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         "data.max_examples",
         f"must be >= 1 or null, got {d.max_examples}",
     )
+    if d.target_langs:
+        codes = [_language_code(c, "data.target_langs", origin) for c in d.target_langs]
+        check(len(set(codes)) == len(codes), "data.target_langs", f"has repeats: {d.target_langs}")
+        check(
+            d.target_lang in (DataConfig.target_lang, codes[0]),
+            "data.target_lang",
+            f"is {d.target_lang!r} but data.target_langs is {codes}: leave data.target_lang out (the run's "
+            "first language is data.target_langs[0])",
+        )
+        d.target_langs, d.target_lang = codes, codes[0]
+        for code in codes:
+            check(code != d.source_lang, "data.target_langs", f"lists the source language {d.source_lang!r}")
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
     check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
     normalized: dict[str, str] = {}
@@ -357,7 +373,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
     validate_quality(d.quality, check)
     if not d.sources:
-        _validate_source(d, check, "data.")
+        for lang in target_languages(d):
+            _validate_source(dataclasses.replace(d, target_lang=lang), check, "data.")
         return
     check(
         d.source == DataConfig.source,
@@ -381,7 +398,8 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         check(s.weight is None or s.weight > 0, f"{at}weight", f"must be > 0, got {s.weight}")
         check(s.weight is None or s.max_examples is None, f"{at}max_examples", "give max_examples or weight, not both")
         check(s.max_examples is None or s.max_examples >= 1, f"{at}max_examples", "must be >= 1 or null")
-        _validate_source(merged, check, at)
+        for lang in target_languages(d):
+            _validate_source(dataclasses.replace(merged, target_lang=lang), check, at)
 
 
 def validate_quality(q: QualitySettings, check) -> None:
@@ -398,6 +416,11 @@ def validate_quality(q: QualitySettings, check) -> None:
         f"{at}language_id",
         "needs the lingua-language-detector package (pip install lingua-language-detector), or set it false",
     )
+
+
+def target_languages(d: DataConfig) -> list[str]:
+    """The run's target languages: data.target_langs, else [data.target_lang]."""
+    return list(d.target_langs) or [d.target_lang]
 
 
 def source_data_configs(d: DataConfig) -> list[DataConfig]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.atomic import OutputDirError, atomic_directory, check_publishable
-from clo_fast.config import DataConfig, source_data_configs, validate_data
+from clo_fast.config import DataConfig, source_data_configs, target_languages, validate_data
 from clo_fast.constants import WORLD_NAME
 from clo_fast.data.quality import REASONS, gate_pairs
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
@@ -55,6 +55,7 @@ def _config_key(cfg: DataConfig) -> str:
         "response_field",
         "source_lang",
         "target_lang",
+        "target_langs",
         "max_examples",
         "seed",
         "translator",
@@ -122,6 +123,37 @@ def _translated_fields(p, row: dict, ctx: list[dict]) -> list[tuple[str, str, st
     ]
 
 
+def _read_other_languages(unit: DataConfig, pairs: list, langs: list[str]) -> None:
+    """data.target_langs with given translations: each pair's translations into the other languages, read from
+    their columns (a record without them: an error naming it, or under on_bad_record=skip a pair without that
+    language, counted when the rows are made)."""
+    for lang in langs:
+        other, _ = read_pairs(dataclasses.replace(unit, target_lang=lang), BadRecords(unit.on_bad_record), {})
+        by_where = {q.where: q for q in other}
+        for p in pairs:
+            q = by_where.get(p.where)
+            if q is not None:
+                p.translations = {**(p.translations or {}), lang: (q.instruction_tgt, q.response_tgt, q.context_tgt)}
+
+
+def _in_language(selected: list, lang: str, cfg: DataConfig, skips: BadRecords) -> list:
+    """The selected pairs with their given translations into `lang` (the first language: as read)."""
+    units = source_data_configs(cfg)
+    if lang == target_languages(cfg)[0]:
+        return selected
+    out = []
+    for p in selected:
+        if units[p.source_index].translator != "columns":
+            out.append(p)
+            continue
+        given = (p.translations or {}).get(lang)
+        if given is None:
+            skips.handle(DataError(f"{p.where}: no {lang} translation in the data", "missing_translation"))
+            continue
+        out.append(dataclasses.replace(p, instruction_tgt=given[0], response_tgt=given[1], context_tgt=given[2]))
+    return out
+
+
 def mix_counts(cfg: DataConfig, available: list[int]) -> list[int | None]:
     """How many pairs each dataset gives (None = all of them): max_examples per source (a single source: data.
     max_examples), or with weights shares of a mix whose size is data.max_examples, else the largest mix that
@@ -156,6 +188,8 @@ def select_pairs(
         for p in got:
             p.source_index = k
             p.id = p.id if len(units) == 1 else f"{k}/{p.id}"  # ids of two datasets may coincide
+        if unit.translator == "columns":
+            _read_other_languages(unit, got, target_languages(cfg)[1:])
         pairs += got
         n_records += n
         records.append(n)
@@ -189,17 +223,22 @@ def select_pairs(
     return selected, n_records, len(pairs), n_duplicates
 
 
-def _translators(cfg: DataConfig, given: Any, progress: bool) -> dict[str, Any]:
-    """One translator per kind (columns | hf) the run's datasets use; `given` (tests: one translator, or such a
-    dict from `translate_sharded`) serves them."""
+def _translators(cfg: DataConfig, given: Any, progress: bool) -> dict[tuple[str, str], Any]:
+    """One translator per (kind: columns | hf, target language) the run needs; `given` (tests: one translator,
+    or a dict keyed by kind or by (kind, language); or what `translate_sharded` returned) serves them."""
     from clo_fast.data.translate import make_translator
 
-    kinds = sorted({u.translator for u in source_data_configs(cfg)})
+    keys = sorted({(u.translator, lang) for u in source_data_configs(cfg) for lang in target_languages(cfg)})
     if isinstance(given, dict):
-        return given
+        return {(k, lang): given.get((k, lang), given.get(k)) for k, lang in keys}
     if given is not None:
-        return dict.fromkeys(kinds, given)
-    return {k: make_translator(dataclasses.replace(cfg, translator=k, sources=[]), progress=progress) for k in kinds}
+        return dict.fromkeys(keys, given)
+    return {
+        (k, lang): make_translator(
+            dataclasses.replace(cfg, translator=k, target_lang=lang, sources=[]), progress=progress
+        )
+        for k, lang in keys
+    }
 
 
 def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any = None, progress: bool = True):
@@ -215,7 +254,7 @@ def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any
     validate_data(cfg)
     translators = _translators(cfg, translator, progress=False)
     units = source_data_configs(cfg)
-    for kind, tr in translators.items():
+    for (kind, _lang), tr in translators.items():
         if getattr(tr, "cache", None) is None or not hasattr(tr, "translate"):
             continue
         selected = select_pairs(cfg, BadRecords(cfg.on_bad_record), {})[0]
@@ -244,11 +283,13 @@ def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any
 
 
 def _translate(cfg: DataConfig, selected: list, translators: dict, skips: BadRecords) -> list[tuple]:
-    """(pair, row, target-language context) for every selected pair whose translation is not empty, in order;
-    each dataset's pairs through its own translator."""
+    """(pair, row, target-language context) for every selected pair whose cfg.target_lang translation is not
+    empty, in order; each dataset's pairs through its own translator."""
     units = source_data_configs(cfg)
     done: dict[int, tuple] = {}
-    for kind, tr in translators.items():
+    for (kind, lang), tr in translators.items():
+        if lang != cfg.target_lang:
+            continue
         group = [p for p in selected if units[p.source_index].translator == kind]
         if group:
             pairs = tr.translate_pairs(group, cfg.source_lang, cfg.target_lang)
@@ -326,11 +367,18 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
             stacklevel=2,
         )
     translators = _translators(cfg, translator, progress)
-    translated = _translate(cfg, selected, translators, skips)
+    langs = target_languages(cfg)
+    translated = []  # one row per pair and language, pair by pair (the English side shared)
+    for lang in langs:
+        in_lang = _in_language(selected, lang, cfg, skips)
+        translated += _translate(dataclasses.replace(cfg, target_lang=lang), in_lang, translators, skips)
+    position = {p.id: i for i, p in enumerate(selected)}
+    translated.sort(key=lambda t: (position[t[0].id], langs.index(t[1]["target_lang"])))
     passed, rejects = _gate(translated, cfg)
     # held out: the first pairs of the seeded order, decided before any pair is dropped, so that a gate threshold
-    # or a failed translation never moves a prompt from one split to the other
+    # or a failed translation never moves a prompt from one split to the other; every language of a pair on one side
     held_out = {id(p) for p in selected[: eval_size(len(selected), cfg.eval_fraction)]}
+    held_out = {p.id for p in selected if id(p) in held_out}
     kept = [(p, row) for (p, row, _), ok in zip(translated, passed, strict=True) if ok]
     if not kept:
         raise DataError(
@@ -343,17 +391,19 @@ def build_text_dataset(cfg: DataConfig, *, translator: Any = None, progress: boo
     def to_ds(rs):
         return datasets.Dataset.from_dict({c: [r[c] for r in rs] for c in TEXT_COLUMNS}, features=feats)
 
-    train_rows = [row for p, row in kept if id(p) not in held_out]
-    eval_rows = [row for p, row in kept if id(p) in held_out]
+    train_rows = [row for p, row in kept if p.id not in held_out]
+    eval_rows = [row for p, row in kept if p.id in held_out]
     dsd = datasets.DatasetDict({"train": to_ds(train_rows), "eval": to_ds(eval_rows)})
     rows = [row for _, row in kept]
-    stats = {k: dict(getattr(t, "stats", {}) or {}) for k, t in translators.items()}
+    stats = {f"{k}:{lang}": dict(getattr(t, "stats", {}) or {}) for (k, lang), t in translators.items()}
     summary = {
         "config_key": _config_key(cfg),
         "source": name,
         "source_format": cfg.source_format if not cfg.sources else "+".join(m["source_format"] for m in mix),
         "target_lang": cfg.target_lang,
-        "translator": cfg.translator if not cfg.sources else "+".join(sorted(translators)),
+        "target_langs": langs,
+        "kept_per_language": {lang: sum(row["target_lang"] == lang for row in rows) for lang in langs},
+        "translator": cfg.translator if not cfg.sources else "+".join(sorted({k for k, _ in translators})),
         "records_read": n_records,
         "duplicate_prompts_removed": n_duplicates,
         "valid_pairs": n_valid,
