@@ -187,7 +187,9 @@ class Run:
         packing = resolve_packing(
             cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
         )
-        self.collate = MicroBatcher(packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
+        self.collate = MicroBatcher(
+            packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, cfg.data.target_langs
+        )
         self.sampler = StepSampler(
             len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps, world_size(), o.seed
         )
@@ -262,7 +264,7 @@ class Run:
         from clo_fast.training.checkpoint import save_checkpoint
         from clo_fast.training.distributed import log0, maybe_crash, rank, test_poisoned, world_size
         from clo_fast.training.metrics import MetricsSink, StepLog
-        from clo_fast.training.step import NonFiniteGuard, train_step
+        from clo_fast.training.step import NonFiniteGuard, name_languages, train_step
 
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
@@ -292,7 +294,10 @@ class Run:
                     {"input_ids": b.input_ids, "labels": b.head_labels.view(1, -1)}, vocab_size, f"step {self.step + 1}"
                 )
             tokens = sum(b.real_tokens for b in micro)
-            step_metrics = train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples))
+            step_metrics = train_step(
+                engine, micro, self.loss_setup, self.device, len(examples), len(cfg.data.target_langs)
+            )
+            step_metrics = name_languages(step_metrics, cfg.data.target_langs)
             if test_poisoned(self.step + 1):
                 step_metrics["loss"] = step_metrics["loss"] * float("nan")
             log.add(step_metrics, tokens)
