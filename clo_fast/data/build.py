@@ -254,11 +254,12 @@ def translate_sharded(cfg: DataConfig, rank: int, world: int, *, translator: Any
     validate_data(cfg)
     translators = _translators(cfg, translator, progress=False)
     units = source_data_configs(cfg)
-    for (kind, _lang), tr in translators.items():
-        if getattr(tr, "cache", None) is None or not hasattr(tr, "translate"):
+    cached = {key: tr for key, tr in translators.items() if getattr(tr, "cache", None) is not None}
+    chosen = select_pairs(cfg, BadRecords(cfg.on_bad_record), {})[0] if cached else []
+    for (kind, _lang), tr in cached.items():
+        if not hasattr(tr, "translate"):
             continue
-        selected = select_pairs(cfg, BadRecords(cfg.on_bad_record), {})[0]
-        selected = [p for p in selected if units[p.source_index].translator == kind]
+        selected = [p for p in chosen if units[p.source_index].translator == kind]
         chunk = max(1, 4 * cfg.translation_batch_size)
         shards = [[t for p in selected[r::world] for t in _texts_to_translate(p)] for r in range(world)]
         work = []  # (shard, chunk) in this rank's order: its own shard forwards, then the others' from their ends
