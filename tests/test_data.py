@@ -41,7 +41,7 @@ def tok(demo_tokenizer):
 
 
 # the toy translations here are copies of the source by design ("[sw] Hi", "x"): the quality gate, on by default
-# and tested in tests/test_quality.py, would drop them
+# and tested in tests/test_data_quality.py, would drop them
 NO_GATE = QualitySettings(enabled=False)
 
 

@@ -265,7 +265,7 @@ def test_build_text_dataset_with_hf_backend_and_cached_rebuild(tiny_m2m, tmp_pat
         output_dir=str(tmp_path / "out"),
         on_bad_record="skip",
         eval_fraction=0.0,
-        quality=QualitySettings(enabled=False),  # the random model's output is no language: tests/test_quality.py
+        quality=QualitySettings(enabled=False),  # the random model's output is no language: tests/test_data_quality.py
     )
     dsd, summary = build_text_dataset(cfg, progress=False)
     tr = summary["translation"]

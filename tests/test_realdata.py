@@ -53,7 +53,7 @@ def llama3_tok():
 
 def _cfg(tmp_path, **kw):
     base = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "target_lang": "sw"}
-    base["quality"] = QualitySettings(enabled=False)  # toy translations are copies ("[sw] Hi"): tests/test_quality.py
+    base["quality"] = QualitySettings(enabled=False)  # toy translations are copies ("[sw] Hi"): tests/test_data_quality.py
     return DataConfig(**{**base, **kw})
 
 
