@@ -53,7 +53,8 @@ def llama3_tok():
 
 def _cfg(tmp_path, **kw):
     base = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "target_lang": "sw"}
-    base["quality"] = QualitySettings(enabled=False)  # toy translations are copies ("[sw] Hi"): tests/test_data_quality.py
+    # the toy translations are copies ("[sw] Hi"), which the gate would drop (tests/test_data_quality.py)
+    base["quality"] = QualitySettings(enabled=False)
     return DataConfig(**{**base, **kw})
 
 
