@@ -8,6 +8,7 @@ but live here so that one file documents a whole run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from clo_fast.config_loading import (  # noqa: F401 (ConfigError and the overrid
     add_override_argument,
     flatten_config,
     load_dataclass,
+    parse_dataclass,
     to_dict,
 )
 from clo_fast.constants import (
@@ -96,6 +98,52 @@ def resolve_hardware_defaults(m: ModelConfig) -> None:
 
 
 @dataclass
+class QualitySettings:
+    """The translation quality gate (data.quality): every translated field of every pair (given translations
+    too) is checked; a pair failing a check is dropped, counted by reason in the data summary and kept in
+    <data.output_dir>/rejects.jsonl. Code (fenced and inline) and double-quoted spans are left out of the
+    language and repetition checks: they stay in the source language by design."""
+
+    enabled: bool = True  # false = no checks (every translated pair is kept)
+    language_id: bool = True  # the language identifier (lingua) must find the target language in each field
+    language_min_letters: int = 20  # fields with fewer letters (code and quotes removed) are not language-checked:
+    # the identifier is unreliable on a few words ("Atomu ni nini?" reads as Yoruba); >= 1
+    min_length_ratio: float = 0.2  # translation characters / source characters below this: truncated; in (0, 1]
+    max_length_ratio: float = 4.0  # above this: runaway output; >= 1. Wide, as scripts differ (Korean ≈ 0.4× English)
+    length_ratio_min_chars: int = 20  # source fields shorter than this are not ratio-checked; >= 1
+    # untranslated copy: a field equal to its source (letters outside code), or whose words match the source's
+    # words at least this much (difflib ratio of the word sequences, quotes and code removed); in (0, 1]
+    max_copy_similarity: float = 0.8
+    # repetition loop: an n-gram of up to repeat_max_ngram words repeated back to back more than max_repeats
+    # times (and more often than in the source): the failure of a translation model that never stops
+    max_repeats: int = 3  # >= 1
+    repeat_max_ngram: int = 8  # >= 1
+
+
+@dataclass
+class SourceSettings:
+    """One dataset of a mix (data.sources). A field left null takes the data section's value of the same name."""
+
+    source: str = ""  # as data.source: "demo", "world", a HF dataset name, or a local file or folder (required)
+    source_format: str | None = None  # pairs | oasst | messages
+    split: str | None = None
+    source_config: str | None = None
+    instruction_field: str | None = None
+    response_field: str | None = None
+    translator: str | None = None  # columns | hf: each source is translated (and cached) on its own
+    target_instruction_field: str | None = None
+    target_response_field: str | None = None
+    messages_field: str | None = None
+    target_messages_field: str | None = None
+    oasst_all_turns: bool | None = None
+    max_examples: int | None = None  # at most this many pairs of this source (seeded selection); null = all
+    weight: float | None = None  # or this source's share of the mix; give a weight on every source or on none
+
+
+SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(SourceSettings))
+
+
+@dataclass
 class DataConfig:
     source: str = "demo"  # "demo" (bundled), a HF dataset name, or a local .json/.jsonl/.parquet/.csv
     source_format: str = "pairs"  # pairs (instruction/response fields) | oasst (message trees, as oasst1)
@@ -105,6 +153,10 @@ class DataConfig:
     response_field: str = "response"  # field holding the English response
     source_lang: str = "en"
     target_lang: str = "ko"  # ISO 639-1 code of the target language ℓ
+    # several target languages in one run, e.g. [sw, ko, yo]: every English pair gives one CLO example per language
+    # (the English side shared; the split by English pair); [] = target_lang alone. When set, target_lang is its
+    # first entry (a target_lang set to another language is an error)
+    target_langs: list[str] = field(default_factory=list)
     max_examples: int | None = None  # keep at most this many source pairs (seeded selection)
     seed: int = 0  # selection / shuffling seed
     translator: str = "columns"  # columns (translations already in the data) | hf (a seq2seq model)
@@ -130,6 +182,12 @@ class DataConfig:
     messages_field: str = "messages"  # field holding the list of {role, content} turns
     target_messages_field: str = "messages_{lang}"  # for translator=columns: the same turns in the target language
     oasst_all_turns: bool = False  # oasst: every prompter turn → its best reply (earlier turns as context)
+    # several datasets mixed, e.g. oasst plus an English replay set: [{source, source_format, max_examples or
+    # weight, ...}]; each entry is read, translated and gated as a single source is, its unset fields taken from
+    # this section. With weights, data.max_examples (else the most every source can give) is the mix's size.
+    # [] = the one source above (data.source); the summary states the mix
+    sources: list[dict | SourceSettings] = field(default_factory=list)
+    quality: QualitySettings = field(default_factory=QualitySettings)  # the translation quality gate (see above)
 
 
 @dataclass
@@ -285,12 +343,6 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     """The `data` section; also called by `clo_fast.data.build_text_dataset` for configs built in code."""
     check, d = _checker(origin), (cfg.data if isinstance(cfg, RunConfig) else cfg)
     check(d.template in ("plain", "chat"), "data.template", f"must be plain|chat, got {d.template!r}")
-    check(d.translator in ("columns", "hf"), "data.translator", f"must be columns|hf, got {d.translator!r}")
-    check(
-        d.source_format in SOURCE_FORMATS,
-        "data.source_format",
-        f"must be {'|'.join(SOURCE_FORMATS)}, got {d.source_format!r}",
-    )
     check(d.on_bad_record in ("error", "skip"), "data.on_bad_record", f"must be error|skip, got {d.on_bad_record!r}")
     check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
@@ -304,6 +356,101 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         "data.max_examples",
         f"must be >= 1 or null, got {d.max_examples}",
     )
+    if d.target_langs:
+        codes = [_language_code(c, "data.target_langs", origin) for c in d.target_langs]
+        check(len(set(codes)) == len(codes), "data.target_langs", f"has repeats: {d.target_langs}")
+        check(
+            d.target_lang in (DataConfig.target_lang, codes[0]),
+            "data.target_lang",
+            f"is {d.target_lang!r} but data.target_langs is {codes}: leave data.target_lang out (the run's "
+            "first language is data.target_langs[0])",
+        )
+        d.target_langs, d.target_lang = codes, codes[0]
+        for code in codes:
+            check(code != d.source_lang, "data.target_langs", f"lists the source language {d.source_lang!r}")
+    check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
+    check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
+    normalized: dict[str, str] = {}
+    for lang, text in d.system_prompts.items():
+        check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
+        code = _language_code(lang, f"data.system_prompts.{lang}", origin)
+        check(code not in normalized, f"data.system_prompts.{lang}", f"the language {code!r} is given twice")
+        normalized[code] = text
+    d.system_prompts = normalized  # keyed as the data's languages are looked up (`SW` and `sw` are one)
+    for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
+        check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
+    validate_quality(d.quality, check)
+    if not d.sources:
+        for lang in target_languages(d):
+            _validate_source(dataclasses.replace(d, target_lang=lang), check, "data.")
+        return
+    check(
+        d.source == DataConfig.source,
+        "data.sources",
+        f"data.source ({d.source!r}) and data.sources are both set: list every dataset in data.sources",
+    )
+    d.sources = [
+        s if isinstance(s, SourceSettings) else parse_dataclass(SourceSettings, s, origin, f"data.sources.{i}.")
+        for i, s in enumerate(d.sources)
+    ]
+    weighted = [s.weight is not None for s in d.sources]
+    check(all(weighted) or not any(weighted), "data.sources", "give a weight on every source or on none")
+    check(
+        any(weighted) or d.max_examples is None,
+        "data.max_examples",
+        "sizes a weighted mix only: without weights, give max_examples on each entry of data.sources",
+    )
+    for i, (s, merged) in enumerate(zip(d.sources, source_data_configs(d), strict=True)):
+        at = f"data.sources.{i}."
+        check(bool(s.source), f"{at}source", "is required (a dataset name, file or folder)")
+        check(s.weight is None or s.weight > 0, f"{at}weight", f"must be > 0, got {s.weight}")
+        check(s.weight is None or s.max_examples is None, f"{at}max_examples", "give max_examples or weight, not both")
+        check(s.max_examples is None or s.max_examples >= 1, f"{at}max_examples", "must be >= 1 or null")
+        for lang in target_languages(d):
+            _validate_source(dataclasses.replace(merged, target_lang=lang), check, at)
+
+
+def validate_quality(q: QualitySettings, check) -> None:
+    at = "data.quality."
+    check(q.language_min_letters >= 1, f"{at}language_min_letters", f"must be >= 1, got {q.language_min_letters}")
+    check(0 < q.min_length_ratio <= 1, f"{at}min_length_ratio", f"must be in (0, 1], got {q.min_length_ratio}")
+    check(q.max_length_ratio >= 1, f"{at}max_length_ratio", f"must be >= 1, got {q.max_length_ratio}")
+    check(q.length_ratio_min_chars >= 1, f"{at}length_ratio_min_chars", f"must be >= 1, got {q.length_ratio_min_chars}")
+    check(0 < q.max_copy_similarity <= 1, f"{at}max_copy_similarity", f"must be in (0, 1], got {q.max_copy_similarity}")
+    check(q.max_repeats >= 1, f"{at}max_repeats", f"must be >= 1, got {q.max_repeats}")
+    check(q.repeat_max_ngram >= 1, f"{at}repeat_max_ngram", f"must be >= 1, got {q.repeat_max_ngram}")
+    check(
+        not (q.enabled and q.language_id) or _has_module("lingua"),
+        f"{at}language_id",
+        "needs the lingua-language-detector package (pip install lingua-language-detector), or set it false",
+    )
+
+
+def target_languages(d: DataConfig) -> list[str]:
+    """The run's target languages: data.target_langs, else [data.target_lang]."""
+    return list(d.target_langs) or [d.target_lang]
+
+
+def source_data_configs(d: DataConfig) -> list[DataConfig]:
+    """One data config per dataset of the run: `d` itself without data.sources, else one per entry, its unset
+    fields taken from `d` (sources left empty)."""
+    if not d.sources:
+        return [d]
+    out = []
+    for s in d.sources:
+        given = {k: getattr(s, k) for k in SOURCE_FIELDS if k != "weight" and getattr(s, k) is not None}
+        out.append(dataclasses.replace(d, sources=[], **{**given, "max_examples": s.max_examples}))
+    return out
+
+
+def _validate_source(d: DataConfig, check, at: str) -> None:
+    """The fields that describe one dataset (data.* for a single source, data.sources.N.* for a mix)."""
+    check(d.translator in ("columns", "hf"), f"{at}translator", f"must be columns|hf, got {d.translator!r}")
+    check(
+        d.source_format in SOURCE_FORMATS,
+        f"{at}source_format",
+        f"must be {'|'.join(SOURCE_FORMATS)}, got {d.source_format!r}",
+    )
     if d.translator == "hf" and looks_local(d.translation_model):  # a hub name is checked when it loads
         folder = Path(os.path.expanduser(d.translation_model))
         check(folder.is_dir(), "data.translation_model", f"local model folder not found: {folder}")
@@ -314,7 +461,7 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         )
     check(
         not (d.translator == "columns" and d.source_format == "oasst"),
-        "data.translator",
+        f"{at}translator",
         "oasst data carries no translations: use translator=hf",
     )
     check(
@@ -329,17 +476,6 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         f"the miniature world (data.source: {WORLD_NAME}) is English → {WORLD_TARGET_LANG}, "
         f"got {d.source_lang!r} → {d.target_lang!r}",
     )
-    check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
-    check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
-    normalized: dict[str, str] = {}
-    for lang, text in d.system_prompts.items():
-        check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
-        code = _language_code(lang, f"data.system_prompts.{lang}", origin)
-        check(code not in normalized, f"data.system_prompts.{lang}", f"the language {code!r} is given twice")
-        normalized[code] = text
-    d.system_prompts = normalized  # keyed as the data's languages are looked up (`SW` and `sw` are one)
-    for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
-        check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
 
 
 def _language_code(code: str, name: str, origin) -> str:

@@ -116,12 +116,7 @@ def clo_loss(
     sft_den = response_tokens[:, sft_idx].sum().to(policy_logps.dtype) if sft_denominator is None else sft_denominator
     nll = nll_sum / sft_den
 
-    logratio = policy_logps if ref_logps is None else policy_logps - ref_logps.to(policy_logps.dtype)
-    if length_normalize:
-        logratio = logratio / response_tokens.to(logratio.dtype)
-    rewards = beta * logratio
-    chosen = torch.stack([rewards[:, 0], rewards[:, 2]], dim=1)  # [B, 2] (en, tgt)
-    rejected = torch.stack([rewards[:, 1], rewards[:, 3]], dim=1)
+    chosen, rejected = preference_rewards(policy_logps, ref_logps, response_tokens, beta, length_normalize)
     margins = chosen - rejected
     per_triple = preference_loss(margins, beta, loss_type, label_smoothing)
     cl_den = 2 * n_ex if cl_denominator is None else cl_denominator
@@ -146,6 +141,18 @@ def clo_loss(
         add("en/", slice(0, 1))
         add("tgt/", slice(1, 2))
     return loss, metrics
+
+
+def preference_rewards(policy_logps, ref_logps, response_tokens, beta: float, length_normalize: bool = False):
+    """(chosen, rejected) rewards [B, 2] (en direction, target direction): β·(logπ − logπ_ref) of sequences 0, 2
+    and 1, 3 (per token with length_normalize; without π_ref when ref_logps is None)."""
+    logratio = policy_logps if ref_logps is None else policy_logps - ref_logps.to(policy_logps.dtype)
+    if length_normalize:
+        logratio = logratio / response_tokens.to(logratio.dtype)
+    rewards = beta * logratio
+    chosen = torch.stack([rewards[:, 0], rewards[:, 2]], dim=1)
+    rejected = torch.stack([rewards[:, 1], rewards[:, 3]], dim=1)
+    return chosen, rejected
 
 
 def gather_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):

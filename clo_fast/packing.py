@@ -70,6 +70,7 @@ class PackedBatch:
     head_seq_ids  [N] int64 the sequence (4b+k) each row's log-prob adds to
     response_tokens [B, 4] labelled tokens per sequence (for the loss's global denominators)
     ref_logps     [B, 4] float32 when every example carries one
+    languages     [B] int64 each example's language, set by the trainer's MicroBatcher (data.target_langs)
     body_tokens   tokens the backbone processes (L, or 4B·T); real_tokens: those that are not padding
     windows       consecutive documents grouped into spans of ≤ `attention_window` tokens (host ints): sdpa
                   attends within each span only, so attention costs Σ span² instead of L²
@@ -93,6 +94,7 @@ class PackedBatch:
     body_tokens: int
     real_tokens: int
     windows: tuple[tuple[int, int], ...] | None = None  # document-aligned [start, end) spans for sdpa
+    languages: torch.Tensor | None = None  # [B] int64: each example's target language (index into the run's list)
 
     @property
     def head_row_count(self) -> int:

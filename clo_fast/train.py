@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from clo_fast.atomic import OutputDirError
 from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
 from clo_fast.data import build_text_dataset, tokenize_dataset
-from clo_fast.data.build import translate_sharded
+from clo_fast.data.build import REJECTS_FILE, rejects_jsonl, translate_sharded
 from clo_fast.data.collate import check_token_range
 from clo_fast.data.sources import DataError
 from clo_fast.data.split import require_examples
@@ -63,7 +63,7 @@ from clo_fast.training.optim import build_optimizer
 from clo_fast.training.reference import with_reference_logps
 from clo_fast.training.sampler import StepSampler
 from clo_fast.training.scoring import held_out_loss
-from clo_fast.training.step import LossSetup, NonFiniteError, NonFiniteGuard, train_step
+from clo_fast.training.step import LossSetup, NonFiniteError, NonFiniteGuard, name_languages, train_step
 
 # deepspeed and transformers (seconds to import) are imported where first used, so a config error fails at once
 
@@ -173,7 +173,16 @@ class Run:
         then each builds and tokenizes (caches written atomically, first writer wins)."""
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
-        texts = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)[0]
+        texts, summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
+        if rank() == 0:
+            rejected = summary["quality"]["rejected"]
+            (self.out_dir / f"data_{REJECTS_FILE}").write_text(rejects_jsonl(summary), encoding="utf-8")
+            if rejected:
+                log0(
+                    f"data: the translation quality gate dropped {sum(rejected.values())} of "
+                    f"{summary['quality']['checked']} pairs ({rejected}); they are in "
+                    f"{self.out_dir / f'data_{REJECTS_FILE}'}"
+                )
         del translator  # a translation model on the GPU: freed before the policy loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -191,7 +200,9 @@ class Run:
         packing = resolve_packing(
             cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
         )
-        self.collate = MicroBatcher(packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
+        self.collate = MicroBatcher(
+            packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, cfg.data.target_langs
+        )
         self.sampler = StepSampler(
             len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps, world_size(), o.seed
         )
@@ -276,7 +287,10 @@ class Run:
                     {"input_ids": b.input_ids, "labels": b.head_labels.view(1, -1)}, vocab_size, f"step {self.step + 1}"
                 )
             tokens = sum(b.real_tokens for b in micro)
-            step_metrics = train_step(engine, micro, self.loss_setup, self.device, global_examples=len(examples))
+            step_metrics = train_step(
+                engine, micro, self.loss_setup, self.device, len(examples), len(cfg.data.target_langs)
+            )
+            step_metrics = name_languages(step_metrics, cfg.data.target_langs)
             if test_poisoned(self.step + 1):
                 step_metrics["loss"] = step_metrics["loss"] * float("nan")
             log.add(step_metrics, tokens)

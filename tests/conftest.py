@@ -77,3 +77,11 @@ def chatml_tok():
 def llama3_tok():
     specials = ["<pad>", "<s>", "</s>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     return make_bpe_tokenizer(TEXTS, vocab_size=400, special_tokens=specials, chat_template=LLAMA3)
+
+
+@pytest.fixture(scope="session")
+def tiny_m2m(tmp_path_factory):
+    """A tiny randomly initialised M2M100 + its sentencepiece tokenizer, saved with save_pretrained."""
+    from helpers import save_tiny_m2m
+
+    return save_tiny_m2m(tmp_path_factory.mktemp("m2m"))

@@ -4,6 +4,7 @@ the DeepSpeed launcher of the demo run, and the README's measured tables. Import
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from clo_fast.config import DataConfig, LoraSettings, RunConfig, load_config
+from clo_fast.config import DataConfig, LoraSettings, QualitySettings, RunConfig, load_config
 from clo_fast.constants import IGNORE_INDEX
+from clo_fast.data import demo_data_path
 from clo_fast.model import add_lora_adapters, apply_lora_trainable, build_policy
 
 
@@ -359,6 +361,8 @@ LLAMA3 = (
 
 def data_config(tmp_path, **kw):
     base = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "target_lang": "sw"}
+    # the toy translations are copies ("[sw] Hi"), which the gate would drop (tests/test_data_quality.py)
+    base["quality"] = QualitySettings(enabled=False)
     return DataConfig(**{**base, **kw})
 
 
@@ -442,3 +446,54 @@ def write_jsonl(path, rows):
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def save_tiny_m2m(d: Path) -> str:
+    """A tiny randomly initialised M2M100 + its sentencepiece tokenizer (trained on the demo's texts), saved with
+    save_pretrained into d/model; returns that folder."""
+    import sentencepiece as spm
+    import torch
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, M2M100Tokenizer
+
+    rows = [json.loads(line) for line in demo_data_path().read_text(encoding="utf-8").splitlines()]
+    texts = [r[k] for r in rows for k in ("instruction", "response", "instruction_sw", "response_sw")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=300,
+        model_type="bpe",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (d / "sentencepiece.bpe.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(sp.get_piece_size()):
+        vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    tok = M2M100Tokenizer(str(d / "vocab.json"), str(d / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="sw")
+    torch.manual_seed(0)
+    cfg = M2M100Config(
+        vocab_size=max(tok.lang_code_to_id.values()) + 1,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    model_dir = d / "model"
+    M2M100ForConditionalGeneration(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return str(model_dir)

@@ -1,7 +1,6 @@
 """Translation backends and cache: a tiny random M2M100 built here, loaded through the real `hf` path."""
 
 import importlib
-import io
 import json
 import os
 import re
@@ -10,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from clo_fast.config import DataConfig
+from clo_fast.config import DataConfig, QualitySettings
 from clo_fast.data import DataError, build_text_dataset, demo_data_path
 from clo_fast.data.translate import (
     HFTranslator,
@@ -28,57 +27,6 @@ importlib.import_module("sentencepiece")  # the `test` extra: a missing package 
 
 def _demo_rows():
     return [json.loads(line) for line in demo_data_path().read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_m2m(tmp_path_factory):
-    """A tiny randomly initialised M2M100 + its sentencepiece tokenizer, saved with save_pretrained."""
-    import sentencepiece as spm
-    import torch
-    from transformers import M2M100Config, M2M100ForConditionalGeneration, M2M100Tokenizer
-
-    d = tmp_path_factory.mktemp("m2m")
-    texts = [r[k] for r in _demo_rows() for k in ("instruction", "response", "instruction_sw", "response_sw")]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=buf,
-        vocab_size=300,
-        model_type="bpe",
-        character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=0,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (d / "sentencepiece.bpe.model").write_bytes(buf.getvalue())
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for i in range(sp.get_piece_size()):
-        vocab.setdefault(sp.id_to_piece(i), len(vocab))
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    tok = M2M100Tokenizer(str(d / "vocab.json"), str(d / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="sw")
-    torch.manual_seed(0)
-    cfg = M2M100Config(
-        vocab_size=max(tok.lang_code_to_id.values()) + 1,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=128,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    )
-    model_dir = d / "model"
-    M2M100ForConditionalGeneration(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return str(model_dir)
 
 
 def _translator(model_dir, cache_path, **kw):
@@ -265,6 +213,7 @@ def test_build_text_dataset_with_hf_backend_and_cached_rebuild(tiny_m2m, tmp_pat
         output_dir=str(tmp_path / "out"),
         on_bad_record="skip",
         eval_fraction=0.0,
+        quality=QualitySettings(enabled=False),  # the random model's output is no language: tests/test_data_quality.py
     )
     dsd, summary = build_text_dataset(cfg, progress=False)
     tr = summary["translation"]

@@ -406,3 +406,27 @@ def test_demo_run_on_a_cold_cache_with_a_short_collective_timeout(tmp_path):
     r = launch(tmp_path, tmp_path / "cold_cache", extra=sets, env={"DEEPSPEED_TIMEOUT": "1"})
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert (tmp_path / "cold_cache" / "demo_model").is_dir() and "final metrics" in r.stdout
+
+
+@slow
+@needs_launcher
+def test_a_two_language_demo_run_reports_both_languages(tmp_path, cache):
+    extra = (
+        "data.target_langs=[sw, ko]",
+        "train.fidelity_prompts=2",
+        "train.eval_steps=4",
+        "eval.max_prompts=3",
+        "eval.max_new_tokens=8",
+    )
+    r = launch(tmp_path, cache, ranks=1, extra=extra)
+    assert r.returncode == 0, f"run failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
+    logged = metrics(tmp_path / "run")
+    trained = [m for m in logged.values() if "loss" in m]
+    per_language = {f"{k}/{lang}" for k in ("nll", "rewards/margins", "rewards/accuracies") for lang in ("sw", "ko")}
+    assert trained and all(per_language <= set(m) for m in trained)  # the batches carried the language
+    probed = [m for m in logged.values() if "fidelity/sw" in m]
+    assert probed and all({"fidelity/ko", "fidelity/en", "samples/ko", "samples/sw"} <= set(m) for m in probed)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["target_langs"] == ["sw", "ko"] and report["languages"] == ["en", "sw", "ko"]
+    assert report["n_prompts"] == {"en": 3, "sw": 3, "ko": 3}
+    assert "data: 240 train / 28 eval examples" in r.stdout  # 120 + 14 pairs, each in both languages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from clo_fast.atomic import OutputDirError, check_publishable
 from clo_fast.config import ConfigError, add_override_argument, load_config
-from clo_fast.data.build import build_text_dataset, save_text_dataset
+from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
 
@@ -34,13 +33,30 @@ def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
         f"  records read {summary['records_read']}, valid pairs {summary['valid_pairs']}, "
         f"selected {summary['selected']}, kept {summary['kept']} (train {summary['train']}, eval {summary['eval']})"
     )
+    if len(summary.get("mix", [])) > 1:
+        p("  mix (selected / kept pairs, share of the kept):")
+        for m in summary["mix"]:
+            how = f"weight {m['weight']}" if m["weight"] is not None else f"max_examples {m['max_examples']}"
+            p(
+                f"    {m['source']} ({m['source_format']}, {m['translator']}, {how}): read {m['records_read']}, "
+                f"valid {m['valid_pairs']}, selected {m['selected']}, kept {m['kept']} ({m['share']:.1%})"
+            )
     if summary["skipped_bad_records"]:
         p(f"  skipped bad records: {summary['skipped_bad_records']}")
         for e in summary["skipped_examples"][:5]:
             p(f"    e.g. {e}")
     if summary["filtered"]:
         p(f"  filtered (oasst): {summary['filtered']}")
+    q = summary.get("quality") or {}
+    if q.get("enabled"):
+        rejected = q["rejected"]
+        why = ", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"
+        p(f"  translation quality gate: {q['checked']} pairs checked, dropped {sum(rejected.values())} ({why})")
+        if rejected:
+            p(f"    the dropped pairs, with the reason: {out / q['rejects_file']}")
     tr = summary.get("translation") or {}
+    if "backend" not in tr:  # a mix: one translator per kind
+        tr = tr.get("hf", {})
     if tr.get("backend") == "hf":
         p(
             f"  translation: {tr['texts']} texts, cache hits {tr['cache_hits']}, newly translated {tr['translated']} "
@@ -95,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tokenize_dataset(dsd[split], tok, cfg, stats=st)
                 tok_stats[split] = st
             summary["tokenized"] = tok_stats
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+            (out / "summary.json").write_text(summary_json(summary))
     except (DataError, ConfigError, OutputDirError, TranslationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

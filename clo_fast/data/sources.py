@@ -42,6 +42,9 @@ class Pair:
     response_tgt: str | None = None
     context: list[dict] | None = None  # earlier turns [{role, content}] (system first, if any): conversations
     context_tgt: list[dict] | None = None  # the same turns in the target language, when the data has them
+    source_index: int = 0  # which dataset of data.sources it came from (0 for a single source)
+    # data.target_langs with translator=columns: the other languages' given (instruction, response, context)
+    translations: dict | None = None
 
 
 class BadRecords:

@@ -14,7 +14,8 @@ from clo_fast.constants import IGNORE_INDEX, SEQUENCE_KINDS
 from clo_fast.data.sources import DataError
 from clo_fast.data.stats import percentiles
 
-FORMAT_VERSION = 3  # bump when the tokenized layout changes (invalidates the tokenization cache); 3: checksums
+FORMAT_VERSION = 4  # bump when the tokenized layout changes (invalidates the tokenization cache); 3: checksums;
+# 4: each example keeps its target_lang (data.target_langs: the batch carries the language)
 
 
 def system_prompt_for(cfg: DataConfig, lang: str | None) -> str | None:
@@ -276,9 +277,11 @@ _SEQUENCE_PIECES = (
 )
 
 
-def _pair_sequences(ids: list[str], pieces: dict[str, list[list[int]]], max_length: int) -> tuple[dict, dict]:
-    """Rows {id, input_ids [4], labels [4]} (labels unshifted, IGNORE_INDEX on the prompt) and their stats."""
-    rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
+def _pair_sequences(
+    ids: list[str], pieces: dict[str, list[list[int]]], max_length: int, langs: list[str]
+) -> tuple[dict, dict]:
+    """Rows {id, target_lang, input_ids [4], labels [4]} (labels unshifted, IGNORE_INDEX on the prompt), stats."""
+    rows: dict[str, list] = {"id": [], "target_lang": [], "input_ids": [], "labels": []}
     dropped = {"prompt_too_long": 0}
     truncated = [0] * len(SEQUENCE_KINDS)
     lengths: dict[str, list[int]] = {k: [] for k in SEQUENCE_KINDS}
@@ -297,6 +300,7 @@ def _pair_sequences(ids: list[str], pieces: dict[str, list[list[int]]], max_leng
         for name, per_example in raw.items():
             per_example.append(len(pieces[name][i]))
         rows["id"].append(ex_id)
+        rows["target_lang"].append(langs[i])
         rows["input_ids"].append(ids4)
         rows["labels"].append(lab4)
     stats = {
@@ -338,10 +342,12 @@ def tokenize_dataset(ds, tokenizer: Any, cfg: DataConfig, *, stats: dict | None 
             stats.update(json.loads((target / "stats.json").read_text()), cache_hit=True)
         return out
 
-    rows, st = _pair_sequences(list(ds["id"]), _encode_pieces(ds, tokenizer, cfg), cfg.max_length)
+    langs = list(ds["target_lang"]) if "target_lang" in ds.column_names else [cfg.target_lang] * len(ds)
+    rows, st = _pair_sequences(list(ds["id"]), _encode_pieces(ds, tokenizer, cfg), cfg.max_length, langs)
     st["template"] = cfg.template
     int_lists = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
-    feats = datasets.Features({"id": datasets.Value("string"), "input_ids": int_lists, "labels": int_lists})
+    text = datasets.Value("string")
+    feats = datasets.Features({"id": text, "target_lang": text, "input_ids": int_lists, "labels": int_lists})
     out = datasets.Dataset.from_dict(rows, features=feats)
     if use_cache and len(out) > 0:  # an empty split is an error for the caller: never cached, never reused
         # several processes may tokenize the same split: each stages its own copy, the first to finish wins

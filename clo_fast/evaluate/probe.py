@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from clo_fast.config import RunConfig
+from clo_fast.config import RunConfig, target_languages
 
 
 class FidelityProbe:
@@ -26,7 +26,8 @@ class FidelityProbe:
         from clo_fast.language_id import get_identifier
 
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.items = normalize_prompts(records, cfg.data.target_lang, cfg.train.fidelity_prompts)
+        # every target language of the run (data.target_langs): fidelity/<lang> for each
+        self.items = normalize_prompts(records, target_languages(cfg.data), cfg.train.fidelity_prompts)
         self.langs = list(dict.fromkeys(it["lang"] for it in self.items))
         self.lid = get_identifier(self.langs, cfg.eval.detector_languages)
         self.prompt_ids = [encode_item(tokenizer, it, cfg.data) for it in self.items]

@@ -8,26 +8,36 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from clo_fast.config import RunConfig
+from clo_fast.config import RunConfig, target_languages
 from clo_fast.data.sources import CHAT_ROLES
 from clo_fast.data.tokenize import format_prompt, special_prefix
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.language_id import normalize_lang
 
 
-def normalize_prompts(records: Sequence[dict], target_lang: str, max_per_lang: int | None = None) -> list[dict]:
+def normalize_prompts(
+    records: Sequence[dict], target_lang: str | Sequence[str], max_per_lang: int | None = None
+) -> list[dict]:
     """Turn prompt records into evaluation items `{"id", "lang", "prompt", "reference", "context"}`.
 
     A record is either a row of the text-level dataset (`prompt_en`, `response_en`, `prompt_tgt`,
     `response_tgt`, optional `id`, `target_lang`, `context_en` / `context_tgt`: gives one English and one
     target-language item), or one item (`prompt`, `lang`, optional `reference`, `id`, `context`: the earlier
     turns, a list of {role, content}). `reference` may be None (no NLL or chrF for that item).
-    Keeps at most `max_per_lang` items per language, in input order.
+    Keeps at most `max_per_lang` items per language, in input order. `target_lang`: the run's target language,
+    or its languages (data.target_langs: rows of several languages share their English prompt, which gives one
+    English item).
     """
-    target = normalize_lang(target_lang)
+    targets = [normalize_lang(c) for c in ([target_lang] if isinstance(target_lang, str) else target_lang)]
     items: list[dict] = []
+    english: set[str] = set()
     for i, rec in enumerate(records):
-        items += _record_items(i, rec, target)
+        for it in _record_items(i, rec, targets):
+            if it["lang"] == "en" and "prompt_en" in rec:  # one English item per English prompt
+                if it["id"] in english:
+                    continue
+                english.add(it["id"])
+            items.append(it)
     for it in items:
         if not it["prompt"].strip():
             raise EvalError(f"prompt id {it['id']} ({it['lang']}): empty prompt")
@@ -56,7 +66,7 @@ def load_eval_prompts(cfg: RunConfig) -> list[dict]:
             f"no evaluation prompts: the text dataset from data.source={cfg.data.source!r} has an empty 'eval' split "
             f"(data.eval_fraction={cfg.data.eval_fraction}); raise data.eval_fraction or pass --prompts FILE.jsonl"
         )
-    n = min(len(dsd["eval"]), cfg.eval.max_prompts)
+    n = min(len(dsd["eval"]), cfg.eval.max_prompts * len(target_languages(cfg.data)))  # a row per pair and language
     return [dict(r) for r in dsd["eval"].select(range(n))]
 
 
@@ -90,7 +100,7 @@ def encode_item(tokenizer, item: dict, data_cfg) -> list[int]:
     return encode_prompt(tokenizer, item["prompt"], data_cfg, item["lang"], item.get("context"))
 
 
-def _record_items(i: int, rec, target: str) -> list[dict]:
+def _record_items(i: int, rec, targets: list[str]) -> list[dict]:
     """The evaluation items of one prompt record (a dataset row gives two, an item record one)."""
     if not isinstance(rec, dict):
         raise EvalError(f"prompt record {i}: expected a dict, got {type(rec).__name__}")
@@ -99,16 +109,15 @@ def _record_items(i: int, rec, target: str) -> list[dict]:
         missing = [k for k in ("prompt_en", "prompt_tgt") if not isinstance(rec.get(k), str)]
         if missing:
             raise EvalError(f"prompt record {i} (id {rid}): missing or non-string {', '.join(missing)}")
-        rec_lang = normalize_lang(rec.get("target_lang") or target)
-        if rec_lang != target:
-            raise EvalError(
-                f"prompt record {i} (id {rid}): target_lang {rec_lang!r} != config data.target_lang {target!r}"
-            )
+        rec_lang = normalize_lang(rec.get("target_lang") or targets[0])
+        if rec_lang not in targets:
+            wanted = f"config data.target_lang {targets[0]!r}" if len(targets) == 1 else f"data.target_langs {targets}"
+            raise EvalError(f"prompt record {i} (id {rid}): target_lang {rec_lang!r} not in {wanted}")
         ctx = {side: _context(i, rid, rec, f"context_{side}") for side in ("en", "tgt")}
         return [
             {"id": rid, "lang": lang, "prompt": rec[f"prompt_{side}"], "reference": rec.get(f"response_{side}"),
              "context": ctx[side]}
-            for side, lang in (("en", "en"), ("tgt", target))
+            for side, lang in (("en", "en"), ("tgt", rec_lang))
         ]  # fmt: skip
     if "prompt" in rec:
         if "lang" not in rec:

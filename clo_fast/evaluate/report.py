@@ -48,12 +48,17 @@ def fmt(v, digits=3) -> str:
     return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _targets(report: dict) -> str:
+    several = report.get("target_langs") or [report["target_lang"]]
+    return f"target language: {several[0]}" if len(several) == 1 else f"target languages: {', '.join(several)}"
+
+
 def render_markdown(report: dict) -> str:
     """Metrics as rows, models as columns."""
     models = list(report["models"])
     langs = report["languages"]
     lines = [
-        f"Evaluation on held-out prompts (target language: {report['target_lang']}; "
+        f"Evaluation on held-out prompts ({_targets(report)}; "
         + ", ".join(f"{lang}: {report['n_prompts'][lang]} prompts" for lang in langs)
         + ")",
         "",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from clo_fast.atomic import claim_output_dir
-from clo_fast.config import RunConfig, validate_eval
+from clo_fast.config import RunConfig, target_languages, validate_eval
 from clo_fast.constants import TOKENIZER_FILES
 from clo_fast.data.tokenize import tokenizer_fingerprint
 from clo_fast.evaluate.benchmarks import check_benchmarks, run_benchmarks
@@ -81,7 +81,8 @@ def evaluate_models(
     """
     ev = cfg.eval
     validate_eval(cfg, lambda _name: "<config>")  # configs built in code skip load_config
-    target = normalize_lang(cfg.data.target_lang)
+    targets = [normalize_lang(c) for c in target_languages(cfg.data)]
+    target = targets[0]
     specs = parse_model_specs(model_paths)
     what = "--out-dir" if out_dir is not None else "eval.output_dir"
     out_dir = out_dir if out_dir is not None else ev.output_dir
@@ -97,13 +98,15 @@ def evaluate_models(
     records = load_eval_prompts(cfg) if prompts is None else list(prompts)
     if not records:
         raise EvalError("no evaluation prompts: the prompt list is empty")
-    items = normalize_prompts(records, target, ev.max_prompts)
-    langs = sorted({it["lang"] for it in items}, key=lambda lang: (lang != "en", lang != target, lang))
+    items = normalize_prompts(records, targets, ev.max_prompts)
+    order = ["en", *targets]
+    langs = sorted({it["lang"] for it in items}, key=lambda c: (order.index(c) if c in order else len(order), c))
     lid = get_identifier(langs, ev.detector_languages)
     t0 = time.time()
 
     report: dict = {
         "target_lang": target,
+        "target_langs": targets,
         "languages": langs,
         "n_prompts": {lang: sum(it["lang"] == lang for it in items) for lang in langs},
         "eval_config": dataclasses.asdict(ev),

@@ -31,17 +31,28 @@ def resolve_packing(requested: str, attn_implementation: str, device_type: str, 
 class MicroBatcher:
     """Tokenized CLO examples → `PackedBatch`es in one packing mode."""
 
-    def __init__(self, mode: str, pad_token_id: int, pad_to_multiple_of: int):
+    def __init__(self, mode: str, pad_token_id: int, pad_to_multiple_of: int, languages: Sequence[str] = ()):
+        """`languages`: the run's target languages (data.target_langs); with two or more, every batch carries each
+        example's language as an index into them (`PackedBatch.languages`), for the per-language metrics."""
         self.mode, self.pad_token_id, self.pad_to_multiple_of = mode, pad_token_id, pad_to_multiple_of
+        self.languages = list(languages)
 
     def __call__(self, examples: Sequence[dict], sequences: Sequence[int] | None = None) -> PackedBatch:
-        return build_packed_batch(
+        import dataclasses
+
+        import torch
+
+        batch = build_packed_batch(
             examples,
             self.mode,
             self.pad_token_id,
             pad_to_multiple_of=self.pad_to_multiple_of,
             sequences=ALL_SEQUENCES if sequences is None else tuple(sequences),
         )
+        if len(self.languages) < 2:
+            return batch
+        index = [self.languages.index(ex["target_lang"]) for ex in examples]
+        return dataclasses.replace(batch, languages=torch.tensor(index, dtype=torch.long))
 
     def step_batches(
         self,

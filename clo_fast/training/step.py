@@ -17,7 +17,7 @@ import torch
 
 from clo_fast.config import CLOConfig
 from clo_fast.constants import SEQUENCES_PER_EXAMPLE
-from clo_fast.loss import clo_loss
+from clo_fast.loss import clo_loss, preference_rewards
 from clo_fast.training.distributed import all_reduce_sum, h2d, to_device, world_size
 
 MODE_LAMBDA = {"sft": 1.0, "dpo": 0.0}  # clo mode uses clo.lam
@@ -108,14 +108,15 @@ def policy_logps(engine, batch, sequences: tuple[int, ...] | None) -> torch.Tens
 
 
 def train_step(
-    engine, micro_batches: list, setup: LossSetup, device, global_examples: int | None = None
+    engine, micro_batches: list, setup: LossSetup, device, global_examples: int | None = None, n_languages: int = 0
 ) -> dict[str, torch.Tensor]:
     """Run one optimizer step over `micro_batches` (host tensors — padded dicts or `PackedBatch`es of any
     size — this rank's share of the global batch).
 
     `global_examples`: examples in the step's global batch (known on the host); without it every rank is
     taken to hold the same number. Returns the step's metrics as device scalars, averaged over the
-    micro-batches (no host sync).
+    micro-batches (no host sync). `n_languages` (data.target_langs): batches carry their examples' languages, and
+    per-language metrics (`LanguageMetrics`) are added for each of them.
     """
     accumulation, world = len(micro_batches), world_size()
     sft_columns = list(setup.sft_sequences)
@@ -127,6 +128,7 @@ def train_step(
         global_examples = world * sum(t.shape[0] for t in tokens)
     cl_denominator = 2.0 * global_examples / (accumulation * world)
     totals: dict[str, torch.Tensor] = {}
+    by_language = LanguageMetrics(micro_batches, setup, sft_columns, n_languages)
     for host_batch in micro_batches:
         batch = to_device(host_batch, device)
         logps = policy_logps(engine, batch, setup.sequences_run)
@@ -135,7 +137,72 @@ def train_step(
         engine.step()  # DeepSpeed applies the update at the accumulation boundary
         for k, v in metrics.items():
             totals[k] = totals[k] + v / accumulation if k in totals else v / accumulation
-    return totals
+        by_language.add(logps.detach(), batch)
+    return {**totals, **by_language.result()}
+
+
+def name_languages(metrics: dict, languages: list[str]) -> dict:
+    """`nll/1` → `nll/ko` for the run's languages (data.target_langs), as fidelity/<lang> is named."""
+    out = {}
+    for k, v in metrics.items():
+        head, _, tail = k.rpartition("/")
+        out[f"{head}/{languages[int(tail)]}" if head and tail.isdigit() and languages else k] = v
+    return out
+
+
+class LanguageMetrics:
+    """Per-language metrics of one step on this rank when batches carry their examples' languages
+    (data.target_langs; `PackedBatch.languages`): `nll/<i>` (token mean over the NLL's sequences) and, when the
+    preference term runs, `rewards/margins/<i>` and `rewards/accuracies/<i>` over that language's triples, keyed
+    by the language's index (the trainer renames them). Sums stay on the device; the counts come from the host
+    batches, so nothing is read back. Every language gets its keys on every rank (the logger reduces one vector
+    over ranks); a language with no example in this rank's share of the step counts 0 there, which pulls that
+    step's mean over ranks towards 0 (rare at real batch sizes; the counts are per rank, as every step metric is)."""
+
+    def __init__(self, micro_batches: list, setup: LossSetup, sft_columns: list[int], n_languages: int):
+        self.setup, self.sft_columns = setup, sft_columns
+        self.langs = [batch_field(b, "languages") for b in micro_batches]
+        self.on = n_languages > 1 and bool(micro_batches) and all(lang is not None for lang in self.langs)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.preference = setup.sequences_run is None
+        if self.on:
+            tokens = [batch_field(b, "response_tokens") for b in micro_batches]
+            for i in range(n_languages):
+                self.counts[f"nll/{i}"] = sum(
+                    int(t[lang == i][:, sft_columns].sum()) for t, lang in zip(tokens, self.langs, strict=True)
+                )
+                triples = 2 * sum(int((lang == i).sum()) for lang in self.langs)
+                self.counts[f"rewards/margins/{i}"] = self.counts[f"rewards/accuracies/{i}"] = triples
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def add(self, logps: torch.Tensor, batch) -> None:
+        if not self.on:
+            return
+        s = self.setup
+        languages = batch_field(batch, "languages")
+        nll = -logps[:, self.sft_columns].sum(dim=1)  # [B]
+        margins = None
+        if self.preference:
+            ref = batch_field(batch, "ref_logps") if s.use_reference else None
+            tokens = batch_field(batch, "response_tokens")
+            chosen, rejected = preference_rewards(logps, ref, tokens, s.beta, s.length_normalize)
+            margins = chosen - rejected  # [B, 2]
+        for name in self.counts:
+            if not name.startswith("nll/"):
+                continue
+            i = int(name.split("/")[-1])
+            mask = (languages == i).to(logps.dtype)
+            self._add(name, (nll * mask).sum())
+            if margins is not None:
+                self._add(f"rewards/margins/{i}", (margins * mask[:, None]).sum())
+                self._add(f"rewards/accuracies/{i}", ((margins > 0).to(logps.dtype) * mask[:, None]).sum())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        names = [k for k in self.counts if self.preference or k.startswith("nll/")]
+        return {k: self.sums[k] / max(1, self.counts[k]) for k in names}
 
 
 class NonFiniteError(RuntimeError):
