@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 
 from clo_fast.atomic import OutputDirError
-from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
+from clo_fast.config import (
+    ConfigError,
+    RunConfig,
+    add_override_argument,
+    load_config,
+    parse_args_with_overrides,
+    to_dict,
+)
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per step
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -55,7 +62,7 @@ def parse_args(argv=None):
     )
     add_override_argument(p)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the launcher
-    return p.parse_args(argv)
+    return parse_args_with_overrides(p, argv)  # --set, and sweep tools' --section.field=VALUE
 
 
 def check_environment(cfg: RunConfig, config_path: Path) -> None:
