@@ -30,12 +30,17 @@ from clo_fast.constants import (
 from clo_fast.paths import looks_local
 
 DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
+# optim.lr_scheduler_type: TRL's / transformers' names, built by transformers.get_scheduler
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup")
 
 # Keys that existed once: loading one says what replaced it instead of "unknown key".
 REMOVED_KEYS = {
     "train.tensorboard": "removed: list tensorboard in train.report_to (default [jsonl, tensorboard])",
     "train.precision": "removed: the precision is stated once, as model.dtype (float32 | bfloat16 | float16); "
     "DeepSpeed's bf16/fp16 mode follows it",
+    "optim.schedule": "renamed optim.lr_scheduler_type, with TRL's names: "
+    f"{' | '.join(LR_SCHEDULER_TYPES)} (cosine with min_lr_ratio > 0 is cosine_with_min_lr; constant is "
+    "constant_with_warmup)",
 }
 
 
@@ -147,10 +152,12 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0); in [0, 1]
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
     eps: float = 1e-8  # AdamW ε; in (0, 0.01]
-    warmup_steps: int = 0  # linear warmup over this many optimizer steps
+    warmup_steps: int = 0  # linear warmup (from 0, as transformers') over this many optimizer steps
     warmup_ratio: float = 0.0  # or over this share of all steps (TRL's warmup_ratio); the larger of the two wins
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this
+    # after warmup, transformers' schedule of this name (TRL's lr_scheduler_type; TRL's default is linear):
+    # linear (to 0) | cosine (to 0) | cosine_with_min_lr (to lr × min_lr_ratio) | constant_with_warmup
+    lr_scheduler_type: str = "cosine"
+    min_lr_ratio: float = 0.0  # cosine_with_min_lr only: the decay ends at lr × this (transformers' min_lr_rate)
     max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables; in [0, 1e4]
     epochs: int = 1  # passes over the training split (when max_steps is null)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -370,7 +377,11 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(0 < o.lr <= 1, "optim.lr", f"must be in (0, 1], got {o.lr}")
     check(o.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
     check(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
-    check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {o.schedule!r}")
+    check(
+        o.lr_scheduler_type in LR_SCHEDULER_TYPES,
+        "optim.lr_scheduler_type",
+        f"unknown {o.lr_scheduler_type!r} (one of {' | '.join(LR_SCHEDULER_TYPES)})",
+    )
     check(
         len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
         "optim.betas",
@@ -381,6 +392,11 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     check(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(
+        o.min_lr_ratio == 0.0 or o.lr_scheduler_type == "cosine_with_min_lr",
+        "optim.min_lr_ratio",
+        f"applies to lr_scheduler_type cosine_with_min_lr only (the {o.lr_scheduler_type} schedule has no floor)",
+    )
     check(
         0 <= o.max_grad_norm <= 1e4, "optim.max_grad_norm", f"must be in [0, 1e4] (0 disables), got {o.max_grad_norm}"
     )

@@ -142,10 +142,10 @@ def test_demo_trains_loss_falls_accuracy_rises(run_a):
     acc_late = sum(m[s]["rewards/accuracies"] for s in steps[-3:]) / 3
     assert acc_late > acc_early + 0.2, (acc_early, acc_late)
     assert m[STEPS]["eval/rewards/accuracies"] > 0.5
-    # LR: linear warmup over 2 steps to the config's peak, then cosine down to 0.1 × peak
+    # LR: transformers' linear warmup over 2 steps (from 0) to the config's peak, then cosine down to 0.1 × peak
     peak = load_config(DEMO).optim.lr
     lr = [m[s]["learning_rate"] for s in steps]
-    assert lr[0] == pytest.approx(peak / 2) and lr[1] == pytest.approx(peak) and lr[-1] < lr[2]
+    assert lr[0] == 0 and lr[1] == pytest.approx(peak / 2) and lr[2] == pytest.approx(peak) and lr[-1] < lr[3]
     assert "HF model exported to" in r.stdout and "final metrics:" in r.stdout
     assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -298,7 +298,7 @@ BAD = [
     ("train:\n  precision: bf16\n", "train.precision: removed: the precision is stated once, as model.dtype"),
     ("eval:\n  batch_size: 0\n", "eval.batch_size"),  # at load, not after training (train.run_evaluation)
     ("data:\n  target_lang: en\n", "data.target_lang"),
-    ("optim:\n  schedule: step\n", "optim.schedule"),
+    ("optim:\n  lr_scheduler_type: step\n", "optim.lr_scheduler_type"),
     ("model:\n  trainable_patterns: []\n", "model.trainable_patterns"),
     ("optim:\n  betas: [0.9]\n", "optim.betas"),
     ("clo:\n  mode: ppo\n", "clo.mode"),
@@ -385,14 +385,16 @@ def test_sampler_covers_each_epoch_once_and_is_layout_independent():
     assert two.indices(4, 0, 0) != two.indices(0, 0, 0)  # a new permutation next epoch
 
 
-def test_lr_schedule():
-    from clo_fast.training.optim import lr_multiplier
+def test_lr_schedule():  # transformers' schedules; their shapes are tested in tests/test_training_optim.py
+    from clo_fast.config import OptimConfig
+    from clo_fast.training.optim import build_scheduler
 
-    assert [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in (0, 1)] == [0.5, 1.0]
-    assert lr_multiplier(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(9, 10, 0, "constant", 0.0) == 1.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(
+        opt, OptimConfig(warmup_steps=2, lr_scheduler_type="cosine_with_min_lr", min_lr_ratio=0.1), 10
+    )
+    assert [sched.lr_lambdas[0](s) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert sched.lr_lambdas[0](10) == pytest.approx(0.1)
 
 
 @slow

@@ -319,13 +319,15 @@ def test_warmup_ratio_sets_the_warmup_length():
     assert warmup_steps(OptimConfig(warmup_steps=12, warmup_ratio=0.1), 95) == 12
     assert warmup_steps(OptimConfig(), 95) == 0
     model = torch.nn.Linear(2, 2)
-    opt, sched = build_optimizer(model, OptimConfig(lr=1.0, warmup_ratio=0.25, schedule="constant"), 8)
+    opt, sched = build_optimizer(
+        model, OptimConfig(lr=1.0, warmup_ratio=0.25, lr_scheduler_type="constant_with_warmup"), 8
+    )
     lrs = []
     for _ in range(4):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 1.0])  # 2 warmup steps of 8
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.0])  # 2 warmup steps of 8 (transformers' warmup starts at 0)
     with pytest.raises(ConfigError, match="optim.warmup_ratio"):
         load_config(None, ["optim.warmup_ratio=1.5"])
 
