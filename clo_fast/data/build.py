@@ -18,7 +18,7 @@ from clo_fast.atomic import OutputDirError, atomic_directory, check_publishable
 from clo_fast.config import DataConfig, validate_data
 from clo_fast.constants import WORLD_NAME
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
-from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
+from clo_fast.data.split import conversation_key, deduplicate, eval_size, shuffled_order
 from clo_fast.data.stats import percentiles
 from clo_fast.paths import looks_local
 
@@ -65,7 +65,7 @@ def _config_key(cfg: DataConfig) -> str:
         "oasst_all_turns",
     )
     d = {k: getattr(cfg, k) for k in keys}
-    d["_dedup"] = "prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
+    d["_dedup"] = "context+prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
     if cfg.source == "demo":  # the bundled file changes with the package version
         d["_data"] = hashlib.sha256(demo_data_path().read_bytes()).hexdigest()
     elif cfg.source == WORLD_NAME:  # the world's recipe names its pairs
@@ -102,8 +102,10 @@ def select_pairs(cfg: DataConfig, skips: BadRecords, filtered: dict) -> tuple[li
     Returns (selected, records_read, valid_pairs, duplicate_prompts_removed)."""
     pairs, n_records = read_pairs(cfg, skips, filtered)
 
-    def keys(p):  # the English prompt, and the given translation of it: a copy of either is the same example
-        return ("en", prompt_key(p.instruction)), ("tgt", prompt_key(p.instruction_tgt)) if p.instruction_tgt else None
+    def keys(p):  # the English prompt, and the given translation of it, each with its conversation's earlier
+        # turns: a copy of either is the same example; the same words after another context are not
+        en = ("en", conversation_key(p.context, p.instruction))
+        return en, ("tgt", conversation_key(p.context_tgt, p.instruction_tgt)) if p.instruction_tgt else None
 
     pairs, n_duplicates = deduplicate(pairs, keys)  # before the split
     order = shuffled_order(len(pairs), cfg.seed)
