@@ -55,7 +55,10 @@ class LoraSettings:
 
     r: int = 8  # adapter rank; in [1, 4096]
     alpha: float = 16.0  # scaling numerator: the update is (alpha / r) · B·A (PEFT's lora_alpha); in (0, 4096]
-    dropout: float = 0.05  # dropout on the adapter input during training (PEFT's lora_dropout)
+    # PEFT's lora_dropout, written to the exported adapter_config.json (for training it further with PEFT). Our
+    # training runs without it, as all dropout (TRL's disable_dropout): the policy must equal its own reference
+    # at step 0, and the reference pass runs without dropout
+    dropout: float = 0.05
     # fnmatch patterns on *module* names (nn.Linear only) that get an adapter; the attention projections by default
     target_patterns: list[str] = field(default_factory=lambda: [p.rstrip("*") for p in ATTENTION_ONLY_PATTERNS])
 
