@@ -121,6 +121,7 @@ class Run:
 
         t = self.cfg.train
         check_environment(self.cfg, self.config_path)
+        dist.check_launch()  # before WORLD_SIZE is read: a launcher that started fewer processes than asked
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
         self.device = dist.init_process_group(t.dist_timeout_s)
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
