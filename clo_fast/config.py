@@ -183,8 +183,13 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     run_name: str | None = None  # W&B / MLflow run name; null = the output_dir's name
     project: str = "clo-fast"  # W&B project / MLflow experiment
-    push_to_hub: str | None = None  # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off
+    # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off. The token and the repo id are
+    # checked at start-up; rank 0 uploads at the end, after the ranks part (and after train.run_evaluation)
+    push_to_hub: str | None = None
     hub_private: bool = True  # create the Hub repo private
+    hub_license: str | None = None  # license in the model card (a Hub license id, e.g. apache-2.0); null = "other"
+    hub_max_retries: int = 5  # retries of each Hub request on 429 / 5xx / transport errors (exponential back-off)
+    hub_retry_wait_s: float = 2.0  # first back-off wait; doubles each retry (capped at 120 s, with jitter)
     export_max_shard_size: str = "5GB"  # safetensors shard size of the exported model
     fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
     # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
@@ -420,6 +425,16 @@ def validate_train(cfg: RunConfig, origin) -> None:
     packings = ("auto", "none", "padding_free", "prefix_shared")
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
     validate_report_to(t.report_to, check)
+    if t.push_to_hub is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(t.push_to_hub)
+        except HFValidationError as e:
+            check(False, "train.push_to_hub", f"not a Hub repo id (owner/name or name): {e}")
+        check(t.export_hf, "train.push_to_hub", "uploads the export: needs train.export_hf: true")
+    check(t.hub_max_retries >= 0, "train.hub_max_retries", f"must be >= 0, got {t.hub_max_retries}")
+    check(t.hub_retry_wait_s >= 0, "train.hub_retry_wait_s", f"must be >= 0, got {t.hub_retry_wait_s}")
     check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
     check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
     check(

@@ -67,22 +67,13 @@ def parse_args(argv=None):
 
 def check_environment(cfg: RunConfig, config_path: Path) -> None:
     """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
-    needs the Hub online and a token; W&B logging needs an API key (unless WANDB_MODE is offline); float16 needs a
-    CUDA device."""
+    needs the Hub online and a valid token that may write to the repo's namespace; W&B logging needs an API key
+    (unless WANDB_MODE is offline); float16 needs a CUDA device."""
     t = cfg.train
     if t.push_to_hub:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            raise ConfigError(
-                f"{config_path}: train.push_to_hub: {t.push_to_hub!r} cannot be uploaded with HF_HUB_OFFLINE set; "
-                "unset it, or set train.push_to_hub: null"
-            )
-        from huggingface_hub import get_token
+        from clo_fast.training.hub import check_hub_access
 
-        if not get_token():
-            raise ConfigError(
-                f"{config_path}: train.push_to_hub: no Hugging Face token (set HF_TOKEN, or run `hf auth login`); "
-                "or set train.push_to_hub: null"
-            )
+        check_hub_access(cfg, str(config_path))
     wandb_mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if "wandb" in t.report_to and wandb_mode not in ("offline", "disabled", "dryrun"):
         import wandb
@@ -320,7 +311,8 @@ class Run:
         self.sink.close()
 
     def finish(self) -> None:
-        """HF export, final report, process group down, then the optional evaluation on rank 0."""
+        """HF export, final report, process group down; then on rank 0 alone (no collective timeout applies) the
+        optional evaluation, whose table goes into the model card, and the optional Hub upload."""
         from clo_fast.training.checkpoint import checkpoint_root
         from clo_fast.training.distributed import barrier, rank, world_size
         from clo_fast.training.export import export_hf
@@ -334,6 +326,8 @@ class Run:
             "final_metrics": self.last_metrics,
             "config": to_dict(cfg),
             "base_model": self.model_path,
+            "global_batch": self.sampler.global_batch,
+            "data": {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds) if self.eval_ds else 0},
         }
         export = export_hf(self.engine, cfg, self.tokenizer, summary) if cfg.train.export_hf else None
         is_rank0 = rank() == 0  # read before the process group goes: afterwards every process reports rank 0
@@ -345,8 +339,14 @@ class Run:
             (self.out_dir / "final_metrics.json").write_text(json.dumps(self.last_metrics, indent=1))
         barrier()
         torch.distributed.destroy_process_group()
-        if cfg.train.run_evaluation and export is not None and is_rank0:  # after the ranks part: no timeout
+        if not is_rank0 or export is None:
+            return
+        if cfg.train.run_evaluation:  # after the ranks part: no timeout
             self.evaluate_models(export)
+        if cfg.train.push_to_hub:  # last: the card carries the evaluation table
+            from clo_fast.training.hub import push_to_hub
+
+            push_to_hub(cfg)
 
     def evaluate_models(self, export: Path) -> None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
