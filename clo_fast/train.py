@@ -69,7 +69,12 @@ def check_environment(cfg: RunConfig, config_path: Path) -> None:
     """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
     needs the Hub online and a valid token that may write to the repo's namespace; W&B logging needs an API key
     (unless WANDB_MODE is offline); float16 needs a CUDA device."""
+    from clo_fast.pretrained import model_folder_problem
+
     t = cfg.train
+    problem = model_folder_problem(cfg.model.name_or_path)
+    if problem:  # an adapter or a checkpoint: refused with the command that makes it a model folder
+        raise ConfigError(f"{config_path}: model.name_or_path: {problem}")
     if t.push_to_hub:
         from clo_fast.training.hub import check_hub_access
 
@@ -137,6 +142,11 @@ class Run:
 
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
+        from clo_fast.pretrained import trainer_checkpoint_note
+
+        note = trainer_checkpoint_note(self.cfg.model.name_or_path)
+        if note:
+            dist.log0(note)
         c = self.cfg.clo
         dist.log0(
             f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "

@@ -163,7 +163,7 @@ def model_card_text(
         f"{c.length_normalize}",
         "- trained: "
         + (
-            f"LoRA adapters r = {m.lora.r}, alpha = {m.lora.alpha} on {m.lora.target_patterns}"
+            f"LoRA r = {m.lora.r}, alpha = {m.lora.alpha} on {m.lora.target_patterns}"
             + (" (this adapter)" if adapter else " (merged into these weights)")
             if m.lora is not None
             else f"the parameters matching {list(m.trainable_patterns)}; the rest frozen"
