@@ -49,7 +49,14 @@ from pathlib import Path
 
 from clo_fast import numerics
 from clo_fast.atomic import OutputDirError, RunLock, claim_output_dir, write_text_atomic
-from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, validate_output_locations
+from clo_fast.config import (
+    ConfigError,
+    RunConfig,
+    add_override_argument,
+    load_config,
+    parse_args_with_overrides,
+    validate_output_locations,
+)
 from clo_fast.constants import LAYER_ABLATION_PATTERNS, WORLD_NAME
 from clo_fast.evaluate.comparison_extra import check_evaluation_extras
 from clo_fast.training.distributed import LAUNCHER_ENV
@@ -141,7 +148,7 @@ def parse_args(argv=None):
         "--overwrite", action="store_true", help="re-train runs whose folder holds a run with other settings"
     )
     add_override_argument(p)
-    return p.parse_args(argv)
+    return parse_args_with_overrides(p, argv)
 
 
 def plan_methods(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clo_fast import config_loading
 from clo_fast.attention import ATTENTION_BACKENDS
 from clo_fast.config_loading import (  # noqa: F401 (ConfigError and the override/record helpers: the config's API)
     ConfigError,
@@ -40,12 +41,17 @@ from clo_fast.constants import (
 from clo_fast.paths import looks_local
 
 DTYPE_NAMES = tuple(PRECISION_DTYPE_NAMES.values())
+# optim.lr_scheduler_type: TRL's / transformers' names, built by transformers.get_scheduler
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup")
 
 # Keys that existed once: loading one says what replaced it instead of "unknown key".
 REMOVED_KEYS = {
     "train.tensorboard": "removed: list tensorboard in train.report_to (default [jsonl, tensorboard])",
     "train.precision": "removed: the precision is stated once, as model.dtype (float32 | bfloat16 | float16); "
     "DeepSpeed's bf16/fp16 mode follows it",
+    "optim.schedule": "renamed optim.lr_scheduler_type, with TRL's names: "
+    f"{' | '.join(LR_SCHEDULER_TYPES)} (cosine with min_lr_ratio > 0 is cosine_with_min_lr; constant is "
+    "constant_with_warmup)",
 }
 
 
@@ -56,7 +62,10 @@ class LoraSettings:
 
     r: int = 8  # adapter rank; in [1, 4096]
     alpha: float = 16.0  # scaling numerator: the update is (alpha / r) · B·A (PEFT's lora_alpha); in (0, 4096]
-    dropout: float = 0.05  # dropout on the adapter input during training (PEFT's lora_dropout)
+    # PEFT's lora_dropout, written to the exported adapter_config.json (for training it further with PEFT). Our
+    # training runs without it, as all dropout (TRL's disable_dropout): the policy must equal its own reference
+    # at step 0, and the reference pass runs without dropout
+    dropout: float = 0.05
     # fnmatch patterns on *module* names (nn.Linear only) that get an adapter; the attention projections by default
     target_patterns: list[str] = field(default_factory=lambda: [p.rstrip("*") for p in ATTENTION_ONLY_PATTERNS])
 
@@ -211,10 +220,12 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0); in [0, 1]
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
     eps: float = 1e-8  # AdamW ε; in (0, 0.01]
-    warmup_steps: int = 0  # linear warmup over this many optimizer steps
+    warmup_steps: int = 0  # linear warmup (from 0, as transformers') over this many optimizer steps
     warmup_ratio: float = 0.0  # or over this share of all steps (TRL's warmup_ratio); the larger of the two wins
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this
+    # after warmup, transformers' schedule of this name (TRL's lr_scheduler_type; TRL's default is linear):
+    # linear (to 0) | cosine (to 0) | cosine_with_min_lr (to lr × min_lr_ratio) | constant_with_warmup
+    lr_scheduler_type: str = "cosine"
+    min_lr_ratio: float = 0.0  # cosine_with_min_lr only: the decay ends at lr × this (transformers' min_lr_rate)
     max_grad_norm: float = 1.0  # clipping of the global gradient norm; 0 disables; in [0, 1e4]
     epochs: int = 1  # passes over the training split (when max_steps is null)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -237,8 +248,13 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     run_name: str | None = None  # W&B / MLflow run name; null = the output_dir's name
     project: str = "clo-fast"  # W&B project / MLflow experiment
-    push_to_hub: str | None = None  # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off
+    # Hub repo id to upload hf_model (and <id>-adapter with LoRA) to; null = off. The token and the repo id are
+    # checked at start-up; rank 0 uploads at the end, after the ranks part (and after train.run_evaluation)
+    push_to_hub: str | None = None
     hub_private: bool = True  # create the Hub repo private
+    hub_license: str | None = None  # license in the model card (a Hub license id, e.g. apache-2.0); null = "other"
+    hub_max_retries: int = 5  # retries of each Hub request on 429 / 5xx / transport errors (exponential back-off)
+    hub_retry_wait_s: float = 2.0  # first back-off wait; doubles each retry (capped at 120 s, with jitter)
     export_max_shard_size: str = "5GB"  # safetensors shard size of the exported model
     fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
     # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
@@ -512,7 +528,11 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(0 < o.lr <= 1, "optim.lr", f"must be in (0, 1], got {o.lr}")
     check(o.micro_batch_examples >= 1, "optim.micro_batch_examples", "must be >= 1")
     check(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
-    check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", f"unknown {o.schedule!r}")
+    check(
+        o.lr_scheduler_type in LR_SCHEDULER_TYPES,
+        "optim.lr_scheduler_type",
+        f"unknown {o.lr_scheduler_type!r} (one of {' | '.join(LR_SCHEDULER_TYPES)})",
+    )
     check(
         len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
         "optim.betas",
@@ -523,6 +543,11 @@ def validate_optim(cfg: RunConfig, origin) -> None:
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     check(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(
+        o.min_lr_ratio == 0.0 or o.lr_scheduler_type == "cosine_with_min_lr",
+        "optim.min_lr_ratio",
+        f"applies to lr_scheduler_type cosine_with_min_lr only (the {o.lr_scheduler_type} schedule has no floor)",
+    )
     check(
         0 <= o.max_grad_norm <= 1e4, "optim.max_grad_norm", f"must be in [0, 1e4] (0 disables), got {o.max_grad_norm}"
     )
@@ -543,6 +568,16 @@ def validate_train(cfg: RunConfig, origin) -> None:
     packings = ("auto", *PACKING_MODES)
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
     validate_report_to(t.report_to, check)
+    if t.push_to_hub is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(t.push_to_hub)
+        except HFValidationError as e:
+            check(False, "train.push_to_hub", f"not a Hub repo id (owner/name or name): {e}")
+        check(t.export_hf, "train.push_to_hub", "uploads the export: needs train.export_hf: true")
+    check(t.hub_max_retries >= 0, "train.hub_max_retries", f"must be >= 0, got {t.hub_max_retries}")
+    check(t.hub_retry_wait_s >= 0, "train.hub_retry_wait_s", f"must be >= 0, got {t.hub_retry_wait_s}")
     check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
     check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
     check(
@@ -626,6 +661,12 @@ def validate_output_locations(cfg: RunConfig, origin, extra: dict[str, str] | No
         raise ConfigError(
             f"{where}: output folders must be separate, and none inside another: {clash}; choose separate folders"
         )
+
+
+def parse_args_with_overrides(parser, argv=None):
+    """`parser.parse_args` with `--section.field=VALUE` / `--section.field VALUE` (sweep tools' spelling) taken
+    as `--set section.field=VALUE` for the run config's sections (config_loading.parse_args_with_overrides)."""
+    return config_loading.parse_args_with_overrides(parser, {f.name for f in dataclasses.fields(RunConfig)}, argv)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> RunConfig:

@@ -139,8 +139,44 @@ def add_override_argument(parser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set optim.max_steps=10 (value parsed as YAML; repeatable)",
+        help="override a config field, e.g. --set optim.max_steps=10 (value parsed as YAML; repeatable); "
+        "--optim.max_steps=10 and --optim.max_steps 10 (sweep tools' spelling) are the same",
     )
+
+
+class SweepFlag(str):
+    """A `FIELD=VALUE` override that was spelled `--FIELD=VALUE` (or `--FIELD VALUE`) on the command line: the
+    same override as `--set FIELD=VALUE`, with the user's own spelling kept for error messages."""
+
+    flag: str
+
+
+def parse_args_with_overrides(parser, sections: set[str], argv=None):
+    """`parser.parse_args`, plus the spelling sweep tools use (`wandb agent` passes `--clo.beta=0.2`):
+    `--section.field=VALUE` and `--section.field VALUE`, where `section` is one of `sections`, are appended to
+    `args.set` as if given as `--set section.field=VALUE` (the same parsing and checks). Any other unknown
+    argument is refused as argparse refuses it."""
+    args, rest = parser.parse_known_args(argv)
+    unknown, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        name, eq, value = token[2:].partition("=")
+        if not (token.startswith("--") and name.split(".", 1)[0] in sections and "." in name):
+            unknown.append(token)
+            i += 1
+            continue
+        if not eq:  # --section.field VALUE: the next argument is the value (it may be negative: -1)
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                parser.error(f"{token}: expected a value (--{name}=VALUE or --{name} VALUE)")
+            value, token = rest[i + 1], f"{token} {rest[i + 1]}"
+            i += 1
+        item = SweepFlag(f"{name}={value}")
+        item.flag = token
+        args.set.append(item)
+        i += 1
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]]:
@@ -152,7 +188,7 @@ def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]
         return {k: (v, f"override {k}={v!r}") for k, v in items.items()}
     out = {}
     for item in items or []:
-        flag = f"--set {item}"
+        flag = getattr(item, "flag", f"--set {item}")
         if "=" not in item:
             raise ConfigError(f"{flag}: expected FIELD=VALUE")
         key, value = (part.strip() for part in item.split("=", 1))

@@ -325,10 +325,9 @@ def load_policy(
     dtype = dtype or DTYPES[cfg.dtype]
     hf_model, keepalive = load_hf_model(path, cfg, dtype, ds_config)
     check_fused_head_supported(hf_model, path)
-    disable_dropout(hf_model)
-
     if cfg.lora is not None:
         add_lora_adapters(hf_model, cfg.lora)
+    disable_dropout(hf_model)  # after the adapters: their dropout goes off too, as TRL's disable_dropout does
     policy = build_policy(hf_model, head_impl, cfg.gradient_checkpointing)
     info = (
         apply_lora_trainable(policy)

@@ -30,6 +30,57 @@ def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR) ->
     return path
 
 
+def model_folder_problem(path: str) -> str | None:
+    """Why a local folder given as the model to train cannot be started from as it is, with the one-line command
+    that makes it a model folder (None when it is one, or not a local folder):
+    - a LoRA adapter (adapter_config.json; a PEFT run's HF Trainer checkpoint too): merged into its base first;
+    - an HF Trainer checkpoint of DeepSpeed ZeRO shards without model weights: gathered by DeepSpeed's own script;
+    - a clo_fast checkpoint: continued with --resume, or trained on from its run's hf_model export."""
+    from pathlib import Path
+
+    from clo_fast.atomic import is_ours
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    if (folder / "adapter_config.json").is_file():
+        merged = f"{folder}-merged"
+        return (
+            f"{folder} is a LoRA adapter (adapter_config.json), not a model: merge it into its base model first, "
+            f"`python -m clo_fast.merge_adapter {folder} {merged}`, then set model.name_or_path: {merged} (and "
+            "model.lora to train a new adapter on top)"
+        )
+    if is_ours(folder, "checkpoint"):
+        return (
+            f"{folder} is a clo_fast checkpoint: continue its run with `--resume {folder.name}` (same config), or "
+            "start from the model its run exported (<output_dir>/hf_model)"
+        )
+    weights = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    if (folder / "trainer_state.json").is_file() and not weights and list(folder.glob("global_step*")):
+        full = f"{folder}-fp32"
+        return (
+            f"{folder} is an HF Trainer checkpoint holding DeepSpeed ZeRO shards only (global_step*/), no model "
+            f"weights: gather them first, `python -m deepspeed.utils.zero_to_fp32 {folder} {full} "
+            f"--safe_serialization`, copy config.json and the tokenizer files beside them, then set "
+            f"model.name_or_path: {full}"
+        )
+    return None
+
+
+def trainer_checkpoint_note(path: str) -> str | None:
+    """A note for starting from an HF Trainer checkpoint that holds model weights (checkpoint-N/ with
+    trainer_state.json): its weights are used, its optimizer, scheduler and step are not (they are the Trainer's)."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and (folder / "trainer_state.json").is_file() and model_folder_problem(path) is None:
+        return (
+            f"model.name_or_path {folder} is an HF Trainer checkpoint: training starts from its weights; its "
+            "optimizer state, LR schedule and step count are not carried over (this is a new run)"
+        )
+    return None
+
+
 def load_tokenizer(model, cache_dir: str = DEFAULT_CACHE_DIR):
     """Tokenizer of a model directory / hub name, or of a `ModelConfig` (`demo` resolves to the demo model).
     Gets a pad token (EOS) when the model has none."""

@@ -34,7 +34,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from clo_fast.atomic import OutputDirError
-from clo_fast.config import ConfigError, RunConfig, add_override_argument, load_config, to_dict
+from clo_fast.config import (
+    ConfigError,
+    RunConfig,
+    add_override_argument,
+    load_config,
+    parse_args_with_overrides,
+    to_dict,
+)
 from clo_fast.data import build_text_dataset, tokenize_dataset
 from clo_fast.data.build import REJECTS_FILE, rejects_jsonl, translate_sharded
 from clo_fast.data.collate import check_token_range
@@ -88,27 +95,23 @@ def parse_args(argv=None):
     )
     add_override_argument(p)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the launcher
-    return p.parse_args(argv)
+    return parse_args_with_overrides(p, argv)  # --set, and sweep tools' --section.field=VALUE
 
 
 def check_environment(cfg: RunConfig, config_path: Path) -> None:
     """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
-    needs the Hub online and a token; W&B logging needs an API key (unless WANDB_MODE is offline); float16 needs a
-    CUDA device."""
-    t = cfg.train
-    if t.push_to_hub:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            raise ConfigError(
-                f"{config_path}: train.push_to_hub: {t.push_to_hub!r} cannot be uploaded with HF_HUB_OFFLINE set; "
-                "unset it, or set train.push_to_hub: null"
-            )
-        from huggingface_hub import get_token
+    needs the Hub online and a valid token that may write to the repo's namespace; W&B logging needs an API key
+    (unless WANDB_MODE is offline); float16 needs a CUDA device."""
+    from clo_fast.pretrained import model_folder_problem
 
-        if not get_token():
-            raise ConfigError(
-                f"{config_path}: train.push_to_hub: no Hugging Face token (set HF_TOKEN, or run `hf auth login`); "
-                "or set train.push_to_hub: null"
-            )
+    t = cfg.train
+    problem = model_folder_problem(cfg.model.name_or_path)
+    if problem:  # an adapter or a checkpoint: refused with the command that makes it a model folder
+        raise ConfigError(f"{config_path}: model.name_or_path: {problem}")
+    if t.push_to_hub:
+        from clo_fast.training.hub import check_hub_access
+
+        check_hub_access(cfg, str(config_path))
     wandb_mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if "wandb" in t.report_to and wandb_mode not in ("offline", "disabled", "dryrun"):
         import wandb
@@ -143,6 +146,7 @@ class Run:
     def setup(self) -> None:
         t = self.cfg.train
         check_environment(self.cfg, self.config_path)
+        dist.check_launch()  # before WORLD_SIZE is read: a launcher that started fewer processes than asked
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
         self.device = dist.init_process_group(t.dist_timeout_s)
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -161,6 +165,11 @@ class Run:
         if dist.rank() == 0:
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
             (self.out_dir / "config.yaml").write_text(config_yaml)
+        from clo_fast.pretrained import trainer_checkpoint_note
+
+        note = trainer_checkpoint_note(self.cfg.model.name_or_path)
+        if note:
+            dist.log0(note)
         c = self.cfg.clo
         dist.log0(
             f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "
@@ -321,7 +330,8 @@ class Run:
         self.sink.close()
 
     def finish(self) -> None:
-        """HF export, final report, process group down, then the optional evaluation on rank 0."""
+        """HF export, final report, process group down; then on rank 0 alone (no collective timeout applies) the
+        optional evaluation, whose table goes into the model card, and the optional Hub upload."""
         cfg = self.cfg
         summary = {
             "steps": self.step,
@@ -330,6 +340,8 @@ class Run:
             "final_metrics": self.last_metrics,
             "config": to_dict(cfg),
             "base_model": self.model_path,
+            "global_batch": self.sampler.global_batch,
+            "data": {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds) if self.eval_ds else 0},
         }
         export = export_hf(self.engine, cfg, self.tokenizer, summary) if cfg.train.export_hf else None
         is_rank0 = rank() == 0  # read before the process group goes: afterwards every process reports rank 0
@@ -341,8 +353,14 @@ class Run:
             (self.out_dir / "final_metrics.json").write_text(json.dumps(self.last_metrics, indent=1))
         barrier()
         torch.distributed.destroy_process_group()
-        if cfg.train.run_evaluation and export is not None and is_rank0:  # after the ranks part: no timeout
+        if not is_rank0 or export is None:
+            return
+        if cfg.train.run_evaluation:  # after the ranks part: no timeout
             self.evaluate_models(export)
+        if cfg.train.push_to_hub:  # last: the card carries the evaluation table
+            from clo_fast.training.hub import push_to_hub
+
+            push_to_hub(cfg)
 
     def evaluate_models(self, export: Path) -> None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config

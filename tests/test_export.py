@@ -99,7 +99,7 @@ def test_export_is_sharded_safetensors_with_config_and_model_card(tmp_path):
 def test_push_to_hub_is_off_by_default_and_uploads_when_set(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from clo_fast.training import export
+    from clo_fast.training import hub as export
 
     assert load_config(None).train.push_to_hub is None
     calls = []

@@ -22,6 +22,7 @@ LAYERS = [
         [
             "clo_fast.train",
             "clo_fast.compare",
+            "clo_fast.merge_adapter",
             "clo_fast.data.cli",
             "clo_fast.data.__main__",
             "clo_fast.evaluate.cli",

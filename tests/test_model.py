@@ -16,7 +16,14 @@ from clo_fast.config import CLOConfig, ConfigError, LoraSettings, ModelConfig
 from clo_fast.data import collate_clo
 from clo_fast.demo_model import demo_records, demo_texts, heldout_ids
 from clo_fast.loss import clo_loss, reference_clo_loss
-from clo_fast.model import FusedLogprobHead, add_lora_adapters, apply_trainable_patterns, build_policy, load_policy
+from clo_fast.model import (
+    FusedLogprobHead,
+    add_lora_adapters,
+    apply_trainable_patterns,
+    build_policy,
+    causal_lm,
+    load_policy,
+)
 from clo_fast.pretrained import load_tokenizer
 from clo_fast.training.step import LossSetup, train_step
 
@@ -243,3 +250,51 @@ def test_dropout_is_off_in_the_policy_as_in_the_reference_pass(tmp_path):
     ref.train()
     torch.manual_seed(0)
     assert not torch.allclose(_logps_float64(ref, ids), expected, atol=1e-3)
+
+
+# -------------------- Dropout is off while training, LoRA adapters' included, as TRL's disable_dropout does (clo
+def _tiny_llama_folder(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.3,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.5, 0.0])
+def test_lora_dropout_is_off_while_training(tmp_path, lora_dropout):
+    cfg = ModelConfig(
+        name_or_path=_tiny_llama_folder(tmp_path / "m"),
+        dtype="float32",
+        gradient_checkpointing=False,
+        attn_implementation="eager",
+        lora=LoraSettings(r=4, alpha=8.0, dropout=lora_dropout),
+    )
+    policy, *_ = load_policy(cfg, head_impl="torch", cache_dir=str(tmp_path / "cache"))
+    hf = causal_lm(policy)
+    dropouts = [(n, m.p) for n, m in hf.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert any(".lora_dropout." in n for n, _ in dropouts) == (lora_dropout > 0)  # PEFT made them (p > 0) ...
+    assert all(p == 0.0 for _, p in dropouts), dropouts  # ... and they are off
+    with torch.no_grad():  # an adapter that has trained (B = 0 at the start would hide the dropout on its input)
+        for n, p in hf.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+    hf.train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first, second = hf(input_ids=ids).logits, hf(input_ids=ids).logits
+    assert torch.equal(first, second)
+    hf.eval()
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, first)  # train mode computes what eval mode computes

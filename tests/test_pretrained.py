@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+from pathlib import Path
+
 import pytest
+import torch
 from helpers import save_tiny_model
+
+from clo_fast.config import ConfigError, load_config
+from clo_fast.pretrained import model_folder_problem, trainer_checkpoint_note
 
 
 def test_missing_local_model_path_is_named_not_taken_for_a_hub_id(tmp_path):
@@ -63,3 +72,108 @@ def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
     assert model_fingerprint("org/tiny") != fp
     with pytest.raises(ValueError, match="neither a local folder nor in the Hugging Face cache"):
         model_fingerprint("org/absent")
+
+
+# -------------------- Starting a run from something that is not a model folder (clo_fast.pretrained.model_folder
+def _tiny_llama(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(63)} | {"<unk>": 63}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="t2").save_pretrained(path)
+    return path
+
+
+def _trained_adapter(base: Path, path: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # an adapter that has trained: B != 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from clo_fast.merge_adapter import main as merge_main
+    from clo_fast.train import check_environment
+
+    base = _tiny_llama(tmp_path / "base")
+    adapter = _trained_adapter(base, tmp_path / "adapter")
+    cfg = load_config(None, [f"model.name_or_path={adapter}"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*adapter is a LoRA adapter") as e:
+        check_environment(cfg, Path("c.yaml"))
+    (command,) = re.findall(r"`(python -m clo_fast\.merge_adapter [^`]+)`", str(e.value))
+    args = shlex.split(command)[3:]
+    assert merge_main(args) == 0
+    merged_dir = Path(args[1])
+    assert merged_dir == tmp_path / "adapter-merged" and model_folder_problem(str(merged_dir)) is None
+    check_environment(load_config(None, [f"model.name_or_path={merged_dir}"]), Path("c.yaml"))
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapter changes the model ...
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # ... and the merged folder computes the same
+    assert (merged_dir / "tokenizer.json").is_file()
+    assert merge_main(args) == 0  # its own output may be replaced; a folder the user made is not:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    assert merge_main([str(adapter), str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+
+
+def test_an_hf_trainer_checkpoint_with_weights_is_started_from_with_a_note(tmp_path):
+    ckpt = _tiny_llama(tmp_path / "checkpoint-500")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 500}))
+    (ckpt / "optimizer.pt").write_bytes(b"")
+    assert model_folder_problem(str(ckpt)) is None
+    assert "training starts from its weights; its optimizer state" in trainer_checkpoint_note(str(ckpt))
+    assert trainer_checkpoint_note(str(_tiny_llama(tmp_path / "plain"))) is None
+
+
+def test_a_zero_shards_only_trainer_checkpoint_names_deepspeeds_gathering_command(tmp_path):
+    ckpt = tmp_path / "checkpoint-40"
+    (ckpt / "global_step40").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "config.json").write_text("{}")
+    why = model_folder_problem(str(ckpt))
+    assert f"`python -m deepspeed.utils.zero_to_fp32 {ckpt} {ckpt}-fp32 --safe_serialization`" in why
+
+
+def test_a_clo_fast_checkpoint_points_to_resume(tmp_path):
+    from clo_fast.atomic import mark_ours
+
+    step = tmp_path / "run" / "checkpoints" / "step_8"
+    step.mkdir(parents=True)
+    mark_ours(step, "checkpoint")
+    assert "continue its run with `--resume step_8`" in model_folder_problem(str(step))
+
+
+def test_hub_names_and_the_demo_are_not_folders_to_check():
+    assert model_folder_problem("Qwen/Qwen2.5-3B") is None and model_folder_problem("demo") is None

@@ -82,10 +82,10 @@ def test_demo_trains_loss_falls_accuracy_rises(run_a):
     acc_late = sum(m[s]["rewards/accuracies"] for s in steps[-3:]) / 3
     assert acc_late > acc_early + 0.2, (acc_early, acc_late)
     assert m[STEPS]["eval/rewards/accuracies"] > 0.5
-    # LR: linear warmup over 2 steps to the config's peak, then cosine down to 0.1 × peak
+    # LR: transformers' linear warmup over 2 steps (from 0) to the config's peak, then cosine down to 0.1 × peak
     peak = load_config(DEMO).optim.lr
     lr = [m[s]["learning_rate"] for s in steps]
-    assert lr[0] == pytest.approx(peak / 2) and lr[1] == pytest.approx(peak) and lr[-1] < lr[2]
+    assert lr[0] == 0 and lr[1] == pytest.approx(peak / 2) and lr[2] == pytest.approx(peak) and lr[-1] < lr[3]
     assert "HF model exported to" in r.stdout and "final metrics:" in r.stdout
     assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -20,7 +20,7 @@ from clo_fast.config import DataConfig, source_data_configs, target_languages, v
 from clo_fast.constants import WORLD_NAME
 from clo_fast.data.quality import REASONS, gate_pairs
 from clo_fast.data.sources import BadRecords, DataError, demo_data_path, read_pairs
-from clo_fast.data.split import deduplicate, eval_size, prompt_key, shuffled_order
+from clo_fast.data.split import conversation_key, deduplicate, eval_size, shuffled_order
 from clo_fast.data.stats import percentiles
 from clo_fast.paths import looks_local
 
@@ -71,7 +71,7 @@ def _config_key(cfg: DataConfig) -> str:
         "oasst_all_turns",
     )
     d = {k: getattr(cfg, k) for k in keys}
-    d["_dedup"] = "prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
+    d["_dedup"] = "context+prompt+translation,nfkc"  # datasets saved under an older deduplication are rebuilt
     d["_split"] = "before-gate"  # held-out pairs chosen before translation checks (older datasets are rebuilt)
     d["quality"] = dataclasses.asdict(cfg.quality)
     if cfg.sources:
@@ -194,8 +194,10 @@ def select_pairs(
         n_records += n
         records.append(n)
 
-    def keys(p):  # the English prompt, and the given translation of it: a copy of either is the same example
-        return ("en", prompt_key(p.instruction)), ("tgt", prompt_key(p.instruction_tgt)) if p.instruction_tgt else None
+    def keys(p):  # the English prompt, and the given translation of it, each with its conversation's earlier
+        # turns: a copy of either is the same example; the same words after another context are not
+        en = ("en", conversation_key(p.context, p.instruction))
+        return en, ("tgt", conversation_key(p.context_tgt, p.instruction_tgt)) if p.instruction_tgt else None
 
     pairs, n_duplicates = deduplicate(pairs, keys)  # before the split
     by_source = [[p for p in pairs if p.source_index == k] for k in range(len(units))]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.atomic import OutputDirError, check_publishable
-from clo_fast.config import ConfigError, add_override_argument, load_config
+from clo_fast.config import ConfigError, add_override_argument, load_config, parse_args_with_overrides
 from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse_args_with_overrides(ap, argv)
     try:
         run = load_config(args.config, args.set)
         cfg = run.data

@@ -27,6 +27,12 @@ def prompt_key(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
+def conversation_key(context: list[dict] | None, prompt: str) -> tuple:
+    """What counts as the same prompt of a conversation: the earlier turns (role and text) and the last prompt,
+    each compared as `prompt_key` does. Two equal follow-up questions in different conversations differ."""
+    return tuple((t["role"], prompt_key(t["content"])) for t in context or []) + (prompt_key(prompt),)
+
+
 def deduplicate(items: list, key) -> tuple[list, int]:
     """(items with each key's first occurrence only, how many were dropped). `key(item)` is one key or a tuple
     of keys (None entries ignored): an item sharing any of its keys with an earlier one is a duplicate. Done

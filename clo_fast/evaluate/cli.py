@@ -12,7 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from clo_fast.atomic import OutputDirError
-from clo_fast.config import ConfigError, add_override_argument, load_config, validate_output_locations
+from clo_fast.config import (
+    ConfigError,
+    add_override_argument,
+    load_config,
+    parse_args_with_overrides,
+    validate_output_locations,
+)
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.prompts import read_prompts_file
 from clo_fast.evaluate.report import render_markdown
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # shorthands kept from before --set existed: --max-prompts N is --set eval.max_prompts=N
     for flag in ("max_prompts", "max_new_tokens", "batch_size"):
         ap.add_argument("--" + flag.replace("_", "-"), type=int, help=f"same as --set eval.{flag}=N")
-    args = ap.parse_args(argv)
+    args = parse_args_with_overrides(ap, argv)
     shorthands = [
         f"eval.{k}={getattr(args, k)}"
         for k in ("max_prompts", "max_new_tokens", "batch_size")

@@ -41,6 +41,67 @@ def single_process_env() -> dict[str, str]:
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+def _parent_command_line() -> list[str]:
+    """The launching process's arguments (Linux /proc; empty elsewhere): `accelerate launch`'s own flags."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _flag_value(args: list[str], *names: str) -> str | None:
+    for i, a in enumerate(args):
+        for name in names:
+            if a == name and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def launch_mismatch(env, cuda_devices: int, launcher_args: list[str]) -> str | None:
+    """Why the processes the launcher started are not the ones it was asked for (None when they are), read from
+    the launchers' own environment before the process group forms:
+    - `accelerate launch --num_processes N` without --multi_gpu / --use_deepspeed on a machine without several
+      GPUs runs its "simple" launcher: ONE process (it sets ACCELERATE_USE_CPU, and MASTER_ADDR only when asked
+      for more than one, but no RANK), which would train as one rank with an N× smaller global batch;
+    - torchrun / deepspeed / accelerate starting more processes on a node (LOCAL_WORLD_SIZE, LOCAL_SIZE, or a
+      LOCAL_RANK) than it has CUDA devices: ranks without a device of their own."""
+    if "ACCELERATE_USE_CPU" in env and "RANK" not in env and "MASTER_ADDR" in env:
+        asked = _flag_value(launcher_args, "--num_processes", "--num-processes")
+        what = f"--num_processes {asked}" if asked else "several processes"
+        n = asked or "N"
+        return (
+            f"accelerate launch was asked for {what} but started this one process: without --multi_gpu (or "
+            "--use_deepspeed) accelerate runs a single process where it finds fewer than two GPUs, and the run "
+            f"would train as 1 rank with a smaller global batch. Launch {n} ranks with `deepspeed --num_gpus {n} "
+            f"clo_fast/train.py ...`, `torchrun --nproc_per_node {n} clo_fast/train.py ...` or `accelerate launch "
+            f"--multi_gpu --num_processes {n} clo_fast/train.py ...`; or one process with --num_processes 1"
+        )
+    if cuda_devices > 0:
+        local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+        per_node = int(local) if local else int(env.get("LOCAL_RANK", "0")) + 1
+        if per_node > cuda_devices:
+            return (
+                f"the launcher started {per_node} processes on this node but {cuda_devices} CUDA device(s) are "
+                "visible (CUDA_VISIBLE_DEVICES); every rank needs a device of its own: launch at most "
+                f"{cuda_devices} per node (deepspeed --num_gpus {cuda_devices}, torchrun --nproc_per_node "
+                f"{cuda_devices}, accelerate launch --num_processes {cuda_devices})"
+            )
+    return None
+
+
+def check_launch() -> None:
+    """Stop with a clear error when the launcher did not start the processes it was asked for (launch_mismatch)."""
+    from clo_fast.config import ConfigError
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    why = launch_mismatch(os.environ, cuda, _parent_command_line())
+    if why:
+        raise ConfigError(why)
+
+
 def init_process_group(timeout_s: int | None = None) -> torch.device:
     """DeepSpeed's process group (env:// from the launcher, or one local process without one); returns this
     rank's device. `timeout_s`: how long a collective waits for the other ranks (None: DeepSpeed's default,

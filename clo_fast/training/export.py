@@ -1,5 +1,6 @@
 """The trained model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads it), with a model
-card; with LoRA also the adapter on its own (PeftModel.from_pretrained loads it); optionally pushed to the Hub.
+card (clo_fast/training/card.py); with LoRA also the adapter on its own (PeftModel.from_pretrained loads it). The
+Hub upload is clo_fast/training/hub.py's, after the ranks have parted.
 
     <output_dir>/hf_model/    merged model: sharded safetensors, config, generation config, tokenizer, README.md
     <output_dir>/hf_adapter/  LoRA runs only: adapter_config.json + adapter_model.safetensors (+ README.md)
@@ -15,11 +16,10 @@ import torch
 
 from clo_fast.atomic import publish, staging_path
 from clo_fast.config import RunConfig
-from clo_fast.constants import WORLD_NAME
+from clo_fast.training.card import SUMMARY_FILE, add_evaluation_to_card, write_model_card
 from clo_fast.training.distributed import barrier, rank
 
-CARD_FILE = "README.md"
-SUMMARY_FILE = "clo_training_summary.json"
+__all__ = ["SUMMARY_FILE", "add_evaluation_to_card", "export_hf", "write_hf_export"]
 
 
 def export_hf(engine, cfg: RunConfig, tokenizer, summary: dict) -> Path:
@@ -51,9 +51,7 @@ def export_hf(engine, cfg: RunConfig, tokenizer, summary: dict) -> Path:
         )
         del state_dict
         shutil.rmtree(gathered, ignore_errors=True)
-        if cfg.train.push_to_hub:
-            push_to_hub(cfg)
-    barrier()
+    barrier()  # the Hub upload comes later, on rank 0 after the ranks part (train.py: Run.finish)
     return out
 
 
@@ -153,84 +151,3 @@ def _fresh_staging(target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-# ------------------------------------------------------------------------------------- model card
-def model_card_text(
-    cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None, library: str = "transformers"
-) -> str:
-    """README.md for the Hub: metadata (base model, languages, data) and the run's settings and results."""
-    from huggingface_hub import ModelCardData
-
-    d, c, m = cfg.data, cfg.clo, cfg.model
-    base = str(summary.get("base_model", m.name_or_path))
-    card_data = ModelCardData(
-        base_model=base if m.name_or_path not in ("demo", WORLD_NAME) and not Path(base).exists() else None,  # Hub ids
-        language=[d.source_lang, d.target_lang],
-        datasets=[d.source] if d.source not in ("demo", WORLD_NAME) else None,
-        library_name=library,  # "peft" on the adapter's card
-        tags=["clo", "cross-lingual-optimization", "dpo"] + (["lora"] if m.lora is not None else []),
-    )
-    lam = {"sft": 1.0, "dpo": 0.0}.get(c.mode, c.lam)
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {Path(cfg.train.output_dir).name}: {d.target_lang} with Cross-Lingual Optimization",
-        "",
-        f"Fine-tuned from `{base}` with CLO (clo-fast): English instructions and their {d.target_lang} "
-        "translations as cross-lingual preference pairs, with a DPO-style loss plus target-language NLL.",
-        "",
-        "## Training",
-        "",
-        f"- data: `{d.source}` ({d.source_format}), {d.source_lang} → {d.target_lang}, translator `{d.translator}`"
-        + (f" (`{d.translation_model}`)" if d.translator == "hf" else ""),
-        f"- CLO: mode `{c.mode}`, β = {c.beta}, λ = {lam}, reference-free = {c.reference_free}, "
-        f"NLL sequences {list(c.sft_sequences)}",
-        f"- loss options: loss_type `{c.loss_type}`, label_smoothing {c.label_smoothing}, "
-        f"length_normalize {c.length_normalize}",
-        "- trained: "
-        + (
-            f"LoRA r = {m.lora.r}, alpha = {m.lora.alpha}, dropout = {m.lora.dropout} on {m.lora.target_patterns} "
-            "(merged into these weights)"
-            if m.lora is not None
-            else f"{list(m.trainable_patterns)}"
-        ),
-        f"- optimizer: AdamW lr {cfg.optim.lr}, {summary.get('steps', '?')} steps, "
-        f"{summary.get('world_size', '?')} rank(s), {m.dtype}",
-    ]
-    final = summary.get("final_metrics") or {}
-    if final:
-        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in final.items() if isinstance(v, (int, float))]
-    if evaluation_markdown:
-        lines += ["", "## Evaluation: base vs trained", "", evaluation_markdown.strip()]
-    return "\n".join(lines) + "\n"
-
-
-def write_model_card(
-    directory: Path, cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None, library="transformers"
-) -> Path:
-    path = Path(directory) / CARD_FILE
-    path.write_text(model_card_text(cfg, summary, evaluation_markdown, library))
-    return path
-
-
-def add_evaluation_to_card(export_dir: Path, cfg: RunConfig, evaluation_markdown: str) -> None:
-    """After the optional evaluation (which runs on the exported model): the card gains the before/after table."""
-    summary = json.loads((Path(export_dir) / SUMMARY_FILE).read_text())
-    write_model_card(export_dir, cfg, summary, evaluation_markdown)
-
-
-def push_to_hub(cfg: RunConfig) -> None:
-    """Upload hf_model (and hf_adapter, as `<repo>-adapter`) to train.push_to_hub; needs a Hub token."""
-    from huggingface_hub import HfApi
-
-    api, out, repo = HfApi(), Path(cfg.train.output_dir), cfg.train.push_to_hub
-    targets = [(out / "hf_model", repo)]
-    if cfg.model.lora is not None:
-        targets.append((out / "hf_adapter", f"{repo}-adapter"))
-    for folder, repo_id in targets:
-        api.create_repo(repo_id, private=cfg.train.hub_private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="clo-fast export")

@@ -70,7 +70,8 @@ class TensorBoardLogger:
 
 class WandbLogger:
     """Weights & Biases: one run per output_dir, resumed with it (the run id is kept in <output_dir>/wandb_run_id).
-    W&B's own environment applies: WANDB_MODE=offline writes under <output_dir>/wandb without a network."""
+    W&B's own environment applies: WANDB_DIR (else the output_dir) holds its wandb/ folder; WANDB_MODE=offline
+    writes there without a network."""
 
     def __init__(self, cfg: RunConfig, start_step: int):
         import wandb
@@ -84,7 +85,7 @@ class WandbLogger:
             name=cfg.train.run_name or out.name,
             id=run_id,
             resume="allow",
-            dir=str(out),
+            dir=None if os.environ.get("WANDB_DIR") else str(out),  # None: wandb reads WANDB_DIR itself
             config=to_dict(cfg),
         )
 
