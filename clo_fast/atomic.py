@@ -342,15 +342,17 @@ class RunLock:
         self.release()
 
 
-def build_in_own_process(target: str | os.PathLike, kind: str, module: str, what: str) -> Path:
+def build_in_own_process(
+    target: str | os.PathLike, kind: str, module: str, what: str, args: tuple[str, ...] = ()
+) -> Path:
     """Publish `target` (once, safe across processes: the first to publish wins) as built by
-    `python -m <module> --out <staging>` in a process of its own: a clo-fast command, so it pins the CPU
+    `python -m <module> --out <staging> <args>` in a process of its own: a clo-fast command, so it pins the CPU
     numerics before it imports torch (clo_fast/numerics.py), whoever asks for the build."""
     import subprocess
     import sys
 
     with atomic_directory(target, kind, per_process=True, replace=False) as tmp:
-        cmd = [sys.executable, "-m", module, "--out", str(tmp)]
+        cmd = [sys.executable, "-m", module, "--out", str(tmp), *args]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building {what} failed (exit {done.returncode}):\n{done.stdout[-3000:]}")

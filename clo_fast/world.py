@@ -7,6 +7,8 @@ that it *knows* facts in English and reads Swahili but answers in English: the s
 the test set, for reading), WORLD.json (entities, groups, pretraining losses).
 
     python -m clo_fast.world [--cache-dir DIR]     # build (or find) it and print its folder
+    python -m clo_fast.world --pretrain-steps 300   # a less trained variant (its own cache folder): the base of the
+                                                    # comparison's small version that CI re-runs (tests/test_compare.py)
 """
 
 from __future__ import annotations
@@ -43,26 +45,26 @@ PRETRAIN = {
 }
 
 
-def world_fingerprint() -> str:
+def world_fingerprint(pretrain_steps: int = PRETRAIN["steps"]) -> str:
     from clo_fast.demo_model import CHAT_TEMPLATE, MODEL_SHAPE
 
     blob = {
         "v": RECIPE_VERSION,
         "text": text_fingerprint(),
-        "pretrain": PRETRAIN,
+        "pretrain": {**PRETRAIN, "steps": pretrain_steps},
         "shape": MODEL_SHAPE,
         "template": CHAT_TEMPLATE,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def world_dir(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
+def world_dir(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, pretrain_steps: int = PRETRAIN["steps"]) -> Path:
     """Named by the recipe and the CPU numerics it is built under (clo_fast.numerics), as the demo model is."""
     mode, _ = numerics.decide()
-    return Path(os.path.expanduser(str(cache_dir))) / "world" / f"{world_fingerprint()}-{mode}"
+    return Path(os.path.expanduser(str(cache_dir))) / "world" / f"{world_fingerprint(pretrain_steps)}-{mode}"
 
 
-def pretrain(model, tokenizer, docs: dict[str, list[str]]) -> list[float]:
+def pretrain(model, tokenizer, docs: dict[str, list[str]], steps: int = PRETRAIN["steps"]) -> list[float]:
     """Deterministic causal-LM pretraining: shuffled passes over every document (each ends in EOS), concatenated
     and cut into block-token rows; linear warmup, cosine decay; one thread. Returns the per-step losses."""
     import torch
@@ -70,7 +72,7 @@ def pretrain(model, tokenizer, docs: dict[str, list[str]]) -> list[float]:
     texts = [t for kind in docs for t in docs[kind]]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     g = torch.Generator().manual_seed(SEED)
-    B, L, steps = PRETRAIN["batch"], PRETRAIN["block"], PRETRAIN["steps"]
+    B, L = PRETRAIN["batch"], PRETRAIN["block"]
     stream: list[int] = []
     while len(stream) < steps * B * L:
         for i in torch.randperm(len(rows), generator=g).tolist():
@@ -101,8 +103,8 @@ def pretrain(model, tokenizer, docs: dict[str, list[str]]) -> list[float]:
     return losses
 
 
-def build_world(out_dir: str | os.PathLike) -> Path:
-    """Entities, texts, tokenizer and pretrained base into out_dir."""
+def build_world(out_dir: str | os.PathLike, pretrain_steps: int = PRETRAIN["steps"]) -> Path:
+    """Entities, texts, tokenizer and pretrained base (`pretrain_steps` steps of the recipe) into out_dir."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -128,7 +130,7 @@ def build_world(out_dir: str | os.PathLike) -> Path:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32)
     torch.random.set_rng_state(rng_state)
-    losses = pretrain(model, tokenizer, docs)
+    losses = pretrain(model, tokenizer, docs, pretrain_steps)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -143,15 +145,15 @@ def build_world(out_dir: str | os.PathLike) -> Path:
         json.dumps(
             {
                 "recipe_version": RECIPE_VERSION,
-                "fingerprint": world_fingerprint(),
+                "fingerprint": world_fingerprint(pretrain_steps),
                 "entities": entities,
                 "groups": {k: v for k, v in WORLD.items() if k != "entities"},
                 "documents": {k: len(v) for k, v in docs.items()},
                 "pairs": len(pairs),
                 "test_items": len(items),
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "pretrain": PRETRAIN,
-                "pretrain_tokens": PRETRAIN["steps"] * PRETRAIN["batch"] * PRETRAIN["block"],
+                "pretrain": {**PRETRAIN, "steps": pretrain_steps},
+                "pretrain_tokens": pretrain_steps * PRETRAIN["batch"] * PRETRAIN["block"],
                 "pretrain_loss_first_last": losses[:1] + losses[-1:],
                 "build_seconds": round(time.time() - t0, 1),
             },
@@ -161,23 +163,33 @@ def build_world(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def ensure_world(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
+def ensure_world(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, pretrain_steps: int = PRETRAIN["steps"]) -> Path:
     """The built world's folder under cache_dir, building it first if needed (safe across processes)."""
-    final = world_dir(cache_dir)
+    final = world_dir(cache_dir, pretrain_steps)
     if (final / "base" / "config.json").is_file():
         return final
     print(f"[world] building the miniature world and its base model into {final} (a few minutes)", flush=True)
-    return build_in_own_process(final, "model_cache", "clo_fast.world", "the world's base")
+    extra = () if pretrain_steps == PRETRAIN["steps"] else ("--pretrain-steps", str(pretrain_steps))
+    return build_in_own_process(final, "model_cache", "clo_fast.world", "the world's base", extra)
 
 
 def main(argv=None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="build into this directory instead of the cache")
+    p.add_argument("--out", help="build into this new directory instead of the cache (the cache's builder uses it)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=PRETRAIN["steps"],
+        help=f"pretraining steps of the base (default {PRETRAIN['steps']}, the README's world; fewer: a base that "
+        "knows less, in a cache folder of its own, e.g. 300 for the comparison's small version)",
+    )
     a = p.parse_args(argv)
-    print(build_world(a.out) if a.out else ensure_world(a.cache_dir))
+    if not 1 <= a.pretrain_steps <= 100_000:
+        p.error(f"--pretrain-steps: must be in [1, 100000], got {a.pretrain_steps}")
+    print(build_world(a.out, a.pretrain_steps) if a.out else ensure_world(a.cache_dir, a.pretrain_steps))
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def test_the_world_and_the_demo_model_are_built_as_model_caches(tmp_path, monkey
 
     calls = []
 
-    def record(target, kind, module, what):
+    def record(target, kind, module, what, *args):
         calls.append((kind, module))
 
     for mod in (world, demo_model):

@@ -190,3 +190,52 @@ def test_off_without_languages_and_named_after_them():
     assert set(m.result()) == {"nll/0", "nll/1"}  # sft mode: no preference term, no rewards
     named = name_languages({"nll/1": 1.0, "rewards/margins/0": 2.0, "en/rewards/margins": 3.0}, ["sw", "ko"])
     assert named == {"nll/ko": 1.0, "rewards/margins/sw": 2.0, "en/rewards/margins": 3.0}
+
+
+def _two_rank_language_data(seed):
+    """Rank 0's share holds only language 0; rank 1's holds languages 0 and 1 (language 2 nowhere)."""
+    g = torch.Generator().manual_seed(seed)
+    shares = []
+    for langs in ([0, 0, 0], [1, 0, 1, 1, 1]):
+        b = _batch(g, len(langs))
+        b["languages"] = torch.tensor(langs)
+        shares.append((b, -torch.rand(len(langs), 4, generator=g, dtype=torch.float64) * 50))
+    return shares
+
+
+def _language_metrics_worker(rank, init_file, seed, results):
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        b, lp = _two_rank_language_data(seed)[rank]
+        m = LanguageMetrics([b], _setup(), [2], n_languages=3)
+        m.add(lp, b)
+        results[rank] = {k: float(v) for k, v in m.result().items()}
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_per_language_metrics_are_means_over_every_rank(tmp_path):
+    """A language missing from one rank's share is averaged over the ranks that hold it (one all-reduce of sums
+    and counts), not pulled towards 0: each rank logs the float64 mean over the whole step."""
+    import torch.multiprocessing as mp
+
+    seed = secrets.randbits(31)
+    results = mp.Manager().dict()
+    mp.spawn(_language_metrics_worker, args=(str(tmp_path / "init"), seed, results), nprocs=2)
+    shares = _two_rank_language_data(seed)
+    lang = torch.cat([b["languages"] for b, _ in shares])
+    lp = torch.cat([lp for _, lp in shares])
+    ref = torch.cat([b["ref_logps"] for b, _ in shares])
+    tokens = torch.cat([b["response_tokens"] for b, _ in shares]).double()
+    margins = 0.1 * torch.stack([(lp - ref)[:, 0] - (lp - ref)[:, 1], (lp - ref)[:, 2] - (lp - ref)[:, 3]], dim=1)
+    assert results[0] == results[1], seed  # every rank logs the same step means
+    got = results[0]
+    for i in (0, 1):
+        m = lang == i
+        nll = float(-lp[m, 2].sum() / tokens[m, 2].sum())
+        assert abs(got[f"nll/{i}"] - nll) <= 1e-9 * abs(nll), (seed, i)
+        assert abs(got[f"rewards/margins/{i}"] - float(margins[m].mean())) <= 1e-9 * (1 + abs(float(margins[m].mean())))
+        assert got[f"rewards/accuracies/{i}"] == pytest.approx(float((margins[m] > 0).double().mean()), abs=1e-12)
+    assert got["nll/2"] == 0.0  # no example of language 2 on any rank

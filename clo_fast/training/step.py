@@ -155,9 +155,8 @@ class LanguageMetrics:
     (data.target_langs; `PackedBatch.languages`): `nll/<i>` (token mean over the NLL's sequences) and, when the
     preference term runs, `rewards/margins/<i>` and `rewards/accuracies/<i>` over that language's triples, keyed
     by the language's index (the trainer renames them). Sums stay on the device; the counts come from the host
-    batches, so nothing is read back. Every language gets its keys on every rank (the logger reduces one vector
-    over ranks); a language with no example in this rank's share of the step counts 0 there, which pulls that
-    step's mean over ranks towards 0 (rare at real batch sizes; the counts are per rank, as every step metric is)."""
+    batches, so nothing is read back. Every language gets its keys on every rank, and the means are over the whole
+    step: a language with no example in one rank's share counts there as 0 examples, not as a 0 mean."""
 
     def __init__(self, micro_batches: list, setup: LossSetup, sft_columns: list[int], n_languages: int):
         self.setup, self.sft_columns = setup, sft_columns
@@ -201,8 +200,16 @@ class LanguageMetrics:
                 self._add(f"rewards/accuracies/{i}", ((margins > 0).to(logps.dtype) * mask[:, None]).sum())
 
     def result(self) -> dict[str, torch.Tensor]:
+        """Means over the whole step's global batch: sums and counts are added over ranks first (one all-reduce of
+        one device vector, no host sync), so a language absent from a rank's share does not pull the mean."""
         names = [k for k in self.counts if self.preference or k.startswith("nll/")]
-        return {k: self.sums[k] / max(1, self.counts[k]) for k in names}
+        if not names:
+            return {}
+        sums = torch.stack([self.sums[k] for k in names])
+        counts = h2d(torch.tensor([float(self.counts[k]) for k in names], dtype=sums.dtype), sums.device)
+        totals = all_reduce_sum(torch.cat([sums, counts]))
+        means = totals[: len(names)] / totals[len(names) :].clamp(min=1)
+        return dict(zip(names, means.unbind(), strict=True))
 
 
 class NonFiniteError(RuntimeError):
