@@ -158,3 +158,21 @@ def test_the_evaluation_table_reaches_both_cards(tmp_path):
     for d in (model_dir, adapter_dir):
         assert "| fidelity sw | 0.1 | 0.8 |" in (d / "README.md").read_text(), d
     assert "A LoRA adapter" in (adapter_dir / "README.md").read_text()
+
+
+def test_a_mix_of_datasets_and_several_languages_are_all_named():
+    """data.sources and data.target_langs: every dataset (a Hub one in the metadata too), its translator, and every
+    target language reach the card."""
+    cfg = load_config(
+        None,
+        [
+            "data.target_langs=[sw, ko]",
+            "data.sources=[{source: demo, max_examples: 50}, {source: org/replay, translator: hf, max_examples: 20}]",
+        ],
+    )
+    text = model_card_text(cfg, {"data": {"train_examples": 10, "eval_examples": 2}})
+    head = text.split("---")[1]
+    assert "- sw" in head and "- ko" in head and "org/replay" in head and "datasets:" in head
+    assert "fine-tuned for **sw, ko**" in text
+    assert "- source: `demo` (pairs), en → sw, ko; translations: given in the data" in text
+    assert "- source: `org/replay` (pairs), en → sw, ko; translations: machine-translated with" in text

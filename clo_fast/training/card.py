@@ -119,11 +119,17 @@ def model_card_text(
     adapter = library == "peft"
     base = str(summary.get("base_model", m.name_or_path))
     base_hub = _hub_name(m.name_or_path) and _hub_name(base)
-    data_hub = _hub_name(d.source)
+    # data.sources (a mix) and data.target_langs (several languages): every dataset and language is named
+    sources = [(s.source, s.source_format or d.source_format, s.translator or d.translator) for s in d.sources] or [
+        (d.source, d.source_format, d.translator)
+    ]
+    langs = list(d.target_langs) or [d.target_lang]
+    tgt = ", ".join(langs)
+    data_hub = [h for h in (_hub_name(src) for src, _, _ in sources) if h]
     card_data = ModelCardData(
         base_model=base_hub or None,
-        language=[d.source_lang, d.target_lang],
-        datasets=[data_hub] if data_hub else None,
+        language=[d.source_lang, *langs],
+        datasets=data_hub or None,
         library_name=library,
         license=t.hub_license or "other",
         pipeline_tag="text-generation",
@@ -147,14 +153,14 @@ def model_card_text(
             "Usage). " + (f"The same weights merged into a plain model: `{repo}`." if t.push_to_hub else "")
         ]
     else:
-        lines += [f"{base_shown} fine-tuned for **{d.target_lang}** with Cross-Lingual Optimization (CLO)."]
+        lines += [f"{base_shown} fine-tuned for **{tgt}** with Cross-Lingual Optimization (CLO)."]
     lines += [
         "",
         "## Method",
         "",
         f"Cross-Lingual Optimization ([Lee et al., ACL 2025]({PAPER_URL})): English instructions and their "
-        f"{d.target_lang} translations make cross-lingual preference pairs. The loss is λ · NLL of the "
-        f"{d.target_lang} response + (1 − λ) · a DPO-style preference term (temperature β) for answering in the "
+        f"{tgt} translations make cross-lingual preference pairs. The loss is λ · NLL of the "
+        f"{tgt} response + (1 − λ) · a DPO-style preference term (temperature β) for answering in the "
         "prompt's language, against the frozen starting model as reference.",
         "",
         f"- mode `{c.mode}`: λ = {lam}, β = {c.beta}, reference-free = {c.reference_free}, NLL on sequences "
@@ -171,13 +177,16 @@ def model_card_text(
         "",
         "## Data",
         "",
-        f"- source: `{_shown(d.source)}` ({d.source_format}), {d.source_lang} → {d.target_lang}; translations: "
-        + (f"machine-translated with `{_shown(d.translation_model)}`" if d.translator == "hf" else "given in the data"),
+        *[
+            f"- source: `{_shown(src)}` ({fmt}), {d.source_lang} → {tgt}; translations: "
+            + (f"machine-translated with `{_shown(d.translation_model)}`" if kind == "hf" else "given in the data")
+            for src, fmt, kind in sources
+        ],
     ]
     if data_info:
         lines.append(
             f"- pairs: {data_info.get('train_examples', '?')} for training, {data_info.get('eval_examples', '?')} "
-            f"held out (each an English and a {d.target_lang} prompt with both responses)"
+            f"held out (each an English and a {tgt} prompt with both responses)"
         )
     lines += [
         f"- sequences up to {d.max_length} tokens (prompt + response): a longer prompt dropped its example (prompts "
