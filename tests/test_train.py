@@ -275,7 +275,7 @@ def test_readme_demo_table_reproduces(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_path):
+def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_path, cache):
     """2 CPU ranks through the deepspeed launcher; the loss of step 2 turns NaN (the test hook: an LR that would
     diverge is refused by the config now): the run stops naming the step, writes no checkpoint and no export,
     and releases its lock."""
@@ -287,7 +287,7 @@ def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_
         "train.eval_steps=0",
         "train.run_evaluation=false",
     )
-    r = launch(tmp_path, tmp_path / "cache", extra=extra, env={"CLO_FAST_TEST_NONFINITE": "2"})
+    r = launch(tmp_path, cache, extra=extra, env={"CLO_FAST_TEST_NONFINITE": "2"})  # the shared demo model
     assert r.returncode != 0
     assert "[train] stopped: step 2:" in r.stderr and "not finite" in r.stderr
     run = tmp_path / "run"
