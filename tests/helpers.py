@@ -174,23 +174,29 @@ class InProcessEngine:
         pass
 
 
+def tiny_llama_config(**overrides):
+    """The tests' tiny Llama shape (2 layers, hidden 32, 4 heads, 2 KV heads, untied head; 64 tokens unless
+    overridden)."""
+    from transformers import LlamaConfig
+
+    shape = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**shape, **overrides})
+
+
 def tiny_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, pad_token_id=PAD, initializer_range=0.2))
 
 
 def examples(n, seed=1):

@@ -254,21 +254,11 @@ def test_dropout_is_off_in_the_policy_as_in_the_reference_pass(tmp_path):
 
 # -------------------- Dropout is off while training, LoRA adapters' included, as TRL's disable_dropout does (clo
 def _tiny_llama_folder(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=0.3,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(tiny_llama_config(attention_dropout=0.3)).save_pretrained(path)
     return str(path)
 
 

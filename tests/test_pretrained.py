@@ -76,21 +76,12 @@ def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
 
 # -------------------- Starting a run from something that is not a model folder (clo_fast.pretrained.model_folder
 def _tiny_llama(path: Path) -> Path:
+    from helpers import tiny_llama_config
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
     vocab = {f"t{i}": i for i in range(63)} | {"<unk>": 63}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
