@@ -82,6 +82,8 @@ def _prepare_in_world(rank, world, port, tmp, out_dir):
     cfg = load_config(pathlib.Path(tmp) / "run.yaml")
     run = Run(cfg, pathlib.Path(tmp) / "run.yaml", None)
     run.device = torch.device("cpu")  # set by Run.setup, skipped here: the data stage picks the packing for it
+    run.out_dir = pathlib.Path(tmp) / "run"  # also set by Run.setup (the data stage writes its rejects file there)
+    run.out_dir.mkdir(exist_ok=True)
     collectives = []
     names = [n for n in COLLECTIVES if hasattr(tdist, n)]
     originals = {n: getattr(tdist, n) for n in names}
@@ -115,7 +117,7 @@ def test_data_stage_holds_no_collective_and_shares_translation(tmp_path, llama3_
     (tmp_path / "run.yaml").write_text(
         f"model: {{name_or_path: {tok_dir}}}\n"
         f"data: {{translator: hf, target_lang: sw, max_examples: 120, cache_dir: {tmp_path / 'cache'}, "
-        f"output_dir: {tmp_path / 'data'}, template: chat}}\n"
+        f"output_dir: {tmp_path / 'data'}, template: chat, quality: {{enabled: false}}}}\n"  # the stand-in copies
         f"train: {{output_dir: {tmp_path / 'run'}}}\n"
     )
     with socket.socket() as s:
