@@ -160,6 +160,7 @@ def test_the_world_keeps_every_pair(tmp_path):
     assert len(dsd["train"]) == 480
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_the_data_command_writes_the_rejects_beside_the_dataset_and_reports_them(tmp_path):
     cmd = [sys.executable, "-m", "clo_fast.data", "--config", str(ROOT / "configs" / "demo.yaml"), "--no-tokenize"]
     cmd += ["--no-progress", "--set", f"data.output_dir={tmp_path / 'data'}", "--set", f"data.cache_dir={tmp_path}"]

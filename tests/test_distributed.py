@@ -111,6 +111,7 @@ def test_computed_on_rank0_runs_once_and_hands_the_result_or_the_error_to_every_
     assert results[1] == ({"hashed_by": 0}, [], "on rank 0: ZeroDivisionError: division by zero")
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_plain_python_gets_a_one_process_group_without_mpi():
     """`python clo_fast/train.py` has no launcher environment: DeepSpeed would go to MPI discovery (mpi4py)."""
     import os
@@ -185,6 +186,7 @@ def test_more_processes_per_node_than_cuda_devices_are_refused(env, devices, ask
     assert f"started {asked} processes on this node but {devices} CUDA device(s) are visible" in why
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_accelerate_launch_with_two_processes_on_one_cpu_stops_at_start_up(tmp_path):
     """The issue's command, for real: accelerate's simple launcher starts one process; it exits 2 naming the fix,
     before the data stage (no output folder is made)."""

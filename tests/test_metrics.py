@@ -27,6 +27,7 @@ def test_every_report_to_name_has_a_logger():
 RECORDS = [(1, {"loss": 0.75, "rewards/accuracies": 0.5}), (2, {"loss": 0.5, "samples/sw": "Habari ya leo?"})]
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_all_loggers_write_offline(tmp_path, monkeypatch):
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -103,6 +104,7 @@ sink.close()
 """
 
 
+@pytest.mark.slow  # starts processes for several seconds
 @pytest.mark.parametrize("wandb_dir", [True, False])
 def test_wandb_dir_is_honoured(tmp_path, wandb_dir):
     elsewhere, out = tmp_path / "wandb_home", tmp_path / "run"

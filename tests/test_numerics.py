@@ -91,6 +91,7 @@ def _capability(argv: list[str], **env: str) -> list:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_a_clo_fast_command_runs_on_the_pinned_kernels_whatever_the_environment_asked():
     mode, pinned = numerics.decide({k: v for k, v in os.environ.items() if k != numerics.SWITCH})
     if mode == "gpu":

@@ -338,6 +338,7 @@ def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at
     check_environment(load_config(None), Path("c.yaml"))  # the defaults pass
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_wandb_logging_without_an_api_key_is_refused_at_start_up_unless_offline(tmp_path):
     """Checked in a process of its own: wandb.login keeps the key in process-wide state, which would leak into
     later tests that log to W&B offline. The check must never ask for a key: it runs here on a pseudo-terminal,

@@ -233,6 +233,7 @@ def test_every_packing_mode_trains_under_zero3_with_the_same_first_step(run_a, t
 # ------------------------------------------------------------------------------------ fast checks
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_train_script_fails_fast_on_bad_config(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  deepspeed_config: nowhere.json\n")

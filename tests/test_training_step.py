@@ -216,6 +216,7 @@ def _language_metrics_worker(rank, init_file, seed, results):
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts processes for several seconds
 def test_per_language_metrics_are_means_over_every_rank(tmp_path):
     """A language missing from one rank's share is averaged over the ranks that hold it (one all-reduce of sums
     and counts), not pulled towards 0: each rank logs the float64 mean over the whole step."""
