@@ -177,8 +177,6 @@ class InProcessEngine:
 def tiny_llama_config(**overrides):
     """The tests' tiny Llama shape (2 layers, hidden 32, 4 heads, 2 KV heads, untied head; 64 tokens unless
     overridden)."""
-    from transformers import LlamaConfig
-
     shape = {
         "vocab_size": 64,
         "hidden_size": 32,
@@ -271,18 +269,12 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_model(tok, seed=0, mute=False) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
+    cfg = tiny_llama_config(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
         initializer_range=0.1,
     )
     torch.manual_seed(seed)
