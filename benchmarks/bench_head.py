@@ -30,7 +30,7 @@ import importlib.util
 import json
 import os
 
-import torch  # noqa: E402  (common puts the repo on sys.path first)
+import torch
 from common import (
     ROOT,
     cuda_peak_mb,

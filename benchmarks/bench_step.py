@@ -58,9 +58,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (str(ROOT), str(ROOT / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 from common import LLAMA_3_2_1B, machine_info, model_flops, peak_flops, profile_split, quantile  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Shared benchmark utilities: the repo on sys.path, machine and version facts, interleaved timing,
+"""Shared benchmark utilities: machine and version facts, interleaved timing,
 peak memory, realistic inputs (length profiles, LM-like head inputs), and a step's profile split and model
 FLOPs / MFU (`profile_split`, `model_flops`, `peak_flops`).
 
@@ -20,15 +20,12 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # where results/ lives; the project itself is imported installed
 
-import torch  # noqa: E402
+import torch
 
 # Llama-3.2-1B's shape (LlamaConfig fields): the step benchmark's and the GPU smoke run's model, random weights
 LLAMA_3_2_1B = {

@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]         # there (OUT_DIR defaults to $OUT, else ./gpu_results)
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/dry   # here: the same steps on CPU, tiny shapes
 #
-# This wrapper installs the carried wheels (no index, no network), puts the repo on PYTHONPATH with kernels/
-# exposed as `clo_kernels`, and starts the clock the budget counts from.
+# This wrapper installs the carried wheels (no index, no network), puts the repo and kernels/ (which holds
+# `clo_kernels`) on PYTHONPATH (the GPU image has no index to pip-install the project from), and starts the clock the budget counts from.
 set -u
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}
 OUT_DIR=${1:-${OUT:-gpu_results}}
@@ -19,8 +19,6 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" != "1" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl \
     && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
 fi
-PKGS=$(mktemp -d)
-ln -sfn "$ROOT/kernels" "$PKGS/clo_kernels"
-export PYTHONPATH=$PKGS:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT/kernels:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 cd "$ROOT"
 python3 benchmarks/gpu_check.py "$OUT_DIR"

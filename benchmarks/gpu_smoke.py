@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402  (benchmarks/common.py, beside this script)
+import common  # benchmarks/common.py, beside this script
 
 LLAMA_3_2_1B = {**common.LLAMA_3_2_1B, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
 TINY = dict(

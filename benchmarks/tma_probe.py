@@ -6,7 +6,7 @@ without working tensor descriptors costs the TMA configs only, not the whole che
 
 import sys
 
-import common  # noqa: F401  (repo on sys.path)
+import common  # noqa: F401  (machine facts; imported first as every benchmark does)
 import torch
 import triton
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, Python puts clo_fast/ itself at sys.path[0]: drop it so nothing in it can shadow a
-# top-level module, and make the repository importable for checkouts that were not pip-installed.
+# Run as a script, Python puts clo_fast/ itself at sys.path[0]: drop it so nothing in it (data/, evaluate/)
+# can shadow a top-level module. clo_fast itself comes from the installed project (`pip install -e .`).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if os.path.dirname(_HERE) not in sys.path:
-    sys.path.append(os.path.dirname(_HERE))
 
 from clo_fast import numerics  # first: importing clo_fast pins the CPU numerics before torch is (numerics.py)
 

@@ -71,22 +71,45 @@ def readme_table(header: str) -> dict[str, list[str]]:
     return table_rows(block[: block.index("\n\n")])
 
 
-def skip_unless_readme_versions() -> None:
-    """The README's measured tables hold for the torch/transformers/deepspeed versions it states; with others
-    the test says which differ (re-measure and update the README) instead of comparing."""
+LOCK = Path(__file__).resolve().parent.parent / "requirements" / "cpu.txt"
+PINNED = ("transformers", "deepspeed")  # with torch (installed first, its release in scripts/lock.sh): the README's
+
+
+def locked_versions() -> dict[str, str]:
+    """{package: version} of the lock the README and CI install (requirements/cpu.txt, `bash scripts/lock.sh`)."""
     import re
 
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def locked_torch() -> str:
+    """The torch release scripts/lock.sh resolves the lock against (torch itself is installed first)."""
+    import re
+
+    text = (LOCK.parent.parent / "scripts" / "lock.sh").read_text()
+    return re.search(r"^TORCH_CPU=([\d.]+)", text, re.M).group(1)
+
+
+def require_locked_versions() -> None:
+    """The README's measured tables hold for the locked versions. Installed from the lock, this passes; with other
+    versions it fails naming them — except under scripts/check_latest.sh (CLO_FAST_UNLOCKED=1), which installs the
+    newest releases on purpose and skips with the reason."""
     import deepspeed
     import transformers
 
-    text = README.read_text(encoding="utf-8")
-    stated = re.search(r"torch ([\d.]+), transformers ([\d.]+), deepspeed ([\d.]+)", text).groups()
-    installed = (torch.__version__.split("+")[0], transformers.__version__, deepspeed.__version__)
-    if installed != stated:
-        pytest.skip(
-            f"the README's tables were measured with torch/transformers/deepspeed {stated}; installed {installed}: "
-            "re-measure them and update the README"
-        )
+    want = {"torch": locked_torch(), **{k: locked_versions()[k] for k in PINNED}}
+    have = {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__}  # fmt: skip
+    if have != want:
+        msg = f"the README's tables were measured with the locked versions {want}; installed {have}"
+        if os.environ.get("CLO_FAST_UNLOCKED") == "1":
+            pytest.skip(msg + " (scripts/check_latest.sh: the newest releases)")
+        raise AssertionError(msg + ": install requirements/cpu.txt (README), or re-measure and re-lock")
 
 
 # ----------------------------------------------------------------- the launched demo run (deepspeed clo_fast/train.py)

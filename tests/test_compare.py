@@ -267,7 +267,7 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
     """The small version end to end: the files, each seed's values as evaluated, one reference pass shared by the
     CLO runs, the committed result bit for bit, a second start reusing the finished runs, and other settings
     refused."""
-    from helpers import skip_unless_readme_versions
+    from helpers import require_locked_versions
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     build, cmd = world_small_command(tmp_path)
@@ -294,7 +294,7 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
     assert "reusing" in (out / "runs" / "clo-s1" / "train.log").read_text()
     assert marked_kind(out / "ref_data") == "reference_cache"
     # the committed result, bit for bit (under the library versions the README states)
-    skip_unless_readme_versions()
+    require_locked_versions()
     committed = json.loads((WORLD_SMALL / "compare.json").read_text(encoding="utf-8"))
     for method, info in committed["methods"].items():
         for metric, summary in info["metrics"].items():

@@ -261,9 +261,9 @@ def test_train_script_fails_fast_on_bad_config(tmp_path):
 def test_readme_demo_table_reproduces(tmp_path, cache):
     """The README's before/after table is what its main command prints (the whole demo config: 60 steps on 2
     ranks, then the evaluation), under the library versions the README states."""
-    from helpers import readme_table, skip_unless_readme_versions, table_rows
+    from helpers import readme_table, require_locked_versions, table_rows
 
-    skip_unless_readme_versions()
+    require_locked_versions()
     expected = readme_table("| metric | base | trained |")
     # The environment asks for torch's portable kernels and 2 threads a rank: the command pins its own CPU
     # numerics (clo_fast/numerics.py), so the table must not move (the README was measured on AVX2 kernels).
