@@ -10,6 +10,8 @@ CI runs everything.
 """
 
 import os
+import random
+import secrets
 
 import torch
 
@@ -85,3 +87,11 @@ def tiny_m2m(tmp_path_factory):
     from helpers import save_tiny_m2m
 
     return save_tiny_m2m(tmp_path_factory.mktemp("m2m"))
+
+
+@pytest.fixture
+def rng():
+    """A random.Random on a fresh seed each run (printed, so a failing draw can be replayed)."""
+    seed = secrets.randbits(32)
+    print(f"seed {seed}")  # shown when a test fails
+    return random.Random(seed)

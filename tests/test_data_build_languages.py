@@ -3,8 +3,6 @@ one CLO example per English pair and language, the English side shared, the spli
 translated by its own translator and gated in its language; evaluation items for every language."""
 
 import json
-import random
-import secrets
 from collections import Counter
 
 import pytest
@@ -14,13 +12,6 @@ from clo_fast.data import build_text_dataset
 from clo_fast.data.build import translate_sharded
 from clo_fast.demo_model import demo_records
 from clo_fast.evaluate.prompts import normalize_prompts
-
-
-@pytest.fixture
-def rng():
-    seed = secrets.randbits(32)
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def _cfg(tmp_path, **kw):

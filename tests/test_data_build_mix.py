@@ -4,8 +4,6 @@ stated in the summary; a one-entry list is the one-source spelling. Sources: fre
 real pairs (so the quality gate has real translations to pass)."""
 
 import json
-import random
-import secrets
 
 import pytest
 
@@ -13,13 +11,6 @@ from clo_fast.config import ConfigError, DataConfig, load_config
 from clo_fast.data import build_text_dataset
 from clo_fast.data.build import mix_counts, translate_sharded
 from clo_fast.demo_model import demo_records
-
-
-@pytest.fixture
-def rng():
-    seed = secrets.randbits(32)
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 class TableTranslator:

@@ -3,8 +3,6 @@ random texts against plain references, the bundled demo's copied pair caught, th
 rejects file, the split decided before the gate, the thresholds validated at start-up."""
 
 import json
-import random
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +16,6 @@ from clo_fast.data.quality import check_field, copy_similarity, gate_pairs, lett
 
 ROOT = Path(__file__).resolve().parent.parent
 SYLLABLES = ("ma", "ji", "ku", "wa", "ni", "sa", "na", "tu", "ha", "ko", "li", "fu", "ra", "mbo", "zi")
-
-
-@pytest.fixture
-def rng():
-    seed = secrets.randbits(32)
-    print(f"seed {seed}")  # shown when a test fails
-    return random.Random(seed)
 
 
 def _words(rng, n):

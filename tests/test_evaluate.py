@@ -29,6 +29,7 @@ from clo_fast import evaluate as E
 from clo_fast.config import ConfigError
 from clo_fast.constants import IGNORE_INDEX
 from clo_fast.evaluate import cli as eval_cli
+from clo_fast.evaluate.answers import is_echo, is_loop
 from clo_fast.language_id import UnknownLanguageError, get_identifier
 
 for extra in ("lingua", "matplotlib"):  # the `test` extra: a missing package fails, never skips
@@ -151,7 +152,11 @@ def test_evaluate_models_end_to_end(saved, tmp_path):
             m = report["models"][label]["metrics"][lang]
             det = lid.detect_batch([x["response"] for x in g])
             assert [x["detected"] for x in g] == det
-            assert m["fidelity"] == pytest.approx(sum(d == lang for d in det) / len(det))
+            assert m["language_match"] == pytest.approx(sum(d == lang for d in det) / len(det))
+            faithful = [d == lang and not (is_echo(x["prompt"], x["response"]) or is_loop(x["response"]))
+                        for d, x in zip(det, g, strict=True)]  # fmt: skip
+            assert [x["faithful"] for x in g] == faithful
+            assert m["fidelity"] == pytest.approx(sum(faithful) / len(det))
             assert m["mean_response_tokens"] == pytest.approx(sum(x["response_tokens"] for x in g) / len(g))
     mute = report["models"]["mute"]["metrics"]
     assert all(mute[lang]["fidelity"] == 0.0 and mute[lang]["mean_response_tokens"] == 0.0 for lang in ("en", "ko"))

@@ -63,7 +63,7 @@ def prompt_scores(generations_path: str | Path, prompts: Sequence[dict] | None =
         if first:
             ids.setdefault(r["lang"], []).append(r["id"])
         per_lang = models.setdefault(r["model"], {}).setdefault(r["lang"], {k: [] for k in PROMPT_SCORES})
-        per_lang["fidelity"].append(int(r["detected"] == r["lang"]))
+        per_lang["fidelity"].append(int(r["faithful"]))  # in the language, and neither an echo nor a loop
         item = answers.get((r["id"], r["lang"]))
         if item is not None:
             s = score_response(r["response"], item["attribute"], item["answer"], r["lang"])

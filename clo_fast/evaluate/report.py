@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from clo_fast.language_id import language_fidelity
+from clo_fast.evaluate.answers import answer_flags
 
 
 def corpus_chrf(responses: Sequence[str], references: Sequence[str]) -> float:
@@ -20,18 +20,35 @@ def corpus_chrf(responses: Sequence[str], references: Sequence[str]) -> float:
     return float(CHRF().corpus_score(list(responses), [list(references)]).score)
 
 
-def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> dict:
-    """Per prompt language: n_prompts, fidelity, detected-language counts, mean response tokens, the share
-    of responses that ended with EOS, and chrF against the items' reference answers (None when no item of
-    that language has one). `gens[i]` is {"text", "tokens", "finished"} for `items[i]`."""
+def response_flags(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> list[dict]:
+    """Per answer: echo, loop, in_language and faithful (`clo_fast.evaluate.answers`)."""
     if not (len(items) == len(gens) == len(detected)):
         raise ValueError("response_metrics: items, gens and detected must have the same length")
+    return [
+        answer_flags(it["prompt"], g["text"], it["lang"], d) for it, g, d in zip(items, gens, detected, strict=True)
+    ]
+
+
+def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> dict:
+    """Per prompt language: n_prompts; fidelity (the share of answers in the prompt's language that are neither an
+    echo of the prompt nor a loop) and its parts: language_match (in the language, whatever the answer), echo_rate,
+    loop_rate; detected-language counts, mean response tokens, the share of responses that ended with EOS before
+    the cap (finished_share), and chrF against the items' reference answers (None when no item of that language
+    has one). `gens[i]` is {"text", "tokens", "finished"} for `items[i]`."""
+    flags = response_flags(items, gens, detected)
     metrics = {}
     for lang in dict.fromkeys(it["lang"] for it in items):
         idx = [i for i, it in enumerate(items) if it["lang"] == lang]
+
+        def share(key, idx=idx):
+            return sum(flags[i][key] for i in idx) / len(idx)
+
         metrics[lang] = {
             "n_prompts": len(idx),
-            "fidelity": language_fidelity([detected[i] for i in idx], lang),
+            "fidelity": share("faithful"),
+            "language_match": share("in_language"),
+            "echo_rate": share("echo"),
+            "loop_rate": share("loop"),
             "detected": dict(Counter(detected[i] or "none" for i in idx).most_common()),
             "mean_response_tokens": sum(gens[i]["tokens"] for i in idx) / len(idx),
             "finished_share": sum(bool(gens[i]["finished"]) for i in idx) / len(idx),
@@ -72,6 +89,12 @@ def render_markdown(report: dict) -> str:
 
     for lang in langs:
         row(f"fidelity {lang} (↑)", "fidelity", lang)
+    for lang in langs:
+        row(f"echo rate {lang} (↓)", "echo_rate", lang)
+    for lang in langs:
+        row(f"loop rate {lang} (↓)", "loop_rate", lang)
+    for lang in langs:
+        row(f"finished before the cap {lang} (↑)", "finished_share", lang)
     for lang in langs:
         row(f"chrF vs reference {lang} (↑)", "chrf", lang, 1)
     for lang in langs:

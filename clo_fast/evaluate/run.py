@@ -24,7 +24,7 @@ from clo_fast.evaluate.generation import generate_responses, reference_examples,
 from clo_fast.evaluate.judge import check_judge_reachable, judge_cache_path, judge_pairs, make_send, run_judge
 from clo_fast.evaluate.models import load_model
 from clo_fast.evaluate.prompts import encode_item, load_eval_prompts, normalize_prompts
-from clo_fast.evaluate.report import fmt, response_metrics, write_report
+from clo_fast.evaluate.report import fmt, response_flags, response_metrics, write_report
 from clo_fast.language_id import get_identifier, normalize_lang
 from clo_fast.paths import looks_local
 from clo_fast.pretrained import ensure_pad_token
@@ -205,7 +205,9 @@ def _check_before_generating(
 
 
 def _generation_records(label: str, items: list[dict], gens: list[dict], detected: list) -> list[dict]:
-    """One generations.jsonl line per prompt: what the model answered and which language it was detected as."""
+    """One generations.jsonl line per prompt: what the model answered, which language it was detected as, and
+    whether it is an echo, a loop, faithful (`clo_fast.evaluate.answers`)."""
+    flags = response_flags(items, gens, detected)
     return [
         {
             "model": label,
@@ -216,6 +218,7 @@ def _generation_records(label: str, items: list[dict], gens: list[dict], detecte
             "response_tokens": g["tokens"],
             "finished": g["finished"],
             "detected": d,
+            **{k: f[k] for k in ("echo", "loop", "faithful")},
         }
-        for it, g, d in zip(items, gens, detected, strict=True)
+        for it, g, d, f in zip(items, gens, detected, flags, strict=True)
     ]
