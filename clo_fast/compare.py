@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
-    base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
+    base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir, cfg.model.gguf_file)
     specs = [("base", base_path)] + [(label, str(Path(run["run_dir"]) / "hf_model")) for label, run in runs.items()]
     prompts = world_test_prompts(cfg)
     judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed

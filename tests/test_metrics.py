@@ -130,3 +130,36 @@ def test_wandb_dir_is_honoured(tmp_path, wandb_dir):
         assert len(in_output_dir) == 1 and not in_env_dir
     (log_file,) = in_env_dir or in_output_dir
     assert b"0.75" in log_file.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ the English guard
+def test_english_guard_warns_at_the_crossing_and_again_as_it_worsens():
+    from clo_fast.training.metrics import EnglishGuard
+
+    said = []
+    guard = EnglishGuard(0.05, 1e-3, said.append)
+    ref = 2.549
+    seen = []
+    for step, now in [(0, 2.549), (6, 2.60), (12, 2.70), (18, 2.72), (24, 2.90), (30, 4.04)]:
+        m = {"eval/en/nll_per_token": now, "eval/en/ref_nll_per_token": ref}
+        guard.observe(step, m)
+        seen.append(m["eval/en/nll_increase"])
+    assert seen == pytest.approx([v / ref - 1 for v in (2.549, 2.60, 2.70, 2.72, 2.90, 4.04)])
+    # +2.0% no; +5.9% yes (step 12); +6.7% is not another 5% worse; +13.8% yes; +58% yes
+    assert [int(s.split()[2].rstrip(":")) for s in said] == [12, 24, 30]
+    assert "optim.lr = 0.001" in said[0] and "2.549 (reference) to 2.700" in said[0]
+
+
+def test_english_guard_without_a_reference_compares_with_the_first_evaluation_and_can_be_off():
+    from clo_fast.training.metrics import EnglishGuard
+
+    said = []
+    guard = EnglishGuard(0.1, 3e-5, said.append)
+    guard.observe(0, {"eval/en/nll_per_token": 2.0})
+    guard.observe(5, {"eval/en/nll_per_token": 2.3})
+    assert len(said) == 1 and "2.000 (reference) to 2.300" in said[0]
+    off = EnglishGuard(None, 3e-5, said.append)
+    for step, now in ((0, 2.0), (5, 9.0)):
+        off.observe(step, {"eval/en/nll_per_token": now})
+    assert len(said) == 1
+    guard.observe(6, {"eval/loss": 1.0})  # no English score (an SFT run on the target only): nothing to say

@@ -215,3 +215,36 @@ class StepLog:
         self.totals, self.tokens, self.steps = {}, 0, 0
         self.restart_clock()
         return logged
+
+
+class EnglishGuard:
+    """Warns, at the eval step it happens, when English degrades: the held-out English answers' NLL/token
+    (`eval/en/nll_per_token`) more than `threshold` (a fraction) above the reference model's, or above the first
+    evaluation's when no reference is cached. Warns on the first crossing and again each time it worsens by
+    another threshold, so a run that keeps eroding English keeps saying so; adds `eval/en/nll_increase`."""
+
+    def __init__(self, threshold: float | None, lr: float, log):
+        self.threshold, self.lr, self.log = threshold, lr, log
+        self.baseline: float | None = None
+        self.warned_at: float | None = None
+
+    def observe(self, step: int, metrics: dict) -> None:
+        now = metrics.get("eval/en/nll_per_token")
+        if now is None:
+            return
+        if self.baseline is None:
+            self.baseline = metrics.get("eval/en/ref_nll_per_token", now)
+        increase = now / self.baseline - 1.0 if self.baseline > 0 else 0.0
+        metrics["eval/en/nll_increase"] = increase
+        if self.threshold is None or increase <= self.threshold:
+            return
+        if self.warned_at is not None and increase < self.warned_at + self.threshold:
+            return
+        self.warned_at = increase
+        self.log(
+            f"warning: step {step}: English is degrading: the held-out English answers' NLL/token rose from "
+            f"{self.baseline:.3f} (reference) to {now:.3f} (+{100 * increase:.1f}%, past train.english_nll_warn = "
+            f"{100 * self.threshold:.0f}%). CLO trains no English NLL term, so this is most likely the learning "
+            f"rate (optim.lr = {self.lr:g}) being too high for this model: lower it (configs/smollm2_sw.yaml's sweep), "
+            "or raise clo.lam / add English to clo.sft_sequences"
+        )

@@ -62,4 +62,16 @@ def held_out_loss(engine, ds, collate, micro: int, device, setup: LossSetup) -> 
         logps, ref, counts, setup.beta, setup.lam, sft_sequences=setup.sft_sequences, validate=False, **setup.options
     )
     keep = m if setup.sequences_run is None else {k: v for k, v in m.items() if k in SFT_ONLY_METRICS}
-    return {f"eval/{k}": float(v) for k, v in keep.items()}
+    out = {f"eval/{k}": float(v) for k, v in keep.items()}
+    scored_english = setup.sequences_run is None or 0 in setup.sequences_run
+    return out | (english_nll(logps, counts, ref) if scored_english else {})
+
+
+def english_nll(logps: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None) -> dict[str, float]:
+    """NLL per token of the held-out English answers under their English prompts ([x_en|y_en], sequence 0), for
+    the policy and (when cached) the reference: what the English guard compares."""
+    tokens = counts[:, 0].sum().clamp_min(1)
+    out = {"eval/en/nll_per_token": float(-logps[:, 0].sum() / tokens)}
+    if ref is not None:
+        out["eval/en/ref_nll_per_token"] = float(-ref[:, 0].sum() / tokens)
+    return out
