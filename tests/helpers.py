@@ -518,3 +518,71 @@ def save_tiny_m2m(d: Path) -> str:
     M2M100ForConditionalGeneration(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return str(model_dir)
+
+
+# ------------------------------------------------------------------------------------------------------- GGUF files
+def _to_llama_cpp_order(w, n_head: int):
+    """llama.cpp stores Llama's q/k rows with each head's two rotary halves interleaved: row (h, i, j) of the HF
+    layout [head, half j, i] goes to [head, i, half j]. transformers undoes this when it reads a GGUF file."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, model, tok, *, name: str = "tiny-llama") -> Path:
+    """`model` (a LlamaForCausalLM) and `tok` (a byte-level BPE fast tokenizer) as one float32 GGUF file, written
+    with the gguf package's writer: the llama architecture's keys, the tokenizer as tokens + merges ("gpt2"
+    model, as SmolLM2's file has it) and its chat template, the tensors under llama.cpp's names."""
+    import json as _json
+
+    import gguf
+
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(cfg.vocab_size)), "the tokenizer's ids must be 0..V-1"
+    special = set(tok.all_special_ids)
+    merges = _json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])  # 3: control, 1: normal
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(True)  # as the tokenizer: a BOS before every text
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight", _to_llama_cpp_order(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        )
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight", _to_llama_cpp_order(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        )
+        for hf, cpp in names.items():
+            w.add_tensor(f"blk.{i}.{cpp}.weight", sd[p + hf + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
