@@ -14,7 +14,10 @@ LAYERS = [
     ("config", ["clo_fast.config_loading", "clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),
     ("data", ["clo_fast.data", "clo_fast.packing"]),
-    ("model", ["clo_fast.demo_model", "clo_fast.world", "clo_fast.gguf_model", "clo_fast.pretrained", "clo_fast.model"]),
+    (
+        "model",
+        ["clo_fast.demo_model", "clo_fast.world", "clo_fast.gguf_model", "clo_fast.pretrained", "clo_fast.model"],
+    ),
     ("training", ["clo_fast.training"]),
     ("evaluation", ["clo_fast.evaluate"]),
     (
