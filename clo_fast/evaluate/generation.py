@@ -114,7 +114,6 @@ def _plain_head(model) -> bool:
     )
 
 
-@torch.inference_mode()
 def reference_nll(
     model, tokenizer, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int
 ) -> tuple[float, int]:
@@ -122,8 +121,18 @@ def reference_nll(
 
     `examples` are (prompt_ids, response_ids) with the closing EOS already in response_ids.
     """
+    sums, counts = reference_nll_per_sequence(model, tokenizer, examples, batch_size=batch_size)
+    return sum(sums), sum(counts)
+
+
+@torch.inference_mode()
+def reference_nll_per_sequence(
+    model, tokenizer, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int
+) -> tuple[list[float], list[int]]:
+    """`reference_nll` per example: ([-log p summed over its response tokens], [its token count])."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total: list[float] = []
+    count: list[int] = []
     plain = _plain_head(model)
     for s in range(0, len(examples), batch_size):
         batch = build_reference_batch(examples[s : s + batch_size], tokenizer.pad_token_id)
@@ -134,8 +143,8 @@ def reference_nll(
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits
             sums = token_logps(logits, labels).sum(1)
-        total += -float(sums.double().sum())
-        count += int((labels != IGNORE_INDEX).sum())
+        total += (-sums.double()).tolist()
+        count += (labels != IGNORE_INDEX).sum(1).tolist()
     return total, count
 
 

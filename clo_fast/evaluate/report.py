@@ -9,7 +9,23 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from clo_fast.evaluate.answers import answer_flags
+
+# the report's 95% intervals: percentile bootstrap over the prompts (a model's answers are its units), seeded
+CI_DRAWS = 1000
+CI_SEED = 0
+SHARES = {"fidelity": "faithful", "language_match": "in_language", "echo_rate": "echo", "loop_rate": "loop"}
+
+
+def bootstrap_interval(stat, n: int, draws: int = CI_DRAWS, seed: int = CI_SEED) -> list[float] | None:
+    """The 2.5 and 97.5 percentiles of `stat(indices)` over `draws` resamples of range(n) with replacement."""
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [float(stat(rng.integers(0, n, n))) for _ in range(draws)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def corpus_chrf(responses: Sequence[str], references: Sequence[str]) -> float:
@@ -40,24 +56,24 @@ def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequ
     for lang in dict.fromkeys(it["lang"] for it in items):
         idx = [i for i, it in enumerate(items) if it["lang"] == lang]
 
-        def share(key, idx=idx):
-            return sum(flags[i][key] for i in idx) / len(idx)
-
+        per_prompt = {name: np.array([flags[i][key] for i in idx], float) for name, key in SHARES.items()}
+        per_prompt["finished_share"] = np.array([bool(gens[i]["finished"]) for i in idx], float)
         metrics[lang] = {
             "n_prompts": len(idx),
-            "fidelity": share("faithful"),
-            "language_match": share("in_language"),
-            "echo_rate": share("echo"),
-            "loop_rate": share("loop"),
+            **{name: float(v.mean()) for name, v in per_prompt.items()},
             "detected": dict(Counter(detected[i] or "none" for i in idx).most_common()),
             "mean_response_tokens": sum(gens[i]["tokens"] for i in idx) / len(idx),
-            "finished_share": sum(bool(gens[i]["finished"]) for i in idx) / len(idx),
         }
+        ci = {name: bootstrap_interval(lambda i, v=v: v[i].mean(), len(v)) for name, v in per_prompt.items()}
         scored = [i for i in idx if items[i].get("reference") is not None]
-        metrics[lang]["chrf"] = (
-            corpus_chrf([gens[i]["text"] for i in scored], [items[i]["reference"] for i in scored]) if scored else None
-        )
+        hyps, refs = [gens[i]["text"] for i in scored], [items[i]["reference"] for i in scored]
+        metrics[lang]["chrf"] = corpus_chrf(hyps, refs) if scored else None
         metrics[lang]["chrf_prompts"] = len(scored)
+        if scored:  # corpus chrF of resampled (answer, reference) pairs
+            ci["chrf"] = bootstrap_interval(
+                lambda i, h=hyps, r=refs: corpus_chrf([h[k] for k in i], [r[k] for k in i]), len(scored), draws=200
+            )
+        metrics[lang]["ci95"] = ci
     return metrics
 
 
@@ -77,15 +93,22 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"Evaluation on held-out prompts ({_targets(report)}; "
         + ", ".join(f"{lang}: {report['n_prompts'][lang]} prompts" for lang in langs)
-        + ")",
+        + "); [95% interval: bootstrap over prompts]. Fidelity: answers in the prompt's language that are neither "
+        "an echo of the prompt nor a loop",
         "",
         "| metric | " + " | ".join(models) + " |",
         "|---|" + "---:|" * len(models),
     ]
 
     def row(name, key, lang, digits=3):
-        vals = [report["models"][m]["metrics"][lang].get(key) for m in models]
-        lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in vals) + " |")
+        cells = []
+        for m in models:
+            metrics = report["models"][m]["metrics"][lang]
+            ci = metrics.get("ci95", {}).get(key)
+            cells.append(
+                fmt(metrics.get(key), digits) + (f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else "")
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     for lang in langs:
         row(f"fidelity {lang} (↑)", "fidelity", lang)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from clo_fast.atomic import claim_output_dir
@@ -20,11 +21,11 @@ from clo_fast.constants import TOKENIZER_FILES
 from clo_fast.data.tokenize import tokenizer_fingerprint
 from clo_fast.evaluate.benchmarks import check_benchmarks, run_benchmarks
 from clo_fast.evaluate.errors import EvalError
-from clo_fast.evaluate.generation import generate_responses, reference_examples, reference_nll
+from clo_fast.evaluate.generation import generate_responses, reference_examples, reference_nll_per_sequence
 from clo_fast.evaluate.judge import check_judge_reachable, judge_cache_path, judge_pairs, make_send, run_judge
 from clo_fast.evaluate.models import load_model
 from clo_fast.evaluate.prompts import encode_item, load_eval_prompts, normalize_prompts
-from clo_fast.evaluate.report import fmt, response_flags, response_metrics, write_report
+from clo_fast.evaluate.report import bootstrap_interval, fmt, response_flags, response_metrics, write_report
 from clo_fast.language_id import get_identifier, normalize_lang
 from clo_fast.paths import looks_local
 from clo_fast.pretrained import ensure_pad_token
@@ -173,10 +174,16 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
     metrics = response_metrics(items, gens, detected)
     for lang in langs:
         ex = [refs[i] for i, it in enumerate(items) if it["lang"] == lang and refs[i] is not None]
-        nll_sum, nll_tok = reference_nll(model, tokenizer, ex, batch_size=ev.batch_size) if ex else (0.0, 0)
+        sums, toks = reference_nll_per_sequence(model, tokenizer, ex, batch_size=ev.batch_size) if ex else ([], [])
+        nll_sum, nll_tok = sum(sums), sum(toks)
         metrics[lang].update(
             nll_per_token=nll_sum / nll_tok if nll_tok else None, nll_tokens=nll_tok, nll_sequences=len(ex)
         )
+        if nll_tok:  # a ratio of sums: resample whole sequences
+            s, t = np.asarray(sums), np.asarray(toks)
+            metrics[lang]["ci95"]["nll_per_token"] = bootstrap_interval(
+                lambda i, s=s, t=t: s[i].sum() / t[i].sum(), len(s)
+            )
     return gens, detected, metrics
 
 
