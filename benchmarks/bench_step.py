@@ -79,6 +79,17 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
     "llama-3.2-1b": LLAMA_3_2_1B,
+    # SmolLM2-135M-Instruct (configs/smollm2_sw.yaml's real model): small body, a 49152-token tied head
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+    },
     # gpu_check's CPU dry run: the smallest Llama that runs every code path
     "tiny": {
         "hidden_size": 64,
@@ -140,7 +151,8 @@ def make_model(shape: str, dtype, device, attn: str, liger_body: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    fields = {"max_position_embeddings": 4096, **SHAPES[shape]}  # a shape may state its own (the demo's: 1024)
+    cfg = LlamaConfig(**fields, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
