@@ -4,11 +4,14 @@ and keeps its English, chosen on validation prompts the README's test prompts ne
     python scripts/sweep_smollm2.py                     # about 1 h on the 2-core CPU machine, unloaded
     python scripts/sweep_smollm2.py --lrs 1e-5 3e-5     # other grid; finished runs are reused
 
-Splits (one seeded order over the 135 demo pairs, data/split.py): the config's test split is its first 30%
-(40 pairs); the sweep holds out its first 45% (61 pairs) and trains on the rest, so its validation prompts are the
-held-out pairs that are not test pairs (21). Every run: the config as it is but lr, data.eval_fraction and its
-folders; all share one reference cache. Then one evaluator run scores the base and every run on the validation
-prompts, and SELECTION (below, fixed before the runs) picks the lr. Writes OUT/sweep.json and OUT/sweep.md.
+Splits (one seeded order over the 135 demo pairs, data/split.py): the config holds out its first 45% (61 pairs;
+the quality gate drops one, 60 remain) and trains on the other 74. The held-out pairs keep the seeded order: the
+first `eval.max_prompts` (40) are the test prompts, which the README's table and the config's own evaluation use;
+the other 20 are the validation prompts this sweep chooses on. Every run: the config as it is but lr and its
+folders; all share one reference cache. One evaluator run scores the base and every run on the validation prompts,
+SELECTION (below, fixed before the runs) picks the lr, and a last evaluator run scores the base and the chosen run
+on the test prompts, with the shipped lm-eval task: the README's table (OUT/test_eval/report.md). Each run is the
+one `deepspeed ... --config configs/smollm2_sw.yaml --set optim.lr=LR` trains. Writes OUT/sweep.json, OUT/sweep.md.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "smollm2_sw.yaml"
-SWEEP_EVAL_FRACTION = 0.45
 ENGLISH_NLL_MARGIN = 0.05  # English kept: validation English NLL/token at most 5% above the base's
 SELECTION = (
     "a setting keeps English when its validation English reference NLL/token is at most "
@@ -33,14 +35,14 @@ SELECTION = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])  # the grid, fixed before the runs
     ap.add_argument("--out", default="outputs/smollm2_sweep")
     ap.add_argument("--cache-dir", default=None, help="data.cache_dir (default: the config's)")
     ap.add_argument("--master-port", type=int, default=29631)
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cache = ["--set", f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []
+    cache = [f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []
 
     # 1. the runs (a finished run, its hf_model written, is reused)
     runs = {}
@@ -50,37 +52,35 @@ def main() -> None:
         if (run / "run" / "hf_model" / "config.json").is_file():
             print(f"[sweep] lr {lr:g}: finished earlier, reused", flush=True)
             continue
-        sets = {"optim.lr": lr, "data.eval_fraction": SWEEP_EVAL_FRACTION, "train.output_dir": run / "run",
-                "data.output_dir": out / "data", "train.reference_dir": out / "ref_data", "train.run_evaluation": False,
-                "eval.output_dir": run / "eval", "train.eval_steps": 9}  # fmt: skip
+        sets = {"optim.lr": lr, "train.output_dir": run / "run", "data.output_dir": out / "data",
+                "train.reference_dir": out / "ref_data", "train.run_evaluation": False,
+                "eval.output_dir": run / "eval"}  # fmt: skip
         train = str(ROOT / "clo_fast" / "train.py")
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(a.master_port), train, "--config", str(CONFIG),
-               *cache] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]  # fmt: skip
+        sets |= dict(c.split("=", 1) for c in cache)
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(a.master_port), train, "--config", str(CONFIG)]
+        cmd += [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
         print("[sweep] " + " ".join(cmd), flush=True)
         with open(run.with_suffix(".log"), "w") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             sys.exit(f"[sweep] lr {lr:g} failed (exit {rc}): see {run.with_suffix('.log')}")
 
-    # 2. the validation prompts: held out by the sweep, not by the config (its test prompts)
+    # 2. the validation prompts: the held-out pairs after the test prompts
     from clo_fast.config import load_config
     from clo_fast.data import load_or_build_text_dataset
     from clo_fast.evaluate import evaluate_models
     from clo_fast.pretrained import resolve_model_path
 
-    cache_set = [f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []
-    cfg = load_config(
-        CONFIG, [f"data.output_dir={out / 'data'}", f"data.eval_fraction={SWEEP_EVAL_FRACTION}"] + cache_set
-    )
-    test_cfg = load_config(CONFIG, [f"data.output_dir={out / 'test_data'}"] + cache_set)
-    held_out = load_or_build_text_dataset(cfg.data)[0]["eval"]
-    test_ids = set(load_or_build_text_dataset(test_cfg.data)[0]["eval"]["id"])
-    val = [dict(r) for r in held_out if r["id"] not in test_ids]
-    assert val and not ({r["id"] for r in val} & test_ids)
-    cfg.eval.max_prompts = len(val)
+    cfg = load_config(CONFIG, [f"data.output_dir={out / 'data'}"] + cache)
+    held_out = [dict(r) for r in load_or_build_text_dataset(cfg.data)[0]["eval"]]
+    n_test = cfg.eval.max_prompts
+    test, val = held_out[:n_test], held_out[n_test:]
+    assert len(test) == n_test and val
     base = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir, cfg.model.gguf_file)
+    val_cfg = load_config(CONFIG, [f"data.output_dir={out / 'data'}", f"eval.max_prompts={len(val)}",
+                                   "eval.benchmarks=[]"] + cache)  # fmt: skip
     report = evaluate_models(
-        cfg, [("base", base), *[(k, str(v)) for k, v in runs.items()]], prompts=val, out_dir=out / "val_eval"
+        val_cfg, [("base", base), *[(k, str(v)) for k, v in runs.items()]], prompts=val, out_dir=out / "val_eval"
     )
 
     # 3. the rule
@@ -102,6 +102,11 @@ def main() -> None:
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     (out / "sweep.md").write_text(sweep_markdown(result, list(m)))
     print((out / "sweep.md").read_text())
+
+    # 4. the chosen run against the base on the test prompts (the README's table; the config's own evaluation)
+    if chosen is not None:
+        evaluate_models(cfg, [("base", base), ("trained", str(runs[chosen]))], prompts=test, out_dir=out / "test_eval")
+        print((out / "test_eval" / "report.md").read_text())
 
 
 def english_warnings(log: Path) -> list[str]:
