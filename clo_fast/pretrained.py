@@ -44,7 +44,10 @@ def model_folder_problem(path: str) -> str | None:
     if not folder.is_dir():
         return None
     if (folder / "adapter_config.json").is_file():
-        merged = f"{folder}-merged"
+        from clo_fast.atomic import enclosing_output
+
+        outer = enclosing_output(folder)  # a run's hf_adapter: the merged model goes beside the run, not in it
+        merged = f"{outer[0]}-{folder.name}-merged" if outer else f"{folder}-merged"
         return (
             f"{folder} is a LoRA adapter (adapter_config.json), not a model: merge it into its base model first, "
             f"`python -m clo_fast.merge_adapter {folder} {merged}`, then set model.name_or_path: {merged} (and "

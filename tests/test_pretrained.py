@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import save_tiny_model, tiny_llama_folder, trained_adapter
 
 from clo_fast.config import ConfigError, load_config
 from clo_fast.pretrained import model_folder_problem, trainer_checkpoint_note
@@ -75,36 +75,6 @@ def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
 
 
 # -------------------- Starting a run from something that is not a model folder (clo_fast.pretrained.model_folder
-def _tiny_llama(path: Path) -> Path:
-    from helpers import tiny_llama_config
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(63)} | {"<unk>": 63}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="t2").save_pretrained(path)
-    return path
-
-
-def _trained_adapter(base: Path, path: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():  # an adapter that has trained: B != 0
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    return path
-
-
 def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,8 +82,8 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
     from clo_fast.merge_adapter import main as merge_main
     from clo_fast.train import check_environment
 
-    base = _tiny_llama(tmp_path / "base")
-    adapter = _trained_adapter(base, tmp_path / "adapter")
+    base = tiny_llama_folder(tmp_path / "base")
+    adapter = trained_adapter(base, tmp_path / "adapter")
     cfg = load_config(None, [f"model.name_or_path={adapter}"])
     with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*adapter is a LoRA adapter") as e:
         check_environment(cfg, Path("c.yaml"))
@@ -140,12 +110,12 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
 
 
 def test_an_hf_trainer_checkpoint_with_weights_is_started_from_with_a_note(tmp_path):
-    ckpt = _tiny_llama(tmp_path / "checkpoint-500")
+    ckpt = tiny_llama_folder(tmp_path / "checkpoint-500")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 500}))
     (ckpt / "optimizer.pt").write_bytes(b"")
     assert model_folder_problem(str(ckpt)) is None
     assert "training starts from its weights; its optimizer state" in trainer_checkpoint_note(str(ckpt))
-    assert trainer_checkpoint_note(str(_tiny_llama(tmp_path / "plain"))) is None
+    assert trainer_checkpoint_note(str(tiny_llama_folder(tmp_path / "plain"))) is None
 
 
 def test_a_zero_shards_only_trainer_checkpoint_names_deepspeeds_gathering_command(tmp_path):
