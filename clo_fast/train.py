@@ -160,9 +160,10 @@ class Run:
         dist.check_shared_output_dir(self.out_dir)
         if self.resume:  # verified and checked against this config now, not after data, model and reference pass
             self.resume_point = prepare_resume(self.cfg, self.resume, allow_unverified=self.resume_unverified)
-        if dist.rank() == 0:
-            config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
-            (self.out_dir / "config.yaml").write_text(config_yaml)
+            if self.cfg.optim.max_steps:  # the total is known now (with optim.epochs only after the data stage)
+                folder, state, _ = self.resume_point
+                check_resume_progress(state, self.cfg.optim.max_steps, folder)
+        # config.yaml (the run's record of how it was trained) is written by `record`, once the run is accepted
         from clo_fast.pretrained import trainer_checkpoint_note
 
         note = trainer_checkpoint_note(self.cfg.model.name_or_path)
@@ -180,16 +181,7 @@ class Run:
         then each builds and tokenizes (caches written atomically, first writer wins)."""
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
-        texts, summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
-        if rank() == 0:
-            rejected = summary["quality"]["rejected"]
-            (self.out_dir / f"data_{REJECTS_FILE}").write_text(rejects_jsonl(summary), encoding="utf-8")
-            if rejected:
-                log0(
-                    f"data: the translation quality gate dropped {sum(rejected.values())} of "
-                    f"{summary['quality']['checked']} pairs ({rejected}); they are in "
-                    f"{self.out_dir / f'data_{REJECTS_FILE}'}"
-                )
+        texts, self.data_summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
         del translator  # a translation model on the GPU: freed before the policy loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -228,6 +220,23 @@ class Run:
             f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
             f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps; packing {packing}"
         )
+        self.record()
+
+    def record(self) -> None:
+        """The run is accepted (every start-up check passed, a resume has steps left): only now is the run folder
+        written to (config.yaml, the data stage's rejects), so a refused start changes nothing on disk."""
+        if rank() != 0:
+            return
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
+        (self.out_dir / "config.yaml").write_text(config_yaml)
+        summary, rejects = self.data_summary, self.out_dir / f"data_{REJECTS_FILE}"
+        rejects.write_text(rejects_jsonl(summary), encoding="utf-8")
+        rejected = summary["quality"]["rejected"]
+        if rejected:
+            log0(
+                f"data: the translation quality gate dropped {sum(rejected.values())} of "
+                f"{summary['quality']['checked']} pairs ({rejected}); they are in {rejects}"
+            )
 
     def model(self) -> None:
         """ZeRO-3 partitioned while loading, frozen but for trainable_patterns, fused head; the engine; the
