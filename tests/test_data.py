@@ -487,6 +487,18 @@ def test_command_line(tmp_path, tok, capsys):
     assert "missing.csv: data file not found" in capsys.readouterr().err
 
 
+def test_a_missing_tokenizer_is_one_line_before_the_dataset_is_built(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--no-progress", "--set", f"data.output_dir={out}", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main([*args, "--tokenizer", str(tmp_path / "missing_tokenizer")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'missing_tokenizer'}: local tokenizer" in err
+    (tmp_path / "not_a_tokenizer").mkdir()
+    assert main([*args, "--tokenizer", str(tmp_path / "not_a_tokenizer")]) == 2
+    assert "no tokenizer could be loaded" in capsys.readouterr().err
+    assert not out.exists()  # refused before the text dataset was built and published
+
+
 def test_save_text_dataset_replaces_atomically(tmp_path):
     cfg = _cfg(tmp_path, max_examples=3)
     dsd, summary = build_text_dataset(cfg, progress=False)

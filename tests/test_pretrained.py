@@ -138,3 +138,16 @@ def test_a_clo_fast_checkpoint_points_to_resume(tmp_path):
 
 def test_hub_names_and_the_demo_are_not_folders_to_check():
     assert model_folder_problem("Qwen/Qwen2.5-3B") is None and model_folder_problem("demo") is None
+
+
+def test_a_truncated_weights_file_is_refused_at_start_up_naming_it(tmp_path):
+    """A model folder whose model.safetensors was cut short (an interrupted copy) is refused by the start-up check,
+    not by a SafetensorError when the model loads after the data stage."""
+    from clo_fast.train import check_environment
+
+    model = tiny_llama_folder(tmp_path / "model")
+    check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*model\.safetensors: truncated"):
+        check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))
