@@ -181,7 +181,9 @@ def parse_args_with_overrides(parser, sections: set[str], argv=None):
 
 def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]]:
     """`["clo.beta=0.2"]` → {"clo.beta": (0.2, "--set clo.beta=0.2")}; a dict {"clo.beta": 0.2} is accepted
-    as well (API callers). The second element names the source in error messages."""
+    as well (API callers). The second element names the source in error messages. A field given twice with two
+    values through a sweep flag and another flag (`--clo.beta=0.2 --set clo.beta=0.3`, whose order is lost) is
+    refused, naming both: no flag silently loses. Between two --set flags the last wins, as documented."""
     import yaml
 
     if isinstance(items, dict):
@@ -195,10 +197,18 @@ def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]
         if not key:
             raise ConfigError(f"{flag}: expected FIELD=VALUE")
         try:
-            out[key] = (yaml_load(value), flag)
+            parsed = yaml_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"{flag}: the value is not valid YAML: {e}") from None
-    return out
+        sweep = isinstance(item, SweepFlag)
+        if key in out and out[key][0] != parsed and (sweep or out[key][2]):
+            # sweep flags are gathered after argparse's --set list, so their order against --set is lost
+            raise ConfigError(
+                f"{flag}: {key} is also set by {out[key][1]} to another value; give each field once (the sweep "
+                "spelling and --set cannot both set it)"
+            )
+        out[key] = (parsed, flag, sweep or (key in out and out[key][2]))  # --set after --set: the last wins
+    return {k: (v, f) for k, (v, f, _) in out.items()}
 
 
 def load_dataclass(

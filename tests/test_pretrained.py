@@ -85,7 +85,8 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
     base = tiny_llama_folder(tmp_path / "base")
     adapter = trained_adapter(base, tmp_path / "adapter")
     cfg = load_config(None, [f"model.name_or_path={adapter}"])
-    with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*adapter is a LoRA adapter") as e:
+    flagged = r"--set model\.name_or_path=\S+: model\.name_or_path: "  # the setting's flag names it
+    with pytest.raises(ConfigError, match=flagged + ".*adapter is a LoRA adapter") as e:
         check_environment(cfg, Path("c.yaml"))
     (command,) = re.findall(r"`(python -m clo_fast\.merge_adapter [^`]+)`", str(e.value))
     args = shlex.split(command)[3:]
@@ -149,5 +150,6 @@ def test_a_truncated_weights_file_is_refused_at_start_up_naming_it(tmp_path):
     check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*model\.safetensors: truncated"):
+    flagged = r"--set model\.name_or_path=\S+: model\.name_or_path: "
+    with pytest.raises(ConfigError, match=flagged + r".*model\.safetensors: truncated"):
         check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))
