@@ -232,3 +232,13 @@ def test_the_global_batch_check_names_the_flag_that_set_it():
     cfg = load_config(DEMO, ["optim.micro_batch_examples=999"])
     assert Run(cfg, Path(DEMO), None).batch_origin() == "--set optim.micro_batch_examples=999"
     assert Run(load_config(DEMO), Path(DEMO), None).batch_origin() == str(DEMO)
+
+
+@pytest.mark.parametrize(
+    "override", ["train.run_name=" + "r" * 10_001, "data.system_prompts={sw: " + "p" * 10_001 + "}"]
+)
+def test_a_config_string_over_the_limit_is_refused_naming_the_field(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{field}: a string of 10,001 characters, over the limit of 10,000") as e:
+        load_config(DEMO, [override])
+    assert len(str(e.value)) < 400  # the flag is named, not printed back whole

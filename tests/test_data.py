@@ -432,6 +432,11 @@ GOOD = json.dumps(_cols(RECS)[0])
         ),
         ('{"q": "Hi", "a": "Ok", ', r"bad.jsonl: line 2: malformed JSON", "malformed_line"),
         ('["q", "a"]', r"bad.jsonl: line 2: record is not an object", "not_an_object"),
+        (  # one text over constants.MAX_RECORD_TEXT_CHARS: refused before translation and tokenization
+            json.dumps({"q": "Hi", "a": "long " * 40_001, "q_sw": "x", "a_sw": "y"}),
+            r"bad.jsonl: line 2: field 'a': 200,005 characters, over the limit of 200,000",
+            "too_long",
+        ),
     ],
 )
 def test_bad_records_error_or_skip(tmp_path, line, pattern, reason):
