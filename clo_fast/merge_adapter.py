@@ -84,7 +84,11 @@ def check_merge_target(target: Path, adapter: str, base: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clo_fast.merge_adapter", description=__doc__.split("\n\n")[0])
     p.add_argument("adapter", help="a PEFT LoRA adapter folder (adapter_config.json + adapter weights)")
-    p.add_argument("out", help="the merged model folder to write (must not be a folder clo_fast did not make)")
+    p.add_argument(
+        "out",
+        help="the merged model folder to write: new, empty, or an earlier merged model (never the adapter, the "
+        "base, or a folder inside a run or another output)",
+    )
     p.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="float32", choices=sorted(PRECISION_DTYPE_NAMES.values()))
     a = p.parse_args(argv)
