@@ -44,6 +44,7 @@ OUTPUT_KINDS = {
     "checkpoint": "training checkpoint",
     "tokenized_cache": "tokenized-data cache entry",
     "model_cache": "built demo model",
+    "merged_model": "merged model (python -m clo_fast.merge_adapter)",
 }
 # Markers written before kinds existed hold plain text: such a folder is taken for a kind only when it holds
 # the file that kind always writes (a data folder its dataset_dict.json, a run its config.yaml ...).
@@ -56,6 +57,7 @@ _LEGACY_SIGNATURE = {
     "checkpoint": "trainer_state.json",
     "tokenized_cache": "stats.json",
     "model_cache": "config.json",
+    "merged_model": "config.json",
 }
 
 
@@ -83,6 +85,16 @@ def is_ours(path: str | os.PathLike, kind: str | None = None) -> bool:
         return found is not None
     _check_kind(kind)
     return found == kind or (found == "" and (Path(path) / _LEGACY_SIGNATURE.get(kind, OWNER_MARKER)).is_file())
+
+
+def enclosing_output(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """The nearest folder above `path` that clo_fast created (its path and kind, "" for an old marker), or None:
+    an output placed there would nest inside another output."""
+    for parent in Path(path).expanduser().absolute().parents:
+        found = marked_kind(parent)
+        if found is not None:
+            return parent, found
+    return None
 
 
 def mark_ours(path: str | os.PathLike, kind: str) -> None:

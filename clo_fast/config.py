@@ -322,6 +322,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def where(self, name: str, default: str = "<config>") -> str:
+        """The --set or sweep flag that set field `name` when this config was loaded by load_config with it, else
+        `default` (the command's config file): the first part of an error about that field."""
+        origin = self.__dict__.get("_origin")
+        found = origin(name) if origin else default
+        return found if found.startswith(("-", "override ")) else default  # a flag, else the command's config
+
     def validate(self, where: str | Callable[[str], str] = "<config>") -> RunConfig:
         """Check every section; raise ConfigError naming the source (file or --set flag) and the field."""
         origin = where if callable(where) else (lambda _name: where)
@@ -382,30 +389,39 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
     if d.target_langs:
         codes = [_language_code(c, "data.target_langs", origin) for c in d.target_langs]
         check(len(set(codes)) == len(codes), "data.target_langs", f"has repeats: {d.target_langs}")
-        check(
-            d.target_lang in (DataConfig.target_lang, codes[0]),
-            "data.target_lang",
-            f"is {d.target_lang!r} but data.target_langs is {codes}: leave data.target_lang out (the run's "
-            "first language is data.target_langs[0])",
-        )
-        d.target_langs, d.target_lang = codes, codes[0]
         for code in codes:
             check(code != d.source_lang, "data.target_langs", f"lists the source language {d.source_lang!r}")
+        check(  # named by where data.target_langs came from, with data.target_lang's own source
+            d.target_lang in (DataConfig.target_lang, codes[0]),
+            "data.target_langs",
+            f"is {codes} but data.target_lang is {d.target_lang!r} (set in {origin('data.target_lang')}): the "
+            "run's first language is data.target_langs[0]; leave data.target_lang out, or make it the first entry",
+        )
+        d.target_langs, d.target_lang = codes, codes[0]
     check(d.source_lang != d.target_lang, "data.target_lang", f"equals source_lang ({d.source_lang!r})")
     check(0 <= d.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
     normalized: dict[str, str] = {}
+    raw_prompt_keys = list(d.system_prompts)
     for lang, text in d.system_prompts.items():
         check(isinstance(text, str), f"data.system_prompts.{lang}", f"must be a string, got {text!r}")
         code = _language_code(lang, f"data.system_prompts.{lang}", origin)
         check(code not in normalized, f"data.system_prompts.{lang}", f"the language {code!r} is given twice")
         normalized[code] = text
     d.system_prompts = normalized  # keyed as the data's languages are looked up (`SW` and `sw` are one)
+    languages = [d.source_lang, *target_languages(d)]
+    for lang, code in zip(list(raw_prompt_keys), normalized, strict=True):
+        check(
+            code in languages,
+            f"data.system_prompts.{lang}",
+            f"the run's languages are {', '.join(languages)}: a system prompt for {code!r} would never be used",
+        )
     for name in ("translation_num_beams", "translation_batch_size", "translation_max_length"):
         check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
     validate_quality(d.quality, check)
+    lang_field = "data.target_langs" if d.target_langs else "data.target_lang"  # the field the user gave
     if not d.sources:
         for lang in target_languages(d):
-            _validate_source(dataclasses.replace(d, target_lang=lang), check, "data.")
+            _validate_source(dataclasses.replace(d, target_lang=lang), check, "data.", lang_field)
         return
     check(
         d.source == DataConfig.source,
@@ -430,7 +446,20 @@ def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") 
         check(s.weight is None or s.max_examples is None, f"{at}max_examples", "give max_examples or weight, not both")
         check(s.max_examples is None or s.max_examples >= 1, f"{at}max_examples", "must be >= 1 or null")
         for lang in target_languages(d):
-            _validate_source(dataclasses.replace(merged, target_lang=lang), check, at)
+            _validate_source(dataclasses.replace(merged, target_lang=lang), check, at, lang_field)
+    seen: dict[tuple, int] = {}
+    for i, merged in enumerate(source_data_configs(d)):
+        src = merged.source
+        if looks_local(src):
+            src = str(Path(os.path.expanduser(src)).absolute())
+        key = (src, merged.source_format, merged.split, merged.source_config)
+        first = seen.setdefault(key, i)
+        check(
+            first == i,
+            f"data.sources.{i}.source",
+            f"{merged.source!r} is listed twice (also data.sources.{first}, same split and format): list each "
+            "dataset once (its max_examples or weight sets how much of it the mix takes)",
+        )
 
 
 def validate_quality(q: QualitySettings, check) -> None:
@@ -466,8 +495,9 @@ def source_data_configs(d: DataConfig) -> list[DataConfig]:
     return out
 
 
-def _validate_source(d: DataConfig, check, at: str) -> None:
-    """The fields that describe one dataset (data.* for a single source, data.sources.N.* for a mix)."""
+def _validate_source(d: DataConfig, check, at: str, lang_field: str = "data.target_lang") -> None:
+    """The fields that describe one dataset (data.* for a single source, data.sources.N.* for a mix); a language
+    problem is named by `lang_field`, the field the language came from (data.target_lang or data.target_langs)."""
     check(d.translator in ("columns", "hf"), f"{at}translator", f"must be columns|hf, got {d.translator!r}")
     check(
         d.source_format in SOURCE_FORMATS,
@@ -489,13 +519,13 @@ def _validate_source(d: DataConfig, check, at: str) -> None:
     )
     check(
         not (d.source == "demo" and d.translator == "columns" and d.target_lang not in DEMO_LANGS),
-        "data.target_lang",
+        lang_field,
         f"the bundled demo data has translations for {', '.join(DEMO_LANGS)} only, "
         f"got {d.target_lang!r} (use translator=hf for other languages)",
     )
     check(
         not (d.source == WORLD_NAME and (d.target_lang, d.source_lang) != (WORLD_TARGET_LANG, "en")),
-        "data.target_lang",
+        lang_field,
         f"the miniature world (data.source: {WORLD_NAME}) is English → {WORLD_TARGET_LANG}, "
         f"got {d.source_lang!r} → {d.target_lang!r}",
     )
@@ -684,4 +714,6 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     Every section is validated here, before any work starts. Errors name the file, or the --set flag
     when the offending field was overridden."""
     cfg, origin = load_dataclass(RunConfig, path, overrides, REMOVED_KEYS)
-    return cfg.validate(origin)
+    cfg.validate(origin)
+    cfg._origin = origin  # not a field: for checks made later (train.py's), naming the file or flag
+    return cfg

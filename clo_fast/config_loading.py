@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clo_fast.constants import MAX_CONFIG_STRING_CHARS
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names file and field."""
@@ -54,6 +56,17 @@ def _non_finite(value: Any) -> bool:
     if isinstance(value, float):
         return not math.isfinite(value)
     return isinstance(value, list) and any(_non_finite(v) for v in value)
+
+
+def _longest_string(value: Any) -> int:
+    """The length of the longest string in a value (in lists and mappings too, keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return max((max(_longest_string(k), _longest_string(v)) for k, v in value.items()), default=0)
+    if isinstance(value, list):
+        return max((_longest_string(v) for v in value), default=0)
+    return 0
 
 
 def _optional_section(tp: Any) -> Any:
@@ -97,6 +110,13 @@ def parse_dataclass(
             raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: expected {tp}, got {value!r}")
         if _non_finite(value):
             raise ConfigError(f"{origin(prefix + name)}: {prefix}{name}: must be a finite number, got {value!r}")
+        longest = _longest_string(value)
+        if longest > MAX_CONFIG_STRING_CHARS:
+            raise ConfigError(
+                f"{origin(prefix + name)}: {prefix}{name}: a string of {longest:,} characters, over the limit of "
+                f"{MAX_CONFIG_STRING_CHARS:,} (constants.MAX_CONFIG_STRING_CHARS; the config is copied into every "
+                "record the run writes)"
+            )
         kwargs[name] = float(value) if tp is float else value
     return cls(**kwargs)
 
@@ -181,7 +201,9 @@ def parse_args_with_overrides(parser, sections: set[str], argv=None):
 
 def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]]:
     """`["clo.beta=0.2"]` → {"clo.beta": (0.2, "--set clo.beta=0.2")}; a dict {"clo.beta": 0.2} is accepted
-    as well (API callers). The second element names the source in error messages."""
+    as well (API callers). The second element names the source in error messages. A field given twice with two
+    values through a sweep flag and another flag (`--clo.beta=0.2 --set clo.beta=0.3`, whose order is lost) is
+    refused, naming both: no flag silently loses. Between two --set flags the last wins, as documented."""
     import yaml
 
     if isinstance(items, dict):
@@ -189,16 +211,26 @@ def parse_overrides(items: list[str] | dict | None) -> dict[str, tuple[Any, str]
     out = {}
     for item in items or []:
         flag = getattr(item, "flag", f"--set {item}")
+        if len(flag) > 120:  # named in messages: a huge value is not printed back whole
+            flag = f"{flag[:80]}… ({len(flag):,} characters)"
         if "=" not in item:
             raise ConfigError(f"{flag}: expected FIELD=VALUE")
         key, value = (part.strip() for part in item.split("=", 1))
         if not key:
             raise ConfigError(f"{flag}: expected FIELD=VALUE")
         try:
-            out[key] = (yaml_load(value), flag)
+            parsed = yaml_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"{flag}: the value is not valid YAML: {e}") from None
-    return out
+        sweep = isinstance(item, SweepFlag)
+        if key in out and out[key][0] != parsed and (sweep or out[key][2]):
+            # sweep flags are gathered after argparse's --set list, so their order against --set is lost
+            raise ConfigError(
+                f"{flag}: {key} is also set by {out[key][1]} to another value; give each field once (the sweep "
+                "spelling and --set cannot both set it)"
+            )
+        out[key] = (parsed, flag, sweep or (key in out and out[key][2]))  # --set after --set: the last wins
+    return {k: (v, f) for k, (v, f, _) in out.items()}
 
 
 def load_dataclass(

@@ -40,3 +40,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # model.name_or_path / data.source naming the miniature fact world (clo_fast/world.py), and its target language
 WORLD_NAME = "world"
 WORLD_TARGET_LANG = "sw"
+# Size limits, checked before any long work. One text of a record (an instruction, a response, a turn): longer is
+# a bad record (data.on_bad_record), never tokenized (a 40M-character record stalled tokenization for > 10 min at
+# 5.7 GB). 200,000 characters is ~50k tokens, far beyond any data.max_length.
+MAX_RECORD_TEXT_CHARS = 200_000
+# One string of the run config (run_name, a system prompt, a template, a path ...): it is written into config.yaml,
+# every checkpoint and the model card.
+MAX_CONFIG_STRING_CHARS = 10_000

@@ -50,7 +50,10 @@ def model_folder_problem(path: str) -> str | None:
     if not folder.is_dir():
         return None
     if (folder / "adapter_config.json").is_file():
-        merged = f"{folder}-merged"
+        from clo_fast.atomic import enclosing_output
+
+        outer = enclosing_output(folder)  # a run's hf_adapter: the merged model goes beside the run, not in it
+        merged = f"{outer[0]}-{folder.name}-merged" if outer else f"{folder}-merged"
         return (
             f"{folder} is a LoRA adapter (adapter_config.json), not a model: merge it into its base model first, "
             f"`python -m clo_fast.merge_adapter {folder} {merged}`, then set model.name_or_path: {merged} (and "
@@ -62,6 +65,10 @@ def model_folder_problem(path: str) -> str | None:
             "start from the model its run exported (<output_dir>/hf_model)"
         )
     weights = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    for f in sorted(folder.glob("*.safetensors")):
+        damaged = safetensors_problem(f)
+        if damaged:
+            return f"{f}: {damaged}; copy the model folder again"
     if (folder / "trainer_state.json").is_file() and not weights and list(folder.glob("global_step*")):
         full = f"{folder}-fp32"
         return (
@@ -71,6 +78,30 @@ def model_folder_problem(path: str) -> str | None:
             f"model.name_or_path: {full}"
         )
     return None
+
+
+def safetensors_problem(path) -> str | None:
+    """Why a .safetensors file cannot be loaded, read from its header alone (no tensor is read): a truncated file
+    (a copy cut short) is found at start-up, not when the model loads after the data stage. None when it looks
+    whole."""
+    import json
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes, no safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"truncated ({size} bytes; its header alone claims {n})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"not a readable safetensors file ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    return f"truncated ({size} bytes, its header lists {need})" if size < need else None
 
 
 def trainer_checkpoint_note(path: str) -> str | None:

@@ -107,7 +107,7 @@ def check_environment(cfg: RunConfig, config_path: Path) -> None:
     t = cfg.train
     problem = model_folder_problem(cfg.model.name_or_path)
     if problem:  # an adapter or a checkpoint: refused with the command that makes it a model folder
-        raise ConfigError(f"{config_path}: model.name_or_path: {problem}")
+        raise ConfigError(f"{cfg.where('model.name_or_path', str(config_path))}: model.name_or_path: {problem}")
     if t.push_to_hub:
         from clo_fast.training.hub import check_hub_access
 
@@ -126,11 +126,13 @@ def check_environment(cfg: RunConfig, config_path: Path) -> None:
             why = "no W&B API key found (set WANDB_API_KEY, or run `wandb login`)"
         if not logged_in:
             raise ConfigError(
-                f"{config_path}: train.report_to: wandb: {why} (or set WANDB_MODE=offline to log without an account)"
+                f"{cfg.where('train.report_to', str(config_path))}: train.report_to: wandb: {why} (or set "
+                "WANDB_MODE=offline to log without an account)"
             )
     if cfg.model.dtype == "float16" and not torch.cuda.is_available():
         raise ConfigError(
-            f"{config_path}: model.dtype: float16 needs a CUDA device (DeepSpeed's fp16 mode); use float32 or "
+            f"{cfg.where('model.dtype', str(config_path))}: model.dtype: float16 needs a CUDA device (DeepSpeed's "
+            "fp16 mode); use float32 or "
             "bfloat16 on CPU"
         )
 
@@ -151,8 +153,8 @@ class Run:
         self.device = dist.init_process_group(t.dist_timeout_s)
         if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(
-                f"{self.config_path}: train.head_impl: triton needs a CUDA device (or "
-                "TRITON_INTERPRET=1); use auto or torch on CPU"
+                f"{self.cfg.where('train.head_impl', str(self.config_path))}: train.head_impl: triton needs a CUDA "
+                "device (or TRITON_INTERPRET=1); use auto or torch on CPU"
             )
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
@@ -162,9 +164,10 @@ class Run:
         dist.check_shared_output_dir(self.out_dir)
         if self.resume:  # verified and checked against this config now, not after data, model and reference pass
             self.resume_point = prepare_resume(self.cfg, self.resume, allow_unverified=self.resume_unverified)
-        if dist.rank() == 0:
-            config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
-            (self.out_dir / "config.yaml").write_text(config_yaml)
+            if self.cfg.optim.max_steps:  # the total is known now (with optim.epochs only after the data stage)
+                folder, state, _ = self.resume_point
+                check_resume_progress(state, self.cfg.optim.max_steps, folder)
+        # config.yaml (the run's record of how it was trained) is written by `record`, once the run is accepted
         from clo_fast.pretrained import trainer_checkpoint_note
 
         note = trainer_checkpoint_note(self.cfg.model.name_or_path)
@@ -176,22 +179,19 @@ class Run:
             f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}; {numerics.summary_line()}"
         )
 
+    def batch_origin(self) -> str:
+        """Where the global batch's size came from: the flag or file of whichever of its fields was overridden."""
+        names = ("optim.micro_batch_examples", "optim.gradient_accumulation_steps")
+        flags = [w for w in dict.fromkeys(self.cfg.where(n, str(self.config_path)) for n in names) if w.startswith("-")]
+        return ", ".join(flags) or self.cfg.where(names[0], str(self.config_path))
+
     def data(self) -> None:
         """Text dataset, tokenizer, tokenized splits, batch order. No collective here (a rank waiting in one
         times out while another translates or builds): the ranks translate shards through the shared cache,
         then each builds and tokenizes (caches written atomically, first writer wins)."""
         cfg, o = self.cfg, self.cfg.optim
         translator = translate_sharded(cfg.data, rank(), world_size(), progress=rank() == 0)
-        texts, summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
-        if rank() == 0:
-            rejected = summary["quality"]["rejected"]
-            (self.out_dir / f"data_{REJECTS_FILE}").write_text(rejects_jsonl(summary), encoding="utf-8")
-            if rejected:
-                log0(
-                    f"data: the translation quality gate dropped {sum(rejected.values())} of "
-                    f"{summary['quality']['checked']} pairs ({rejected}); they are in "
-                    f"{self.out_dir / f'data_{REJECTS_FILE}'}"
-                )
+        texts, self.data_summary = build_text_dataset(cfg.data, translator=translator, progress=rank() == 0)
         del translator  # a translation model on the GPU: freed before the policy loads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -209,7 +209,10 @@ class Run:
                 why = f"all {len(texts[split])} prompts are longer than data.max_length ({cfg.data.max_length} tokens)"
                 require_examples(split, len(ds), why)
         packing = resolve_packing(
-            cfg.train.packing, cfg.model.attn_implementation, self.device.type, f"{self.config_path}: train.packing"
+            cfg.train.packing,
+            cfg.model.attn_implementation,
+            self.device.type,
+            f"{cfg.where('train.packing', str(self.config_path))}: train.packing",
         )
         self.collate = MicroBatcher(
             packing, self.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, cfg.data.target_langs
@@ -219,7 +222,7 @@ class Run:
         )
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
-                f"{self.config_path}: optim.micro_batch_examples: a global batch of {self.sampler.global_batch} "
+                f"{self.batch_origin()}: optim.micro_batch_examples: a global batch of {self.sampler.global_batch} "
                 f"examples (micro_batch_examples × gradient_accumulation_steps × {world_size()} ranks) exceeds "
                 f"the {len(self.train_ds)} training examples"
             )
@@ -232,6 +235,23 @@ class Run:
             f"data: {len(self.train_ds)} train / {n_eval} eval examples; global batch {self.sampler.global_batch} "
             f"examples; {self.sampler.steps_per_epoch} steps/epoch; {self.total_steps} steps; packing {packing}"
         )
+        self.record()
+
+    def record(self) -> None:
+        """The run is accepted (every start-up check passed, a resume has steps left): only now is the run folder
+        written to (config.yaml, the data stage's rejects), so a refused start changes nothing on disk."""
+        if rank() != 0:
+            return
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
+        (self.out_dir / "config.yaml").write_text(config_yaml)
+        summary, rejects = self.data_summary, self.out_dir / f"data_{REJECTS_FILE}"
+        rejects.write_text(rejects_jsonl(summary), encoding="utf-8")
+        rejected = summary["quality"]["rejected"]
+        if rejected:
+            log0(
+                f"data: the translation quality gate dropped {sum(rejected.values())} of "
+                f"{summary['quality']['checked']} pairs ({rejected}); they are in {rejects}"
+            )
 
     def model(self) -> None:
         """ZeRO-3 partitioned while loading, frozen but for trainable_patterns, fused head; the engine; the

@@ -220,6 +220,37 @@ def tiny_model(seed=0):
     return LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, pad_token_id=PAD, initializer_range=0.2))
 
 
+def tiny_llama_folder(path: Path) -> Path:
+    """A tiny Llama model with a word-level tokenizer of 64 tokens, saved to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(63)} | {"<unk>": 63}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="t2").save_pretrained(path)
+    return path
+
+
+def trained_adapter(base: Path, path: Path) -> Path:
+    """A LoRA adapter of `base` (q/v projections, B != 0 as after training), saved to `path`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # an adapter that has trained: B != 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
 def examples(n, seed=1):
     """Tokenized CLO examples (4 sequences each, labels unshifted, IGNORE_INDEX on the prompt) with ref_logps."""
     g = torch.Generator().manual_seed(seed)

@@ -140,3 +140,48 @@ def test_a_failed_checkpoint_write_names_the_folder_and_the_free_space(tmp_path)
     with pytest.raises(OSError, match=r"\.tmp-step_00000003: writing checkpoint step_00000003 failed .* GiB free"):
         save_checkpoint(SimpleNamespace(save_checkpoint=disk_full), cfg, 3, {})
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_a_damaged_trainer_state_or_a_planted_rng_pickle_is_refused_at_start_up_naming_the_file(tmp_path):
+    """Checksums recomputed after the change: the files verify, but what they hold is refused at start-up (before
+    data, model and reference pass) in one line naming the file (and the field)."""
+    import pickle
+
+    from clo_fast.training.checkpoint import checkpoint_root, prepare_resume, write_checksums
+
+    cfg = _cfg(tmp_path)
+    d = _fake_checkpoint(checkpoint_root(cfg), "step_00000001", cfg)
+    state = json.loads((d / "trainer_state.json").read_text())
+    (d / "trainer_state.json").write_text(json.dumps({**state, "step": "abc"}))
+    write_checksums(d)
+    with pytest.raises(ConfigError, match=r"trainer_state\.json: field 'step' is 'abc'"):
+        prepare_resume(cfg, "step_00000001")
+    (d / "trainer_state.json").write_text(json.dumps(state))
+
+    class Planted:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    with open(d / "rng_state_rank0.pt", "wb") as f:
+        pickle.dump(Planted(), f)
+    write_checksums(d)
+    with pytest.raises(ConfigError, match=r"rng_state_rank0\.pt: not a plain RNG state") as e:
+        prepare_resume(cfg, "step_00000001")
+    assert "\n" not in str(e.value)
+
+
+def test_an_unwritable_checkpoints_folder_is_a_permission_error_at_start_up(tmp_path, monkeypatch):
+    """An immutable checkpoints/ (chattr +i: even root may not write) is told as a permission problem before the
+    run starts, not as "free space" at its first save. os.access stands in for the flag (the tests may run as
+    root, for whom a mode bit does not deny)."""
+    import clo_fast.training.checkpoint as ckpt
+
+    cfg = _cfg(tmp_path)
+    ckpt.prepare_output_dir(cfg, None).release()
+    root = ckpt.checkpoint_root(cfg)
+    _fake_checkpoint(root, "step_00000001", cfg)
+    real_access = os.access
+    monkeypatch.setattr(ckpt.os, "access", lambda p, mode: False if str(p) == str(root) else real_access(p, mode))
+    with pytest.raises(OutputDirError, match=r"checkpoints: the checkpoints folder is not writable \(permission"):
+        ckpt.prepare_output_dir(cfg, "latest")
+    assert not (tmp_path / "run" / ".clo_fast.lock").exists()  # the refused run leaves no lock behind

@@ -190,3 +190,55 @@ def test_data_and_evaluate_commands_accept_the_sweep_spelling(tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert "--data.max_length=2: data.max_length: must be >= 8" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--clo.beta=0.2", "--set", "clo.beta=0.3"],
+        ["--set", "clo.beta=0.3", "--clo.beta=0.2"],
+        ["--clo.beta=0.3", "--clo.beta=0.2"],
+    ],
+)
+def test_a_field_given_twice_with_two_values_is_refused_naming_both_flags(flags):
+    with pytest.raises(ConfigError, match=r"clo\.beta is also set by .*clo\.beta=0\.[23] to another value") as e:
+        _train_config(*flags)
+    assert "0.2" in str(e.value) and "0.3" in str(e.value)
+    assert _train_config("--clo.beta=0.2", "--set", "clo.beta=0.2").clo.beta == 0.2  # the same value twice: fine
+    assert _train_config("--set", "clo.beta=0.3", "--set", "clo.beta=0.2").clo.beta == 0.2  # --set: the last wins
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [  # demo.yaml sets data.target_lang: sw; the language list comes from the flag, and the message says so
+        (["data.target_langs=[en, sw]"], r"^--set data\.target_langs=\[en, sw\]: data\.target_langs: lists the source"),
+        (["data.target_langs=[fr]"], r"^--set data\.target_langs=\[fr\]: data\.target_langs: is \['fr'\] but data\."),
+        (["data.target_langs=[fr]", "data.target_lang=fr"], r"^--set data\.target_langs=\[fr\]: data\.target_l"),
+        (["data.system_prompts={fr: Sois bref.}"], r"data\.system_prompts\.fr: the run's languages are en, sw"),
+        (
+            ["data.sources=[{source: demo}, {source: demo, max_examples: 8}]", "data.source=demo"],
+            r"data\.sources\.1\.source: 'demo' is listed twice \(also data\.sources\.0",
+        ),
+    ],
+)
+def test_language_and_source_mistakes_name_the_field_and_where_it_was_set(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, flags)
+
+
+def test_the_global_batch_check_names_the_flag_that_set_it():
+    from clo_fast.train import Run
+
+    cfg = load_config(DEMO, ["optim.micro_batch_examples=999"])
+    assert Run(cfg, Path(DEMO), None).batch_origin() == "--set optim.micro_batch_examples=999"
+    assert Run(load_config(DEMO), Path(DEMO), None).batch_origin() == str(DEMO)
+
+
+@pytest.mark.parametrize(
+    "override", ["train.run_name=" + "r" * 10_001, "data.system_prompts={sw: " + "p" * 10_001 + "}"]
+)
+def test_a_config_string_over_the_limit_is_refused_naming_the_field(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{field}: a string of 10,001 characters, over the limit of 10,000") as e:
+        load_config(DEMO, [override])
+    assert len(str(e.value)) < 400  # the flag is named, not printed back whole

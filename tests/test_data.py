@@ -432,6 +432,11 @@ GOOD = json.dumps(_cols(RECS)[0])
         ),
         ('{"q": "Hi", "a": "Ok", ', r"bad.jsonl: line 2: malformed JSON", "malformed_line"),
         ('["q", "a"]', r"bad.jsonl: line 2: record is not an object", "not_an_object"),
+        (  # one text over constants.MAX_RECORD_TEXT_CHARS: refused before translation and tokenization
+            json.dumps({"q": "Hi", "a": "long " * 40_001, "q_sw": "x", "a_sw": "y"}),
+            r"bad.jsonl: line 2: field 'a': 200,005 characters, over the limit of 200,000",
+            "too_long",
+        ),
     ],
 )
 def test_bad_records_error_or_skip(tmp_path, line, pattern, reason):
@@ -485,6 +490,18 @@ def test_command_line(tmp_path, tok, capsys):
     # a bad value: a clear message and exit code 2
     assert main(["--config", str(cfg_path), "--set", "data.source=missing.csv", "--no-tokenize"]) == 2
     assert "missing.csv: data file not found" in capsys.readouterr().err
+
+
+def test_a_missing_tokenizer_is_one_line_before_the_dataset_is_built(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--no-progress", "--set", f"data.output_dir={out}", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main([*args, "--tokenizer", str(tmp_path / "missing_tokenizer")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'missing_tokenizer'}: local tokenizer" in err
+    (tmp_path / "not_a_tokenizer").mkdir()
+    assert main([*args, "--tokenizer", str(tmp_path / "not_a_tokenizer")]) == 2
+    assert "no tokenizer could be loaded" in capsys.readouterr().err
+    assert not out.exists()  # refused before the text dataset was built and published
 
 
 def test_save_text_dataset_replaces_atomically(tmp_path):

@@ -117,8 +117,8 @@ def test_evaluation_items_cover_every_language_with_one_english_item_per_prompt(
         (["data.target_langs=[sw, sw]"], "data.target_langs: has repeats"),
         (["data.target_langs=[sw, en]"], "data.target_langs: lists the source language"),
         (["data.target_langs=[sw, xx]"], "data.target_langs: unknown language code 'xx'"),
-        (["data.target_langs=[sw, yo]"], "data.target_lang: the bundled demo data has translations for ko, sw only"),
-        (["data.target_langs=[ko, sw]", "data.target_lang=sw"], "data.target_lang: is 'sw' but data.target_langs"),
+        (["data.target_langs=[sw, yo]"], "data.target_langs: the bundled demo data has translations for ko, sw only"),
+        (["data.target_langs=[ko, sw]", "data.target_lang=sw"], r"data.target_langs: is \['ko', 'sw'\] but data.targ"),
     ],
 )
 def test_bad_language_lists_stop_at_start_up(overrides, message):

@@ -205,3 +205,62 @@ def test_accelerate_launch_with_two_processes_on_one_cpu_stops_at_start_up(tmp_p
     assert r.returncode != 0
     assert "[train] config error: accelerate launch was asked for --num_processes 2" in r.stderr, r.stderr[-3000:]
     assert "1 rank(s)" not in r.stdout and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ a torch-extension build lock left by a killed run
+def _planted_lock(root: Path, built: bool) -> Path:
+    op = root / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    if built:
+        (op / "deepspeed_shm_comm.so").write_bytes(b"\x7fELF complete")
+    lock = op / "lock"
+    lock.touch()
+    return lock
+
+
+def test_a_stale_extension_lock_is_cleared_and_a_held_one_kept(tmp_path):
+    from clo_fast.training.distributed import clear_stale_extension_locks
+
+    lock = _planted_lock(tmp_path / "built", built=True)  # the op built, its builder killed before releasing
+    (note,) = clear_stale_extension_locks(tmp_path / "built")
+    assert not lock.exists() and f"removed a stale torch-extension build lock {lock}" in note
+
+    lock = _planted_lock(tmp_path / "old", built=False)  # killed mid-build, long ago
+    os.utime(lock, (1_000_000, 1_000_000))
+    (note,) = clear_stale_extension_locks(tmp_path / "old")
+    assert not lock.exists() and "s old" in note
+
+    lock = _planted_lock(tmp_path / "young", built=False)  # may be a build under way: named with its command
+    (note,) = clear_stale_extension_locks(tmp_path / "young")
+    assert lock.exists() and f"rm {lock}" in note
+
+    lock = _planted_lock(tmp_path / "held", built=True)  # a live builder holds it open (torch's FileBaton does)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; f = open({str(lock)!r}); print(1, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        holder.stdout.readline()  # the file is open now
+        (note,) = clear_stale_extension_locks(tmp_path / "held")
+        assert lock.exists() and f"held by pid {holder.pid}" in note
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_init_process_group_clears_a_stale_lock_before_deepspeed_waits_on_it(tmp_path, monkeypatch, capsys):
+    """The check runs where the run starts DeepSpeed, on the TORCH_EXTENSIONS_DIR DeepSpeed builds in: DeepSpeed
+    (stood in for) finds no lock to wait on."""
+    import deepspeed
+
+    from clo_fast.training import distributed
+
+    lock = _planted_lock(tmp_path / "ext", built=True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # restored after the test
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    seen = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.append(lock.exists()))
+    assert distributed.init_process_group().type == "cpu"
+    assert seen == [False] and f"removed a stale torch-extension build lock {lock}" in capsys.readouterr().out

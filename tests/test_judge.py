@@ -26,7 +26,8 @@ ANSWER = re.compile(r"# Answer A\n(.*?)\n\n# Answer B\n(.*?)\n\nWhich answer", r
 class FakeJudge:
     """A deterministic judge: prefers the answer that starts with GOOD, else a non-empty one over an empty one,
     else B; for an instruction containing
-    'tie' says TIE; for 'bias' always says A; for 'offformat' rambles without a verdict when the first answer is
+    'tie' says TIE; for 'bias' always says A; for 'broken' answers 500; for 'offformat' rambles without a verdict
+    when the first answer is
     GOOD; for 'busy' answers 429 to the first request of that instruction. Counts the requests it received."""
 
     def __init__(self):
@@ -43,6 +44,8 @@ class FakeJudge:
             return 200, _completion("OK")
         a, b = ANSWER.search(user).groups()
         instruction = user.split("\n\n# Answer A\n")[0]  # the keywords below are looked for here only
+        if "broken" in instruction:  # the probe passed, every judgment fails
+            return 500, {"error": {"message": "judge crashed"}}
         if "busy" in instruction:
             with self.lock:
                 self.busy_seen += 1
@@ -260,6 +263,34 @@ def test_evaluate_cli_versus_against_fake_server(server, tmp_path, capsys):
     assert cli.main(argv) == 0 and len(server.requests) == n + 1  # rerun: only the reachability check is sent
     # --versus without a judge endpoint is refused before anything runs
     assert cli.main(argv[:-2]) == 2 and "--versus needs an LLM judge" in capsys.readouterr().err
+
+
+def test_a_judge_that_fails_every_judgment_after_its_probe_is_not_a_success(server, tmp_path, capsys):
+    """The start-up probe passes, every judgment then fails: the report is written, but the command exits 1 naming
+    the pair, the language and the first failure (a report with no judgment is not a win rate)."""
+    from helpers import ROWS, make_model, make_tokenizer
+
+    from clo_fast.evaluate import cli
+
+    tok = make_tokenizer()
+    for name in ("clo", "sft"):
+        make_model(tok).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = [{**r, "prompt_en": r["prompt_en"] + " broken", "prompt_tgt": r["prompt_tgt"] + " broken"} for r in ROWS]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:2]), encoding="utf-8")
+    conf = tmp_path / "run.yaml"
+    conf.write_text(
+        "data:\n  target_lang: ko\n  max_length: 128\neval:\n  max_new_tokens: 2\n  judge_retry_wait_s: 0.01\n"
+        "  judge_max_retries: 1\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--config", str(conf), "--model", f"clo={tmp_path / 'clo'}", "--versus", f"sft={tmp_path / 'sft'}"]
+    argv += ["--prompts", str(prompts), "--out-dir", str(out), "--set", f"eval.judge_endpoint={server.url}"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "clo vs sft, en: 0/2 prompts judged" in err and "HTTP 500" in err
+    assert (out / "report.json").is_file()
 
 
 def test_a_judge_endpoint_echoing_headers_leaks_no_key_into_the_report(tmp_path, monkeypatch):

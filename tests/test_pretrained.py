@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import save_tiny_model, tiny_llama_folder, trained_adapter
 
 from clo_fast.config import ConfigError, load_config
 from clo_fast.pretrained import model_folder_problem, trainer_checkpoint_note
@@ -75,36 +75,6 @@ def test_hub_snapshot_fingerprint_uses_blob_hashes(tmp_path, monkeypatch):
 
 
 # -------------------- Starting a run from something that is not a model folder (clo_fast.pretrained.model_folder
-def _tiny_llama(path: Path) -> Path:
-    from helpers import tiny_llama_config
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(63)} | {"<unk>": 63}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="t2").save_pretrained(path)
-    return path
-
-
-def _trained_adapter(base: Path, path: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():  # an adapter that has trained: B != 0
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    return path
-
-
 def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,10 +82,11 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
     from clo_fast.merge_adapter import main as merge_main
     from clo_fast.train import check_environment
 
-    base = _tiny_llama(tmp_path / "base")
-    adapter = _trained_adapter(base, tmp_path / "adapter")
+    base = tiny_llama_folder(tmp_path / "base")
+    adapter = trained_adapter(base, tmp_path / "adapter")
     cfg = load_config(None, [f"model.name_or_path={adapter}"])
-    with pytest.raises(ConfigError, match=r"c\.yaml: model\.name_or_path: .*adapter is a LoRA adapter") as e:
+    flagged = r"--set model\.name_or_path=\S+: model\.name_or_path: "  # the setting's flag names it
+    with pytest.raises(ConfigError, match=flagged + ".*adapter is a LoRA adapter") as e:
         check_environment(cfg, Path("c.yaml"))
     (command,) = re.findall(r"`(python -m clo_fast\.merge_adapter [^`]+)`", str(e.value))
     args = shlex.split(command)[3:]
@@ -140,12 +111,12 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
 
 
 def test_an_hf_trainer_checkpoint_with_weights_is_started_from_with_a_note(tmp_path):
-    ckpt = _tiny_llama(tmp_path / "checkpoint-500")
+    ckpt = tiny_llama_folder(tmp_path / "checkpoint-500")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 500}))
     (ckpt / "optimizer.pt").write_bytes(b"")
     assert model_folder_problem(str(ckpt)) is None
     assert "training starts from its weights; its optimizer state" in trainer_checkpoint_note(str(ckpt))
-    assert trainer_checkpoint_note(str(_tiny_llama(tmp_path / "plain"))) is None
+    assert trainer_checkpoint_note(str(tiny_llama_folder(tmp_path / "plain"))) is None
 
 
 def test_a_zero_shards_only_trainer_checkpoint_names_deepspeeds_gathering_command(tmp_path):
@@ -168,3 +139,17 @@ def test_a_clo_fast_checkpoint_points_to_resume(tmp_path):
 
 def test_hub_names_and_the_demo_are_not_folders_to_check():
     assert model_folder_problem("Qwen/Qwen2.5-3B") is None and model_folder_problem("demo") is None
+
+
+def test_a_truncated_weights_file_is_refused_at_start_up_naming_it(tmp_path):
+    """A model folder whose model.safetensors was cut short (an interrupted copy) is refused by the start-up check,
+    not by a SafetensorError when the model loads after the data stage."""
+    from clo_fast.train import check_environment
+
+    model = tiny_llama_folder(tmp_path / "model")
+    check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    flagged = r"--set model\.name_or_path=\S+: model\.name_or_path: "
+    with pytest.raises(ConfigError, match=flagged + r".*model\.safetensors: truncated"):
+        check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))

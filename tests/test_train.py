@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import DEMO, ROOT, STEPS, TRAIN, full_logits_logps, have_deepspeed_launcher, launch, metrics, weights
 
-from clo_fast.atomic import OWNER_MARKER
+from clo_fast.atomic import LOCK_NAME, OWNER_MARKER
 from clo_fast.config import load_config
 from clo_fast.data import collate_clo
 
@@ -254,6 +254,32 @@ def test_train_script_fails_fast_on_bad_config(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "clo.lam" in r.stderr
+
+
+def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, monkeypatch):
+    """A resume with no steps left is refused at start-up, before anything is written: the run's config.yaml
+    (its record of how it was trained) is not rewritten with the refused settings. In-process, no process group."""
+    from clo_fast.config import ConfigError, to_dict
+    from clo_fast.train import Run
+    from clo_fast.training import distributed
+    from clo_fast.training.checkpoint import checkpoint_root, prepare_output_dir, write_checksums
+
+    run = tmp_path / "run"
+    cfg = load_config(DEMO, [f"train.output_dir={run}", "optim.max_steps=2"])
+    prepare_output_dir(cfg, None).release()
+    (run / "config.yaml").write_text("how the run was trained\n")
+    tag = checkpoint_root(cfg) / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 1, "config": to_dict(cfg)}))
+    write_checksums(tag)
+    (checkpoint_root(cfg) / "latest").write_text(tag.name)
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME}  # noqa: E731
+    before = files()  # (the run lock goes at the process's exit)
+    monkeypatch.setattr(distributed, "init_process_group", lambda timeout_s=None: torch.device("cpu"))
+    refused = load_config(DEMO, [f"train.output_dir={run}", "optim.max_steps=1"])
+    with pytest.raises(ConfigError, match="nothing is left to train"):
+        Run(refused, DEMO, "latest").setup()
+    assert files() == before
 
 
 @slow

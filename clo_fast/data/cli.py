@@ -18,9 +18,17 @@ from clo_fast.data.tokenize import tokenize_dataset
 def _summary_tokenizer(run: Any, explicit: str | None):
     """A tokenizer for the token-length summary and the tokenization cache: --tokenizer, else the run's
     model (`demo` resolves to the built demo model)."""
+    from clo_fast.paths import looks_local
     from clo_fast.pretrained import load_tokenizer
 
-    return load_tokenizer(explicit) if explicit else load_tokenizer(run.model, run.data.cache_dir)
+    where = f"--tokenizer {explicit}" if explicit else f"model.name_or_path {run.model.name_or_path}"
+    if explicit and looks_local(explicit) and not Path(explicit).expanduser().is_dir():
+        raise ConfigError(f"{where}: local tokenizer folder not found")
+    try:
+        return load_tokenizer(explicit) if explicit else load_tokenizer(run.model, run.data.cache_dir)
+    except (OSError, ValueError) as e:  # not a tokenizer folder, or a hub name that cannot be fetched
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"{where}: no tokenizer could be loaded ({first[:300]})") from None
 
 
 def _print_summary(summary: dict, tok_stats: dict | None, out: Path) -> None:
@@ -100,11 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = run.data
         # refused before the (possibly long) build: a folder the user made, or another kind of output
         check_publishable(cfg.output_dir, "data.output_dir", "data")
+        tok = None if args.no_tokenize else _summary_tokenizer(run, args.tokenizer)  # a bad one: refused first
         dsd, summary = build_text_dataset(cfg, progress=not args.no_progress)
         out = save_text_dataset(dsd, summary, cfg.output_dir)
         tok_stats = None
-        if not args.no_tokenize:
-            tok = _summary_tokenizer(run, args.tokenizer)
+        if tok is not None:
             tok_stats = {}
             for split in ("train", "eval"):
                 st: dict = {}

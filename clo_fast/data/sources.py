@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.config import DataConfig
-from clo_fast.constants import WORLD_NAME
+from clo_fast.constants import MAX_RECORD_TEXT_CHARS, WORLD_NAME
 from clo_fast.paths import looks_local
 
 DEMO_FILE = "demo_en_ko_sw.jsonl"
@@ -226,7 +226,18 @@ def _text_field(rec: Any, fld: str, where: str) -> str:
         raise DataError(f"{where}: field {fld!r}: expected a string, got {type(v).__name__}", "non_string_field")
     if not v.strip():
         raise DataError(f"{where}: field {fld!r}: empty or whitespace-only text", "empty_text")
+    _check_size(v, where, repr(fld))
     return v.strip()
+
+
+def _check_size(text: str, where: str, field: str) -> None:
+    """A text over MAX_RECORD_TEXT_CHARS is a bad record, refused before it reaches translation or tokenization."""
+    if len(text) > MAX_RECORD_TEXT_CHARS:
+        raise DataError(
+            f"{where}: field {field}: {len(text):,} characters, over the limit of {MAX_RECORD_TEXT_CHARS:,} for one "
+            "text (constants.MAX_RECORD_TEXT_CHARS); shorten or drop the record, or set data.on_bad_record: skip",
+            "too_long",
+        )
 
 
 def _target_fields(cfg: DataConfig) -> tuple[str, str]:
@@ -363,6 +374,7 @@ def _turns(rec: Any, fld: str, where: str) -> list[dict]:
         content = t.get("content")
         if not isinstance(content, str) or not content.strip():
             raise DataError(f"{at}: 'content' must be a non-empty string", "empty_text")
+        _check_size(content, where, f"{fld!r}[{i}] content")
         out.append({"role": t["role"], "content": content.strip()})
     body = out[1:] if out[0]["role"] == "system" else out
     roles = [t["role"] for t in body]

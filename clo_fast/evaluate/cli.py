@@ -84,4 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render_markdown(report))
     print("files: " + ", ".join(report["files"].values()))
+    failed = unjudged(report)
+    if failed:  # the report is written (its notes say why), but a win rate with no judgment is no success
+        print(f"error: the LLM judge gave no judgment for {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def unjudged(report: dict) -> list[str]:
+    """'cand vs base, lang: 0/N prompts judged (first failure: ...)' for every pair and language that had prompts
+    and got no judgment (the judge passed its start-up probe, then failed every request)."""
+    judge = report.get("judge") or {}
+    out = []
+    for cand, base in judge.get("pairs", []):
+        for lang, r in judge["results"][cand][base].items():
+            if r["n_prompts"] and not r["judged_prompts"]:
+                why = f" (first failure: {r['first_error']})" if r.get("first_error") else ""
+                out.append(f"{cand} vs {base}, {lang}: 0/{r['n_prompts']} prompts judged{why}")
+    return out

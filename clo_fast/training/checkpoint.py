@@ -18,8 +18,10 @@ other pickled object is refused, not executed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -80,6 +82,13 @@ def prepare_output_dir(cfg: RunConfig, resume: str | None) -> RunLock:
     atexit.register(lock.release)
     root = checkpoint_root(cfg)
     tags = checkpoint_tags(root) if root.is_dir() else []
+    if root.is_dir() and not os.access(root, os.W_OK | os.X_OK):  # found now, not at the first save
+        lock.release()
+        raise OutputDirError(
+            f"{root}: the checkpoints folder is not writable (permission denied; owner uid {root.stat().st_uid}, "
+            f"mode {stat.filemode(root.stat().st_mode)}): make it writable (chmod u+w {root}), or choose another "
+            "train.output_dir"
+        )
     if tags and not resume:
         if not cfg.train.overwrite_output_dir:
             lock.release()
@@ -137,6 +146,11 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
             "make the folder writable, then --resume. The published checkpoints are untouched"
         ) from e
     except (OSError, RuntimeError) as e:  # disk full surfaces as "basic_ios::clear" from torch's writer
+        if not all(os.access(d, os.W_OK | os.X_OK) for d in (root, staging) if d.is_dir()):
+            raise OSError(
+                f"{staging}: writing checkpoint {tag} failed on rank {rank()}: permission denied (the folder is not "
+                "writable); make it writable, then --resume. The published checkpoints are untouched"
+            ) from e
         free = shutil.disk_usage(root).free / 2**30
         raise OSError(
             f"{staging}: writing checkpoint {tag} failed on rank {rank()} ({e}); {free:.2f} GiB free on that "
@@ -232,6 +246,9 @@ def prepare_resume(cfg: RunConfig, which: str, *, allow_unverified: bool = False
 
     def verify() -> None:
         problem = verify_checkpoint(folder, allow_unverified=allow_unverified)
+        if not problem:  # our own small files are read now (weights_only), not after data, model and reference
+            for rng in sorted(folder.glob("rng_state_rank*.pt")):
+                load_rng_state(rng)
         if problem:
             tags = reversed(checkpoint_tags(root))
             good = [t for t in tags if t != folder.name and verify_checkpoint(root / t) is None]
@@ -239,14 +256,50 @@ def prepare_resume(cfg: RunConfig, which: str, *, allow_unverified: bool = False
             raise ConfigError(f"--resume {folder.name}: {problem}; {hint}")
 
     rank0_checked(verify)  # one reader of the (shared) folder; every rank gets the verdict
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = read_trainer_state(folder)
     return folder, state, check_resume_compatible(state, cfg, folder)
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """trainer_state.json, its fields checked (ConfigError naming the file and the field): a valid checksum only
+    says the file is the one that was saved, not that it holds what a resume needs."""
+    path = folder / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {path}: not readable JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"--resume: {path}: holds a {type(state).__name__}, not a JSON object")
+    for field in ("step", "world_size"):
+        value = state.get(field)
+        if type(value) is not int or value < (0 if field == "step" else 1):
+            raise ConfigError(
+                f"--resume: {path}: field {field!r} is {value!r}, not a{' non-negative' if field == 'step' else ''} "
+                "whole number; the checkpoint is damaged: resume from another tag"
+            )
+    if "config" in state and not isinstance(state["config"], dict):
+        raise ConfigError(f"--resume: {path}: field 'config' is not a JSON object; resume from another tag")
+    return state
+
+
+def load_rng_state(path: Path):
+    """A rank's RNG state, loaded with weights_only: anything else pickled in it is refused (ConfigError naming the
+    file), not run."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ConfigError(
+            f"--resume: {path}: not a plain RNG state (it holds a pickled object that is not a tensor, or is "
+            f"damaged), so it is not loaded: {str(e).splitlines()[0][:200]}; resume from another tag"
+        ) from None
 
 
 def check_resume_progress(state: dict, total_steps: int, folder: Path) -> None:
     """A resume must have steps left to run: one at or past the configured total would train nothing (and
     rewrite the run's final metrics and export); a total below the checkpoint's step would go backwards."""
-    step = int(state["step"])
+    step = state["step"]  # an int (read_trainer_state)
     if step >= total_steps:
         raise ConfigError(
             f"--resume {folder.name}: the checkpoint is at step {step} and this config trains {total_steps} steps "
@@ -301,6 +354,6 @@ def load_checkpoint(engine, cfg: RunConfig, which: str, *, allow_unverified: boo
     apply_optimizer_config(engine, cfg, changes)
     rng = folder / f"rng_state_rank{rank()}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True))
+        set_rng_state(load_rng_state(rng))
     log0(f"resumed from {folder} at step {state['step']}")
     return int(state["step"])

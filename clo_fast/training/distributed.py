@@ -11,6 +11,8 @@ import random
 import resource
 import signal
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,6 +104,87 @@ def check_launch() -> None:
         raise ConfigError(why)
 
 
+# A torch-extension build lock (torch.utils.file_baton, which DeepSpeed's one-time CPU comm op is built under) that
+# no live process holds is stale when its op is already built or when it is older than this: a process killed while
+# building leaves it behind, and every later build of that op waits on it for ever, printing nothing.
+EXTENSION_LOCK_STALE_S = 300
+
+
+def torch_extensions_root() -> Path:
+    """Where torch builds JIT extensions: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/py<ver>_<accel>
+    (torch.utils.cpp_extension._get_build_directory's rule); each op builds in <root>/<name>/, under <name>/lock."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accel = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accel = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accel = "cpu"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{version}_{accel}"
+
+
+def _lock_holders(lock: Path) -> list[int] | None:
+    """The pids of the processes that have `lock` open (torch's FileBaton keeps its lock file open while it holds
+    it), from /proc; None where /proc cannot tell (not Linux)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    st = lock.stat()
+    holders = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone, or another user's process
+            continue
+        for fd in fds:
+            try:
+                fst = fd.stat()
+            except OSError:
+                continue
+            if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+                holders.append(int(entry.name))
+                break
+    return holders
+
+
+def clear_stale_extension_locks(root: Path | None = None, max_age_s: float = EXTENSION_LOCK_STALE_S) -> list[str]:
+    """Before DeepSpeed builds (or loads) its JIT ops: each `<root>/<op>/lock` that no live process holds and whose
+    op is already built (a .so beside it) or that is older than `max_age_s` is removed; one that may still be a
+    build's is reported with its path and the command that removes it. Returns the log lines."""
+    root = torch_extensions_root() if root is None else Path(root)
+    notes = []
+    for lock in sorted(root.glob("*/lock")) if root.is_dir() else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            holders = _lock_holders(lock)
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if holders:
+            notes.append(f"{lock}: torch-extension build lock held by pid {', '.join(map(str, holders))}; waiting")
+            continue
+        built = sorted(p.name for p in lock.parent.glob("*.so"))
+        if holders is not None and (built or age > max_age_s):
+            why = f"its op is already built ({built[0]})" if built else f"it is {age:.0f} s old (> {max_age_s:.0f} s)"
+            lock.unlink(missing_ok=True)
+            notes.append(
+                f"removed a stale torch-extension build lock {lock}: no live process holds it and {why} (left by "
+                "a process killed while building)"
+            )
+            continue
+        notes.append(
+            f"{lock}: a torch-extension build lock, {age:.0f} s old; its build may still be running"
+            + (" (no process list to check here)" if holders is None else "")
+            + f". This run waits until it goes: if no build is running, remove it: rm {lock}"
+        )
+    return notes
+
+
 def init_process_group(timeout_s: int | None = None) -> torch.device:
     """DeepSpeed's process group (env:// from the launcher, or one local process without one); returns this
     rank's device. `timeout_s`: how long a collective waits for the other ranks (None: DeepSpeed's default,
@@ -112,6 +195,9 @@ def init_process_group(timeout_s: int | None = None) -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     os.environ.update(single_process_env())
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per host looks (the others may be waiting on it)
+        for note in clear_stale_extension_locks():
+            print(f"[train] {note}", flush=True)
     if timeout_s is None:
         deepspeed.init_distributed()
     else:
