@@ -29,6 +29,7 @@ from clo_fast.constants import (
     ATTENTION_ONLY_PATTERNS,
     CLO_MODES,
     DEMO_LANGS,
+    HEAD_IMPLS,
     LOSS_TYPES,
     PACKING_MODES,
     PRECISION_DTYPE_NAMES,
@@ -266,7 +267,9 @@ class TrainConfig:
     # than this fraction above the reference model's (CLO has no English NLL term; a too-high lr erodes English
     # while preference accuracy stays 1.0); null = off
     english_nll_warn: float | None = 0.05
-    head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
+    head_impl: str = (
+        "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits): ops.HEAD_IMPLS
+    )
     pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
     packing: str = "auto"  # auto | none | padding_free | prefix_shared (constants.PACKING_MODES) — how micro-batches
     # lay out tokens (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
@@ -571,7 +574,8 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
     check(t.dist_timeout_s is None or t.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 or null")
-    check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
+    impls = ("auto", *HEAD_IMPLS)
+    check(t.head_impl in impls, "train.head_impl", f"unknown {t.head_impl!r} (one of {' | '.join(impls)})")
     packings = ("auto", *PACKING_MODES)
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
     validate_report_to(t.report_to, check)
