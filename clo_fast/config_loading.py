@@ -342,3 +342,66 @@ def to_dict(cfg) -> dict:
         return v
 
     return scrub(dataclasses.asdict(cfg))
+
+
+# ------------------------------------------------------------------------------- the fields' own docs
+def field_docs(cls: type, prefix: str = "") -> list[dict]:
+    """Every field of dataclass `cls` (recursing into sections) as declared: {"name" (dotted), "type", "default",
+    "help"}. The help is the field's own comment in the source — the comment block right above it and the one
+    after it on its line — so the declaration is the one place a field is described; `--help`, docs/CONFIG.md
+    and the shipped YAMLs' pointer read it from there."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(cls)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        row = next(i + 1 for i, line in enumerate(lines) if re.match(rf"\s+{f.name}\s*:", line))
+        above, k = [], row - 1
+        while k >= 1 and lines[k - 1].strip().startswith("#"):
+            above.insert(0, comments[k])
+            k -= 1
+        help_text = " ".join([*above, comments.get(row, "")]).strip()
+        tp = _optional_section(hints[f.name])
+        if not help_text and dataclasses.is_dataclass(tp):  # a section: its class's docstring
+            help_text = " ".join((inspect.getdoc(tp) or "").split())
+        if dataclasses.is_dataclass(tp):
+            out.append({"name": prefix + f.name, "type": "section", "default": None, "help": help_text})
+            out += field_docs(tp, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        out.append({"name": prefix + f.name, "type": name, "default": default, "help": help_text})
+    return out
+
+
+def fields_epilog(cls: type, sections: set[str]) -> str:
+    """The config fields a command reads (`sections`), one line each, for its --help."""
+    rows = [d for d in field_docs(cls) if d["name"].split(".")[0] in sections and d["type"] != "section"]
+    width = max(len(d["name"]) for d in rows)
+    lines = [f"  {d['name']:<{width}}  {yaml_value(d['default'])}" for d in rows]
+    return "config fields (--set FIELD=VALUE; each described in docs/CONFIG.md):\n" + "\n".join(lines)
+
+
+def yaml_value(value: Any) -> str:
+    """A default as one YAML flow line."""
+    import json
+
+    import yaml
+
+    if isinstance(value, str) and "\n" in value:  # a JSON string is YAML, and stays on one line
+        return json.dumps(value, ensure_ascii=False)
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+    return text.removesuffix("...").strip()

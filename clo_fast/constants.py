@@ -18,6 +18,8 @@ SOURCE_FORMATS = ("pairs", "oasst", "messages")  # data.source_format (data/sour
 REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout), slowest to fastest.
 PACKING_MODES = ("none", "padding_free", "prefix_shared")
+# train.head_impl (besides auto): the LM-head implementations, ops.HEAD_IMPLS implements each
+HEAD_IMPLS = ("triton", "torch", "reference")
 
 # The default trainable modules: attention projections only (the CLO paper's setting).
 ATTENTION_ONLY_PATTERNS = ("*self_attn.q_proj*", "*self_attn.k_proj*", "*self_attn.v_proj*", "*self_attn.o_proj*")

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from clo_fast.constants import HEAD_IMPLS as HEAD_IMPL_NAMES
 from clo_fast.constants import IGNORE_INDEX
 
 _CPU_CHUNK_BYTES = 32 << 20  # fp32 [chunk, V] logit buffer budget for the torch path
@@ -123,23 +124,8 @@ class Backend(NamedTuple):
     backward: Callable
 
 
+# the fused implementations' kernels (HEAD_IMPLS below is the table users choose from)
 BACKENDS = {"triton": Backend(_triton_forward, _triton_backward), "torch": Backend(_torch_forward, _torch_backward)}
-
-
-# ---------------------------------------------------------------------------------------- dispatch
-def _resolve(impl: str, x: torch.Tensor) -> str:
-    if impl == "auto":
-        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            return "triton"
-        return "torch"
-    if impl not in ("triton", "torch", "reference"):
-        raise ValueError(f"impl must be auto|triton|torch|reference, got {impl!r}")
-    if impl == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f'impl="triton" needs CUDA tensors (got {x.device.type}) or TRITON_INTERPRET=1 (the interpreter); '
-            'use impl="auto" or "torch" on CPU'
-        )
-    return impl
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -223,11 +209,57 @@ def _check_chunk_rows(chunk_rows) -> None:
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
 
 
-def _reference_logprobs(hidden, weight, labels, ignore_index):
-    cd = _compute_dtype(hidden)
-    return token_logps(hidden.to(cd) @ weight.to(cd).T, labels, ignore_index)
+# ----------------------------------------------------------------------------- the implementations
+def _fused(backend: str) -> Callable:
+    """The fused head through `backend`'s kernels: (x, w, y, seq_ids, num_seqs, ignore_index, chunk_rows) -> logp [N]
+    (seq_ids None) or per-sequence sums [num_seqs]."""
+
+    def run(x, w, y, seq_ids, num_seqs, ignore_index, chunk_rows):
+        ids = None if seq_ids is None else seq_ids.contiguous()
+        return _LinearLogprobs.apply(
+            x.contiguous(), w.contiguous(), y.contiguous(), ids, num_seqs, ignore_index, backend, chunk_rows
+        )
+
+    return run
 
 
+def _reference(x, w, y, seq_ids, num_seqs, ignore_index, chunk_rows):
+    """Materialized logits + log_softmax, in fp32 (float64 for float64 inputs): tests and benchmarks only."""
+    del chunk_rows
+    cd = _compute_dtype(x)
+    lp = token_logps(x.to(cd) @ w.to(cd).T, y, ignore_index)
+    return lp if seq_ids is None else torch.zeros(num_seqs, device=x.device, dtype=lp.dtype).index_add_(0, seq_ids, lp)
+
+
+class HeadImpl(NamedTuple):
+    run: Callable
+    needs_triton: bool  # CUDA tensors, or the Triton interpreter (TRITON_INTERPRET=1)
+
+
+# The one table of head implementations (`impl`; train.head_impl): its names are constants.HEAD_IMPLS
+HEAD_IMPLS = {
+    "triton": HeadImpl(_fused("triton"), needs_triton=True),
+    "torch": HeadImpl(_fused("torch"), needs_triton=False),
+    "reference": HeadImpl(_reference, needs_triton=False),
+}
+assert tuple(HEAD_IMPLS) == HEAD_IMPL_NAMES
+
+
+def _resolve(impl: str, x: torch.Tensor) -> HeadImpl:
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if impl == "auto":
+        return HEAD_IMPLS["triton" if x.is_cuda or interpreting else "torch"]
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"impl must be {'|'.join(('auto', *HEAD_IMPLS))}, got {impl!r}")
+    if HEAD_IMPLS[impl].needs_triton and not x.is_cuda and not interpreting:
+        raise ValueError(
+            f'impl="{impl}" needs CUDA tensors (got {x.device.type}) or TRITON_INTERPRET=1 (the interpreter); '
+            'use impl="auto" or "torch" on CPU'
+        )
+    return HEAD_IMPLS[impl]
+
+
+# ------------------------------------------------------------------------------------- public API
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -243,12 +275,7 @@ def linear_logprobs(
     """
     _check_inputs(hidden, weight, labels, ignore_index)
     _check_chunk_rows(chunk_rows)
-    impl = _resolve(impl, hidden)
-    if impl == "reference":
-        return _reference_logprobs(hidden, weight, labels, ignore_index)
-    return _LinearLogprobs.apply(
-        hidden.contiguous(), weight.contiguous(), labels.contiguous(), None, 0, ignore_index, impl, chunk_rows
-    )
+    return _resolve(impl, hidden).run(hidden, weight, labels, None, 0, ignore_index, chunk_rows)
 
 
 def sequence_logprobs(
@@ -271,13 +298,8 @@ def sequence_logprobs(
     x, y = hidden.reshape(S * T, H), labels.reshape(S * T)
     _check_inputs(x, weight, y, ignore_index)
     _check_chunk_rows(chunk_rows)
-    impl = _resolve(impl, hidden)
-    if impl == "reference":
-        return _reference_logprobs(x, weight, y, ignore_index).view(S, T).sum(1)
     seq_ids = torch.arange(S, device=hidden.device).repeat_interleave(T)
-    return _LinearLogprobs.apply(
-        x.contiguous(), weight.contiguous(), y.contiguous(), seq_ids, S, ignore_index, impl, chunk_rows
-    )
+    return _resolve(impl, hidden).run(x, weight, y, seq_ids, S, ignore_index, chunk_rows)
 
 
 def packed_sequence_logprobs(
@@ -298,17 +320,4 @@ def packed_sequence_logprobs(
     _check_chunk_rows(chunk_rows)
     if seq_ids.shape != labels.shape:
         raise ValueError(f"seq_ids must be [N] = {labels.shape[0]}, got {tuple(seq_ids.shape)}")
-    impl = _resolve(impl, hidden)
-    if impl == "reference":
-        lp = _reference_logprobs(hidden, weight, labels, ignore_index)
-        return torch.zeros(num_seqs, device=hidden.device, dtype=lp.dtype).index_add_(0, seq_ids, lp)
-    return _LinearLogprobs.apply(
-        hidden.contiguous(),
-        weight.contiguous(),
-        labels.contiguous(),
-        seq_ids.contiguous(),
-        num_seqs,
-        ignore_index,
-        impl,
-        chunk_rows,
-    )
+    return _resolve(impl, hidden).run(hidden, weight, labels, seq_ids, num_seqs, ignore_index, chunk_rows)

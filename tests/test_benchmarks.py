@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,31 @@ def test_evaluate_models_reports_benchmarks(tmp_path):
     cells = " | ".join(f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}" for r in rows.values())
     assert f"| demo_mc_sw (sw) accuracy (↑) | {cells} |" in md
     assert (tmp_path / "eval" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------- every bench_step shape and variant runs
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["demo", "cpu-small", "llama-3.2-1b", "smollm2-135m", "tiny"])
+def test_every_bench_step_shape_and_variant_runs(shape, tmp_path):
+    """A refactor cannot break a shape or a variant unseen: each shape (its widths and head, one layer) runs every
+    CPU variant for one step; trl_liger is recorded as needing CUDA."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_step.py"), "--shape", shape, "--device", "cpu",
+           "--num-layers", "1", "--steps", "1", "--warmup", "0", "--examples", "2", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    cpu_variants = [v for v in bench_step.VARIANTS if v != "trl_liger"]
+    assert sorted(report["results"]["demo"]) == sorted(cpu_variants), report["errors"]
+    assert set(report["errors"]) == {"trl_liger"} and "CUDA" in report["errors"]["trl_liger"]
+    assert report["model"]["num_hidden_layers"] == 1
+    assert report["model"]["vocab_size"] == bench_step.SHAPES[shape]["vocab_size"]

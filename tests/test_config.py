@@ -242,3 +242,36 @@ def test_a_config_string_over_the_limit_is_refused_naming_the_field(override):
     with pytest.raises(ConfigError, match=rf"{field}: a string of 10,001 characters, over the limit of 10,000") as e:
         load_config(DEMO, [override])
     assert len(str(e.value)) < 400  # the flag is named, not printed back whole
+
+
+# ------------------------------------------------------------------------- each field declared once, read from there
+def test_every_field_is_described_where_it_is_declared_and_the_reference_is_current():
+    from clo_fast.config import config_reference
+    from clo_fast.config_loading import field_docs
+
+    docs = field_docs(RunConfig)
+    assert not [d["name"] for d in docs if not d["help"]], "a config field without its comment"
+    names = [d["name"] for d in docs if d["type"] != "section"]
+    assert len(names) == len(set(names)) and "clo.beta" in names and "data.quality.max_repeats" in names
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert reference == config_reference(), "docs/CONFIG.md is stale: python -m clo_fast.config > docs/CONFIG.md"
+    beta = next(d for d in docs if d["name"] == "clo.beta")
+    assert beta["default"] == 0.1 and "DPO temperature" in beta["help"]
+
+
+@pytest.mark.parametrize(
+    ("module", "sections"),
+    [("clo_fast.data", {"model", "data"}), ("clo_fast.evaluate", {"model", "data", "eval"}),
+     ("clo_fast.compare", {"model", "data", "clo", "optim", "train", "eval"})],
+)  # fmt: skip
+def test_each_command_lists_the_fields_it_reads_in_its_help(module, sections):
+    import subprocess
+    import sys
+
+    from clo_fast.config_loading import field_docs
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = {line.split()[0] for line in out.stdout.split("config fields")[1].splitlines()[1:] if line.strip()}
+    want = {d["name"] for d in field_docs(RunConfig) if d["type"] != "section" and d["name"].split(".")[0] in sections}
+    assert listed == want

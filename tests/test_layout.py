@@ -107,13 +107,14 @@ def test_one_table_of_attention_backends_read_by_config_and_model():
 def test_each_set_of_choices_is_stated_once():
     """The allowed values of a field that several modules read live in constants; the validator and the
     implementation read that same object."""
-    from clo_fast import config, constants, loss
+    from clo_fast import config, constants, loss, ops
     from clo_fast.training import metrics
 
     assert config.CLO_MODES is constants.CLO_MODES
     assert config.LOSS_TYPES is loss.LOSS_TYPES is constants.LOSS_TYPES
     assert config.SOURCE_FORMATS is constants.SOURCE_FORMATS
     assert config.REPORTERS is constants.REPORTERS and set(metrics.LOGGERS) == set(constants.REPORTERS)
+    assert config.HEAD_IMPLS is constants.HEAD_IMPLS and tuple(ops.HEAD_IMPLS) == constants.HEAD_IMPLS
 
 
 def test_no_test_file_imports_another():

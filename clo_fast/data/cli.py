@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
     ap.add_argument("--no-progress", action="store_true")
-    args = parse_args_with_overrides(ap, argv)
+    args = parse_args_with_overrides(ap, argv, reads=("model", "data"))
     try:
         run = load_config(args.config, args.set)
         cfg = run.data

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # shorthands kept from before --set existed: --max-prompts N is --set eval.max_prompts=N
     for flag in ("max_prompts", "max_new_tokens", "batch_size"):
         ap.add_argument("--" + flag.replace("_", "-"), type=int, help=f"same as --set eval.{flag}=N")
-    args = parse_args_with_overrides(ap, argv)
+    args = parse_args_with_overrides(ap, argv, reads=("model", "data", "eval"))
     shorthands = [
         f"eval.{k}={getattr(args, k)}"
         for k in ("max_prompts", "max_new_tokens", "batch_size")
