@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.atomic import OutputDirError, check_publishable
-from clo_fast.config import ConfigError, add_override_argument, load_config, parse_args_with_overrides
+from clo_fast.config import ConfigError, add_override_argument, config_file, load_config, parse_args_with_overrides
 from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clo_fast.data.translate import TranslationError
 
     ap = argparse.ArgumentParser(prog="clo-fast-data", description="Build a cross-lingual CLO dataset.")
-    ap.add_argument("--config", help="run config YAML (its `data:` section is used); defaults when omitted")
+    ap.add_argument(
+        "--config", type=config_file, help="run config YAML or shipped name (its `data:` section); defaults if omitted"
+    )
     add_override_argument(ap)
     ap.add_argument(
         "--tokenizer",
