@@ -13,6 +13,8 @@ from clo_fast.config import ConfigError, add_override_argument, config_file, loa
 from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
+from clo_fast.data.trl_export import EXPORT_FORMATS, default_export_dir, export_trl
+from clo_fast.paths import overlapping_outputs
 
 
 def _summary_tokenizer(run: Any, explicit: str | None):
@@ -95,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats (default: the config's model; 'demo' = the built demo model)",
     )
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
+    ap.add_argument(
+        "--export-format",
+        choices=EXPORT_FORMATS,
+        help="also write the pairs in this format: trl = TRL's preference (prompt/chosen/rejected, both directions) "
+        "and SFT (prompt/completion) datasets, for datasets.load_from_disk (clo_fast/data/trl_export.py)",
+    )
+    ap.add_argument("--export-dir", help="where the export goes (default: <data.output_dir>_trl)")
     ap.add_argument("--no-progress", action="store_true")
     args = parse_args_with_overrides(ap, argv)
     try:
@@ -102,6 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = run.data
         # refused before the (possibly long) build: a folder the user made, or another kind of output
         check_publishable(cfg.output_dir, "data.output_dir", "data")
+        export_dir = args.export_dir or default_export_dir(cfg)
+        if args.export_format:
+            clash = overlapping_outputs({"data.output_dir": cfg.output_dir, "--export-dir": export_dir})
+            if clash:
+                raise ConfigError(f"--export-dir: {clash}")
+            check_publishable(export_dir, "--export-dir", "trl_export")
+        elif args.export_dir:
+            raise ConfigError("--export-dir: applies with --export-format only")
         dsd, summary = build_text_dataset(cfg, progress=not args.no_progress)
         out = save_text_dataset(dsd, summary, cfg.output_dir)
         tok_stats = None
@@ -114,8 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tok_stats[split] = st
             summary["tokenized"] = tok_stats
             (out / "summary.json").write_text(summary_json(summary))
+        if args.export_format:  # TRL formats: the prompt rendered as training renders it (chat: by TRL itself)
+            tok = _summary_tokenizer(run, args.tokenizer) if cfg.template == "chat" else None
+            exported = export_trl(dsd, tok, cfg, export_dir)
     except (DataError, ConfigError, OutputDirError, TranslationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, tok_stats, out)
+    if args.export_format:
+        print(f"  {args.export_format} export (datasets.load_from_disk): {exported}/preference, {exported}/sft")
     return 0
