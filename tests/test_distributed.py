@@ -63,13 +63,13 @@ def _probe_worker(rank, init_file, folders, results):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
-    """Two gloo ranks in-process: with node-local folders (each rank its own), every rank stops with a clear
-    error; with one shared folder both go on and the probes are removed."""
+    """Two gloo ranks in-process: with node-local folders (each rank its own; rank 1's "node" does not even have
+    the folder rank 0 made), every rank stops with a clear error and nothing is left behind on rank 1's; with one
+    shared folder both go on and the probes are removed."""
     import torch.multiprocessing as mp
 
     folders = [tmp_path / "a", tmp_path / "a" if shared else tmp_path / "b"]
-    for f in folders:
-        f.mkdir(exist_ok=True)
+    folders[0].mkdir()
     results = mp.Manager().dict()
     mp.spawn(_probe_worker, args=(str(tmp_path / "init"), [str(f) for f in folders], results), nprocs=2)
     if shared:
@@ -78,6 +78,7 @@ def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
         for r in (0, 1):
             assert "rank 0 cannot see the files written there by rank(s) [1]" in results[r]
             assert "one filesystem shared by every node" in results[r]
+        assert not folders[1].exists()
     assert not list(tmp_path.rglob(".probe-*"))
 
 
