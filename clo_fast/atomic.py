@@ -45,6 +45,7 @@ OUTPUT_KINDS = {
     "tokenized_cache": "tokenized-data cache entry",
     "model_cache": "built demo model",
     "merged_model": "merged model (python -m clo_fast.merge_adapter)",
+    "trl_export": "TRL-format dataset export (clo-fast data --export-format trl)",
 }
 # Markers written before kinds existed hold plain text: such a folder is taken for a kind only when it holds
 # the file that kind always writes (a data folder its dataset_dict.json, a run its config.yaml ...).

@@ -53,6 +53,7 @@ from clo_fast.config import (
     ConfigError,
     RunConfig,
     add_override_argument,
+    config_file,
     load_config,
     parse_args_with_overrides,
     validate_output_locations,
@@ -107,7 +108,9 @@ class Method:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML (configs/demo.yaml for the bundled demo)")
+    p.add_argument(
+        "--config", required=True, type=config_file, help="run config YAML or a shipped config's name (demo, world)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="optim.seed of each run (default 0-4)")
     p.add_argument(
         "--methods",
@@ -436,9 +439,14 @@ def world_test_prompts(cfg: RunConfig) -> list[dict] | None:
     return test_items(build_entities())
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with its errors as one line and exit status 2 (`python -m clo_fast.compare`, `clo-fast compare`)."""
     try:
-        sys.exit(main())
+        return main(argv)
     except (ConfigError, OutputDirError, CompareError) as e:
         print(f"[compare] error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

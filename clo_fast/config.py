@@ -20,6 +20,7 @@ from clo_fast.attention import ATTENTION_BACKENDS
 from clo_fast.config_loading import (  # noqa: F401 (ConfigError and the override/record helpers: the config's API)
     ConfigError,
     add_override_argument,
+    config_file,
     flatten_config,
     load_dataclass,
     parse_dataclass,

@@ -152,6 +152,25 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
+def config_file(value: str) -> str:
+    """argparse type of every command's --config: a YAML path, or the name of a shipped config (`demo`, `world`
+    ...), which works from a wheel install too (clo_fast/configs/)."""
+    import argparse
+
+    from clo_fast.paths import shipped_config, shipped_config_names
+
+    if Path(value).expanduser().exists():
+        return value
+    shipped = shipped_config(value)
+    if shipped:
+        return shipped
+    if not Path(value).suffix and "/" not in value:  # a name, not a path: say which names exist
+        raise argparse.ArgumentTypeError(
+            f"{value}: no such file, and no shipped config by that name (shipped: {', '.join(shipped_config_names())})"
+        )
+    return value  # a missing path: load_config says "config file not found", naming it
+
+
 def add_override_argument(parser) -> None:
     """The `--set FIELD=VALUE` option, the same for every command line (train, data, evaluate)."""
     parser.add_argument(

@@ -87,8 +87,8 @@ def pin_cpu_numerics(environ: MutableMapping[str, str] = os.environ, *, cpuinfo:
 
 def started_as_entry_point(argv: list[str] | None = None) -> bool:
     """Whether this process was started as one of clo-fast's commands: `python -m clo_fast[.x]`, the
-    `clo_fast/train.py` script (under any launcher) or a `clo-fast-*` console script. A library import into
-    someone else's program is not: their process keeps its own numerics."""
+    `clo_fast/train.py` script (under any launcher) or the `clo-fast` / `clo-fast-*` console scripts. A library
+    import into someone else's program is not: their process keeps its own numerics."""
     args = list(sys.orig_argv if argv is None else argv)[1:]  # after the interpreter
     while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):
         args = args[2:] if args[0] in ("-X", "-W") else args[1:]  # interpreter options (-u, -X importtime, ...)
@@ -97,7 +97,7 @@ def started_as_entry_point(argv: list[str] | None = None) -> bool:
     if not args or args[0] == "-c":
         return False
     script = args[0]
-    if os.path.basename(script).startswith("clo-fast-"):
+    if os.path.basename(script) == "clo-fast" or os.path.basename(script).startswith("clo-fast-"):
         return True
     return os.path.realpath(script) == os.path.realpath(os.path.join(PACKAGE_DIR, "train.py"))
 

@@ -32,10 +32,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from clo_fast.atomic import OutputDirError
+from clo_fast.cli import add_train_arguments
 from clo_fast.config import (
     ConfigError,
     RunConfig,
-    add_override_argument,
     load_config,
     parse_args_with_overrides,
     to_dict,
@@ -78,20 +78,7 @@ warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML (see configs/demo.yaml for every field)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue from a checkpoint in <output_dir>/checkpoints: a tag, or 'latest' (default)",
-    )
-    p.add_argument(
-        "--resume-unverified",
-        action="store_true",
-        help="resume from a checkpoint that has no checksums.json (older clo_fast): its files are not verified",
-    )
-    add_override_argument(p)
+    add_train_arguments(p)  # shared with `clo-fast train`, which lists them in its --help
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the launcher
     return parse_args_with_overrides(p, argv)  # --set, and sweep tools' --section.field=VALUE
 

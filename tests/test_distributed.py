@@ -63,13 +63,13 @@ def _probe_worker(rank, init_file, folders, results):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
-    """Two gloo ranks in-process: with node-local folders (each rank its own), every rank stops with a clear
-    error; with one shared folder both go on and the probes are removed."""
+    """Two gloo ranks in-process: with node-local folders (each rank its own; rank 1's "node" does not even have
+    the folder rank 0 made), every rank stops with a clear error and nothing is left behind on rank 1's; with one
+    shared folder both go on and the probes are removed."""
     import torch.multiprocessing as mp
 
     folders = [tmp_path / "a", tmp_path / "a" if shared else tmp_path / "b"]
-    for f in folders:
-        f.mkdir(exist_ok=True)
+    folders[0].mkdir()
     results = mp.Manager().dict()
     mp.spawn(_probe_worker, args=(str(tmp_path / "init"), [str(f) for f in folders], results), nprocs=2)
     if shared:
@@ -78,6 +78,7 @@ def test_every_rank_must_see_one_shared_output_dir(tmp_path, shared):
         for r in (0, 1):
             assert "rank 0 cannot see the files written there by rank(s) [1]" in results[r]
             assert "one filesystem shared by every node" in results[r]
+        assert not folders[1].exists()
     assert not list(tmp_path.rglob(".probe-*"))
 
 
@@ -264,3 +265,88 @@ def test_init_process_group_clears_a_stale_lock_before_deepspeed_waits_on_it(tmp
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.append(lock.exists()))
     assert distributed.init_process_group().type == "cpu"
     assert seen == [False] and f"removed a stale torch-extension build lock {lock}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ two nodes simulated on one machine (torchrun)
+def _port_in_range() -> int:
+    """A free port in 29900-29999 (other jobs on the test machines use the launchers' default 29500)."""
+    import socket
+
+    for port in random.sample(range(29900, 30000), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 29900-29999")
+
+
+def _train_node(node_rank: int, port: int, out: Path, cache: Path, work: Path, *, nnodes=2, nproc=1, extra=()):
+    """`clo-fast train` for one node of the demo run (two steps), started in the background; its log in `work`."""
+    import shutil
+
+    from helpers import ROOT
+
+    launch = ["--launcher", "torchrun", "--nnodes", str(nnodes), "--nproc", str(nproc), "--master-port", str(port)]
+    if nnodes > 1:
+        launch += ["--node-rank", str(node_rank), "--master-addr", "127.0.0.1"]
+    sets = [f"train.output_dir={out}", f"data.output_dir={work / 'data'}", f"data.cache_dir={cache}"]
+    sets += ["optim.max_steps=2", "train.run_evaluation=false", "train.eval_steps=0", "train.export_hf=false", *extra]
+    cmd = [shutil.which("clo-fast") or str(Path(sys.executable).parent / "clo-fast"), "train", *launch]
+    cmd += ["--config", str(ROOT / "configs" / "demo.yaml"), *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRITON_INTERPRET", None)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "node.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _wait(procs, timeout=600) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a hung node: stopped, so the test fails instead of leaving it running
+                p.kill()
+
+
+def _first_loss(run: Path) -> float:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    return next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_the_demo_like_one_node(tmp_path, demo_cache, demo_model_dir):
+    """Two `torchrun --nnodes 2 --node_rank {0,1} --rdzv-endpoint 127.0.0.1:PORT` processes (gloo), one rank each,
+    each node with its own local cache folder (the demo model copied in, as on separate machines) and the output
+    folder shared: two steps, the same first-step loss as one node with two ranks. With node-local output folders
+    every rank stops at the shared-filesystem probe."""
+    import shutil
+
+    caches = []
+    for node in (0, 1):
+        caches.append(tmp_path / f"node{node}" / "cache")
+        shutil.copytree(Path(demo_cache) / "demo_model", caches[-1] / "demo_model")
+    one = tmp_path / "one_node" / "run"
+    rc = _wait([_train_node(0, _port_in_range(), one, caches[0], tmp_path / "one_node", nnodes=1, nproc=2)])
+    assert rc == [0], (tmp_path / "one_node" / "node.log").read_text()[-4000:]
+
+    shared, port = tmp_path / "shared" / "run", _port_in_range()
+    nodes = [_train_node(n, port, shared, caches[n], tmp_path / f"node{n}") for n in (0, 1)]
+    rcs = _wait(nodes)
+    logs = [(tmp_path / f"node{n}" / "node.log").read_text() for n in (0, 1)]
+    assert rcs == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "--nnodes 2 --node_rank 1 --rdzv-endpoint 127.0.0.1:" in logs[1]
+    assert "2 rank(s) on cpu (gloo)" in logs[0]
+    assert _first_loss(shared) == _first_loss(one)
+
+    port = _port_in_range()  # not shared: each node its own output folder
+    nodes = [_train_node(n, port, tmp_path / f"local{n}" / "run", caches[n], tmp_path / f"local{n}") for n in (0, 1)]
+    rcs = _wait(nodes)
+    logs = [(tmp_path / f"local{n}" / "node.log").read_text() for n in (0, 1)]
+    assert rcs[0] != 0 and rcs[1] != 0
+    for log in logs:
+        assert "rank 0 cannot see the files written there by rank(s) [1]" in log, log[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -88,3 +89,49 @@ def test_readme_states_the_locked_versions():
     found = set(re.findall(r"torch [\d.]+, transformers [\d.]+, deepspeed [\d.]+", text))
     assert found == {stated}, f"README states {found}; the lock is {stated}"
     assert f"torch=={locked_torch()}" in text and "requirements/cpu.txt" in text
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installed_outside_the_repository_trains_the_shipped_demo(tmp_path, demo_cache, demo_model_dir):
+    """`python -m build` → the wheel into a fresh venv (the locked packages, no source checkout) → `clo-fast train
+    --config demo` from a folder outside the repository: the config, the DeepSpeed JSON and the demo data come from
+    the package. The demo model is the session's (a cache folder, not code), so the test spends its time on the
+    install and two steps."""
+    import shutil
+
+    from helpers import locked_torch
+
+    dist = tmp_path / "dist"
+    build = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)]
+    out = subprocess.run(build, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (wheel,) = dist.glob("clo_fast-*.whl")
+    venv = tmp_path / "venv"
+    py = venv / "bin" / "python"
+    # the wheel with its declared dependencies at the locked versions (uv, where installed, is much faster here)
+    pins = [str(wheel), f"torch=={locked_torch()}", "-c", str(ROOT / "requirements" / "cpu.txt")]
+    if shutil.which("uv"):
+        links = [a for d in os.environ.get("PIP_FIND_LINKS", "").split() for a in ("--find-links", d)]
+        steps = [["uv", "venv", "-q", "--python", sys.executable, str(venv)]]
+        steps += [["uv", "pip", "install", "-q", *links, *pins]]
+    else:
+        steps = [[sys.executable, "-m", "venv", str(venv)], [str(py), "-m", "pip", "install", "-q", *pins]]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
+    for cmd in steps:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**env, "VIRTUAL_ENV": str(venv)})
+        assert out.returncode == 0, (cmd, out.stderr[-3000:])
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    where = subprocess.run([str(py), "-c", "import clo_fast; print(clo_fast.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert str(venv) in where.stdout and str(ROOT) not in where.stdout, where.stdout + where.stderr
+    sets = ["optim.max_steps=2", f"data.cache_dir={demo_cache}", "train.run_evaluation=false", "train.eval_steps=0"]
+    cmd = [str(venv / "bin" / "clo-fast"), "train", "--config", "demo", *(a for s in sets for a in ("--set", s))]
+    run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    launched = run.stdout.splitlines()[0]
+    assert launched.startswith(f"[clo-fast] {py} {venv}/lib/") and "/site-packages/clo_fast/train.py" in launched
+    steps_logged = [json.loads(line).get("step") for line in (work / "outputs/demo/run/metrics.jsonl").open()]
+    assert {1, 2} <= set(steps_logged)
+    assert (work / "outputs/demo/run/hf_model/config.json").is_file()

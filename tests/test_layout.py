@@ -23,6 +23,7 @@ LAYERS = [
     (
         "entry points",
         [
+            "clo_fast.cli",
             "clo_fast.train",
             "clo_fast.compare",
             "clo_fast.merge_adapter",

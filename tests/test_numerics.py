@@ -65,6 +65,7 @@ def test_gpu_visible_respects_an_empty_cuda_visible_devices():
         (["py", "-X", "importtime", "-m", "clo_fast.data"], True),
         (["py", "-u", str(ROOT / "clo_fast" / "train.py"), "--local_rank=0"], True),
         (["py", "/usr/local/bin/clo-fast-eval", "--config", "x.yaml"], True),
+        (["py", "/usr/local/bin/clo-fast", "train", "--config", "demo"], True),
         (["py", "-m", "pytest", "tests"], False),
         (["py", "-c", "import clo_fast"], False),
         (["py", "my_script.py"], False),

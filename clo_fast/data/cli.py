@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from clo_fast.atomic import OutputDirError, check_publishable
-from clo_fast.config import ConfigError, add_override_argument, load_config, parse_args_with_overrides
+from clo_fast.config import ConfigError, add_override_argument, config_file, load_config, parse_args_with_overrides
 from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_json
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
+from clo_fast.data.trl_export import EXPORT_FORMATS, default_export_dir, export_trl
+from clo_fast.paths import overlapping_outputs
 
 
 def _summary_tokenizer(run: Any, explicit: str | None):
@@ -93,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clo_fast.data.translate import TranslationError
 
     ap = argparse.ArgumentParser(prog="clo-fast-data", description="Build a cross-lingual CLO dataset.")
-    ap.add_argument("--config", help="run config YAML (its `data:` section is used); defaults when omitted")
+    ap.add_argument(
+        "--config", type=config_file, help="run config YAML or shipped name (its `data:` section); defaults if omitted"
+    )
     add_override_argument(ap)
     ap.add_argument(
         "--tokenizer",
@@ -101,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats (default: the config's model; 'demo' = the built demo model)",
     )
     ap.add_argument("--no-tokenize", action="store_true", help="build the text dataset only")
+    ap.add_argument(
+        "--export-format",
+        choices=EXPORT_FORMATS,
+        help="also write the pairs in this format: trl = TRL's preference (prompt/chosen/rejected, both directions) "
+        "and SFT (prompt/completion) datasets, for datasets.load_from_disk (clo_fast/data/trl_export.py)",
+    )
+    ap.add_argument("--export-dir", help="where the export goes (default: <data.output_dir>_trl)")
     ap.add_argument("--no-progress", action="store_true")
     args = parse_args_with_overrides(ap, argv, reads=("model", "data"))
     try:
@@ -109,6 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # refused before the (possibly long) build: a folder the user made, or another kind of output
         check_publishable(cfg.output_dir, "data.output_dir", "data")
         tok = None if args.no_tokenize else _summary_tokenizer(run, args.tokenizer)  # a bad one: refused first
+        export_dir = args.export_dir or default_export_dir(cfg)
+        if args.export_format:
+            clash = overlapping_outputs({"data.output_dir": cfg.output_dir, "--export-dir": export_dir})
+            if clash:
+                raise ConfigError(f"--export-dir: {clash}")
+            check_publishable(export_dir, "--export-dir", "trl_export")
+        elif args.export_dir:
+            raise ConfigError("--export-dir: applies with --export-format only")
         dsd, summary = build_text_dataset(cfg, progress=not args.no_progress)
         out = save_text_dataset(dsd, summary, cfg.output_dir)
         tok_stats = None
@@ -120,8 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tok_stats[split] = st
             summary["tokenized"] = tok_stats
             (out / "summary.json").write_text(summary_json(summary))
+        if args.export_format:  # TRL formats: the prompt rendered as training renders it (chat: by TRL itself)
+            chat_tok = (tok or _summary_tokenizer(run, args.tokenizer)) if cfg.template == "chat" else None
+            exported = export_trl(dsd, chat_tok, cfg, export_dir)
     except (DataError, ConfigError, OutputDirError, TranslationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, tok_stats, out)
+    if args.export_format:
+        print(f"  {args.export_format} export (datasets.load_from_disk): {exported}/preference, {exported}/sft")
     return 0

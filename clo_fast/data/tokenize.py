@@ -58,11 +58,20 @@ def format_prompt(
     data.system_prompt; none by default)."""
     if cfg.template == "plain":
         return _plain_prompt(instruction, cfg, lang, context or [])
+    messages = prompt_messages(instruction, tokenizer, cfg, lang, context)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_messages(
+    instruction: str, tokenizer: Any, cfg: DataConfig, lang: str | None = None, context: list[dict] | None = None
+) -> list[dict]:
+    """template=chat: the messages the chat template renders into the prompt (`chat_messages`, plus an empty
+    system turn where the template would otherwise add a system prompt of its own)."""
     _require_chat_template(tokenizer)
     messages = chat_messages(instruction, cfg, lang, context)
     if messages[0]["role"] != "system" and empty_system_removes_default(tokenizer):
         messages = [{"role": "system", "content": ""}] + messages  # no system prompt unless configured
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages
 
 
 def _require_chat_template(tokenizer: Any) -> None:

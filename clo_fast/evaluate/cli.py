@@ -15,6 +15,7 @@ from clo_fast.atomic import OutputDirError
 from clo_fast.config import (
     ConfigError,
     add_override_argument,
+    config_file,
     load_config,
     parse_args_with_overrides,
     validate_output_locations,
@@ -28,7 +29,12 @@ from clo_fast.language_id import UnknownLanguageError
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clo_fast.evaluate", description="Evaluate models side by side.")
-    ap.add_argument("--config", required=True, help="run config YAML (data.* gives prompts/template, eval.* the rest)")
+    ap.add_argument(
+        "--config",
+        required=True,
+        type=config_file,
+        help="run config YAML or a shipped config's name (data.* gives prompts/template, eval.* the rest)",
+    )
     ap.add_argument(
         "--model",
         action="append",

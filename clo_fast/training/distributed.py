@@ -329,6 +329,10 @@ def check_shared_output_dir(output_dir) -> None:
     token = [uuid.uuid4().hex if rank() == 0 else None]
     torch.distributed.broadcast_object_list(token, src=0)
     folder = Path(output_dir)
+    # on a node that does not share rank 0's filesystem the folder is not there: made (and removed) here, so this
+    # rank reaches the verdict too instead of failing alone and leaving the others waiting in the barrier
+    made = not folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".probe-{token[0]}-rank{rank()}"
     probe.write_text(socket.gethostname())
     barrier()
@@ -337,6 +341,8 @@ def check_shared_output_dir(output_dir) -> None:
     torch.distributed.broadcast_object_list(verdict, src=0)
     barrier()
     probe.unlink(missing_ok=True)
+    if made and not any(folder.iterdir()):
+        folder.rmdir()
     if verdict[0]:
         raise ConfigError(
             f"train.output_dir {folder}: rank 0 cannot see the files written there by rank(s) {verdict[0]}; "

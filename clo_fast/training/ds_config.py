@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 from clo_fast.config import ConfigError, RunConfig
+from clo_fast.paths import configs_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# the folder holding configs/: the repository in a checkout, the package in a wheel (`configs/ds_zero3.json`, the
+# shipped configs' own spelling, resolves in both)
+SHIPPED_ROOT = Path(configs_dir()).resolve().parent
 
 
 def resolve_file(path: str, config_path: Path) -> Path:
-    """A path from the config: as given (cwd), else next to the config file, else in the repository."""
-    for cand in (Path(path), config_path.parent / path, REPO_ROOT / path):
+    """A path from the config: as given (cwd), else next to the config file, else among the shipped files
+    (the repository's in a checkout, the package's in a wheel install)."""
+    for cand in (Path(path), config_path.parent / path, SHIPPED_ROOT / path):
         if cand.is_file():
             return cand
     raise ConfigError(f"{config_path}: train.deepspeed_config: file not found: {path}")
