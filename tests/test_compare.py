@@ -220,9 +220,9 @@ def test_chrf_wiring():
     assert corpus_chrf(["habari ya asubuhi"], ["habari ya asubuhi"]) == pytest.approx(100.0)
     assert corpus_chrf(["xyz"], ["abc"]) == pytest.approx(0.0)
     items = [
-        {"lang": "sw", "reference": "habari ya asubuhi"},
-        {"lang": "sw", "reference": None},  # not scored
-        {"lang": "en", "reference": None},
+        {"lang": "sw", "prompt": "Salamu ya asubuhi?", "reference": "habari ya asubuhi"},
+        {"lang": "sw", "prompt": "Sema kitu", "reference": None},  # not scored
+        {"lang": "en", "prompt": "Say something", "reference": None},
     ]
     gens = [{"text": "habari za asubuhi", "tokens": 3, "finished": True}] + [
         {"text": "x", "tokens": 1, "finished": True}
