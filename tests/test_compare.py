@@ -14,13 +14,23 @@ import numpy as np
 import pytest
 
 from clo_fast.atomic import marked_kind
-from clo_fast.compare import CLAIMS, CONTROLLED, plan_methods
+from clo_fast.compare import CLAIMS, CONTROLLED, SEARCH_GRIDS, grid_settings, plan_methods
 from clo_fast.config import ConfigError, load_config
-from clo_fast.evaluate.bootstrap import MATCH_MARGIN, bootstrap_draws, paired_bootstrap, verdict
+from clo_fast.evaluate.bootstrap import (
+    KEEP_MARGIN,
+    MATCH_MARGIN,
+    bootstrap_draws,
+    chance_level,
+    lower_bound,
+    paired_bootstrap,
+    seed_t_interval,
+    verdict,
+)
 from clo_fast.evaluate.comparison import (
     METRICS,
     aggregate,
     claim_verdicts,
+    competence,
     differences,
     metric_names,
     render_comparison_markdown,
@@ -76,6 +86,80 @@ def test_bootstrap_interval_covers_the_truth_and_shrinks_with_prompts():
     assert widths[1] < widths[0] / 2
 
 
+def test_cluster_bootstrap_matches_a_float64_loop_over_the_same_draws():
+    """Entities of unequal size, labels in random order: each resample's mean is the mean over the drawn entities'
+    prompts (every copy of an entity counted) and drawn seeds, computed here by building the resampled grid."""
+    rng = np.random.default_rng(random.randrange(2**32))
+    n_e, n_s, draws, seed = int(rng.integers(4, 15)), int(rng.integers(2, 6)), 300, int(rng.integers(1000))
+    sizes = rng.integers(1, 6, size=n_e)
+    labels = [f"e{e}" for e in range(n_e) for _ in range(sizes[e])]
+    order = rng.permutation(len(labels))
+    labels = [labels[i] for i in order]
+    d = rng.normal(rng.uniform(-1, 1), rng.uniform(0.1, 2), size=(len(labels), n_s))
+    got = paired_bootstrap(d, labels, draws=draws, seed=seed)
+    first_seen = list(dict.fromkeys(labels))
+    draw_rng = np.random.default_rng(seed)
+    e_idx = draw_rng.integers(0, n_e, size=(draws, n_e))
+    s_idx = draw_rng.integers(0, n_s, size=(draws, n_s))
+    means = []
+    for b in range(draws):
+        rows = [i for e in e_idx[b] for i, lab in enumerate(labels) if lab == first_seen[e]]
+        means.append(d[np.ix_(rows, s_idx[b])].mean())
+    means = np.array(means, dtype=np.float64)
+    assert got["n_clusters"] == n_e and got["n_prompts"] == len(labels) and got["n_seeds"] == n_s
+    assert got["mean"] == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
+    assert got["lo"] == pytest.approx(np.percentile(means, 2.5), rel=1e-10, abs=1e-12)
+    assert got["hi"] == pytest.approx(np.percentile(means, 97.5), rel=1e-10, abs=1e-12)
+    assert lower_bound(d, labels, draws=draws, seed=seed) == pytest.approx(np.percentile(means, 5.0), rel=1e-10)
+    with pytest.raises(ValueError, match="cluster labels"):
+        paired_bootstrap(d, labels[:-1])
+
+
+def test_cluster_bootstrap_is_wider_when_prompts_share_an_entity_effect():
+    """Four prompts per entity sharing a strong entity effect: resampling prompts as if independent understates
+    the spread; resampling entities does not (its interval is clearly wider and still holds the truth)."""
+    rng = np.random.default_rng(random.randrange(2**32))
+    n_e, n_s = 60, 5
+    entity = np.repeat(rng.normal(0, 0.5, size=n_e), 4)[:, None]
+    d = 0.1 + entity + rng.normal(0, 0.1, size=(4 * n_e, n_s))
+    labels = np.repeat(np.arange(n_e), 4).tolist()
+    by_prompt = paired_bootstrap(d, draws=2000)
+    by_entity = paired_bootstrap(d, labels, draws=2000)
+    assert (by_entity["hi"] - by_entity["lo"]) > 1.5 * (by_prompt["hi"] - by_prompt["lo"])
+    assert by_entity["lo"] < by_entity["mean"] < by_entity["hi"]
+
+
+def test_seed_t_interval_matches_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(random.randrange(2**32))
+    for n_s in (2, 5, 11):
+        d = rng.normal(rng.uniform(-1, 1), 1.0, size=(int(rng.integers(3, 30)), n_s))
+        per_seed = d.mean(axis=0)
+        lo, hi = stats.t.interval(0.95, n_s - 1, loc=per_seed.mean(), scale=stats.sem(per_seed))
+        got = seed_t_interval(d)
+        assert got["lo"] == pytest.approx(lo, rel=1e-4) and got["hi"] == pytest.approx(hi, rel=1e-4)
+        assert paired_bootstrap(d, draws=200)["t"] == got
+    assert seed_t_interval(np.ones((4, 1))) is None  # one seed: no spread
+
+
+def test_chance_level_is_the_best_constant_answer():
+    """Brute force over every fixed answer per attribute: the best one's accuracy (never below 1/6)."""
+    rng = random.Random(random.randrange(2**32))
+    values = ["a", "b", "c", "d", "e", "f"]
+    for skew in (0.0, 0.6):
+        items = [
+            {"attribute": attr, "answer": "a" if rng.random() < skew else rng.choice(values)}
+            for attr in ("color", "food")
+            for _ in range(rng.randrange(5, 40))
+        ]
+        best = sum(max(sum(it["answer"] == v for it in items if it["attribute"] == attr) for v in values)
+                   for attr in ("color", "food")) / len(items)  # fmt: skip
+        assert chance_level(items) == pytest.approx(max(1 / 6, best))
+    skewed = [{"attribute": "color", "answer": "a"}] * 9 + [{"attribute": "color", "answer": "b"}]
+    assert chance_level(skewed) == pytest.approx(0.9)  # a constant "a" gets 0.9: that is chance here
+
+
 def test_verdict_rule():
     assert verdict("beats", 0.01, 0.2) == "confirmed"
     assert verdict("beats", -0.01, 0.2) == "inconclusive"
@@ -83,8 +167,118 @@ def test_verdict_rule():
     assert verdict("matches", -MATCH_MARGIN + 0.001, 0.1) == "confirmed"
     assert verdict("matches", -0.1, 0.0) == "inconclusive"
     assert verdict("matches", -0.2, -MATCH_MARGIN - 0.001) == "refuted"
+    assert verdict("keeps", -KEEP_MARGIN + 0.001, 0.0) == "confirmed"
+    assert verdict("keeps", -KEEP_MARGIN - 0.01, 0.0) == "inconclusive"
+    assert verdict("keeps", -0.3, -KEEP_MARGIN - 0.001) == "refuted"
+    # nothing above chance on either side: untestable, whatever the interval
+    assert verdict("beats", 0.1, 0.2, testable=False) == "untestable"
+    # a method at chance does not beat or match anything, even with the interval above the bar
+    assert verdict("beats", 0.01, 0.2, competent=False) == "inconclusive"
+    assert verdict("matches", 0.01, 0.2, competent=False) == "inconclusive"
+    assert verdict("beats", -0.2, -0.01, competent=False) == "refuted"
     with pytest.raises(ValueError, match="claim kind"):
         verdict("wins", 0.0, 1.0)
+
+
+def _world_scores(rng, accuracy: dict[str, dict[str, float]], n_e: int = 30) -> tuple[dict, list]:
+    """Synthetic per-prompt sw scores (4 prompts per entity, alternate entities `known` and `transfer`): label →
+    part → P(correct); answers drawn uniformly from six values. Returns (scores, prompts)."""
+    from clo_fast.data.world import ATTRIBUTES
+
+    prompts = []
+    for e in range(n_e):
+        for attr, spec in ATTRIBUTES.items():
+            prompts.append(
+                {"id": f"E{e}-{attr}", "lang": "sw", "entity": f"E{e}", "part": ("known", "transfer")[e % 2],
+                 "attribute": attr, "answer": rng.choice(sorted(spec["values"]))}
+            )  # fmt: skip
+    models = {}
+    for label, p in accuracy.items():
+        models[label] = {"sw": {"correct_in_lang": [int(rng.random() < p[it["part"]]) for it in prompts]}}
+    scores = {"ids": {"sw": [it["id"] for it in prompts]}, "scores": ["correct_in_lang"], "models": models}
+    return scores, prompts
+
+
+def test_claims_are_decided_per_part_with_the_chance_gate():
+    """Known entities: CLO well above SFT, both above chance → confirmed. Transfer entities: both at chance (1/6)
+    → untestable, never inconclusive or confirmed."""
+    from clo_fast.evaluate.comparison import prompt_units
+
+    rng = random.Random(random.randrange(2**32))
+    acc = {f"clo/s{s}": {"known": 0.85, "transfer": 0.0} for s in range(3)}
+    acc |= {f"sft/s{s}": {"known": 0.45, "transfer": 0.0} for s in range(3)}
+    scores, prompts = _world_scores(rng, acc)
+    units = prompt_units(scores, prompts)
+    assert set(units["chance"]) == {"sw", "sw/known", "sw/transfer"}
+    groups = {"sft": [f"sft/s{s}" for s in range(3)], "clo": [f"clo/s{s}" for s in range(3)]}
+    claims = [
+        ("k", "beats, known", "clo", "sft", "tgt", "known", "beats"),
+        ("t", "beats, transfer", "clo", "sft", "tgt", "transfer", "beats"),
+        ("x", "not run", "clo-frac0.5", "sft", "tgt", "known", "matches"),
+    ]
+    got = {c["id"]: c for c in claim_verdicts(scores, groups, claims, "sw", units)}
+    assert got["k"]["verdict"] == "confirmed" and got["k"]["part"] == "known"
+    assert got["k"]["n_clusters"] == 15 and got["k"]["n_prompts"] == 60 and got["k"]["t"]["lo"] > 0
+    assert got["t"]["verdict"] == "untestable"
+    assert not got["t"]["method_gate"]["above"] and not got["t"]["versus_gate"]["above"]
+    assert got["x"]["verdict"] == "not run"
+
+
+def test_a_degenerate_answer_is_not_above_chance():
+    """One fixed answer per attribute for every entity (the best such answer, even): competence says not above
+    chance, so its 'beats' over a model that is always wrong is untestable, not confirmed."""
+    from clo_fast.evaluate.comparison import prompt_units
+
+    rng = random.Random(random.randrange(2**32))
+    scores, prompts = _world_scores(rng, {"sft/s0": {"known": 0.0, "transfer": 0.0}}, n_e=60)
+    best = {}
+    for attr in {it["attribute"] for it in prompts}:
+        answers = [it["answer"] for it in prompts if it["attribute"] == attr]
+        best[attr] = max(sorted(set(answers)), key=answers.count)
+    degenerate = [int(it["answer"] == best[it["attribute"]]) for it in prompts]
+    for s in range(2):
+        scores["models"][f"clo/s{s}"] = {"sw": {"correct_in_lang": degenerate}}
+    scores["models"]["sft/s1"] = scores["models"]["sft/s0"]
+    units = prompt_units(scores, prompts)
+    groups = {"sft": ["sft/s0", "sft/s1"], "clo": ["clo/s0", "clo/s1"]}
+    gates = competence(scores, groups, units)
+    assert gates["clo"]["correct_in_lang/sw"]["mean"] == pytest.approx(units["chance"]["sw"])
+    assert not gates["clo"]["correct_in_lang/sw"]["above"]
+    claim = [("1", "beats", "clo", "sft", "tgt", None, "beats")]
+    (c,) = claim_verdicts(scores, groups, claim, "sw", units, gates)
+    assert c["lo"] > 0 and c["verdict"] == "untestable"  # the interval is above 0, and that says nothing
+
+
+def test_selection_rule_and_grids():
+    from clo_fast.evaluate.selection import choose, setting_value
+
+    rng = np.random.default_rng(random.randrange(2**32))
+    per_seed = [{"en": float(rng.random()), "sw": float(rng.random())} for _ in range(3)]
+    assert setting_value(per_seed, "sw") == pytest.approx(np.mean([(x["en"] + x["sw"]) / 2 for x in per_seed]))
+    vals = rng.random(7).tolist()
+    assert choose(vals) == int(np.argmax(vals))
+    assert choose([0.2, 0.5, 0.5, 0.1]) == 1  # a tie goes to the first in grid order
+    cfg = load_config(DEMO)
+    plan = {m.name: m for m in plan_methods(cfg, ["sft", "clo"], [], [], [0.5], n_pairs=10)}
+    assert plan["clo-frac0.5"].inherit == "clo" and plan["sft"].inherit is None
+    for grid, spec in SEARCH_GRIDS.items():
+        sft, clo = grid_settings(plan["sft"], grid), grid_settings(plan["clo"], grid)
+        lrs = {o for _, ovr in sft for o in ovr}
+        assert lrs == {f"optim.lr={lr!r}" for lr in spec["lr"]}  # the same learning rates for every method
+        assert {o for _, ovr in clo for o in ovr if o.startswith("optim.lr")} == lrs
+        assert len(clo) == len(spec["lr"]) * len(spec["preference"]) and len({sid for sid, _ in clo}) == len(clo)
+
+
+def test_compare_refuses_search_seeds_that_are_test_seeds(tmp_path):
+    from clo_fast.compare import main
+
+    world = ROOT / "configs" / "world.yaml"
+    with pytest.raises(ConfigError, match="--search-seeds"):
+        main(["--config", str(world), "--seeds", "0", "1", "--search-seeds", "1", "7", "--out-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--set optim.lr"):
+        main(["--config", str(world), "--set", "optim.lr=0.1", "--out-dir", str(tmp_path / "c")])
+    with pytest.raises(ConfigError, match="--search"):
+        main(["--config", str(DEMO), "--search", "small", "--out-dir", str(tmp_path / "d")])
 
 
 def _scores(values: dict[str, np.ndarray]) -> dict:
@@ -109,10 +303,10 @@ def test_sign_control_swapping_sides_reverses_the_effect_and_the_verdict():
     rev = differences(_scores(swapped), groups, "sft")["clo"]["correct_in_lang/sw"]
     assert fwd["lo"] > 0 and rev["hi"] < 0
     assert rev["mean"] == pytest.approx(-fwd["mean"]) and rev["lo"] == pytest.approx(-fwd["hi"])
-    claim = [("1", "CLO beats SFT in the target language", "clo", "tgt", "beats")]
-    assert claim_verdicts({"clo": {"correct_in_lang/sw": fwd}}, claim, "sw")[0]["verdict"] == "confirmed"
-    assert claim_verdicts({"clo": {"correct_in_lang/sw": rev}}, claim, "sw")[0]["verdict"] == "refuted"
-    assert claim_verdicts({}, claim, "sw")[0]["verdict"] == "not run"
+    claim = [("1", "CLO beats SFT in the target language", "clo", "sft", "tgt", None, "beats")]
+    assert claim_verdicts(_scores({**a, **b}), groups, claim, "sw")[0]["verdict"] == "confirmed"
+    assert claim_verdicts(_scores(swapped), groups, claim, "sw")[0]["verdict"] == "refuted"
+    assert claim_verdicts(_scores(a), {"clo": list(a)}, claim, "sw")[0]["verdict"] == "not run"
 
 
 def test_sign_control_swapping_chosen_and_rejected_reverses_the_preference_gradient():
@@ -141,8 +335,12 @@ def test_sign_control_swapping_chosen_and_rejected_reverses_the_preference_gradi
 
 
 def test_claims_are_the_papers_three():
-    assert [c[0] for c in CLAIMS] == ["1", "2", "3"]
-    assert {c[4] for c in CLAIMS} == {"beats", "matches"} and CLAIMS[2][2] == "clo-frac0.5"
+    assert [c[0][0] for c in CLAIMS] == ["1", "1", "2", "2", "3", "3"]
+    by_id = {c[0]: c for c in CLAIMS}
+    assert by_id["1-known"][2:] == ("clo", "sft", "tgt", "known", "beats")
+    assert by_id["1-transfer"][2:] == ("clo", "sft", "tgt", "transfer", "beats")
+    assert by_id["2"][2:] == ("clo", "base", "en", None, "keeps")  # keeps English: non-inferior to the base
+    assert by_id["3-transfer"][2:] == ("clo-frac0.5", "sft", "tgt", "transfer", "matches")
 
 
 def _fake_report(models: dict[str, float]) -> dict:
