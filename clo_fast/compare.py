@@ -546,7 +546,7 @@ def run_search(cfg: RunConfig, config: Path, args, methods: list[Method], out: P
             for seed in args.search_seeds:
                 run_dir = root / "runs" / f"{m.name}-{sid}-s{seed}"
                 init = chosen_dirs[m.init_from][seed] / "hf_model" if m.init_from else None
-                ref_dir = run_dir / "ref_data" if m.init_from else root / m.ref_data
+                ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data  # shared with the test runs
                 overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init, setting)]
                 print(f"[compare] search: training {m.name} {sid} s{seed} → {run_dir}", flush=True)
                 done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)

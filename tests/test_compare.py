@@ -442,12 +442,13 @@ def test_reference_dir_is_where_reference_logps_are_cached(tmp_path):
 
 WORLD_SMALL = ROOT / "docs" / "compare" / "world-small"  # the comparison's small version, run by the test below
 # The small version of `python -m clo_fast.compare --config configs/world.yaml`: the world's base pretrained 300 steps
-# instead of 1500, SFT and CLO (and CLO on half the pairs) for one epoch, seeds 0 and 1, 60 test questions per
-# language. Its compare.json is committed (docs/compare/world-small/) and must come back bit for bit: the whole
-# pipeline (world, base, runs, evaluation, bootstrap, verdicts) reproduces under the pinned CPU numerics.
+# instead of 1500, the small settings grid on one search seed, SFT and CLO (and CLO on half the pairs) for one epoch,
+# test seeds 0 and 1, 60 questions per language (15 entities of each split). Its compare.json is committed
+# (docs/compare/world-small/) and must come back bit for bit: the whole pipeline (world, base, search, selection,
+# runs, evaluation, bootstrap, gates, verdicts) reproduces under the pinned CPU numerics.
 WORLD_SMALL_STEPS = 300
-WORLD_SMALL_ARGS = ["--methods", "sft", "clo", "--seeds", "0", "1", "--set", "optim.epochs=1", "--set",
-                    "eval.max_prompts=60"]  # fmt: skip
+WORLD_SMALL_ARGS = ["--methods", "sft", "clo", "--search", "small", "--search-seeds", "100", "--seeds", "0", "1",
+                    "--set", "optim.epochs=1", "--set", "eval.max_prompts=60"]  # fmt: skip
 
 
 def world_small_command(tmp: Path) -> tuple[list[str], list[str]]:
@@ -478,8 +479,21 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
     comp = json.loads((out / "compare.json").read_text())
     report = json.loads((out / "eval" / "report.json").read_text())
     assert (out / "compare.md").is_file() and (out / "compare.png").stat().st_size > 0
+    assert (out / "search.png").stat().st_size > 0 and (out / "search.json").is_file()
     assert list(comp["methods"]) == ["sft", "clo", "clo-frac0.5"] and comp["seeds"] == [0, 1]
-    assert comp["n_prompts"] == {"en": 60, "sw": 60} and [c["id"] for c in comp["claims"]] == ["1", "2", "3"]
+    assert comp["n_prompts"] == {"en": 60, "sw": 60} and [c["id"] for c in comp["claims"]] == [c[0] for c in CLAIMS]
+    # the search: each method's grid on the search seed, one setting chosen; the test runs use it, CLO's variant too
+    search = comp["search"]
+    assert search["seeds"] == [100] and set(search["methods"]) == {"sft", "clo"}
+    for name in ("sft", "clo"):
+        info = search["methods"][name]
+        assert [r["id"] for r in info["settings"]] == [sid for sid, _ in grid_settings(plan_methods(
+            load_config("configs/world.yaml"), [name], [], [])[0], "small")]  # fmt: skip
+        assert comp["methods"][name]["setting"] == info["chosen_overrides"]
+    assert comp["methods"]["clo-frac0.5"]["setting"] == search["methods"]["clo"]["chosen_overrides"]
+    # the test set: both parts, clustered by entity (4 questions each)
+    assert set(comp["scores"]["parts"]["sw"]) == {"known", "transfer"}
+    assert all(c["n_clusters"] * 4 == c["n_prompts"] for c in comp["claims"] if "n_clusters" in c)
     for method, info in comp["methods"].items():
         for metric in metric_names(comp["languages"]):
             key, lang = metric.split("/")
@@ -487,8 +501,10 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
             assert len(values) == 2 and None not in values  # the world's test set carries answers: accuracy too
             if key in report["models"][f"{method}/s0"]["metrics"][lang]:  # accuracy: compare's, from the scores
                 assert values == [report["models"][f"{method}/s{s}"]["metrics"][lang][key] for s in (0, 1)]
-    # the CLO runs of one dataset share one reference cache: computed by the first, reused by the second
-    assert "reusing" not in (out / "runs" / "clo-s0" / "train.log").read_text()
+    # the CLO runs of one dataset share one reference cache: computed by the first (the search's), reused after
+    first = search["methods"]["clo"]["settings"][0]["id"]
+    assert "reusing" not in (out / "search" / "runs" / f"clo-{first}-s100" / "train.log").read_text()
+    assert "reusing" in (out / "runs" / "clo-s0" / "train.log").read_text()
     assert "reusing" in (out / "runs" / "clo-s1" / "train.log").read_text()
     assert marked_kind(out / "ref_data") == "reference_cache"
     # the committed result, bit for bit (under the library versions the README states)
@@ -498,6 +514,7 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
         for metric, summary in info["metrics"].items():
             assert comp["methods"][method]["metrics"][metric]["values"] == summary["values"], (method, metric)
     assert comp["base"] == committed["base"] and comp["claims"] == committed["claims"]
+    assert comp["search"] == committed["search"]
     # started again: the finished runs are reused (no new training output), the result is the same
     sizes = {p: p.stat().st_size for p in (out / "runs").glob("*/train.log")}
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
@@ -506,7 +523,7 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
     again = json.loads((out / "compare.json").read_text())
     assert again["methods"]["clo"]["metrics"] == comp["methods"]["clo"]["metrics"]
     # other settings into the same folder: refused, naming the run folder
-    r3 = subprocess.run(cmd + ["--set", "clo.beta=0.3"], capture_output=True, text=True, env=env, cwd=ROOT,
+    r3 = subprocess.run(cmd + ["--set", "optim.warmup_steps=3"], capture_output=True, text=True, env=env, cwd=ROOT,
                         stdin=subprocess.DEVNULL)  # fmt: skip
     assert r3.returncode == 2 and "holds a run started with other settings" in r3.stderr
 
