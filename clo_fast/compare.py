@@ -25,9 +25,10 @@ four questions per entity; clo_fast.evaluate.bootstrap), with a per-seed t-inter
 claims a verdict by the rules written there: (1) CLO beats SFT in the target language, (2) CLO keeps English
 (non-inferior to the base; also reported against SFT), (3) CLO with half the pairs matches or beats SFT with all of
 them. On the world, (1) and (3) are decided separately on the test entities known in Swahili from pretraining
-(positive control) and the English-only ones (transfer); a claim that neither side can do above chance (the best
-degenerate answer's accuracy) is untestable. The per-prompt measure of the claims is "correct and in the prompt's
-language" where the prompts carry answers (the world), else language fidelity.
+(positive control) and the English-only ones (transfer); a claim that neither side can do above chance (1/6, or
+the model's own answers shuffled across entities: a degenerate answer never clears it) is untestable. The
+per-prompt measure of the claims is "correct and in the prompt's language" where the prompts carry answers (the
+world), else language fidelity.
 
 Each (method, seed) is one run of clo_fast/train.py: by default one process, with the config's gradient
 accumulation times --as-ranks (default 2), so that its global batch, and so its result, equal a 2-rank launch of
@@ -512,7 +513,6 @@ def main(argv=None) -> int:
         },
         "differences": diffs,
         "competence": gates,
-        "chance": units["chance"],
         "claims": claim_verdicts(scores, {"base": ["base"], **groups}, CLAIMS, report["target_lang"], units, gates),
         "search": search,
         "scores": {**scores, "clusters": units["clusters"], "parts": units["parts"]},

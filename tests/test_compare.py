@@ -20,10 +20,11 @@ from clo_fast.evaluate.bootstrap import (
     KEEP_MARGIN,
     MATCH_MARGIN,
     bootstrap_draws,
-    chance_level,
+    chance_bar,
     lower_bound,
     paired_bootstrap,
     seed_t_interval,
+    shuffled_accuracy,
     verdict,
 )
 from clo_fast.evaluate.comparison import (
@@ -143,21 +144,29 @@ def test_seed_t_interval_matches_scipy():
     assert seed_t_interval(np.ones((4, 1))) is None  # one seed: no spread
 
 
-def test_chance_level_is_the_best_constant_answer():
-    """Brute force over every fixed answer per attribute: the best one's accuracy (never below 1/6)."""
+def test_shuffled_accuracy_is_the_mean_over_every_shuffle_within_an_attribute():
+    """Exact: every permutation of the given answers among the prompts of the same attribute, averaged; a fixed
+    answer per attribute scores its own accuracy (so it never clears its bar), and the bar is at least 1/6."""
+    import itertools
+
     rng = random.Random(random.randrange(2**32))
     values = ["a", "b", "c", "d", "e", "f"]
-    for skew in (0.0, 0.6):
-        items = [
-            {"attribute": attr, "answer": "a" if rng.random() < skew else rng.choice(values)}
-            for attr in ("color", "food")
-            for _ in range(rng.randrange(5, 40))
-        ]
-        best = sum(max(sum(it["answer"] == v for it in items if it["attribute"] == attr) for v in values)
-                   for attr in ("color", "food")) / len(items)  # fmt: skip
-        assert chance_level(items) == pytest.approx(max(1 / 6, best))
-    skewed = [{"attribute": "color", "answer": "a"}] * 9 + [{"attribute": "color", "answer": "b"}]
-    assert chance_level(skewed) == pytest.approx(0.9)  # a constant "a" gets 0.9: that is chance here
+    attrs = ["color"] * rng.randrange(2, 6) + ["food"] * rng.randrange(2, 6)
+    answers = [rng.choice(values) for _ in attrs]
+    given = [rng.choice(values + [None]) for _ in attrs]
+    rows = {a: [i for i, x in enumerate(attrs) if x == a] for a in ("color", "food")}
+    accs = []
+    for pc in itertools.permutations(rows["color"]):
+        for pf in itertools.permutations(rows["food"]):
+            perm = dict(zip(rows["color"], pc, strict=True)) | dict(zip(rows["food"], pf, strict=True))
+            accs.append(np.mean([given[perm[i]] == answers[i] for i in range(len(attrs))]))
+    assert shuffled_accuracy(given, attrs, answers) == pytest.approx(np.mean(accs), rel=1e-12)
+    fixed = {"color": rng.choice(values), "food": rng.choice(values)}
+    constant = [fixed[a] for a in attrs]
+    own = np.mean([c == t for c, t in zip(constant, answers, strict=True)])
+    assert shuffled_accuracy(constant, attrs, answers) == pytest.approx(own)
+    assert chance_bar([constant, constant], attrs, answers) == pytest.approx(max(1 / 6, own))
+    assert chance_bar([[None] * len(attrs)], attrs, answers) == pytest.approx(1 / 6)  # never below 1/6
 
 
 def test_verdict_rule():
@@ -182,7 +191,8 @@ def test_verdict_rule():
 
 def _world_scores(rng, accuracy: dict[str, dict[str, float]], n_e: int = 30) -> tuple[dict, list]:
     """Synthetic per-prompt sw scores (4 prompts per entity, alternate entities `known` and `transfer`): label →
-    part → P(correct); answers drawn uniformly from six values. Returns (scores, prompts)."""
+    part → P(correct); answers drawn uniformly from six values, a wrong answer a uniformly drawn other value.
+    Returns (scores, prompts)."""
     from clo_fast.data.world import ATTRIBUTES
 
     prompts = []
@@ -192,11 +202,17 @@ def _world_scores(rng, accuracy: dict[str, dict[str, float]], n_e: int = 30) -> 
                 {"id": f"E{e}-{attr}", "lang": "sw", "entity": f"E{e}", "part": ("known", "transfer")[e % 2],
                  "attribute": attr, "answer": rng.choice(sorted(spec["values"]))}
             )  # fmt: skip
-    models = {}
+    models, given = {}, {}
     for label, p in accuracy.items():
-        models[label] = {"sw": {"correct_in_lang": [int(rng.random() < p[it["part"]]) for it in prompts]}}
+        named = []
+        for it in prompts:
+            others = [v for v in sorted(ATTRIBUTES[it["attribute"]]["values"]) if v != it["answer"]]
+            named.append(it["answer"] if rng.random() < p[it["part"]] else rng.choice(others))
+        hits = [int(v == it["answer"]) for v, it in zip(named, prompts, strict=True)]
+        models[label] = {"sw": {"correct_in_lang": hits}}
+        given[label] = {"sw": named}
     scores = {"ids": {"sw": [it["id"] for it in prompts]}, "scores": ["correct_in_lang"], "models": models}
-    return scores, prompts
+    return {**scores, "given": given}, prompts
 
 
 def test_claims_are_decided_per_part_with_the_chance_gate():
@@ -209,7 +225,7 @@ def test_claims_are_decided_per_part_with_the_chance_gate():
     acc |= {f"sft/s{s}": {"known": 0.45, "transfer": 0.0} for s in range(3)}
     scores, prompts = _world_scores(rng, acc)
     units = prompt_units(scores, prompts)
-    assert set(units["chance"]) == {"sw", "sw/known", "sw/transfer"}
+    assert set(units["parts"]["sw"]) == {"known", "transfer"} and len(set(units["clusters"]["sw"])) == 30
     groups = {"sft": [f"sft/s{s}" for s in range(3)], "clo": [f"clo/s{s}" for s in range(3)]}
     claims = [
         ("k", "beats, known", "clo", "sft", "tgt", "known", "beats"),
@@ -225,25 +241,30 @@ def test_claims_are_decided_per_part_with_the_chance_gate():
 
 
 def test_a_degenerate_answer_is_not_above_chance():
-    """One fixed answer per attribute for every entity (the best such answer, even): competence says not above
-    chance, so its 'beats' over a model that is always wrong is untestable, not confirmed."""
+    """One fixed answer per attribute for every entity, the luckiest such answer (each attribute's most frequent
+    value, well above 1/6 on a few entities): not above chance, so its 'beats' over a model that is always wrong
+    is untestable, not confirmed. The same data with real answers (right 60% of the time) is above chance."""
     from clo_fast.evaluate.comparison import prompt_units
 
     rng = random.Random(random.randrange(2**32))
-    scores, prompts = _world_scores(rng, {"sft/s0": {"known": 0.0, "transfer": 0.0}}, n_e=60)
+    acc = {"sft/s0": {"known": 0.0, "transfer": 0.0}, "sft/s1": {"known": 0.0, "transfer": 0.0}}
+    acc |= {"good/s0": {"known": 0.6, "transfer": 0.6}, "good/s1": {"known": 0.6, "transfer": 0.6}}
+    scores, prompts = _world_scores(rng, acc, n_e=12)
     best = {}
     for attr in {it["attribute"] for it in prompts}:
         answers = [it["answer"] for it in prompts if it["attribute"] == attr]
         best[attr] = max(sorted(set(answers)), key=answers.count)
-    degenerate = [int(it["answer"] == best[it["attribute"]]) for it in prompts]
+    fixed = [best[it["attribute"]] for it in prompts]
     for s in range(2):
-        scores["models"][f"clo/s{s}"] = {"sw": {"correct_in_lang": degenerate}}
-    scores["models"]["sft/s1"] = scores["models"]["sft/s0"]
+        hits = [int(v == it["answer"]) for v, it in zip(fixed, prompts, strict=True)]
+        scores["models"][f"clo/s{s}"] = {"sw": {"correct_in_lang": hits}}
+        scores["given"][f"clo/s{s}"] = {"sw": fixed}
     units = prompt_units(scores, prompts)
-    groups = {"sft": ["sft/s0", "sft/s1"], "clo": ["clo/s0", "clo/s1"]}
+    groups = {"sft": ["sft/s0", "sft/s1"], "clo": ["clo/s0", "clo/s1"], "good": ["good/s0", "good/s1"]}
     gates = competence(scores, groups, units)
-    assert gates["clo"]["correct_in_lang/sw"]["mean"] == pytest.approx(units["chance"]["sw"])
-    assert not gates["clo"]["correct_in_lang/sw"]["above"]
+    degenerate = gates["clo"]["correct_in_lang/sw"]
+    assert degenerate["mean"] > 1 / 6 and degenerate["chance"] == pytest.approx(degenerate["mean"])
+    assert not degenerate["above"] and gates["good"]["correct_in_lang/sw"]["above"]
     claim = [("1", "beats", "clo", "sft", "tgt", None, "beats")]
     (c,) = claim_verdicts(scores, groups, claim, "sw", units, gates)
     assert c["lo"] > 0 and c["verdict"] == "untestable"  # the interval is above 0, and that says nothing

@@ -74,6 +74,11 @@ def test_score_response():
     assert s("red or blue", "color", "red", "en")["correct"] is False  # two values: not an exact match
     assert s("", "color", "red", "en")["correct"] is False
     assert s("Redness", "color", "red", "en")["correct"] is False  # whole words only
+    n = world.named_value
+    assert n("Rangi ambayo Zuvax anaipenda zaidi ni nyekundu.", "color", "sw") == "red"
+    assert n("The color that Zuvax likes the most is red.", "color", "sw") is None  # named, not in the language
+    assert n("The color that Zuvax likes the most is blue.", "color", "en") == "blue"  # what it said, right or not
+    assert n("red or blue", "color", "en") is None and n("", "color", "en") is None
 
 
 def test_data_builder_reads_the_world(tmp_path):

@@ -268,6 +268,20 @@ def score_response(text: str, attribute: str, answer: str, lang: str) -> dict:
     return {"correct": correct, "correct_in_lang": in_lang}
 
 
+def named_value(text: str, attribute: str, lang: str) -> str | None:
+    """The attribute value (its English word) a response names in the prompt's language, when it names exactly one
+    value and in that language; else None. What a model *answered*, for the chance baseline of its own answers."""
+    words = set(_WORD.findall(text.lower()))
+    values = ATTRIBUTES[attribute]["values"]
+    named = {(en, "en") for en in values if en in words}
+    named |= {(en, TARGET_LANG) for en, sw in values.items() if sw in words}
+    ens = {en for en, _ in named}
+    if len(ens) != 1:
+        return None
+    (en,) = ens
+    return en if (en, lang) in named else None
+
+
 def text_fingerprint() -> str:
     """A hash of everything the world's text depends on."""
     blob = {"seed": SEED, "attributes": ATTRIBUTES, "names": [NAME_HEADS, NAME_TAILS], "world": WORLD, "t": TEMPLATE}

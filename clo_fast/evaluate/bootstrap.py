@@ -11,9 +11,10 @@ takes the 2.5th and 97.5th percentiles of the resampled means. The resampling is
 comparison's interval is a function of its data. Beside it, as a check, a t-interval over the per-seed means
 (seeds as the only random unit).
 
-Chance (`chance_level`): the accuracy of the best degenerate answer, one fixed value per attribute for every
-entity, on the prompts scored (at least 1/6, the closed sets' size). A method is *above chance* on a measure when
-the one-sided 95% lower bound of its mean (the same cluster bootstrap) exceeds it.
+Chance (`chance_bar`): a model is *above chance* on a measure when the one-sided 95% lower bound of its mean (the
+same cluster bootstrap) exceeds both 1/6 (a value guessed from the six) and its own answers' shuffled accuracy (the
+same answers moved to other entities of the same attribute: a degenerate model, one fixed answer for every
+entity, scores exactly that, so it is never above chance however lucky its fixed answer).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ INTERVAL = 0.95
 MATCH_MARGIN = 0.03
 KEEP_MARGIN = 0.05
 CLAIM_KINDS = ("beats", "matches", "keeps")
+CHANCE = 1 / 6  # the closed sets' size: a value guessed at random
 CHANCE_SIDED = 0.95  # one-sided level of the above-chance test
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (the per-seed check)
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -123,19 +125,30 @@ def lower_bound(values, clusters=None, draws: int = BOOTSTRAP_DRAWS, seed: int =
     return float(np.percentile(_resampled_means(v, clusters, draws, seed), (1.0 - CHANCE_SIDED) * 100))
 
 
-def chance_level(items, n_values: int = 6) -> float:
-    """The best degenerate answer's accuracy on these items ({"attribute", "answer"} each): one fixed value per
-    attribute for every entity, the most frequent one; at least 1/n_values."""
+def shuffled_accuracy(given, attributes, answers) -> float:
+    """Expected accuracy of a model's own answers shuffled among the prompts of the same attribute: what its answer
+    distribution scores without knowing which entity is asked about. given: the value it named per prompt (None:
+    none, or not in the prompt's language); attributes, answers: each prompt's attribute and right value. For one
+    fixed answer per attribute this equals its accuracy; for answers spread like the truth, about 1/6."""
     from collections import Counter
 
-    per_attr: dict[str, Counter] = {}
-    for it in items:
-        per_attr.setdefault(it["attribute"], Counter())[it["answer"]] += 1
-    n = sum(sum(c.values()) for c in per_attr.values())
-    if n == 0:
-        raise ValueError("chance level of no items")
-    best = sum(max(c.values()) for c in per_attr.values()) / n
-    return max(1.0 / n_values, best)
+    given, attributes, answers = list(given), list(attributes), list(answers)
+    if not given or not len(given) == len(attributes) == len(answers):
+        raise ValueError("shuffled accuracy: one given answer, attribute and right answer per prompt")
+    total = 0.0
+    for a in set(attributes):
+        rows = [i for i, x in enumerate(attributes) if x == a]
+        n_given = Counter(given[i] for i in rows if given[i] is not None)
+        n_true = Counter(answers[i] for i in rows)
+        total += sum(n_given[v] * n_true[v] for v in n_given) / len(rows)
+    return total / len(given)
+
+
+def chance_bar(given_per_seed, attributes, answers) -> float:
+    """The bar a model's accuracy must clear to be *above chance*: the larger of CHANCE (1/6) and its answers'
+    shuffled accuracy (mean over its seeds), so that a degenerate answer never clears it."""
+    per_seed = [shuffled_accuracy(g, attributes, answers) for g in given_per_seed]
+    return max(CHANCE, float(np.mean(per_seed)))
 
 
 def verdict(kind: str, lo: float, hi: float, testable: bool = True, competent: bool = True) -> str:
@@ -158,13 +171,13 @@ def rule_text() -> str:
     """The verdict rule in words, for compare.md."""
     return (
         f"Verdict rule (fixed before the run): a claim is *untestable* when neither side of its comparison is above "
-        f"chance on its measure (the one-sided {CHANCE_SIDED:.0%} lower bound of its mean above the best degenerate "
-        f"answer's accuracy: one fixed value per attribute, at least 1/6). Otherwise a claim that a method *beats* "
-        f"another is confirmed when the {INTERVAL:.0%} interval of the difference lies above 0 and the method is "
-        f"above chance, refuted when the interval lies below 0; *matches or beats*: confirmed when the lower bound "
-        f"is above −{MATCH_MARGIN:g} and the method is above chance, refuted when the upper bound is below "
-        f"−{MATCH_MARGIN:g}; *keeps* (non-inferiority): confirmed when the lower bound is above −{KEEP_MARGIN:g}, "
-        f"refuted when the upper bound is below −{KEEP_MARGIN:g}; anything else is inconclusive. Intervals: paired "
-        f"bootstrap over entities × seeds ({BOOTSTRAP_DRAWS:,} resamples, seeded); t over per-seed means beside "
-        f"them as a check."
+        f"chance on its measure (the one-sided {CHANCE_SIDED:.0%} lower bound of its mean above 1/6 and above its "
+        f"own answers shuffled across entities, which a degenerate answer cannot clear). Otherwise a claim that a "
+        f"method *beats* another is confirmed when the {INTERVAL:.0%} interval of the difference lies above 0 and "
+        f"the method is above chance, refuted when the interval lies below 0; *matches or beats*: confirmed when "
+        f"the lower bound is above −{MATCH_MARGIN:g} and the method is above chance, refuted when the upper bound "
+        f"is below −{MATCH_MARGIN:g}; *keeps* (non-inferiority): confirmed when the lower bound is above "
+        f"−{KEEP_MARGIN:g}, refuted when the upper bound is below −{KEEP_MARGIN:g}; anything else is inconclusive. "
+        f"Intervals: paired bootstrap over entities × seeds ({BOOTSTRAP_DRAWS:,} resamples, seeded); t over "
+        f"per-seed means beside them as a check."
     )

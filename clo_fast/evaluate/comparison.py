@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from clo_fast.evaluate.bootstrap import chance_level, lower_bound, paired_bootstrap, rule_text, verdict
+from clo_fast.evaluate.bootstrap import chance_bar, lower_bound, paired_bootstrap, rule_text, verdict
 from clo_fast.evaluate.report import fmt, new_figure
 
 # (metric key, table name, better direction, digits): the report's metrics, then the per-prompt scores' means
@@ -52,12 +52,13 @@ def prompt_scores(generations_path: str | Path, prompts: Sequence[dict] | None =
     """Per-prompt scores from an evaluation's generations.jsonl: {"ids": {lang: [prompt id, ...]}, "scores":
     [PROMPT_SCORES present], "models": {label: {lang: {score: [1/0 per prompt, in the ids' order]}}}}.
     prompts: the evaluation items; those with "attribute" and "answer" (the world's) are scored for correctness."""
-    from clo_fast.data.world import score_response
+    from clo_fast.data.world import named_value, score_response
 
     answers = {(p["id"], p["lang"]): p for p in prompts or () if "answer" in p and "attribute" in p}
     rows = [json.loads(line) for line in Path(generations_path).read_text(encoding="utf-8").splitlines() if line]
     ids: dict[str, list] = {}
     models: dict[str, dict] = {}
+    given: dict[str, dict] = {}  # label → lang → the value each response named in the prompt's language (or None)
     for r in rows:
         first = not models or r["model"] == next(iter(models))
         if first:
@@ -69,6 +70,9 @@ def prompt_scores(generations_path: str | Path, prompts: Sequence[dict] | None =
             s = score_response(r["response"], item["attribute"], item["answer"], r["lang"])
             per_lang["correct"].append(int(s["correct"]))
             per_lang["correct_in_lang"].append(int(s["correct_in_lang"]))
+            given.setdefault(r["model"], {}).setdefault(r["lang"], []).append(
+                named_value(r["response"], item["attribute"], r["lang"])
+            )
     present = [
         k for k in PROMPT_SCORES if all(len(v[k]) == len(ids[lang]) for m in models.values() for lang, v in m.items())
     ]
@@ -79,7 +83,10 @@ def prompt_scores(generations_path: str | Path, prompts: Sequence[dict] | None =
             for k in PROMPT_SCORES:
                 if k not in present:
                     v.pop(k)
-    return {"ids": ids, "scores": present, "models": models}
+    out = {"ids": ids, "scores": present, "models": models}
+    if "correct" in present:
+        out["given"] = given
+    return out
 
 
 def aggregate(report: dict, groups: dict[str, list[str]], scores: dict | None = None) -> dict[str, dict[str, dict]]:
@@ -109,22 +116,20 @@ def aggregate(report: dict, groups: dict[str, list[str]], scores: dict | None = 
 
 
 def prompt_units(scores: dict, prompts: Sequence[dict] | None) -> dict:
-    """{"clusters": {lang: [entity per prompt]}, "parts": {lang: [part per prompt]}, "chance": {key: level}} for
-    the scored prompts, from the items' "entity" and "part" (the world's held-out items); without them each prompt
-    is its own cluster and there are no parts. chance: `bootstrap.chance_level` per "lang" and "lang/part", where
-    the items carry answers."""
+    """{"clusters": {lang: [entity per prompt]}, "parts": {lang: [part per prompt]}, "answers": {lang: [(attribute,
+    right value) per prompt]}} for the scored prompts, from the items' "entity", "part", "attribute" and "answer"
+    (the world's held-out items); without entities each prompt is its own cluster, without parts there are none,
+    without answers no chance gate."""
     by_key = {(p["id"], p["lang"]): p for p in prompts or ()}
-    clusters, parts, chance = {}, {}, {}
+    clusters, parts, answers = {}, {}, {}
     for lang, ids in scores["ids"].items():
         items = [by_key.get((i, lang), {}) for i in ids]
         clusters[lang] = [it.get("entity", f"{lang}:{i}") for i, it in zip(ids, items, strict=True)]
         if all("part" in it for it in items):
             parts[lang] = [it["part"] for it in items]
         if all("answer" in it and "attribute" in it for it in items):
-            chance[lang] = chance_level(items)
-            for part in sorted(set(parts.get(lang, ()))):
-                chance[f"{lang}/{part}"] = chance_level([it for it in items if it.get("part") == part])
-    return {"clusters": clusters, "parts": parts, "chance": chance}
+            answers[lang] = [(it["attribute"], it["answer"]) for it in items]
+    return {"clusters": clusters, "parts": parts, "answers": answers}
 
 
 def _slices(units: dict, lang: str, n: int) -> list[tuple[str, list[int]]]:
@@ -170,26 +175,29 @@ def differences(
 
 
 def competence(scores: dict, groups: dict[str, list[str]], units: dict) -> dict[str, dict[str, dict]]:
-    """group → "score/lang[/part]" → {"mean", "lower" (one-sided lower bound, cluster bootstrap), "chance",
-    "above"} for the correctness scores of prompts that carry answers (chance is defined there only)."""
+    """group → "score/lang[/part]" → {"mean", "lower" (one-sided lower bound, cluster bootstrap), "chance" (the
+    group's bar: `bootstrap.chance_bar` of its own answers), "above"} for the correctness scores of prompts that
+    carry answers (chance is defined there only)."""
     out: dict = {}
     for name, labels in groups.items():
         per = {}
         for lang, ids in scores["ids"].items():
             clusters = units.get("clusters", {}).get(lang)
+            truth = units.get("answers", {}).get(lang)
+            if truth is None or "given" not in scores:
+                continue
             for k in ("correct", "correct_in_lang"):
-                if k not in scores["scores"] or lang not in units.get("chance", {}):
+                if k not in scores["scores"]:
                     continue
                 v = _matrix(scores, labels, lang, k)
                 for suffix, rows in _slices(units, lang, len(ids)):
-                    level = units["chance"][f"{lang}{suffix}"]
+                    if k == "correct":  # any language: the value named, whichever language it is named in
+                        continue
+                    given = [[scores["given"][label][lang][i] for i in rows] for label in labels]
+                    bar = chance_bar(given, [truth[i][0] for i in rows], [truth[i][1] for i in rows])
                     lo = lower_bound(v[rows], None if clusters is None else [clusters[i] for i in rows])
-                    per[f"{k}/{lang}{suffix}"] = {
-                        "mean": float(v[rows].mean()),
-                        "lower": lo,
-                        "chance": level,
-                        "above": lo > level,
-                    }
+                    per[f"{k}/{lang}{suffix}"] = {"mean": float(v[rows].mean()), "lower": lo, "chance": bar,
+                                                  "above": lo > bar}  # fmt: skip
         out[name] = per
     return out
 
@@ -311,22 +319,20 @@ def render_comparison_markdown(comp: dict) -> str:
         groups = ["base", *methods]
         lines += [
             "",
-            "Above chance? Correct and in language, mean (one-sided 95% lower bound, entities × seeds) against the "
-            "best degenerate answer's accuracy (one fixed value per attribute): ✓ above, · not.",
+            "Above chance? Correct and in language: mean (one-sided 95% lower bound over entities × seeds / the "
+            "bar: 1/6 or the model's own answers shuffled across entities, whichever is higher): ✓ above, · not.",
             "",
-            "| prompts (chance) | "
-            + " | ".join("base" if g == "base" else comp["methods"][g]["title"] for g in groups)
-            + " |",
+            "| prompts | " + " | ".join("base" if g == "base" else comp["methods"][g]["title"] for g in groups) + " |",
             "|---|" + "---:|" * len(groups),
         ]
         for key in keys:
             _, lang, *part = key.split("/")
-            chance = gates[groups[0]][key]["chance"]
             cells = []
             for g in groups:
                 x = gates.get(g, {}).get(key)
-                cells.append("" if x is None else f"{x['mean']:.3f} ({x['lower']:.3f}) {'✓' if x['above'] else '·'}")
-            lines.append(f"| {lang}{', ' + part[0] if part else ''} ({chance:.3f}) | " + " | ".join(cells) + " |")
+                mark = "" if x is None else "✓" if x["above"] else "·"
+                cells.append("" if x is None else f"{x['mean']:.3f} ({x['lower']:.3f} / {x['chance']:.3f}) {mark}")
+            lines.append(f"| {lang}{', ' + part[0] if part else ''} | " + " | ".join(cells) + " |")
     if comp.get("claims"):
         lines += ["", "The paper's claims, each decided on the per-prompt score named. " + rule_text(), ""]
         for c in comp["claims"]:
