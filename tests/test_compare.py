@@ -589,18 +589,25 @@ WORLD_FULL = ROOT / "docs" / "compare" / "world"  # `python -m clo_fast.compare 
 
 
 def test_readme_world_table_is_the_committed_world_comparison():
-    """The README's world table, intervals and verdicts are the committed compare.md of the full command."""
+    """The README's world table, intervals and verdicts are the committed compare.md of the full command; while that
+    run is pending (not committed), the README says so and states no verdict of the world comparison."""
     from helpers import README, table_rows
 
+    readme = README.read_text(encoding="utf-8")
+    section = readme[readme.index("### Does CLO beat SFT?") :]
+    section = section[: section.index("\n### ")]
     if not (WORLD_FULL / "compare.json").is_file():
-        pytest.skip("docs/compare/world is not committed yet: python -m clo_fast.compare --config configs/world.yaml")
+        assert "full run pending" in section
+        assert not any(f"**{v}**" in section for v in ("confirmed", "refuted", "inconclusive"))
+        return
     md = (WORLD_FULL / "compare.md").read_text(encoding="utf-8")
     comp = json.loads((WORLD_FULL / "compare.json").read_text(encoding="utf-8"))
-    readme = README.read_text(encoding="utf-8")
     header = next(line for line in md.splitlines() if line.startswith("| metric | base |"))
     block = readme[readme.index(header) :]
     assert table_rows(block[: block.index("\n\n")]) == table_rows(md[md.index(header) :].split("\n\n")[0])
     for c in comp["claims"]:
         assert f"({c['id']}) {c['claim']}: **{c['verdict']}**" in readme
-        assert f"[{c['lo']:+.3f}, {c['hi']:+.3f}]" in readme
+        if "lo" in c:
+            assert f"[{c['lo']:+.3f}, {c['hi']:+.3f}]" in readme
     assert comp["seeds"] == [0, 1, 2, 3, 4] and comp["overrides"] == [] and comp["config"].endswith("world.yaml")
+    assert comp["search"]["grid"] == "full" and comp["search"]["seeds"] == [100, 101]
