@@ -1,7 +1,9 @@
 """CLO vs the paper's baselines from one run config over several seeds, with the paper's three claims decided.
 
-    python -m clo_fast.compare --config configs/world.yaml    # the miniature fact world: SFT, SFT → DPO, CLO, CLO
-                                                              # at half the pairs × seeds 0-4; the three verdicts
+    python -m clo_fast.compare --config configs/world.yaml    # the miniature fact world: each method's settings
+                                                              # searched on validation entities (seeds 100, 101),
+                                                              # then SFT, CLO, CLO at half the pairs × seeds 0-4 on
+                                                              # the test entities; the claims' verdicts
     python -m clo_fast.compare --config configs/demo.yaml --lams 0.25 0.75        # + CLO at other λ
     python -m clo_fast.compare --config configs/demo.yaml --layers mlp all        # + which layers train (CLO)
     python -m clo_fast.compare --config configs/demo.yaml --methods sft sft_target dpo dpo_base clo --fractions
@@ -10,11 +12,23 @@ The methods (the paper's baselines): `sft` = SFT on both languages (the translat
 NLL, clo.sft_sequences [0, 2]); `dpo` = SFT → DPO, DPO started from the same seed's SFT model (which is then its
 reference); `clo` = CLO at the config's λ. Named variants: `sft_target` = SFT on the target language only,
 `dpo_base` = DPO from the base. --fractions adds CLO trained on that share of the pairs (data.max_examples;
-default 0.5: the paper's data-size claim). Every difference against SFT gets a 95% interval from a paired
-bootstrap over prompts × seeds (clo_fast.evaluate.bootstrap), and the paper's three claims a verdict by the
-rule written there: (1) CLO beats SFT in the target language, (2) CLO keeps English better than SFT, (3) CLO
-with half the pairs matches or beats SFT with all of them. The per-prompt measure of the claims is "correct and
-in the prompt's language" where the prompts carry answers (the world), else language fidelity.
+default 0.5: the paper's data-size claim).
+
+Settings (--search, the world's default): one shared learning rate picks the winner, so every method gets its own
+settings, chosen the same way before the test is looked at: its grid (SEARCH_GRIDS: the same learning rates for
+all; β and length normalisation for DPO and CLO) is trained on --search-seeds, evaluated on the validation
+entities, and the rule of clo_fast/evaluate/selection.py picks one setting (CLO's variants take CLO's). The test
+runs use other seeds and the test entities only. --search none: the config's settings for every method.
+
+Every difference against SFT gets a 95% interval from a paired bootstrap over entities × seeds (the world asks
+four questions per entity; clo_fast.evaluate.bootstrap), with a per-seed t-interval beside it, and the paper's
+claims a verdict by the rules written there: (1) CLO beats SFT in the target language, (2) CLO keeps English
+(non-inferior to the base; also reported against SFT), (3) CLO with half the pairs matches or beats SFT with all of
+them. On the world, (1) and (3) are decided separately on the test entities known in Swahili from pretraining
+(positive control) and the English-only ones (transfer); a claim that neither side can do above chance (1/6, or
+the model's own answers shuffled across entities: a degenerate answer never clears it) is untestable. The
+per-prompt measure of the claims is "correct and in the prompt's language" where the prompts carry answers (the
+world), else language fidelity.
 
 Each (method, seed) is one run of clo_fast/train.py: by default one process, with the config's gradient
 accumulation times --as-ranks (default 2), so that its global batch, and so its result, equal a 2-rank launch of
@@ -78,16 +92,37 @@ CONTROLLED = (
     "train.push_to_hub",
 )
 DEFAULT_SEEDS = [0, 1, 2, 3, 4]
+DEFAULT_SEARCH_SEEDS = [100, 101]  # the settings search's seeds: never the test's (fresh seeds decide the claims)
 DEFAULT_METHODS = ["sft", "dpo", "clo"]
+WORLD_METHODS = ["sft", "clo"]  # the world's default (with --search, SFT → DPO would need SFT's search first: opt in)
 METHOD_CHOICES = ("sft", "sft_target", "dpo", "dpo_base", "clo")
 DEFAULT_FRACTIONS = [0.5]
-REFERENCE_METHOD = "sft"  # every difference is taken against SFT on both languages (the paper's baseline)
-# the paper's claims: (id, statement, method, per-language measure, language ("tgt" = the target), kind)
+REFERENCE_METHOD = "sft"  # every difference in the table is taken against SFT on both languages (the paper's baseline)
+# The settings search, written before any run (clo_fast/evaluate/selection.py: the rule that picks one setting per
+# method on the validation entities): every method's grid has the same learning rates; the preference methods (DPO,
+# CLO) add β and length normalisation. Epochs stay the config's (2 for the world: SFT answers in Swahili from lr
+# 1e-3 on). CLO's variants (half the pairs, other λ, other layers) take CLO's chosen settings.
+SEARCH_GRIDS = {
+    "full": {"lr": (3e-4, 1e-3, 3e-3), "preference": ((0.1, False), (0.02, False), (0.1, True))},
+    "small": {"lr": (1e-3, 3e-3), "preference": ((0.1, False),)},  # the CI-pinned small version
+}
+SEARCH_FIELDS = ("optim.lr", "clo.beta", "clo.length_normalize")
+PREFERENCE_METHODS = ("dpo", "dpo_base", "clo")
+# the paper's claims: (id, statement, method, versus, language ("tgt" = the target), part of the test entities
+# (None: all), kind (clo_fast/evaluate/bootstrap.py)). Claims 1 and 3 are decided separately on the entities known
+# in Swahili from pretraining (positive control: can anything answer them?) and the English-only ones (transfer).
 CLAIMS = (
-    ("1", "CLO beats SFT in the target language", "clo", "tgt", "beats"),
-    ("2", "CLO keeps English better than SFT", "clo", "en", "beats"),
-    ("3", "CLO with half the pairs matches or beats SFT with all of them", "clo-frac0.5", "tgt", "matches"),
-)
+    ("1-known", "CLO beats SFT in the target language (entities known in Swahili)", "clo", "sft", "tgt", "known",
+     "beats"),
+    ("1-transfer", "CLO beats SFT in the target language (English-only entities: transfer)", "clo", "sft", "tgt",
+     "transfer", "beats"),
+    ("2", "CLO keeps English (non-inferior to the base)", "clo", "base", "en", None, "keeps"),
+    ("2-sft", "CLO keeps English as well as SFT (non-inferior to SFT)", "clo", "sft", "en", None, "keeps"),
+    ("3-known", "CLO with half the pairs matches or beats SFT with all of them (entities known in Swahili)",
+     "clo-frac0.5", "sft", "tgt", "known", "matches"),
+    ("3-transfer", "CLO with half the pairs matches or beats SFT with all of them (English-only entities)",
+     "clo-frac0.5", "sft", "tgt", "transfer", "matches"),
+)  # fmt: skip
 
 
 class CompareError(RuntimeError):
@@ -104,6 +139,12 @@ class Method:
     # folder (in --out-dir) of the reference log-prob cache, shared by the runs of one base model and one dataset;
     # a run that starts from another run's model keeps its own (in its run folder)
     ref_data: str = "ref_data"
+    inherit: str | None = None  # takes this method's chosen settings instead of a search of its own (CLO variants)
+
+    @property
+    def grid(self) -> str:
+        """The kind of settings grid: "preference" (lr × β × length normalisation) or "lr"."""
+        return "preference" if self.name in PREFERENCE_METHODS else "lr"
 
 
 def parse_args(argv=None):
@@ -115,9 +156,24 @@ def parse_args(argv=None):
     p.add_argument(
         "--methods",
         nargs="+",
-        default=DEFAULT_METHODS,
+        default=None,
         choices=METHOD_CHOICES,
-        help="default: sft dpo clo (SFT on both languages, SFT → DPO, CLO: the paper's)",
+        help="default: sft dpo clo (SFT on both languages, SFT → DPO, CLO: the paper's); on the world: sft clo",
+    )
+    p.add_argument(
+        "--search",
+        choices=(*SEARCH_GRIDS, "none"),
+        default=None,
+        help="choose each method's settings on the validation entities first (SEARCH_GRIDS; the rule: "
+        "clo_fast/evaluate/selection.py); default: full on the world (the only data with a validation split of "
+        "entities), none elsewhere (the config's settings for every method)",
+    )
+    p.add_argument(
+        "--search-seeds",
+        type=int,
+        nargs="+",
+        default=DEFAULT_SEARCH_SEEDS,
+        help="optim.seed of each search run (default 100 101; never one of --seeds)",
     )
     p.add_argument(
         "--fractions",
@@ -185,18 +241,20 @@ def plan_methods(
         n = max(1, round(f * n_pairs))
         overrides = ("clo.mode=clo", f"clo.lam={lam!r}", f"data.max_examples={n}")
         name = f"clo-frac{f:g}"
-        plan.append(Method(name, f"CLO, {f:g} of pairs", f"CLO\n{f:g} pairs", overrides, ref_data=f"ref_data-{name}"))
+        title, short = f"CLO, {f:g} of pairs", f"CLO\n{f:g} pairs"
+        plan.append(Method(name, title, short, overrides, ref_data=f"ref_data-{name}", inherit="clo"))
     for x in lams:
         if not 0.0 <= x <= 1.0:
             raise ConfigError(f"--lams: λ must be in [0, 1], got {x}")
-        plan.append(Method(f"clo-lam{x:g}", f"CLO (λ={x:g})", f"CLO\nλ={x:g}", ("clo.mode=clo", f"clo.lam={x!r}")))
+        overrides = ("clo.mode=clo", f"clo.lam={x!r}")
+        plan.append(Method(f"clo-lam{x:g}", f"CLO (λ={x:g})", f"CLO\nλ={x:g}", overrides, inherit="clo"))
     if layers and cfg.model.lora is not None:
         raise ConfigError("--layers: model.lora is set; the layer ablation trains full weights (drop model.lora)")
     for layer in layers:
         patterns = list(LAYER_ABLATION_PATTERNS[layer])
         title = {"attention": "CLO, attention only", "mlp": "CLO, MLP only", "all": "CLO, all layers"}[layer]
         overrides = ("clo.mode=clo", f"clo.lam={lam!r}", f"model.trainable_patterns={json.dumps(patterns)}")
-        plan.append(Method(f"clo-{layer}", title, title.replace(", ", "\n"), overrides))
+        plan.append(Method(f"clo-{layer}", title, title.replace(", ", "\n"), overrides, inherit="clo"))
     unique, seen = [], set()
     for m in plan:
         # the config's own layers at CLO's λ is the clo run: an override equal to the config is dropped
@@ -212,6 +270,21 @@ def _patterns_of(override: str) -> list[str] | None:
     return json.loads(value) if name == "model.trainable_patterns" else None
 
 
+def grid_settings(method: Method, grid: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(setting id, overrides) of a method's search grid (SEARCH_GRIDS[grid]), in the grid's order (the order
+    that breaks ties)."""
+    spec = SEARCH_GRIDS[grid]
+    out = []
+    for lr in spec["lr"]:
+        if method.grid == "lr":
+            out.append((f"lr{lr:g}", (f"optim.lr={lr!r}",)))
+            continue
+        for beta, norm in spec["preference"]:
+            sid = f"lr{lr:g}-b{beta:g}" + ("-ln" if norm else "")
+            out.append((sid, (f"optim.lr={lr!r}", f"clo.beta={beta!r}", f"clo.length_normalize={str(norm).lower()}")))
+    return out
+
+
 def run_overrides(
     cfg: RunConfig,
     method: Method,
@@ -220,10 +293,12 @@ def run_overrides(
     ref_dir: Path,
     as_ranks: int,
     init_model: Path | None = None,
+    setting: tuple[str, ...] = (),
 ) -> list[str]:
     start = [f"model.name_or_path={json.dumps(str(init_model))}"] if init_model is not None else []
     return [
         *method.overrides,
+        *setting,
         *start,
         f"optim.seed={seed}",
         f"optim.gradient_accumulation_steps={cfg.optim.gradient_accumulation_steps * as_ranks}",
@@ -322,7 +397,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = Path(args.config)
     cfg = load_config(config, args.set)  # validated once, before anything runs
+    world = cfg.data.source == WORLD_NAME
+    if args.methods is None:
+        args.methods = WORLD_METHODS if world else DEFAULT_METHODS
+    if args.search is None:
+        args.search = "full" if world else "none"
+    if args.search != "none" and not world:
+        raise ConfigError("--search: only the world has a validation split of held-out entities (use --search none)")
     controlled = CONTROLLED + (("data.max_examples",) if args.fractions else ())
+    controlled += SEARCH_FIELDS if args.search != "none" else ()
     controlled += ("model.name_or_path",) if "dpo" in args.methods else ()
     clash = [s for s in args.set if s.split("=", 1)[0].strip() in controlled]
     if clash:
@@ -337,6 +420,10 @@ def main(argv=None) -> int:
     bad = [s for s in args.seeds if not 0 <= s < 2**32]
     if bad:
         raise ConfigError(f"--seeds: {bad[0]} is out of range (a seed is in [0, 2**32))")
+    if args.search != "none":
+        clash = sorted(set(args.seeds) & set(args.search_seeds))
+        if clash or len(set(args.search_seeds)) != len(args.search_seeds):
+            raise ConfigError(f"--search-seeds: must be distinct and fresh (not in --seeds), got {args.search_seeds}")
     check_launcher(args.launcher)
     plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs=1)  # arguments checked first
     check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
@@ -349,15 +436,24 @@ def main(argv=None) -> int:
     n_pairs = count_training_pairs(cfg) if args.fractions else None
     methods = plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs)
 
+    # search: every method's grid on the search seeds, evaluated on the validation entities; one setting chosen
+    search = None
+    chosen: dict[str, tuple[str, ...]] = {}
+    if args.search != "none":
+        search = run_search(cfg, config, args, methods, out)
+        chosen = {name: tuple(info["chosen_overrides"]) for name, info in search["methods"].items()}
+        write_text_atomic(out / "search.json", json.dumps(search, ensure_ascii=False, indent=1))
+
     # train: every method × seed, one process each (a method another starts from is trained first)
     runs: dict[str, dict] = {}
     for m in methods:
+        setting = chosen.get(m.inherit or m.name, ())
         for seed in args.seeds:
             label = f"{m.name}/s{seed}"
             run_dir = out / "runs" / f"{m.name}-s{seed}"
             init = Path(runs[f"{m.init_from}/s{seed}"]["run_dir"]) / "hf_model" if m.init_from else None
             ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data
-            overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init)]
+            overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init, setting)]
             print(f"[compare] training {label} → {run_dir}", flush=True)
             done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
             runs[label] = {**done, "run_dir": str(run_dir)}
@@ -366,7 +462,15 @@ def main(argv=None) -> int:
 
     # evaluate: the base and every trained model on the same held-out prompts
     from clo_fast.evaluate import evaluate_models
-    from clo_fast.evaluate.comparison import aggregate, claim_verdicts, differences, prompt_scores, write_comparison
+    from clo_fast.evaluate.comparison import (
+        aggregate,
+        claim_verdicts,
+        competence,
+        differences,
+        prompt_scores,
+        prompt_units,
+        write_comparison,
+    )
     from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
@@ -378,9 +482,11 @@ def main(argv=None) -> int:
 
     # per-prompt scores, summaries over seeds, intervals against SFT, the claims' verdicts, and the files
     scores = prompt_scores(out / "eval" / "generations.jsonl", prompts)
+    units = prompt_units(scores, prompts)
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
     summary = aggregate(report, {"base": ["base"], **groups}, scores)
-    diffs = differences(scores, groups, REFERENCE_METHOD) if REFERENCE_METHOD in groups else {}
+    diffs = differences(scores, groups, REFERENCE_METHOD, units) if REFERENCE_METHOD in groups else {}
+    gates = competence(scores, {"base": ["base"], **groups}, units)
     extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
     comp = {
         "config": str(config),
@@ -401,6 +507,7 @@ def main(argv=None) -> int:
                 "title": m.title,
                 "short": m.short,
                 "overrides": list(m.overrides),
+                "setting": list(chosen.get(m.inherit or m.name, ())),
                 "init_from": m.init_from,
                 "metrics": summary[m.name],
                 "train_seconds": [runs[f"{m.name}/s{s}"].get("seconds") for s in args.seeds],
@@ -408,8 +515,10 @@ def main(argv=None) -> int:
             for m in methods
         },
         "differences": diffs,
-        "claims": claim_verdicts(diffs, CLAIMS, report["target_lang"]),
-        "scores": scores,
+        "competence": gates,
+        "claims": claim_verdicts(scores, {"base": ["base"], **groups}, CLAIMS, report["target_lang"], units, gates),
+        "search": search,
+        "scores": {**scores, "clusters": units["clusters"], "parts": units["parts"]},
         "seconds": round(time.time() - t0, 1),  # this invocation, reused runs not counted again
         "runs_trained": sum(not r.get("reused") for r in runs.values()),
         "runs_reused": sum(bool(r.get("reused")) for r in runs.values()),
@@ -419,6 +528,73 @@ def main(argv=None) -> int:
     print("\n" + (out / files["markdown"]).read_text())
     print(f"[compare] {out.resolve()}: " + ", ".join(files.values()))
     return 0
+
+
+def run_search(cfg: RunConfig, config: Path, args, methods: list[Method], out: Path) -> dict:
+    """Each method's grid (SEARCH_GRIDS[args.search]) trained on the search seeds, evaluated on the validation
+    entities, and one setting chosen per method by clo_fast.evaluate.selection's rule. A method that starts from
+    another (SFT → DPO) starts from that method's chosen setting of the same seed. Returns the search's record."""
+    from clo_fast.data.world import build_entities, validation_items
+    from clo_fast.evaluate import evaluate_models
+    from clo_fast.evaluate.comparison import prompt_scores
+    from clo_fast.evaluate.selection import SELECTION_RULE, choose, setting_value, validation_means
+    from clo_fast.pretrained import resolve_model_path
+
+    prompts = validation_items(build_entities())
+    root = out / "search"
+    record: dict = {
+        "grid": args.search,
+        "grids": SEARCH_GRIDS[args.search],
+        "seeds": args.search_seeds,
+        "rule": SELECTION_RULE,
+        "split": "valid",
+        "methods": {},
+    }
+    chosen_dirs: dict[str, dict[int, Path]] = {}
+    base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir)
+    for m in methods:
+        if m.inherit:
+            continue
+        settings = grid_settings(m, args.search)
+        specs = [("base", base_path)]
+        dirs: dict[tuple[str, int], Path] = {}
+        for sid, setting in settings:
+            for seed in args.search_seeds:
+                run_dir = root / "runs" / f"{m.name}-{sid}-s{seed}"
+                init = chosen_dirs[m.init_from][seed] / "hf_model" if m.init_from else None
+                ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data  # shared with the test runs
+                overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init, setting)]
+                print(f"[compare] search: training {m.name} {sid} s{seed} → {run_dir}", flush=True)
+                done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
+                how = "finished earlier, reused" if done.get("reused") else "trained"
+                print(f"[compare] search: {m.name} {sid} s{seed}: {done['seconds']:.0f} s ({how})", flush=True)
+                dirs[(sid, seed)] = run_dir
+                specs.append((f"{m.name}@{sid}/s{seed}", str(run_dir / "hf_model")))
+        evaluate_models(cfg, specs, prompts=prompts, out_dir=root / "eval" / m.name)
+        scores = prompt_scores(root / "eval" / m.name / "generations.jsonl", prompts)
+        rows = []
+        for sid, setting in settings:
+            per_seed = [validation_means(scores, f"{m.name}@{sid}/s{seed}") for seed in args.search_seeds]
+            rows.append(
+                {
+                    "id": sid,
+                    "overrides": list(setting),
+                    "per_seed": per_seed,
+                    "criterion": setting_value(per_seed, cfg.data.target_lang),
+                }
+            )
+        best = choose([r["criterion"] for r in rows])
+        chosen_dirs[m.name] = {seed: dirs[(rows[best]["id"], seed)] for seed in args.search_seeds}
+        record["methods"][m.name] = {
+            "title": m.title,
+            "settings": rows,
+            "chosen": rows[best]["id"],
+            "chosen_overrides": rows[best]["overrides"],
+            "base": validation_means(scores, "base"),
+        }
+        print(f"[compare] search: {m.name} chose {rows[best]['id']} ({' '.join(rows[best]['overrides'])}): "
+              f"criterion {rows[best]['criterion']:.3f} on validation", flush=True)  # fmt: skip
+    return record
 
 
 def count_training_pairs(cfg: RunConfig) -> int:

@@ -7,11 +7,15 @@ covers. Deterministic; nothing is downloaded.
   it would misread are left out);
 - pretraining text (`pretraining_documents`): English fact sentences about *every* entity; English question/answer
   pairs in the instruction template for the `qa` entities; plain Swahili fact sentences (never in the template) for
-  the `swahili` entities, a minority;
+  the `swahili` entities: most of the non-held-out ones, and half of each held-out split;
 - fine-tuning pairs (`finetune_pairs`; `data.source: world`, `translator: columns`): English questions and answers
-  about the `finetune` entities with their Swahili translations;
-- the test set (`test_items`): one question per attribute and language about each `test` entity, whose facts
-  appear only in the English fact sentences of the pretraining text (no question, no Swahili, no fine-tuning).
+  about the `finetune` entities with their Swahili translations (a quarter of them known in Swahili from pretraining,
+  the rest only in English: fine-tuning shows answering a Swahili question from English-only knowledge);
+- two held-out splits of entities that appear in no Q&A and no fine-tuning pair, each in two parts (`held_out_items`;
+  the `part` of an item): `known` entities whose facts are also in the Swahili pretraining text (a positive control:
+  a Swahili answer can be recalled) and `transfer` entities whose facts are only in English (a correct Swahili answer
+  needs knowledge to cross languages). `valid` chooses each method's settings; `test` (`test_items`) decides the
+  claims and is never used to choose anything.
 
 A model answers with the fact sentence ("The color that Zuvax likes the most is red." / "Rangi ambayo Zuvax
 anaipenda zaidi ni nyekundu."), so a response is scored by the attribute values it names (`score_response`).
@@ -96,15 +100,19 @@ NAME_HEADS = (
 NAME_TAILS = (
     "vax", "rix", "zor", "qel", "tux", "mox", "dex", "lin", "vor", "kaz", "pex", "zin", "wol", "dax", "rul",
 )  # fmt: skip
-# entity groups, as counts in the order the names are dealt: every entity's facts are in the English pretraining
-# text; the groups say what else is
+# entity groups, as index ranges in the order the names are dealt: every entity's facts are in the English
+# pretraining text; the groups say what else is. Held-out entities (valid, test) are in no Q&A and no fine-tuning pair.
 WORLD = {
     "entities": 360,
-    "qa": (0, 180),  # English Q&A in the instruction template in pretraining
-    "finetune": (120, 240),  # fine-tuning pairs (English + Swahili): 120 entities × 4 attributes = 480 pairs
-    "swahili": (180, 270),  # plain Swahili fact sentences in pretraining (a quarter of the entities)
-    "test": (300, 360),  # held out: English facts only; 60 × 4 = 240 test questions per language
+    "qa": ((0, 180),),  # English Q&A in the instruction template in pretraining
+    "finetune": ((120, 240),),  # fine-tuning pairs (English + Swahili): 120 entities × 4 attributes = 480 pairs
+    # plain Swahili fact sentences in pretraining: 150 of the 240 non-held-out entities (30 of them fine-tuned), and
+    # the `known` half of each held-out split
+    "swahili": ((0, 150), (240, 270), (300, 330)),
+    "valid": ((240, 300),),  # held out, for choosing settings: 30 known in Swahili + 30 English-only
+    "test": ((300, 360),),  # held out, for the claims: 30 known in Swahili + 30 English-only (240 questions/language)
 }
+PARTS = ("known", "transfer")  # held-out entities with / without Swahili sentences in pretraining
 
 
 def entity_names() -> list[str]:
@@ -158,8 +166,25 @@ def _build_entities(n: int) -> list[dict]:
 
 
 def _group(entities: list[dict], name: str) -> list[dict]:
-    lo, hi = WORLD[name]
-    return entities[lo:hi]
+    return [e for lo, hi in WORLD[name] for e in entities[lo:hi]]
+
+
+def _indices(name: str) -> set[int]:
+    return {i for lo, hi in WORLD[name] for i in range(lo, hi)}
+
+
+def held_out_entities(entities: list[dict], split: str) -> list[tuple[dict, str]]:
+    """(entity, part) of a held-out split ("valid" or "test"), parts alternating (known, transfer, known, ...) so
+    that the first n items of a split hold both parts."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"held-out split must be 'valid' or 'test', got {split!r}")
+    sw = _indices("swahili")
+    idx = sorted(_indices(split))
+    known = [(entities[i], "known") for i in idx if i in sw]
+    transfer = [(entities[i], "transfer") for i in idx if i not in sw]
+    out = [x for pair in zip(known, transfer, strict=False) for x in pair]
+    n = min(len(known), len(transfer))
+    return out + known[n:] + transfer[n:]
 
 
 def pretraining_documents(entities: list[dict]) -> dict[str, list[str]]:
@@ -194,12 +219,13 @@ def finetune_pairs(entities: list[dict]) -> list[dict]:
     ]
 
 
-def test_items(entities: list[dict]) -> list[dict]:
-    """Evaluation items {id, lang, prompt, reference, attribute, answer} about the `test` entities: English items
-    first, then Swahili, the same ids in both (a prompt and its translation)."""
+def held_out_items(entities: list[dict], split: str) -> list[dict]:
+    """Evaluation items {id, lang, prompt, reference, attribute, answer, entity, part} about a held-out split's
+    entities (`held_out_entities`): English items first, then Swahili, the same ids in both (a prompt and its
+    translation)."""
     items = []
     for lang in ("en", TARGET_LANG):
-        for e in _group(entities, "test"):
+        for e, part in held_out_entities(entities, split):
             for a, v in e["attributes"].items():
                 items.append(
                     {
@@ -209,9 +235,21 @@ def test_items(entities: list[dict]) -> list[dict]:
                         "reference": sentence(a, f"{lang}_a", e["name"], v),
                         "attribute": a,
                         "answer": v,
+                        "entity": e["name"],
+                        "part": part,
                     }
                 )
     return items
+
+
+def test_items(entities: list[dict]) -> list[dict]:
+    """The test split's items (`held_out_items`): decide the claims, never choose settings."""
+    return held_out_items(entities, "test")
+
+
+def validation_items(entities: list[dict]) -> list[dict]:
+    """The validation split's items (`held_out_items`): choose each method's settings."""
+    return held_out_items(entities, "valid")
 
 
 _WORD = re.compile(r"[a-z]+")
@@ -228,6 +266,20 @@ def score_response(text: str, attribute: str, answer: str, lang: str) -> dict:
     correct = bool(named) and {en for en, _ in named} == {answer}
     in_lang = correct and (answer, lang) in named
     return {"correct": correct, "correct_in_lang": in_lang}
+
+
+def named_value(text: str, attribute: str, lang: str) -> str | None:
+    """The attribute value (its English word) a response names in the prompt's language, when it names exactly one
+    value and in that language; else None. What a model *answered*, for the chance baseline of its own answers."""
+    words = set(_WORD.findall(text.lower()))
+    values = ATTRIBUTES[attribute]["values"]
+    named = {(en, "en") for en in values if en in words}
+    named |= {(en, TARGET_LANG) for en, sw in values.items() if sw in words}
+    ens = {en for en, _ in named}
+    if len(ens) != 1:
+        return None
+    (en,) = ens
+    return en if (en, lang) in named else None
 
 
 def text_fingerprint() -> str:
