@@ -48,6 +48,7 @@ def main() -> None:
     runs = {}
     for lr in a.lrs:
         run = out / f"lr{lr:g}"
+        log = out / f"lr{lr:g}.log"
         runs[f"lr {lr:g}"] = run / "run" / "hf_model"
         if (run / "run" / "hf_model" / "config.json").is_file():
             print(f"[sweep] lr {lr:g}: finished earlier, reused", flush=True)
@@ -60,10 +61,10 @@ def main() -> None:
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(a.master_port), train, "--config", str(CONFIG)]
         cmd += [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
         print("[sweep] " + " ".join(cmd), flush=True)
-        with open(run.with_suffix(".log"), "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        with open(log, "w") as fh:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            sys.exit(f"[sweep] lr {lr:g} failed (exit {rc}): see {run.with_suffix('.log')}")
+            sys.exit(f"[sweep] lr {lr:g} failed (exit {rc}): see {log}")
 
     # 2. the validation prompts: the held-out pairs after the test prompts
     from clo_fast.config import load_config
@@ -85,19 +86,12 @@ def main() -> None:
 
     # 3. the rule
     m = {label: info["metrics"] for label, info in report["models"].items()}
-    rows = []
-    for label in runs:
-        keeps = (
-            m[label]["en"]["nll_per_token"] <= (1 + ENGLISH_NLL_MARGIN) * m["base"]["en"]["nll_per_token"]
-            and m[label]["en"]["loop_rate"] <= m["base"]["en"]["loop_rate"]
-        )
-        rows.append((label, keeps, m[label]["sw"]["fidelity"], m[label]["sw"]["chrf"]))
-    kept = [r for r in rows if r[1]]
-    chosen = max(kept, key=lambda r: (r[2], r[3]))[0] if kept else None
+    keeps, chosen = choose(m, list(runs))
     result = {"selection_rule": SELECTION, "chosen": chosen, "validation_prompts": len(val),
               "val_ids": [r["id"] for r in val], "runs": {k: str(v) for k, v in runs.items()},
-              "keeps_english": {r[0]: r[1] for r in rows}, "metrics": m,
-              "english_warnings": {k: english_warnings(v.parent.parent.with_suffix(".log")) for k, v in runs.items()},
+              "keeps_english": keeps, "metrics": m,
+              "english_warnings": {k: english_warnings(v.parent.parent.parent / f"{v.parent.parent.name}.log")
+                                   for k, v in runs.items()},
               }  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     (out / "sweep.md").write_text(sweep_markdown(result, list(m)))
@@ -107,6 +101,20 @@ def main() -> None:
     if chosen is not None:
         evaluate_models(cfg, [("base", base), ("trained", str(runs[chosen]))], prompts=test, out_dir=out / "test_eval")
         print((out / "test_eval" / "report.md").read_text())
+
+
+def choose(m: dict, labels: list[str]) -> tuple[dict, str | None]:
+    """SELECTION on validation metrics `m` (label → language → metrics; "base" among them): ({label: keeps English},
+    the chosen label or None)."""
+    base = m["base"]["en"]
+    keeps = {
+        x: m[x]["en"]["nll_per_token"] <= (1 + ENGLISH_NLL_MARGIN) * base["nll_per_token"]
+        and m[x]["en"]["loop_rate"] <= base["loop_rate"]
+        for x in labels
+    }
+    kept = [x for x in labels if keeps[x]]
+    chosen = max(kept, key=lambda x: (m[x]["sw"]["fidelity"], m[x]["sw"]["chrf"])) if kept else None
+    return keeps, chosen
 
 
 def english_warnings(log: Path) -> list[str]:

@@ -457,3 +457,21 @@ def test_a_two_language_demo_run_reports_both_languages(tmp_path, cache):
     assert report["target_langs"] == ["sw", "ko"] and report["languages"] == ["en", "sw", "ko"]
     assert report["n_prompts"] == {"en": 3, "sw": 3, "ko": 3}
     assert "data: 240 train / 28 eval examples" in r.stdout  # 120 + 14 pairs, each in both languages
+
+
+@slow
+@needs_launcher
+def test_the_english_guard_warns_at_the_eval_step_english_degrades(tmp_path, cache):
+    """lr 0.05 on the demo erodes English within a few updates: the run says so at the eval step where the held-out
+    English NLL/token first passes train.english_nll_warn above the reference's, naming the lr; and keeps going."""
+    from helpers import metrics
+
+    r = launch(tmp_path, cache, extra=["optim.lr=0.05", "train.english_nll_warn=0.05"])
+    assert r.returncode == 0, f"{r.stderr[-3000:]}"
+    m = metrics(tmp_path / "run")
+    evals = {s: rec["eval/en/nll_increase"] for s, rec in sorted(m.items()) if "eval/en/nll_increase" in rec}
+    first = next(s for s, inc in evals.items() if inc > 0.05)  # the demo at this lr does degrade: else it fails here
+    warned = [line for line in r.stdout.splitlines() if "English is degrading" in line]
+    assert warned and f"step {first}:" in warned[0] and "optim.lr = 0.05" in warned[0]
+    assert all(abs(m[s]["eval/en/nll_per_token"] / m[s]["eval/en/ref_nll_per_token"] - 1 - inc) < 1e-9
+               for s, inc in evals.items())  # fmt: skip
