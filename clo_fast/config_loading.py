@@ -146,7 +146,9 @@ def config_file(value: str) -> str:
         return shipped
     if not Path(value).suffix and "/" not in value:  # a name, not a path: say which names exist
         names = ", ".join(shipped_config_names()) or f"none found in {configs_dir()}"
-        raise argparse.ArgumentTypeError(f"{value}: no such file, and no shipped config by that name (shipped: {names})")
+        raise argparse.ArgumentTypeError(
+            f"{value}: no such file, and no shipped config by that name (shipped: {names})"
+        )
     return value  # a missing path: load_config says "config file not found", naming it
 
 
