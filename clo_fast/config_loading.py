@@ -157,7 +157,7 @@ def config_file(value: str) -> str:
     ...), which works from a wheel install too (clo_fast/configs/)."""
     import argparse
 
-    from clo_fast.paths import shipped_config, shipped_config_names
+    from clo_fast.paths import configs_dir, shipped_config, shipped_config_names
 
     if Path(value).expanduser().exists():
         return value
@@ -165,8 +165,9 @@ def config_file(value: str) -> str:
     if shipped:
         return shipped
     if not Path(value).suffix and "/" not in value:  # a name, not a path: say which names exist
+        names = ", ".join(shipped_config_names()) or f"none found in {configs_dir()}"
         raise argparse.ArgumentTypeError(
-            f"{value}: no such file, and no shipped config by that name (shipped: {', '.join(shipped_config_names())})"
+            f"{value}: no such file, and no shipped config by that name (shipped: {names})"
         )
     return value  # a missing path: load_config says "config file not found", naming it
 

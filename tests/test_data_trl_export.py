@@ -1,5 +1,5 @@
 """clo_fast.data.trl_export: the pairs as TRL's preference and SFT datasets, read back with load_from_disk and
-prepared by TRL's own DPOTrainer dataset preparation into the same tokens clo-fast trains on."""
+prepared by TRL's own DPOTrainer / SFTTrainer dataset preparation into the same tokens clo-fast trains on."""
 
 from __future__ import annotations
 
@@ -56,9 +56,22 @@ def test_the_preference_export_tokenizes_in_trl_to_our_sequences(tmp_path, demo_
     assert [r["direction"] for r in pref["train"]][:2] == [cfg.source_lang, cfg.target_lang]
 
 
-def test_the_sft_export_is_prompt_completion_per_language(tmp_path, demo_tokenizer):
-    cfg, dsd, out = _export(tmp_path, demo_tokenizer)
+def test_the_sft_export_tokenizes_in_trl_to_our_sft_sequences(tmp_path, demo_tokenizer):
+    """TRL's SFTTrainer._prepare_dataset on the prompt/completion rows: the English row gives our sequence 0 and the
+    target row our sequence 2, its completion mask our labelled (response) tokens."""
+    from trl import SFTConfig, SFTTrainer
+
+    tok = demo_tokenizer
+    cfg, dsd, out = _export(tmp_path, tok)
     sft = datasets.load_from_disk(str(out / "sft"))
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], max_length=None, bf16=False, use_cpu=True)
+    stub = SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=None)
+    prepared = SFTTrainer._prepare_dataset(stub, sft["train"], tok, args, False, None, "train")
+    ours = tokenize_dataset(dsd["train"], tok, cfg, use_cache=False)
+    for i, ex in enumerate(ours):
+        for row, k in ((prepared[2 * i], 0), (prepared[2 * i + 1], 2)):
+            assert row["input_ids"] == ex["input_ids"][k]
+            assert row["completion_mask"] == [int(t != IGNORE_INDEX) for t in ex["labels"][k]]
     row_en, row_tgt = sft["train"][0], sft["train"][1]
     ex = dsd["train"][0]
     assert (row_en["lang"], row_tgt["lang"]) == (cfg.source_lang, cfg.target_lang)

@@ -288,9 +288,9 @@ def _train_node(node_rank: int, port: int, out: Path, cache: Path, work: Path, *
 
     from helpers import ROOT
 
-    launch = ["--launcher", "torchrun", "--nnodes", str(nnodes), "--nproc", str(nproc), "--master-port", str(port)]
+    launch = ["--nnodes", str(nnodes), "--nproc", str(nproc), "--master-port", str(port)]  # one node: deepspeed
     if nnodes > 1:
-        launch += ["--node-rank", str(node_rank), "--master-addr", "127.0.0.1"]
+        launch += ["--launcher", "torchrun", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1"]
     sets = [f"train.output_dir={out}", f"data.output_dir={work / 'data'}", f"data.cache_dir={cache}"]
     sets += ["optim.max_steps=2", "train.run_evaluation=false", "train.eval_steps=0", "train.export_hf=false", *extra]
     cmd = [shutil.which("clo-fast") or str(Path(sys.executable).parent / "clo-fast"), "train", *launch]
@@ -322,8 +322,8 @@ def _first_loss(run: Path) -> float:
 def test_two_nodes_on_one_machine_train_the_demo_like_one_node(tmp_path, demo_cache, demo_model_dir):
     """Two `torchrun --nnodes 2 --node_rank {0,1} --rdzv-endpoint 127.0.0.1:PORT` processes (gloo), one rank each,
     each node with its own local cache folder (the demo model copied in, as on separate machines) and the output
-    folder shared: two steps, the same first-step loss as one node with two ranks. With node-local output folders
-    every rank stops at the shared-filesystem probe."""
+    folder shared: two steps, the same first-step loss as one node with two ranks (`clo-fast train --nproc 2`, the
+    deepspeed launcher). With node-local output folders every rank stops at the shared-filesystem probe."""
     import shutil
 
     caches = []
@@ -332,7 +332,9 @@ def test_two_nodes_on_one_machine_train_the_demo_like_one_node(tmp_path, demo_ca
         shutil.copytree(Path(demo_cache) / "demo_model", caches[-1] / "demo_model")
     one = tmp_path / "one_node" / "run"
     rc = _wait([_train_node(0, _port_in_range(), one, caches[0], tmp_path / "one_node", nnodes=1, nproc=2)])
-    assert rc == [0], (tmp_path / "one_node" / "node.log").read_text()[-4000:]
+    log = (tmp_path / "one_node" / "node.log").read_text()
+    assert rc == [0], log[-4000:]
+    assert "-m deepspeed.launcher.runner --num_gpus 2 --master_port" in log
 
     shared, port = tmp_path / "shared" / "run", _port_in_range()
     nodes = [_train_node(n, port, shared, caches[n], tmp_path / f"node{n}") for n in (0, 1)]

@@ -102,7 +102,8 @@ def test_a_built_wheel_installed_outside_the_repository_trains_the_shipped_demo(
     from helpers import locked_torch
 
     dist = tmp_path / "dist"
-    build = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)]
+    # sdist first, the wheel from the unpacked sdist: no stale file in the checkout's build/ can enter it
+    build = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(ROOT)]
     out = subprocess.run(build, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (wheel,) = dist.glob("clo_fast-*.whl")
