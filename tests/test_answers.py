@@ -43,6 +43,10 @@ CASES = [
     ("Andika shairi", "kama kama kama kama", False, True),
     ("富士山の高さは?", "富士山の高さは?", True, False),  # scripts without spaces: one word per character
     ("富士山の高さは?", "富士山の高さは3776メートルです。", False, False),
+    # a loop inside one word, which the word rules see as one long word (SmolLM2 at lr 1e-4 wrote this)
+    ("Kipimajoto hupima nini?", "Kipimajoto hupima nini, kabirimajimimimimimimimimimimi", False, True),
+    ("What is a million?", "A million is 1000000, written with six zeros......", False, False),
+    ("Spell the river.", "Mississippi: M-i-s-s-i-s-s-i-p-p-i.", False, False),
 ]
 
 

@@ -11,10 +11,14 @@ scripts without spaces too. Thresholds are stated once, here:
   answer made of the prompt's words ("Blue.") is too short to be one.
 - loop: some n-gram (n <= `LOOP_MAX_NGRAM`) `LOOP_RUN` or more times back to back ("kama kama kama"), or more
   than `LOOP_REPEATED_SHARE` of the answer's word trigrams repeating an earlier trigram ("... is the tallest is
-  the highest is the tallest is ...") once it has `LOOP_MIN_WORDS` words.
+  the highest is the tallest is ...") once it has `LOOP_MIN_WORDS` words, or a run of letters repeating itself
+  inside a word, a unit of up to `CHAR_LOOP_MAX_UNIT` characters that starts with a letter `CHAR_LOOP_RUN` or more
+  times back to back ("kabirimajimimimimimi...": one long word to the word rules; "1000000" and "......" are not).
 """
 
 from __future__ import annotations
+
+import re
 
 from clo_fast.data.quality import longest_repeat, words
 
@@ -24,6 +28,9 @@ LOOP_MAX_NGRAM = 4
 LOOP_RUN = 3
 LOOP_MIN_WORDS = 12
 LOOP_REPEATED_SHARE = 0.25
+CHAR_LOOP_MAX_UNIT = 8
+CHAR_LOOP_RUN = 5
+_CHAR_LOOP = re.compile(rf"([^\W\d_]\S{{0,{CHAR_LOOP_MAX_UNIT - 1}}}?)\1{{{CHAR_LOOP_RUN - 1},}}")
 
 
 def repeated_trigram_share(tokens: list[str]) -> float:
@@ -45,6 +52,8 @@ def is_echo(prompt: str, answer: str) -> bool:
 
 
 def is_loop(answer: str) -> bool:
+    if _CHAR_LOOP.search(answer):
+        return True
     a = words(answer)
     if longest_repeat(a, LOOP_MAX_NGRAM) >= LOOP_RUN:
         return True
