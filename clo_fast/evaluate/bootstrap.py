@@ -19,6 +19,9 @@ entity, scores exactly that, so it is never above chance however lucky its fixed
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 BOOTSTRAP_DRAWS = 10_000
@@ -181,3 +184,14 @@ def rule_text() -> str:
         f"Intervals: paired bootstrap over entities × seeds ({BOOTSTRAP_DRAWS:,} resamples, seeded); t over "
         f"per-seed means beside them as a check."
     )
+
+
+def summarize(values: Sequence[float | None]) -> dict:
+    """{"values", "n", "mean", "std"}: the sample standard deviation (n − 1), None below two values; a None
+    value (a metric a model could not get) makes mean and std None."""
+    vals = list(values)
+    if not vals or any(v is None for v in vals):
+        return {"values": vals, "n": len(vals), "mean": None, "std": None}
+    mean = math.fsum(vals) / len(vals)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"values": vals, "n": len(vals), "mean": mean, "std": std}

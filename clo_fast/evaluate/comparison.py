@@ -15,7 +15,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from clo_fast.evaluate.bootstrap import chance_bar, lower_bound, paired_bootstrap, rule_text, verdict
+from clo_fast.evaluate.bootstrap import chance_bar, lower_bound, paired_bootstrap, rule_text, summarize, verdict
+from clo_fast.evaluate.comparison_extra import extra_rows
 from clo_fast.evaluate.report import fmt, new_figure
 
 # (metric key, table name, better direction, digits): the report's metrics, then the per-prompt scores' means
@@ -30,17 +31,6 @@ METRICS = (
 # named, in either language) and correct in the prompt's language. The claims are decided on the last one given.
 PROMPT_SCORES = ("fidelity", "correct", "correct_in_lang")
 SCORE_METRIC = {"correct": "accuracy"}  # per-prompt score → the table metric that is its mean
-
-
-def summarize(values: Sequence[float | None]) -> dict:
-    """{"values", "n", "mean", "std"}: the sample standard deviation (n − 1), None below two values; a None
-    value (a metric a model could not get) makes mean and std None."""
-    vals = list(values)
-    if not vals or any(v is None for v in vals):
-        return {"values": vals, "n": len(vals), "mean": None, "std": None}
-    mean = math.fsum(vals) / len(vals)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return {"values": vals, "n": len(vals), "mean": mean, "std": std}
 
 
 def metric_names(langs: Sequence[str], keys: Sequence[str] | None = None) -> list[str]:
@@ -292,8 +282,6 @@ def render_comparison_markdown(comp: dict) -> str:
             s = comp["methods"][m]["metrics"][metric]
             cells.append(fmt(s["mean"], d) + ("" if s["std"] is None else f" ± {s['std']:.{d}f}"))
         lines.append(f"| {_label(metric)} | " + " | ".join(cells) + " |")
-    from clo_fast.evaluate.comparison_extra import extra_rows  # benchmark and judge rows (imports this module)
-
     lines += extra_rows(comp, methods)
     diffs = comp.get("differences") or {}
     ref = comp.get("reference_method")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from clo_fast.config import ConfigError, RunConfig
 from clo_fast.evaluate.benchmarks import acc_cell, benchmark_tasks, check_benchmarks, task_language
-from clo_fast.evaluate.comparison import summarize
+from clo_fast.evaluate.bootstrap import summarize
 from clo_fast.evaluate.report import fmt
 
 JUDGE_KEYS = (("win_rate", "judge win rate"), ("lc_win_rate", "length-controlled win rate"))
