@@ -12,6 +12,7 @@ which the conversion does once). Needs the `gguf` package (`pip install 'clo-fas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -82,11 +83,20 @@ def installed_gguf(name: str) -> Path:
 
 def converted_dir(gguf: Path, cache_dir: str) -> Path:
     """Where a GGUF file's converted folder lives: named by the file's stem and its content's hash."""
+    st = gguf.stat()
+    sha = _content_hash(str(gguf.resolve()), st.st_size, st.st_mtime_ns)
+    return Path(os.path.expanduser(cache_dir)) / "gguf" / f"{gguf.stem}-{sha[:16]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process for an unchanged file (a run resolves its model several times)."""
+    del size, mtime_ns  # the cache key: a rewritten file is hashed again
     sha = hashlib.sha256()
-    with open(gguf, "rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             sha.update(block)
-    return Path(os.path.expanduser(cache_dir)) / "gguf" / f"{gguf.stem}-{sha.hexdigest()[:16]}"
+    return sha.hexdigest()
 
 
 def ensure_converted(gguf: Path, cache_dir: str) -> Path:

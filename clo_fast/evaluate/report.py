@@ -45,13 +45,15 @@ def response_flags(items: Sequence[dict], gens: Sequence[dict], detected: Sequen
     ]
 
 
-def response_metrics(items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None]) -> dict:
+def response_metrics(
+    items: Sequence[dict], gens: Sequence[dict], detected: Sequence[str | None], flags: Sequence[dict] | None = None
+) -> dict:
     """Per prompt language: n_prompts; fidelity (the share of answers in the prompt's language that are neither an
     echo of the prompt nor a loop) and its parts: language_match (in the language, whatever the answer), echo_rate,
     loop_rate; detected-language counts, mean response tokens, the share of responses that ended with EOS before
     the cap (finished_share), and chrF against the items' reference answers (None when no item of that language
     has one). `gens[i]` is {"text", "tokens", "finished"} for `items[i]`."""
-    flags = response_flags(items, gens, detected)
+    flags = response_flags(items, gens, detected) if flags is None else flags  # `flags`: already computed
     metrics = {}
     for lang in dict.fromkeys(it["lang"] for it in items):
         idx = [i for i, it in enumerate(items) if it["lang"] == lang]

@@ -127,7 +127,7 @@ def evaluate_models(
             ensure_pad_token(tokenizer)
             was_training = model.training
             model.eval()
-        gens, detected, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
+        gens, detected, flags, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
         report["models"][label] = {
             "path": str(src) if owned else "<in-memory model>",
             "metrics": metrics,
@@ -137,7 +137,7 @@ def evaluate_models(
             report["models"][label]["benchmarks"] = run_benchmarks(model, tokenizer, cfg, manager)
         report["models"][label]["seconds"] = round(time.time() - t1, 2)
         responses[label] = [g["text"] for g in gens]
-        generations += _generation_records(label, items, gens, detected)
+        generations += _generation_records(label, items, gens, detected, flags)
         summary = "; ".join(
             f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
             for lang in langs
@@ -171,7 +171,8 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
     gens = generate_responses(model, tokenizer, prompt_ids, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
     detected = lid.detect_batch([g["text"] for g in gens])
     refs = reference_examples(tokenizer, items, cfg.data)
-    metrics = response_metrics(items, gens, detected)
+    flags = response_flags(items, gens, detected)
+    metrics = response_metrics(items, gens, detected, flags)
     for lang in langs:
         ex = [refs[i] for i, it in enumerate(items) if it["lang"] == lang and refs[i] is not None]
         sums, toks = reference_nll_per_sequence(model, tokenizer, ex, batch_size=ev.batch_size) if ex else ([], [])
@@ -184,7 +185,7 @@ def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, 
             metrics[lang]["ci95"]["nll_per_token"] = bootstrap_interval(
                 lambda i, s=s, t=t: s[i].sum() / t[i].sum(), len(s)
             )
-    return gens, detected, metrics
+    return gens, detected, flags, metrics
 
 
 def _check_before_generating(
@@ -211,10 +212,11 @@ def _check_before_generating(
                     raise EvalError(f"judge pair ({cand!r}, {base!r}): {name!r} is not a model label ({labels})")
 
 
-def _generation_records(label: str, items: list[dict], gens: list[dict], detected: list) -> list[dict]:
+def _generation_records(
+    label: str, items: list[dict], gens: list[dict], detected: list, flags: list[dict]
+) -> list[dict]:
     """One generations.jsonl line per prompt: what the model answered, which language it was detected as, and
     whether it is an echo, a loop, faithful (`clo_fast.evaluate.answers`)."""
-    flags = response_flags(items, gens, detected)
     return [
         {
             "model": label,
