@@ -365,35 +365,93 @@ def to_dict(cfg) -> dict:
 
 
 # ------------------------------------------------------------------------------- the fields' own docs
+# ------------------------------------------------------------------------------- field declarations
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: tuple | None = None,
+    bounds: str | None = None,
+    factory: Callable[[], Any] | None = None,
+):
+    """A config field declared once, as TRL declares its fields: the default, the help, the allowed values
+    (`choices`, a tuple from clo_fast/constants.py or a table; a list field: each entry) and the numeric range
+    (`bounds`: "(0, 10]", "[0, 2**32)", ">= 1", "> 0"). `check_declared`, `--help` and docs/CONFIG.md read it."""
+    metadata: dict[str, Any] = {"help": " ".join(help.split())}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if bounds is not None:
+        metadata["bounds"] = bounds
+        _bounds_test(bounds)  # a malformed range fails at import, not at a user's check
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+_RAY = re.compile(r"^(>=|>)\s*(\S+)$")
+
+
+def _bound_number(text: str) -> float:
+    if "**" in text:  # 2**32, as a seed's range reads
+        base, exp = text.split("**")
+        return float(int(base) ** int(exp))
+    return float(text)
+
+
+def _bounds_test(bounds: str) -> Callable[[float], bool]:
+    """The predicate a bounds string states."""
+    m = _INTERVAL.match(bounds)
+    if m:
+        lo, hi = _bound_number(m.group(2)), _bound_number(m.group(3))
+        lo_ok = (lambda v: v > lo) if m.group(1) == "(" else (lambda v: v >= lo)
+        hi_ok = (lambda v: v < hi) if m.group(4) == ")" else (lambda v: v <= hi)
+        return lambda v: lo_ok(v) and hi_ok(v)
+    m = _RAY.match(bounds)
+    if not m:
+        raise ValueError(f"bounds {bounds!r}: write (lo, hi], [lo, hi), >= lo or > lo")
+    lo = _bound_number(m.group(2))
+    return (lambda v: v >= lo) if m.group(1) == ">=" else (lambda v: v > lo)
+
+
+def check_declared(obj: Any, prefix: str, origin: Callable[[str], str]) -> None:
+    """Every field of dataclass instance `obj` (sections included) against its declared choices and bounds;
+    a null is left to the type check (`parse_dataclass`). Raises ConfigError naming the source and the field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, value, meta = prefix + f.name, getattr(obj, f.name), f.metadata
+        if dataclasses.is_dataclass(value):
+            check_declared(value, name + ".", origin)
+            continue
+        if value is None:
+            continue
+        or_null = " or null" if type(None) in typing.get_args(hints[f.name]) else ""
+        for item in value if isinstance(value, list) else [value]:
+            choices = meta.get("choices")
+            if choices is not None and item not in choices:
+                allowed = "|".join(str(c) for c in choices)
+                raise ConfigError(f"{origin(name)}: {name}: must be {allowed}{or_null}, got {item!r}")
+            bounds = meta.get("bounds")
+            if bounds is not None and not _bounds_test(bounds)(item):
+                spec = f"in {bounds}" if bounds[0] in "[(" else bounds
+                raise ConfigError(f"{origin(name)}: {name}: must be {spec}{or_null}, got {item!r}")
+
+
 def field_docs(cls: type, prefix: str = "") -> list[dict]:
     """Every field of dataclass `cls` (recursing into sections) as declared: {"name" (dotted), "type", "default",
-    "help"}. The help is the field's own comment in the source — the comment block right above it and the one
-    after it on its line — so the declaration is the one place a field is described; `--help`, docs/CONFIG.md
-    and the shipped YAMLs' pointer read it from there."""
+    "help", "allowed"}, read from each field's `setting` declaration (a section without one: its class's
+    docstring), so `--help`, docs/CONFIG.md and the checks read one place."""
     import inspect
-    import io
-    import tokenize
 
-    source = inspect.getsource(cls)
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    lines = source.splitlines()
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        row = next(i + 1 for i, line in enumerate(lines) if re.match(rf"\s+{f.name}\s*:", line))
-        above, k = [], row - 1
-        while k >= 1 and lines[k - 1].strip().startswith("#"):
-            above.insert(0, comments[k])
-            k -= 1
-        help_text = " ".join([*above, comments.get(row, "")]).strip()
         tp = _optional_section(hints[f.name])
-        if not help_text and dataclasses.is_dataclass(tp):  # a section: its class's docstring
+        help_text = f.metadata.get("help", "")
+        if not help_text and dataclasses.is_dataclass(tp):
             help_text = " ".join((inspect.getdoc(tp) or "").split())
         if dataclasses.is_dataclass(tp):
-            out.append({"name": prefix + f.name, "type": "section", "default": None, "help": help_text})
+            out.append({"name": prefix + f.name, "type": "section", "default": None, "help": help_text, "allowed": ""})
             out += field_docs(tp, prefix + f.name + ".")
             continue
         if f.default is not dataclasses.MISSING:
@@ -402,8 +460,9 @@ def field_docs(cls: type, prefix: str = "") -> list[dict]:
             default = f.default_factory()
         else:
             default = None
+        allowed = " | ".join(str(c) for c in f.metadata.get("choices", ())) or f.metadata.get("bounds", "")
         name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-        out.append({"name": prefix + f.name, "type": name, "default": default, "help": help_text})
+        out.append({"name": prefix + f.name, "type": name, "default": default, "help": help_text, "allowed": allowed})
     return out
 
 
@@ -411,7 +470,10 @@ def fields_epilog(cls: type, sections: set[str]) -> str:
     """The config fields a command reads (`sections`), one line each, for its --help."""
     rows = [d for d in field_docs(cls) if d["name"].split(".")[0] in sections and d["type"] != "section"]
     width = max(len(d["name"]) for d in rows)
-    lines = [f"  {d['name']:<{width}}  {yaml_value(d['default'])}" for d in rows]
+    lines = [
+        f"  {d['name']:<{width}}  {yaml_value(d['default'])}" + (f"  ({d['allowed']})" if d["allowed"] else "")
+        for d in rows
+    ]
     return "config fields (--set FIELD=VALUE; each described in docs/CONFIG.md):\n" + "\n".join(lines)
 
 

@@ -18,6 +18,13 @@ SOURCE_FORMATS = ("pairs", "oasst", "messages")  # data.source_format (data/sour
 REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # How micro-batches lay out tokens (train.packing; clo_fast/packing.py describes each layout), slowest to fastest.
 PACKING_MODES = ("none", "padding_free", "prefix_shared")
+TEMPLATES = ("plain", "chat")  # data.template (data/tokenize.py renders each)
+BAD_RECORD_ACTIONS = ("error", "skip")  # data.on_bad_record (data/sources.py)
+TRANSLATORS = ("columns", "hf")  # data.translator (data/translate.py)
+# optim.lr_scheduler_type: TRL's / transformers' names, built by transformers.get_scheduler (training/optim.py)
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup")
+BENCHMARK_CHAT_TEMPLATE_MODES = ("auto", "always", "never")  # eval.benchmark_chat_template (evaluate/benchmarks.py)
+DEVICE_MAPS = ("auto",)  # eval.device_map besides null (accelerate's sharding over every visible GPU)
 # train.head_impl (besides auto): the LM-head implementations, ops.HEAD_IMPLS implements each
 HEAD_IMPLS = ("triton", "torch", "reference")
 

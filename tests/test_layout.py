@@ -118,6 +118,33 @@ def test_each_set_of_choices_is_stated_once():
     assert config.HEAD_IMPLS is constants.HEAD_IMPLS and tuple(ops.HEAD_IMPLS) == constants.HEAD_IMPLS
 
 
+def test_every_config_field_takes_its_allowed_values_from_one_place():
+    """A field's allowed values are declared beside it (`setting(choices=...)`), as a name (constants, a table) or
+    built from one, never a literal list of strings; and no validator tests a value against a literal set."""
+    tree = ast.parse((PKG / "config.py").read_text())
+    literal = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setting":
+            for kw in node.keywords:
+                elts = getattr(kw.value, "elts", None)
+                if kw.arg == "choices" and elts is not None and all(isinstance(e, ast.Constant) for e in elts):
+                    literal.append(f"line {node.lineno}: choices={ast.unparse(kw.value)}")
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            for side in node.comparators:
+                elts = getattr(side, "elts", None)
+                if elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+                    literal.append(f"line {node.lineno}: {ast.unparse(node)}")
+    assert not literal, "\n".join(literal)
+    from clo_fast import config, constants
+    from clo_fast.config_loading import field_docs
+
+    allowed = {d["name"]: d["allowed"] for d in field_docs(config.RunConfig)}
+    assert allowed["clo.mode"] == " | ".join(constants.CLO_MODES)
+    assert allowed["data.template"] == " | ".join(constants.TEMPLATES)
+    assert allowed["train.head_impl"] == " | ".join(("auto", *constants.HEAD_IMPLS))
+    assert allowed["optim.lr_scheduler_type"] == " | ".join(constants.LR_SCHEDULER_TYPES)
+
+
 def test_no_test_file_imports_another():
     """Shared test code lives in tests/helpers.py (and fixtures in tests/conftest.py), never in a test file."""
     tests = Path(__file__).resolve().parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,15 +78,23 @@ def test_absurd_finite_values_are_refused_with_the_sane_range(flag, field, sane)
         load_config(None, [flag])
 
 
-def test_every_stated_range_is_written_beside_its_field():
-    import inspect
+def test_every_stated_range_is_declared_with_its_field_and_checked_from_there():
+    """The range is declared once, beside the field (`setting(bounds=...)`); the check and the reference read it."""
+    from clo_fast.config_loading import field_docs
 
-    import clo_fast.config as config
-
-    source = inspect.getsource(config)
-    for line in ("beta: float = 0.1", "lr: float = 5e-5", "eps: float = 1e-8", "judge_timeout_s: float = 60.0"):
-        stated = next(s for s in source.splitlines() if line in s)
-        assert "; in " in stated, stated
+    allowed = {d["name"]: d["allowed"] for d in field_docs(RunConfig)}
+    expected = {
+        "clo.beta": "(0, 10]",
+        "optim.lr": "(0, 1]",
+        "optim.eps": "(0, 0.01]",
+        "eval.judge_timeout_s": "(0, 3600]",
+    }
+    for name, bounds in expected.items():
+        assert allowed[name] == bounds, name
+        with pytest.raises(ConfigError, match=rf"--set {name}=0: {name}: must be in {re.escape(bounds)}, got 0"):
+            load_config(None, [f"{name}=0"])
+    with pytest.raises(ConfigError, match=r"optim\.max_steps: must be >= 1 or null, got 0"):
+        load_config(None, ["optim.max_steps=0"])
 
 
 # ------------------------------------------------------------------------ per-language settings
