@@ -47,6 +47,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resume from a checkpoint that has no checksums.json (older clo_fast): its files are not verified",
     )
+    p.add_argument(
+        "--callback",
+        action="append",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="a training callback to run in the loop (clo_fast/training/callbacks.py), repeatable; default: "
+        "$CLO_FAST_CALLBACKS (comma-separated), which reaches every rank through any launcher",
+    )
     add_override_argument(p)
 
 

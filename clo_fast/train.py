@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from clo_fast.atomic import OutputDirError
@@ -41,8 +40,7 @@ from clo_fast.config import (
     to_dict,
 )
 from clo_fast.data import build_text_dataset, tokenize_dataset
-from clo_fast.data.build import REJECTS_FILE, rejects_jsonl, translate_sharded
-from clo_fast.data.collate import check_token_range
+from clo_fast.data.build import translate_sharded
 from clo_fast.data.sources import DataError
 from clo_fast.data.split import require_examples
 from clo_fast.data.translate import TranslationError
@@ -51,7 +49,9 @@ from clo_fast.evaluate.probe import FidelityProbe
 from clo_fast.model import load_policy
 from clo_fast.pretrained import load_tokenizer, resolve_model_path_without_collective
 from clo_fast.training import distributed as dist
-from clo_fast.training.batches import MicroBatcher, resolve_packing
+from clo_fast.training.batches import MicroBatcher, check_vocab_range, resolve_packing
+from clo_fast.training.callbacks import ENV_VAR as CALLBACKS_ENV_VAR
+from clo_fast.training.callbacks import Callbacks, parse_specs
 from clo_fast.training.checkpoint import (
     check_resume_progress,
     checkpoint_root,
@@ -59,14 +59,16 @@ from clo_fast.training.checkpoint import (
     prepare_output_dir,
     prepare_resume,
     save_checkpoint,
+    write_run_record,
 )
-from clo_fast.training.distributed import barrier, log0, maybe_crash, rank, test_poisoned, world_size
+from clo_fast.training.distributed import barrier, log0, rank, world_size
 from clo_fast.training.ds_config import build_ds_config
 from clo_fast.training.export import add_evaluation_to_card, export_hf
 from clo_fast.training.metrics import EnglishGuard, MetricsSink, StepLog, format_metrics
 from clo_fast.training.optim import build_optimizer
+from clo_fast.training.preflight import check_environment, check_head_device
 from clo_fast.training.reference import with_reference_logps
-from clo_fast.training.sampler import StepSampler
+from clo_fast.training.sampler import StepSampler, check_global_batch
 from clo_fast.training.scoring import held_out_loss
 from clo_fast.training.step import LossSetup, NonFiniteError, NonFiniteGuard, name_languages, train_step
 
@@ -83,54 +85,14 @@ def parse_args(argv=None):
     return parse_args_with_overrides(p, argv)  # --set, and sweep tools' --section.field=VALUE
 
 
-def check_environment(cfg: RunConfig, config_path: Path) -> None:
-    """What the config asks of this machine, checked before any work (else it fails after training): a Hub upload
-    needs the Hub online and a valid token that may write to the repo's namespace; W&B logging needs an API key
-    (unless WANDB_MODE is offline); float16 needs a CUDA device; a GGUF model needs its file and the gguf package."""
-    from clo_fast.gguf_model import check_gguf_source
-    from clo_fast.pretrained import model_folder_problem
-
-    check_gguf_source(cfg.model, config_path)
-    t = cfg.train
-    problem = model_folder_problem(cfg.model.name_or_path)
-    if problem:  # an adapter or a checkpoint: refused with the command that makes it a model folder
-        raise ConfigError(f"{cfg.where('model.name_or_path', str(config_path))}: model.name_or_path: {problem}")
-    if t.push_to_hub:
-        from clo_fast.training.hub import check_hub_access
-
-        check_hub_access(cfg, str(config_path))
-    wandb_mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if "wandb" in t.report_to and wandb_mode not in ("offline", "disabled", "dryrun"):
-        import wandb
-
-        # prompt=False: with no key, wandb.login would otherwise ask for one on a terminal and wait for ever
-        # (a CI job under a pseudo-terminal hung there). verify=False: the key is read, not sent anywhere.
-        try:
-            logged_in = wandb.login(verify=False, prompt=False)
-        except Exception as e:  # wandb.errors.UsageError: a malformed key or settings file
-            logged_in, why = False, f"{e}"
-        else:
-            why = "no W&B API key found (set WANDB_API_KEY, or run `wandb login`)"
-        if not logged_in:
-            raise ConfigError(
-                f"{cfg.where('train.report_to', str(config_path))}: train.report_to: wandb: {why} (or set "
-                "WANDB_MODE=offline to log without an account)"
-            )
-    if cfg.model.dtype == "float16" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"{cfg.where('model.dtype', str(config_path))}: model.dtype: float16 needs a CUDA device (DeepSpeed's "
-            "fp16 mode); use float32 or "
-            "bfloat16 on CPU"
-        )
-
-
 class Run:
     """One training run's state, built in order by `main`: the stages below read like a recipe."""
 
-    def __init__(self, cfg: RunConfig, config_path: Path, resume: str | None, resume_unverified: bool = False):
+    def __init__(self, cfg: RunConfig, config_path: Path, resume: str | None, resume_unverified=False, callbacks=()):
         self.cfg, self.config_path, self.resume = cfg, config_path, resume
         self.resume_unverified = resume_unverified
         self.resume_point = None
+        self.callbacks = Callbacks(list(callbacks))  # imported now: a wrong path fails before any work
 
     def setup(self) -> None:
         t = self.cfg.train
@@ -138,11 +100,7 @@ class Run:
         dist.check_launch()  # before WORLD_SIZE is read: a launcher that started fewer processes than asked
         self.ds_config = build_ds_config(self.cfg, self.config_path, int(os.environ.get("WORLD_SIZE", "1")))
         self.device = dist.init_process_group(t.dist_timeout_s)
-        if t.head_impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(
-                f"{self.cfg.where('train.head_impl', str(self.config_path))}: train.head_impl: triton needs a CUDA "
-                "device (or TRITON_INTERPRET=1); use auto or torch on CPU"
-            )
+        check_head_device(self.cfg, self.config_path, self.device)
         dist.set_seed(self.cfg.optim.seed)
         self.loss_setup = LossSetup.from_config(self.cfg.clo)
         self.out_dir = Path(t.output_dir)
@@ -155,22 +113,11 @@ class Run:
                 folder, state, _ = self.resume_point
                 check_resume_progress(state, self.cfg.optim.max_steps, folder)
         # config.yaml (the run's record of how it was trained) is written by `record`, once the run is accepted
-        from clo_fast.pretrained import trainer_checkpoint_note
-
-        note = trainer_checkpoint_note(self.cfg.model.name_or_path)
-        if note:
-            dist.log0(note)
         c = self.cfg.clo
         dist.log0(
             f"{dist.world_size()} rank(s) on {self.device.type} ({torch.distributed.get_backend()}); "
             f"mode {c.mode}, λ={self.loss_setup.lam}, β={c.beta}; {numerics.summary_line()}"
         )
-
-    def batch_origin(self) -> str:
-        """Where the global batch's size came from: the flag or file of whichever of its fields was overridden."""
-        names = ("optim.micro_batch_examples", "optim.gradient_accumulation_steps")
-        flags = [w for w in dict.fromkeys(self.cfg.where(n, str(self.config_path)) for n in names) if w.startswith("-")]
-        return ", ".join(flags) or self.cfg.where(names[0], str(self.config_path))
 
     def data(self) -> None:
         """Text dataset, tokenizer, tokenized splits, batch order. No collective here (a rank waiting in one
@@ -207,12 +154,7 @@ class Run:
         self.sampler = StepSampler(
             len(self.train_ds), o.micro_batch_examples, o.gradient_accumulation_steps, world_size(), o.seed
         )
-        if self.sampler.steps_per_epoch == 0:
-            raise ConfigError(
-                f"{self.batch_origin()}: optim.micro_batch_examples: a global batch of {self.sampler.global_batch} "
-                f"examples (micro_batch_examples × gradient_accumulation_steps × {world_size()} ranks) exceeds "
-                f"the {len(self.train_ds)} training examples"
-            )
+        check_global_batch(self.sampler, cfg, str(self.config_path))
         self.total_steps = o.max_steps or o.epochs * self.sampler.steps_per_epoch
         if self.resume_point is not None:
             folder, state, _ = self.resume_point
@@ -226,19 +168,9 @@ class Run:
 
     def record(self) -> None:
         """The run is accepted (every start-up check passed, a resume has steps left): only now is the run folder
-        written to (config.yaml, the data stage's rejects), so a refused start changes nothing on disk."""
-        if rank() != 0:
-            return
-        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
-        (self.out_dir / "config.yaml").write_text(config_yaml)
-        summary, rejects = self.data_summary, self.out_dir / f"data_{REJECTS_FILE}"
-        rejects.write_text(rejects_jsonl(summary), encoding="utf-8")
-        rejected = summary["quality"]["rejected"]
-        if rejected:
-            log0(
-                f"data: the translation quality gate dropped {sum(rejected.values())} of "
-                f"{summary['quality']['checked']} pairs ({rejected}); they are in {rejects}"
-            )
+        written to, so a refused start changes nothing on disk."""
+        if rank() == 0:
+            write_run_record(self.out_dir, self.cfg, self.data_summary)
 
     def model(self) -> None:
         """ZeRO-3 partitioned while loading, frozen but for trainable_patterns, fused head; the engine; the
@@ -283,14 +215,8 @@ class Run:
         self.english_guard = EnglishGuard(t.english_nll_warn, o.lr, log0)
         if self.eval_ds is not None and t.eval_steps > 0 and self.step == 0:
             self.evaluate_loss(0)
-            log0(
-                "eval @0: "
-                + ", ".join(
-                    f"{k}={v:.4f}"
-                    for k, v in self.last_metrics.items()
-                    if k in ("eval/loss", "eval/rewards/accuracies")
-                )
-            )
+            shown = ("eval/loss", "eval/rewards/accuracies")
+            log0("eval @0: " + ", ".join(f"{k}={self.last_metrics[k]:.4f}" for k in shown if k in self.last_metrics))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=rank() != 0, desc="train", dynamic_ncols=True)
         log = StepLog(self.sink, self.device)
         vocab_size = engine.module.config.vocab_size
@@ -298,26 +224,21 @@ class Run:
         engine.train()
         while self.step < self.total_steps:
             lr_now = float(engine.get_lr()[0])  # the LR this update uses (host float, no sync)
-            G, W = o.gradient_accumulation_steps, world_size()
-            idx = [i for m in range(G) for r in range(W) for i in self.sampler.indices(self.step, m, r)]
-            examples = [self.train_ds[i] for i in idx]  # the global batch: every rank groups it alike
-            micro = self.collate.step_batches(examples, G, self.loss_setup.sequences_run, world=W, rank=rank())
-            for b in micro:  # host tensors: a tokenizer larger than the model's vocabulary stops here
-                check_token_range(
-                    {"input_ids": b.input_ids, "labels": b.head_labels.view(1, -1)}, vocab_size, f"step {self.step + 1}"
-                )
+            G = o.gradient_accumulation_steps
+            examples = [self.train_ds[i] for i in self.sampler.global_indices(self.step)]
+            micro = self.collate.step_batches(
+                examples, G, self.loss_setup.sequences_run, world=world_size(), rank=rank()
+            )
+            check_vocab_range(micro, vocab_size, f"step {self.step + 1}")
             tokens = sum(b.real_tokens for b in micro)
             step_metrics = train_step(
                 engine, micro, self.loss_setup, self.device, len(examples), len(cfg.data.target_langs)
             )
-            step_metrics = name_languages(step_metrics, cfg.data.target_langs)
-            if test_poisoned(self.step + 1):
-                step_metrics["loss"] = step_metrics["loss"] * float("nan")
-            log.add(step_metrics, tokens)
             self.step += 1
+            step_metrics = self.callbacks.step_end(self.step, name_languages(step_metrics, cfg.data.target_langs))
+            log.add(step_metrics, tokens)
             guard.observe(self.step, step_metrics)
             bar.update(1)
-            maybe_crash("after_step", self.step)
             step, last = self.step, self.step == self.total_steps
             if step % t.logging_steps == 0 or last:
                 logged = log.write(
@@ -335,7 +256,7 @@ class Run:
                 log.restart_clock()  # eval time is not training throughput
             if (t.save_steps and step % t.save_steps == 0) or last:
                 guard.check(step, engine.get_global_grad_norm())
-                save_checkpoint(engine, cfg, step, {"metrics": self.last_metrics})
+                save_checkpoint(engine, cfg, step, {"metrics": self.last_metrics}, self.callbacks)
                 log.restart_clock()
         bar.close()
         self.sink.close()
@@ -397,7 +318,11 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.set)
     if args.resume_unverified and not args.resume:
         raise ConfigError("--resume-unverified applies to --resume only")
-    run = Run(cfg, Path(args.config), args.resume, args.resume_unverified)
+    callbacks = args.callback if args.callback is not None else parse_specs(os.environ.get(CALLBACKS_ENV_VAR))
+    try:
+        run = Run(cfg, Path(args.config), args.resume, args.resume_unverified, callbacks)
+    except ValueError as e:  # a callback that cannot be imported
+        raise ConfigError(f"--callback: {e}") from None
     run.setup()
     run.data()
     run.model()

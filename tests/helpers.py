@@ -153,6 +153,18 @@ def launch(out: Path, cache: Path, *, ranks=2, extra=(), env=None, resume=False,
     return subprocess.CompletedProcess(cmd, rc, log.read_text(), (out / "launch.err").read_text())
 
 
+def fault_env(event: str, step: int) -> dict[str, str]:
+    """Environment that makes a training run (train.py, or each run of compare) break at `step`: the fault
+    callback of tests/fault_callbacks.py, registered from outside (events listed there)."""
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        "CLO_FAST_CALLBACKS": "fault_callbacks:Faults",
+        "CLO_FAST_TEST_FAULT": f"{event}:{step}",
+        "PYTHONPATH": path,
+    }
+
+
 def free_port() -> int:
     import socket
 

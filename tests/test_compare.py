@@ -556,6 +556,8 @@ def test_world_comparison_small_version_reproduces_and_reuses_its_runs(tmp_path)
 def test_compare_resumes_an_interrupted_run(tmp_path):
     """A run killed mid-training (SIGKILL after step 3, checkpoint at step 2) stops the comparison with its log
     named; started again, compare resumes that run from its checkpoint instead of starting over."""
+    from helpers import fault_env
+
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "clo_fast.compare", "--config", str(DEMO), "--methods", "clo", "--fractions",
@@ -565,7 +567,7 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     crashed = subprocess.run(
-        cmd, capture_output=True, text=True, env={**env, "CLO_FAST_TEST_CRASH": "after_step:3"}, cwd=ROOT
+        cmd, capture_output=True, text=True, env={**env, **fault_env("kill_after_step", 3)}, cwd=ROOT
     )
     assert crashed.returncode == 2 and "training run clo-s0 failed" in crashed.stderr
     assert "clo-s0/train.log" in crashed.stderr and not (out / "compare.json").exists()

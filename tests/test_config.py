@@ -3,6 +3,7 @@ errors naming the file or the --set flag and the field; defaults resolved at loa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,11 +228,15 @@ def test_language_and_source_mistakes_name_the_field_and_where_it_was_set(flags,
 
 
 def test_the_global_batch_check_names_the_flag_that_set_it():
-    from clo_fast.train import Run
+    from clo_fast.training.sampler import StepSampler, check_global_batch
 
+    too_big = StepSampler(10, 999, 1, 1, 0)
     cfg = load_config(DEMO, ["optim.micro_batch_examples=999"])
-    assert Run(cfg, Path(DEMO), None).batch_origin() == "--set optim.micro_batch_examples=999"
-    assert Run(load_config(DEMO), Path(DEMO), None).batch_origin() == str(DEMO)
+    with pytest.raises(ConfigError, match=r"^--set optim.micro_batch_examples=999: .* exceeds the 10 training"):
+        check_global_batch(too_big, cfg, str(DEMO))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(DEMO))}: optim.micro_batch_examples: a global batch"):
+        check_global_batch(too_big, load_config(DEMO), str(DEMO))
+    check_global_batch(StepSampler(10, 2, 1, 1, 0), cfg, str(DEMO))  # fits: no error
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_an_adapter_is_refused_at_start_up_and_the_command_given_merges_it(tmp_p
     from transformers import AutoModelForCausalLM
 
     from clo_fast.merge_adapter import main as merge_main
-    from clo_fast.train import check_environment
+    from clo_fast.training.preflight import check_environment
 
     base = tiny_llama_folder(tmp_path / "base")
     adapter = trained_adapter(base, tmp_path / "adapter")
@@ -144,7 +144,7 @@ def test_hub_names_and_the_demo_are_not_folders_to_check():
 def test_a_truncated_weights_file_is_refused_at_start_up_naming_it(tmp_path):
     """A model folder whose model.safetensors was cut short (an interrupted copy) is refused by the start-up check,
     not by a SafetensorError when the model loads after the data stage."""
-    from clo_fast.train import check_environment
+    from clo_fast.training.preflight import check_environment
 
     model = tiny_llama_folder(tmp_path / "model")
     check_environment(load_config(None, [f"model.name_or_path={model}"]), Path("c.yaml"))

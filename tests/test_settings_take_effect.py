@@ -329,7 +329,7 @@ def test_the_weights_only_engine_saves_in_the_format_the_run_configured(tmp_path
 def test_hub_upload_offline_or_without_a_token_and_float16_on_cpu_are_refused_at_start_up(tmp_path, monkeypatch):
     import torch
 
-    from clo_fast.train import check_environment
+    from clo_fast.training.preflight import check_environment
 
     cfg = load_config(None, ["train.push_to_hub=me/clo-sw"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO, ROOT, STEPS, TRAIN, full_logits_logps, have_deepspeed_launcher, launch, metrics, weights
+from helpers import (
+    DEMO,
+    ROOT,
+    STEPS,
+    TRAIN,
+    fault_env,
+    full_logits_logps,
+    have_deepspeed_launcher,
+    launch,
+    metrics,
+    weights,
+)
 
 from clo_fast.atomic import LOCK_NAME, OWNER_MARKER
 from clo_fast.config import load_config
@@ -157,7 +168,7 @@ def test_crash_mid_checkpoint_then_resume_matches_uninterrupted(run_a, tmp_path,
     """Killed (SIGKILL) while writing the step-8 checkpoint: the half-written one is never taken for
     complete; --resume continues from step 4 and reproduces the uninterrupted run exactly."""
     out_a, _ = run_a
-    r = launch(tmp_path, cache, env={"CLO_FAST_TEST_CRASH": "in_save:8"})
+    r = launch(tmp_path, cache, env=fault_env("kill_in_save", 8))
     assert r.returncode != 0
     ck = tmp_path / "run" / "checkpoints"
     assert (ck / "latest").read_text() == "step_00000004"
@@ -314,7 +325,7 @@ def test_a_diverging_run_stops_before_saving_and_leaves_the_folder_reusable(tmp_
         "train.eval_steps=0",
         "train.run_evaluation=false",
     )
-    r = launch(tmp_path, cache, extra=extra, env={"CLO_FAST_TEST_NONFINITE": "2"})  # the shared demo model
+    r = launch(tmp_path, cache, extra=extra, env=fault_env("nan_loss", 2))  # the shared demo model
     assert r.returncode != 0
     assert "[train] stopped: step 2:" in r.stderr and "not finite" in r.stderr
     run = tmp_path / "run"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from clo_fast.attention import PackingError, check_packing, default_packing
 from clo_fast.config import ConfigError
+from clo_fast.data.collate import check_token_range
 from clo_fast.packing import ALL_SEQUENCES, PackedBatch, balance_micro_batches, build_packed_batch
 
 
@@ -69,3 +70,9 @@ class MicroBatcher:
         groups = balance_micro_batches(global_examples, self.mode, accumulation_steps * world, sequences=seqs)
         mine = [groups[m * world + rank] for m in range(accumulation_steps)]
         return [self([global_examples[i] for i in group], seqs) for group in mine]
+
+
+def check_vocab_range(micro: Sequence[PackedBatch], vocab_size: int, where: str) -> None:
+    """Host tensors, before the step: a tokenizer larger than the model's vocabulary stops here, named."""
+    for b in micro:
+        check_token_range({"input_ids": b.input_ids, "labels": b.head_labels.view(1, -1)}, vocab_size, where)

@@ -44,7 +44,6 @@ from clo_fast.config import ConfigError, RunConfig, flatten_config, to_dict
 from clo_fast.training.distributed import (
     barrier,
     log0,
-    maybe_crash,
     rank,
     rank0_checked,
     rng_state,
@@ -127,9 +126,10 @@ def rotate_checkpoints(root: Path, newest: str, keep: int) -> list[str]:
     return doomed
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
+def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict, callbacks=None) -> None:
     """DeepSpeed checkpoint + per-rank RNG state + trainer_state.json (step, world size, config, `extra`)
-    + checksums.json."""
+    + checksums.json. `callbacks` (training/callbacks.py) hear when every rank's part is written, before it is
+    published."""
     root, tag = checkpoint_root(cfg), f"step_{step:08d}"
     staging = staging_path(root / tag)
     if rank() == 0:
@@ -157,7 +157,8 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, extra: dict) -> None:
             "filesystem. The published checkpoints are untouched: free space, then --resume"
         ) from e
     barrier()  # every rank has written its shard
-    maybe_crash("in_save", step)
+    if callbacks is not None:
+        callbacks.checkpoint_written(step, staging)
     if rank() == 0:
         state = {"step": step, "world_size": world_size(), "config": to_dict(cfg), **extra}
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -357,3 +358,21 @@ def load_checkpoint(engine, cfg: RunConfig, which: str, *, allow_unverified: boo
         set_rng_state(load_rng_state(rng))
     log0(f"resumed from {folder} at step {state['step']}")
     return int(state["step"])
+
+
+def write_run_record(out_dir: Path, cfg: RunConfig, data_summary: dict) -> None:
+    """The run's record of how it was trained, written once the run is accepted: config.yaml and the data stage's
+    rejected pairs (data_rejects.jsonl)."""
+    import yaml
+
+    from clo_fast.data.build import REJECTS_FILE, rejects_jsonl
+
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    rejects = out_dir / f"data_{REJECTS_FILE}"
+    rejects.write_text(rejects_jsonl(data_summary), encoding="utf-8")
+    rejected = data_summary["quality"]["rejected"]
+    if rejected:
+        log0(
+            f"data: the translation quality gate dropped {sum(rejected.values())} of "
+            f"{data_summary['quality']['checked']} pairs ({rejected}); they are in {rejects}"
+        )

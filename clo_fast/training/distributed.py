@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -355,18 +354,3 @@ def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
-
-
-def test_poisoned(step: int) -> bool:
-    """Test hook: CLO_FAST_TEST_NONFINITE=<step> makes that step's loss NaN (the non-finite guard's end-to-end
-    test; a learning rate large enough to diverge in a few steps is refused by the config)."""
-    return os.environ.get("CLO_FAST_TEST_NONFINITE", "") == str(step)
-
-
-def maybe_crash(point: str, step: int) -> None:
-    """Test hook: CLO_FAST_TEST_CRASH=<point>:<step> kills this process (SIGKILL) there."""
-    spec = os.environ.get("CLO_FAST_TEST_CRASH", "")
-    if spec == f"{point}:{step}":
-        print(f"[train] rank {rank()}: test crash at {spec}", flush=True)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
