@@ -15,10 +15,11 @@ from clo_fast.ops import linear_logprobs
 
 
 def main() -> int:
-    if not launch.tma_available():  # needs CLO_TMA=1 (gpu_check.sh sets it for the probe)
+    if not launch.tma_available():
         print("TMA not available here")
         return 1
-    tma = [c for c in launch._GPU_SHAPES if c[5]]
+    launch.set_tma(True)  # the probe is about the TMA tiles, whatever CLO_TMA says
+    tma = [c for c in launch.gpu_shapes() if c[5]]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(777, 512, device="cuda", generator=g).bfloat16()
     w = (torch.randn(32000, 512, device="cuda", generator=g) / 512**0.5).bfloat16()

@@ -4,14 +4,14 @@ No autograd here: `clo_fast.ops` wraps these in a torch.autograd.Function. Nothi
 tensor's values on the host, so the launches are free of host synchronisation. The forward makes its
 logits with fp32-output cuBLAS chunks or with the streaming Triton GEMM (`LOGITS_GEMM`). On a GPU the
 Triton GEMM kernels are autotuned once per shape over Hopper-friendly tile shapes (TMA loads among them
-where available); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with one small fixed tile.
+when a caller asks, `set_tma`); in Triton's CPU interpreter (TRITON_INTERPRET=1) they run with one small fixed tile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
+import functools
 import warnings
 
 import torch
@@ -50,19 +50,33 @@ _TMA_SHAPES = [
 ]
 
 
+_ALL_GPU_SHAPES = _POINTER_SHAPES + _TMA_SHAPES  # every tile shape a GPU may run (the tests check each)
+_TMA = {"enabled": False}  # the TMA tile shapes are opt-in (`set_tma`): off until timed on a GPU
+
+
+def set_tma(enabled: bool) -> None:
+    """Put the TMA tile shapes into the GPU autotune space (where `tma_available`), or take them out. Chosen by
+    the caller — a benchmark's option —, never read from the environment; the next launch uses it."""
+    _TMA["enabled"] = bool(enabled)
+
+
 def tma_available() -> bool:
-    """TMA tensor descriptors: asked for (CLO_TMA=1; off by default until timed on a GPU), Triton has them,
-    and the GPU is Hopper or newer."""
-    if os.environ.get("CLO_TMA", "0") != "1" or not hasattr(tl, "make_tensor_descriptor"):
+    """TMA tensor descriptors: Triton has them and the GPU is Hopper or newer."""
+    if not hasattr(tl, "make_tensor_descriptor"):
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-_GPU_SHAPES = _POINTER_SHAPES + (_TMA_SHAPES if not interpreting() and tma_available() else [])
+def gpu_shapes() -> list[tuple]:
+    """The autotune space now: the pointer-load tiles, plus the TMA tiles when set_tma(True) and available."""
+    use_tma = _TMA["enabled"] and not interpreting() and tma_available()
+    return _POINTER_SHAPES + (_TMA_SHAPES if use_tma else [])
+
+
 _ROW_BLOCK = 128
 # M (the running max per tile, for the softmax-gradient rows) is kept per GRAIN vocabulary columns:
 # the smallest BLOCK_V of the tile space, so that every tile covers whole GRAIN groups.
-_GRAIN = {True: _INTERPRETER_TILE["BLOCK_V"], False: min(c[1] for c in _GPU_SHAPES)}
+_GRAIN = {True: _INTERPRETER_TILE["BLOCK_V"], False: min(c[1] for c in _ALL_GPU_SHAPES)}
 _TUNE_MIN_VH = 1 << 24  # smaller heads run the default tile: tuning them costs more than it saves
 
 
@@ -77,18 +91,22 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-if interpreting():
-    _kernels = {"fwd": (_partial_lse_kernel,) * 2, "grad": (_logit_grad_kernel,) * 2}
-else:
-    if any(c[5] for c in _GPU_SHAPES):
+@functools.cache
+def _autotuned(shapes: tuple[tuple, ...]) -> dict:
+    """The GPU kernels over one autotune space ({name: (autotuned, fixed default tile)}), built once per space."""
+    if any(c[5] for c in shapes):
         triton.set_allocator(_tma_scratch)
-    _kernels = {
+    return {
         name: (
-            triton.autotune([_cfg(*c) for c in _GPU_SHAPES], key=key)(k),
-            triton.autotune([_cfg(*_GPU_SHAPES[0])], key=[])(k),
+            triton.autotune([_cfg(*c) for c in shapes], key=key)(k),
+            triton.autotune([_cfg(*shapes[0])], key=[])(k),
         )
         for name, k, key in (("fwd", _partial_lse_kernel, ["H", "V", "STORE_P"]), ("grad", _logit_grad_kernel, ["H"]))
     }
+
+
+_INTERPRETED = {"fwd": (_partial_lse_kernel,) * 2, "grad": (_logit_grad_kernel,) * 2}
+_kernels: dict | None = None  # a fixed table instead of the autotuned ones (the per-tile tests, the TMA probe)
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -98,11 +116,12 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _kernel(name: str, x: torch.Tensor, w: torch.Tensor):
     """(kernel, extra launch kwargs): autotuned for large heads on GPU, fixed otherwise."""
-    tuned, fixed = _kernels[name]
     if interpreting():
-        return tuned, dict(_INTERPRETER_TILE)
+        return (_kernels or _INTERPRETED)[name][0], dict(_INTERPRETER_TILE)
+    shapes = tuple(gpu_shapes())
+    tuned, fixed = (_kernels or _autotuned(shapes))[name]
     large = x.shape[1] * w.shape[0] >= _TUNE_MIN_VH
-    tma_in_space = any(c[5] for c in _GPU_SHAPES)
+    tma_in_space = any(c[5] for c in shapes)
     return (tuned if large and (_tma_ok(x, w) or not tma_in_space) else fixed), {}
 
 
