@@ -23,6 +23,7 @@ def _module(name: str):
     try:
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered before it runs, as an import does (its dataclass looks itself up)
         spec.loader.exec_module(module)
         return module
     finally:
