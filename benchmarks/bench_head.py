@@ -24,7 +24,6 @@ sums where the path exposes them, the loss, and dX).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -32,14 +31,16 @@ import os
 
 import torch
 from common import (
-    ROOT,
+    arg_parser,
     cuda_peak_mb,
     interleaved_timings,
     label_mask,
     lm_like_head_inputs,
     machine_info,
+    results_path,
     utc_now,
     versions,
+    write_json,
 )
 
 from clo_fast.loss import clo_loss  # noqa: E402
@@ -273,8 +274,49 @@ def tuned_configs() -> dict:
 
 
 # -------------------------------------------------------------------------------------------- main
+def measure_row(shape_name, H, V, head, paths, args, B, reps, dtype, gpu) -> dict:
+    """One shape × head: every path's time (interleaved), on GPU its peak memory, the cuBLAS floor, the fused
+    path's kernels and the ratios to it; the accuracy of every path."""
+    dev = args.device
+    head_trains = head == "trainable"
+    c, stats = make_case(args.profile, B, H, V, dtype, dev, head_trains)
+    row = {"shape": shape_name, "H": H, "V": V, "head": head, "inputs": stats, "errors": {}}
+    fns = {name: (lambda fn=fn, c=c: fn(c)) for name, fn in paths.items()}
+
+    def on_error(name, e, row=row):
+        row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+
+    def clear_grads(c=c):
+        c["hidden"].grad = None
+        c["w"].grad = None
+
+    timed = {name: (lambda f=f: (clear_grads(), f())) for name, f in fns.items()}
+    row["ms"] = interleaved_timings(timed, dev, warmup=2, reps=reps, on_error=on_error)
+    if gpu:
+        row["peak_mb"] = {}
+        for name in row["ms"]:
+            clear_grads()
+            row["peak_mb"][name] = round(cuda_peak_mb(timed[name]), 1)
+        floor, parts = gemm_floor(c, head_trains, dev, reps)
+        row["floor_ms"], row["floor_parts_ms"] = floor, parts
+        if "fused" in paths:
+            row["fused_kernels_ms"] = kernel_breakdown(paths["fused"], c)
+        f = row["ms"].get("fused", {}).get("median")
+        if f:
+            row["fused_over_floor"] = round(f / floor, 3)
+            row["speedup_of_fused"] = {k: round(v["median"] / f, 3) for k, v in row["ms"].items() if k != "fused"}
+            mf = row["peak_mb"].get("fused")
+            row["memory_over_fused"] = {k: round(v / mf, 2) for k, v in row["peak_mb"].items() if mf and k != "fused"}
+    row["accuracy"] = accuracy(paths, c)
+    if gpu:
+        row["autotuned"] = tuned_configs()
+        row["tma_in_tile_space"] = tma_in_tile_space()
+    clear_grads()
+    return row
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", help="subset of shape names")
     ap.add_argument("--profile", default="oasst", help="length profile (benchmarks/common.py)")
@@ -309,60 +351,16 @@ def main(argv=None):
         "clo_tma": os.environ.get("CLO_TMA"),  # TMA tiles asked for (gpu_check sets it for its TMA step only)
         "rows": [],
     }
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_head_{dev.split(':')[0]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
-    def save():  # after every row: a run cut short by a time limit still leaves its numbers
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=1)
-
+    out = args.out or str(results_path(f"bench_head_{dev.split(':')[0]}.json"))
     for shape_name, (H, V) in shapes.items():
         for head in args.heads:
-            head_trains = head == "trainable"
-            c, stats = make_case(args.profile, B, H, V, dtype, dev, head_trains)
-            row = {"shape": shape_name, "H": H, "V": V, "head": head, "inputs": stats, "errors": {}}
-            fns = {name: (lambda fn=fn, c=c: fn(c)) for name, fn in paths.items()}
-
-            def on_error(name, e, row=row):
-                row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
-
-            def clear_grads(c=c):
-                c["hidden"].grad = None
-                c["w"].grad = None
-
-            timed = {name: (lambda f=f: (clear_grads(), f())) for name, f in fns.items()}
-            row["ms"] = interleaved_timings(timed, dev, warmup=2, reps=reps, on_error=on_error)
-            if gpu:
-                row["peak_mb"] = {}
-                for name in row["ms"]:
-                    clear_grads()
-                    row["peak_mb"][name] = round(cuda_peak_mb(timed[name]), 1)
-                floor, parts = gemm_floor(c, head_trains, dev, reps)
-                row["floor_ms"], row["floor_parts_ms"] = floor, parts
-                if "fused" in paths:
-                    row["fused_kernels_ms"] = kernel_breakdown(paths["fused"], c)
-                f = row["ms"].get("fused", {}).get("median")
-                if f:
-                    row["fused_over_floor"] = round(f / floor, 3)
-                    row["speedup_of_fused"] = {
-                        k: round(v["median"] / f, 3) for k, v in row["ms"].items() if k != "fused"
-                    }
-                    mf = row["peak_mb"].get("fused")
-                    row["memory_over_fused"] = {
-                        k: round(v / mf, 2) for k, v in row["peak_mb"].items() if mf and k != "fused"
-                    }
-            row["accuracy"] = accuracy(paths, c)
-            if gpu:
-                row["autotuned"] = tuned_configs()
-                row["tma_in_tile_space"] = tma_in_tile_space()
-            clear_grads()
-            c = None  # free this shape's inputs before the next one is made
-            if gpu:
+            row = measure_row(shape_name, H, V, head, paths, args, B, reps, dtype, gpu)
+            if gpu:  # free this shape's inputs before the next one is made
                 torch.cuda.empty_cache()
             result["rows"].append(row)
-            save()
+            write_json(out, result)  # after every row: a run cut short by a time limit still leaves its numbers
             print(json.dumps(row), flush=True)
-    save()
+    write_json(out, result)
     print_table(result)
     print(f"\nwrote {out}")
 

@@ -1,6 +1,7 @@
-"""Shared benchmark utilities: machine and version facts, interleaved timing,
-peak memory, realistic inputs (length profiles, LM-like head inputs), and a step's profile split and model
-FLOPs / MFU (`profile_split`, `model_flops`, `peak_flops`).
+"""Shared benchmark utilities: machine and version facts, interleaved timing, peak memory, the harness a
+benchmark script runs on (command line, JSON results, child processes), realistic inputs (length profiles,
+CLO examples, random Llama models, LM-like head inputs), and a step's profile split and model FLOPs / MFU
+(`profile_split`, `model_flops`, `peak_flops`).
 
 Realistic inputs, because the head's cost depends on them:
 - Lengths (`LENGTH_PROFILES`): per example an English prompt and response drawn from log-normal
@@ -16,16 +17,28 @@ Realistic inputs, because the head's cost depends on them:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import json
 import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # where results/ lives; the project itself is imported installed
 
 import torch
+
+from clo_fast.demo_model import MODEL_SHAPE as DEMO_MODEL_SHAPE
+from clo_fast.demo_model import VOCAB_SIZE as DEMO_VOCAB_SIZE
 
 # Llama-3.2-1B's shape (LlamaConfig fields): the step benchmark's and the GPU smoke run's model, random weights
 LLAMA_3_2_1B = {
@@ -38,6 +51,45 @@ LLAMA_3_2_1B = {
     "tie_word_embeddings": True,
     "rope_theta": 500000.0,
 }
+
+# The Llama shapes a step benchmark builds by name (LlamaConfig fields; bench_step.py --shape)
+LLAMA_SHAPES = {
+    # "demo": the demo model's shape (clo_fast/demo_model.py MODEL_SHAPE, its 2048-token vocabulary), i.e. the
+    # demo config's step; "cpu-small": a head-heavier small shape (V = 32000)
+    "demo": {**DEMO_MODEL_SHAPE, "vocab_size": DEMO_VOCAB_SIZE},
+    "cpu-small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    # SmolLM2-135M-Instruct (configs/smollm2_sw.yaml's real model): small body, a 49152-token tied head
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+    },
+    # gpu_check's CPU dry run: the smallest Llama that runs every code path
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+    },
+}
+PAD_ID, EOS_ID = 0, 2  # the synthetic examples' special tokens (make_examples, make_model)
 
 # Token-length profiles. "oasst": OpenAssistant-like single-turn instruction data — median English
 # prompt ≈ 60 tokens and response ≈ 220 tokens with long tails (log-normal σ ≈ 0.8), and target-language
@@ -159,6 +211,356 @@ def cuda_peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def spread(prefix: str, xs: list[float]) -> dict:
+    """{prefix: median, prefix_p10, prefix_p90, prefix_min} of times in ms, rounded to 0.01."""
+    return {
+        prefix: round(statistics.median(xs), 2),
+        f"{prefix}_p10": round(quantile(xs, 0.1), 2),
+        f"{prefix}_p90": round(quantile(xs, 0.9), 2),
+        f"{prefix}_min": round(min(xs), 2),
+    }
+
+
+def ratio_spread(kind: str, base: list[float], other: list[float]) -> dict:
+    """Per round base / other (both timed in the same round, so under the same load), then the median and
+    p10/p90 of those ratios: {kind_ratio_median, kind_ratio_p10, kind_ratio_p90}."""
+    r = [tb / to for tb, to in zip(base, other, strict=True)]
+    return {
+        f"{kind}_ratio_median": round(statistics.median(r), 3),
+        f"{kind}_ratio_p10": round(quantile(r, 0.1), 3),
+        f"{kind}_ratio_p90": round(quantile(r, 0.9), 3),
+    }
+
+
+def rotating_rounds(fns: dict, warmup: int, rounds: int) -> tuple[dict, dict, dict]:
+    """CPU timing on a shared machine: every callable once per round, warmup + rounds rounds, in one process, so
+    load from other processes hits all of them alike; the order rotates every round (round i starts at callable
+    i mod n), so none always runs right after the same one. Returns ({name: wall ms per timed round},
+    {name: this process's CPU ms per timed round}, {name: exception}); a callable that raises is dropped."""
+    live = dict(fns)
+    wall = {name: [None] * rounds for name in live}
+    cpu = {name: [None] * rounds for name in live}
+    failed = {}
+    for i in range(warmup + rounds):
+        order = list(live)
+        order = order[i % len(order) :] + order[: i % len(order)] if order else order
+        for name in order:
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            try:
+                live[name]()
+            except Exception as e:  # a path failing is a result, not a crash
+                failed[name] = e
+                live.pop(name)
+                continue
+            if i >= warmup:
+                wall[name][i - warmup] = (time.perf_counter() - t0) * 1e3
+                cpu[name][i - warmup] = (time.process_time() - c0) * 1e3
+    return {n: wall[n] for n in live}, {n: cpu[n] for n in live}, failed
+
+
+def timed_calls(fn, warmup: int, reps: int, device: str) -> tuple[list[float], list]:
+    """fn() warmup + reps times, each synchronised on both ends; returns (ms of the last reps, every return value)."""
+    times, outs = [], []
+    for i in range(warmup + reps):
+        sync(device)
+        t0 = time.perf_counter()
+        outs.append(fn())
+        sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times, outs
+
+
+def rss_mib() -> float:
+    """This process's peak resident set size so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def peak_mib(device: str):
+    """Peak memory of the block in MiB, in the yielded dict's "mib" once it ends: CUDA, max allocated above what
+    was allocated at its start (the peak reset there); CPU, the process's peak RSS above its peak at the start."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated() if cuda else 0
+    rss0 = rss_mib()
+    box = {}
+    yield box
+    box["mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if cuda else rss_mib() - rss0
+
+
+def free_memory(device: str) -> None:
+    """Give back what the last run held (garbage, and on CUDA the allocator's cache)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------- harness
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, its module docstring as the --help text, line breaks kept."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def fill_defaults(args, defaults: dict, keep_zero: tuple = ()) -> None:
+    """Each flag of `defaults` left unset takes its default: unset is None, or any falsy value except for the
+    flags in keep_zero (where 0 is a choice, e.g. no warmup)."""
+    for k, default in defaults.items():
+        v = getattr(args, k)
+        if (v is None) if k in keep_zero else not v:
+            setattr(args, k, default)
+
+
+def flags_of(args, names: tuple, switches: tuple = ()) -> list[str]:
+    """The command-line flags that hand `args`' values of `names` (and the store_true `switches` that are on)
+    to a child process: --name-with-dashes value."""
+    out = [
+        x for k in names if getattr(args, k) is not None for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))
+    ]
+    return out + [f"--{k.replace('_', '-')}" for k in switches if getattr(args, k)]
+
+
+def results_path(name: str) -> Path:
+    """Where a benchmark writes its JSON unless told otherwise: benchmarks/results/<name>."""
+    return ROOT / "benchmarks" / "results" / name
+
+
+def write_json(path, doc: dict) -> None:
+    """The JSON written whole or not at all (a temporary file renamed): a run cut short by a time limit leaves
+    its last complete file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def append_json_line(path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run_child(cmd: list[str], timeout: float, tail: int) -> tuple[int, str]:
+    """A child process to its end or the timeout: (return code, -1 on timeout; the last `tail` characters of
+    its stderr, else stdout)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return r.returncode, (r.stderr or r.stdout)[-tail:]
+    except subprocess.TimeoutExpired as e:
+        return -1, f"timed out after {e.timeout} s"
+
+
+def child_launcher(script: str, flags: list[str]):
+    """launch(variants, lines, extra, timeout, tail) → (rc, tail): `script` as a child (--child) over the
+    variants, writing its records to `lines`, with the parent's resolved `flags` and then `extra`."""
+
+    def launch(variants, lines, extra, timeout, tail):
+        cmd = [sys.executable, script, "--child", "--lines-out", str(lines), "--variants", ",".join(variants)]
+        return run_child(cmd + flags + extra, timeout, tail)
+
+    return launch
+
+
+def run_in_children(names: list[str], launch, one_per_process: bool, finished):
+    """Runs named cases in child processes: launch(batch) runs one child over the batch and returns (rc, tail);
+    finished(name) says whether a case left all its records. One case per child (one_per_process: e.g. its own
+    peak RSS) or all that remain in one; a child that fails or finishes nothing died in its first unfinished
+    case, which is dropped, and a fresh child goes on with the rest. Yields after every child: (the case it
+    died in or None, why)."""
+    remaining = list(names)
+    while remaining:
+        batch = remaining[:1] if one_per_process else list(remaining)
+        rc, tail = launch(batch)
+        done = [n for n in batch if finished(n)]
+        for n in done:
+            remaining.remove(n)
+        stuck = next((n for n in batch if n not in done), None)
+        if (rc != 0 or not done) and stuck is not None:
+            remaining.remove(stuck)
+            yield stuck, f"child process failed (rc {rc}): {tail}"
+        else:
+            yield None, ""
+
+
+# ----------------------------------------------------------------- a step benchmark: variants × profiles in children
+# The parent runs the variants in child processes of the same script (`--child`), which append one JSON line per
+# (variant, profile) to --lines-out; on CPU one more child times them all interleaved (`--child --interleave`).
+def add_child_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the child processes: threads, their time limit, and the parent's own hidden ones."""
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
+    p.add_argument("--timeout", type=float, default=None, help="seconds per child process (default 600)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lines-out", help=argparse.SUPPRESS)
+
+
+def child_main(a, run, interleaved, label: str) -> int:
+    """A child: run(variant, profile) → result per variant × profile (an exception recorded as its error), or with
+    --interleave interleaved(variants, profile) → {variant: timing} per profile; one JSON line each."""
+    if a.device == "cpu":
+        torch.set_num_threads(max(1, a.threads))
+    variants, profiles = a.variants.split(","), a.profiles.split(",")
+    if a.interleave:
+        for profile in profiles:
+            for v, r in interleaved(variants, profile).items():
+                append_json_line(a.lines_out, {"variant": v, "profile": profile, "timing": r})
+        return 0
+    for v in variants:
+        for profile in profiles:
+            rec = {"variant": v, "profile": profile}
+            print(f"[{label}] {v} / {profile} ...", file=sys.stderr, flush=True)
+            try:
+                rec["result"] = run(v, profile)
+            except Exception as e:  # a failing variant is a result, not a crash
+                rec["error"] = f"{type(e).__name__}: {str(e)[:500]}\n{traceback.format_exc()[-1500:]}"
+                if a.device == "cuda":
+                    free_memory(a.device)
+            append_json_line(a.lines_out, rec)
+    return 0
+
+
+def run_variant_children(a, variants, launch, results: dict, errors: dict, save, label: str) -> None:
+    """The variants in child processes (run_in_children), `save()` after each: on CPU one per variant (its peak
+    RSS is its own), on CUDA one for all. launch(variants, lines, extra, timeout, tail) → (rc, tail) starts one;
+    its records go into results[profile][variant] and errors["variant/profile"]."""
+    gpu, profiles = a.device == "cuda", a.profiles.split(",")
+    own_steps = [] if gpu else ["--steps", "1", "--warmup", "0"]  # CPU: times come from the interleaved run
+    with tempfile.TemporaryDirectory() as td:
+
+        def one_child(batch):
+            lines = Path(td) / f"lines_{batch[0]}.jsonl"
+            rc, tail = launch(batch, lines, own_steps, a.timeout or 600, 3000)
+            for rec in read_json_lines(lines):
+                if "result" in rec:
+                    results.setdefault(rec["profile"], {})[rec["variant"]] = rec["result"]
+                else:
+                    errors[f"{rec['variant']}/{rec['profile']}"] = rec["error"]
+            return rc, tail
+
+        def finished(v):
+            return all(v in results.get(pr, {}) or f"{v}/{pr}" in errors for pr in profiles)
+
+        for stuck, why in run_in_children(variants, one_child, not gpu, finished):
+            if stuck is not None:
+                errors[stuck] = why
+                print(f"[{label}] {stuck} failed:\n{why.split(': ', 1)[1]}", file=sys.stderr)
+            save()
+
+
+def run_interleaved_child(a, variants, launch, results: dict, errors: dict) -> dict:
+    """CPU: the per-variant processes give the counts and each variant's own peak RSS; the step times come from
+    one process that runs every variant's steps round-robin (fair under shared load). Merges them into results;
+    returns the paired round ratios per profile."""
+    paired = {}
+    ran = [v for v in variants if any(v in results[pr] for pr in results)]
+    with tempfile.TemporaryDirectory() as td:
+        lines = Path(td) / "interleaved.jsonl"
+        _, tail = launch(ran, lines, ["--interleave"], a.timeout or 1200, 2000)
+        if not lines.is_file():
+            errors["interleaved_timing"] = tail
+        for rec in read_json_lines(lines):
+            v, profile, timing = rec["variant"], rec["profile"], rec["timing"]
+            res = results.get(profile, {}).get(v)
+            if v == "_paired":
+                paired[profile] = timing
+            elif res is not None and "error" in timing:
+                errors[f"{v}/{profile}/interleaved"] = timing["error"]
+            elif res is not None:
+                res["step_ms_own_process"] = res["step_ms"]
+                res.update(timing)
+                res["step_ms_kind"] = (
+                    "median (p10, p90) of rounds interleaved with the other variants in one process, order "
+                    "rotated every round (wall); step_cpu_ms: that process's CPU time per step"
+                )
+    return paired
+
+
+def interleaved_cases(runs: dict, warmup: int, rounds: int, pairs, extra=None) -> dict:
+    """rotating_rounds over the cases' callables → per case {"step_ms" (median wall), p10/p90/min, "step_cpu_ms"
+    (median CPU time of this process) and its spread, the per-round lists, **extra(name)} or {"error"}; and under
+    "_paired", per (case, base) of pairs that both ran: the per-round ratios base / case (ratio_spread)."""
+    wall, cpu, failed = rotating_rounds(runs, warmup, rounds)
+    out = {v: {"error": f"{type(e).__name__}: {str(e)[:300]}"} for v, e in failed.items()}
+    for v in wall:
+        # wall time: median of the interleaved rounds; CPU time of this process: the work itself, much less
+        # disturbed by other processes' load on a shared machine (with 1 thread, no spin-waiting in it)
+        out[v] = {
+            **spread("step_ms", wall[v]),
+            "step_ms_all": [round(t, 2) for t in wall[v]],
+            **spread("step_cpu_ms", cpu[v]),
+            "step_cpu_ms_all": [round(t, 2) for t in cpu[v]],
+            **(extra(v) if extra else {}),
+        }
+    out["_paired"] = {
+        f"{m}_vs_{b}": {**ratio_spread("wall", wall[b], wall[m]), **ratio_spread("cpu", cpu[b], cpu[m])}
+        for m, b in pairs
+        if m in wall and b in wall
+    }
+    return out
+
+
+def reference_logps(model, examples: list[dict], head_impl: str, token_budget: int, device):
+    """Precomputed reference log-probs [N,4] of CLO examples (the frozen model = the initial `model`: one no-grad
+    packed pass through CLOPolicy), shifted by a little noise (seed 3) so the DPO margins are not all 0."""
+    from clo_fast.model import build_policy
+    from clo_fast.packing import build_packed_batch, plan_micro_batches
+
+    policy = build_policy(model, head_impl=head_impl).eval()
+    out = torch.zeros(len(examples), 4)
+    with torch.no_grad():
+        for g in plan_micro_batches(examples, "padding_free", token_budget):
+            b = build_packed_batch([examples[i] for i in g], "padding_free", PAD_ID).to(device)
+            out[g] = policy(b).view(-1, 4).float().cpu()
+    del policy
+    g = torch.Generator().manual_seed(3)
+    return out + 0.05 * torch.randn(out.shape, generator=g)
+
+
+def accumulating(groups, micro_loss):
+    """A training step over micro-batches: each one's loss, micro_loss(i, group), backward as it comes (gradient
+    accumulation); the step returns the summed loss."""
+
+    def step():
+        total = 0.0
+        for i, g in enumerate(groups):
+            loss = micro_loss(i, g)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    return step
+
+
+def with_optimizer(step, opt):
+    """One optimizer step: step() (the micro-batches), then the optimizer; returns step()'s loss."""
+
+    def run():
+        loss = step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return run
+
+
+def mfu_fields(model, examples: list[dict], step_s: float, device, dtype) -> dict:
+    """model_flops_per_step, model_tokens_per_s, mfu (over each peak_flops) and peak_flops of a step of step_s."""
+    flops, peaks = model_flops(model, examples), peak_flops(device, dtype)
+    return {
+        "model_flops_per_step": flops,
+        "model_tokens_per_s": round(flops["tokens"] / step_s, 1),
+        "mfu": {k: (round(flops["total"] / step_s / v, 4) if v else None) for k, v in peaks["flops_per_s"].items()},
+        "peak_flops": peaks,
+    }
+
+
 # ------------------------------------------------------------------------------------------ lengths
 def sample_lengths(profile: str, examples: int, seed: int = 0) -> list[dict]:
     """Per example: prompt and response token counts in English and the target language."""
@@ -199,6 +601,62 @@ def label_mask(profile: str, examples: int, seed: int = 0) -> torch.Tensor:
     for s, (a, b) in enumerate(seqs):
         mask[s, a : min(T, a + b)] = True
     return mask
+
+
+def make_examples(profile: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Tokenized CLO examples with the profile's lengths (sample_lengths): random tokens, responses ending in
+    EOS, labels -100 on the prompt, as clo_fast.data.tokenize_dataset lays them out."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def tokens(k):
+        return torch.randint(8, vocab, (k,), generator=g).tolist()
+
+    out = []
+    for ln in sample_lengths(profile, n, seed):
+        parts = {
+            "x_en": tokens(ln["x_en"]),
+            "x_tgt": tokens(ln["x_tgt"]),
+            "y_en": tokens(ln["y_en"] - 1) + [EOS_ID],
+            "y_tgt": tokens(ln["y_tgt"] - 1) + [EOS_ID],
+        }
+        ids, labels = [], []
+        for x, y in CLO_SEQUENCES:  # sample_lengths already cut the lengths so every sequence fits
+            ids.append(parts[x] + parts[y])
+            labels.append([-100] * len(parts[x]) + parts[y])
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ models
+def apply_liger_body(model) -> None:
+    """Liger's fused RMSNorm, RoPE and SwiGLU on the body, as TRL's `use_liger_kernel` applies them (its head
+    kernels stay off: each variant brings its own head). The RoPE patch replaces transformers' Llama
+    `apply_rotary_pos_emb` for the whole process, so it is applied to every variant alike."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
+def make_model(shape: str, dtype, device, attn: str, liger_body: bool = False):
+    """A random LlamaForCausalLM of LLAMA_SHAPES[shape], the same weights on every call (seed 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {"max_position_embeddings": 4096, **LLAMA_SHAPES[shape]}  # a shape may state its own (demo: 1024)
+    cfg = LlamaConfig(**fields, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the run dtype (no fp32 copy of a 1B model)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if liger_body:
+        apply_liger_body(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------- LM-like head

@@ -125,6 +125,7 @@ def test_model_flops_match_torchs_flop_counter():
     through the body forward and backward (attention q/k/v/o trainable, eager attention), the frozen head on
     the labelled rows. The counter counts the full T×T score products where the causal count takes half."""
     import bench_step
+    import common
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -133,7 +134,7 @@ def test_model_flops_match_torchs_flop_counter():
     model = bench_step.make_model("tiny", torch.float32, "cpu", "eager")
     apply_trainable_patterns(model, bench_step.ATTN_ONLY)
     examples = bench_step.make_examples("demo", 2, bench_step.SHAPES["tiny"]["vocab_size"])
-    want = bench_step.model_flops(model, examples)
+    want = common.model_flops(model, examples)
     w = model.lm_head.weight
     with FlopCounterMode(display=False) as counter:
         for ex in examples:
