@@ -31,6 +31,7 @@ import os
 
 import torch
 from common import (
+    apply_tma_request,
     arg_parser,
     cuda_peak_mb,
     interleaved_timings,
@@ -260,10 +261,10 @@ def select_paths(paths: dict, spec: str) -> dict:
 
 
 def tma_in_tile_space() -> bool:
-    """Whether the autotune space holds TMA tile shapes (CLO_TMA=1 on Hopper, at import of the launchers)."""
+    """Whether the autotune space holds TMA tile shapes (CLO_TMA=1 on Hopper: common.apply_tma_request)."""
     import clo_kernels.launch as launch
 
-    return any(c[5] for c in launch._GPU_SHAPES)
+    return any(c[5] for c in launch.gpu_shapes())
 
 
 def tuned_configs() -> dict:
@@ -316,6 +317,7 @@ def measure_row(shape_name, H, V, head, paths, args, B, reps, dtype, gpu) -> dic
 
 
 def main(argv=None):
+    apply_tma_request()
     ap = arg_parser(__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", help="subset of shape names")

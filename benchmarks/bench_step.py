@@ -1,5 +1,4 @@
 """One CLO optimizer step over the same examples in every packing mode and for the peers (issue #10).
-
 Variants (all: the same random Llama-shaped model, attention q/k/v/o trainable, AdamW, the same examples per
 step, reference log-probs precomputed — a constant per sequence, as TRL's `precompute_ref_log_probs`):
   padded_full_head    padded micro-batches, every padded row through the fused head (main before issue #10)
@@ -424,6 +423,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    common.apply_tma_request()
     a = parse_args(argv)
     if a.child:
         return common.child_main(a, lambda v, pr: run_variant(v, pr, a),

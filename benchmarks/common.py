@@ -305,6 +305,16 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def apply_tma_request() -> bool:
+    """CLO_TMA=1 (gpu_check's tma_ab step sets it for its processes only) puts the TMA tile shapes into the
+    kernels' autotune space (`launch.set_tma`); the library itself never reads the environment for it."""
+    import clo_kernels.launch as launch
+
+    wanted = os.environ.get("CLO_TMA") == "1"
+    launch.set_tma(wanted)
+    return wanted
+
+
 def fill_defaults(args, defaults: dict, keep_zero: tuple = ()) -> None:
     """Each flag of `defaults` left unset takes its default: unset is None, or any falsy value except for the
     flags in keep_zero (where 0 is a choice, e.g. no warmup)."""
