@@ -192,3 +192,19 @@ def test_no_import_cycle_between_modules():
     # a package's __init__ re-exporting its modules, which import `from clo_fast.<pkg> import x`, is not a cycle
     cycles = [c for c in cycles if not (set(c.split(" -> ")) & packages)]
     assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def test_no_function_is_over_90_lines_and_the_recipes_stay_short():
+    """A function a reader takes in at once (issue #32): none over 90 lines in the library, the kernels, the
+    benchmarks or the scripts; the training recipe within 350 lines, the step benchmark within 450."""
+    root = PKG.parent
+    long = []
+    for folder in ("clo_fast", "kernels", "benchmarks", "scripts"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and size > 90:
+                    long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({size} lines)")
+    assert not long, "\n".join(long)
+    assert len((PKG / "train.py").read_text().splitlines()) <= 350
+    assert len((root / "benchmarks" / "bench_step.py").read_text().splitlines()) <= 450
