@@ -6,6 +6,7 @@ helper here also works in a plain single process (tests, notebooks).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import resource
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from clo_fast.logs import get_logger
+
+log = get_logger("train")
 
 
 def rank() -> int:
@@ -197,7 +202,7 @@ def init_process_group(timeout_s: int | None = None) -> torch.device:
     os.environ.update(single_process_env())
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per host looks (the others may be waiting on it)
         for note in clear_stale_extension_locks():
-            print(f"[train] {note}", flush=True)
+            log.warning(note)
     if timeout_s is None:
         deepspeed.init_distributed()
     else:
@@ -211,9 +216,10 @@ def init_process_group(timeout_s: int | None = None) -> torch.device:
     return device
 
 
-def log0(*args) -> None:
+def log0(*args, level: int = logging.INFO) -> None:
+    """A message from rank 0 only (the other ranks would repeat it), the args joined as print joins them."""
     if rank() == 0:
-        print("[train]", *args, flush=True)
+        log.log(level, " ".join(map(str, args)))
 
 
 def barrier() -> None:
@@ -367,6 +373,6 @@ def maybe_crash(point: str, step: int) -> None:
     """Test hook: CLO_FAST_TEST_CRASH=<point>:<step> kills this process (SIGKILL) there."""
     spec = os.environ.get("CLO_FAST_TEST_CRASH", "")
     if spec == f"{point}:{step}":
-        print(f"[train] rank {rank()}: test crash at {spec}", flush=True)
+        log.warning(f"test crash at {spec}")  # a warning: every rank says it by default (its tag names the rank)
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
