@@ -39,8 +39,12 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = sys.stderr
-            stream.write(self.format(record) + "\n")
+            stream, line = sys.stderr, self.format(record)
+            bars = getattr(sys.modules.get("tqdm"), "tqdm", None)  # only if something imported tqdm already
+            if bars is not None:  # tqdm's bars share stderr: lift them, write the line, redraw them below it
+                bars.write(line, file=stream)
+            else:
+                stream.write(line + "\n")
             stream.flush()  # lines of several ranks, and of a child and its parent, interleave whole
         except Exception:
             self.handleError(record)
