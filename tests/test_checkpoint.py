@@ -96,7 +96,7 @@ def test_resume_refuses_a_world_size_change_and_a_model_change_states_the_rest(t
     now.optim.lr, now.clo.beta = 1e-3, 0.3
     changes = check_resume_compatible(state, now, tmp_path)
     assert changes == {"clo.beta": (0.1, 0.3), "optim.lr": (5e-5, 1e-3)}
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "optim.lr: 5e-05 → 0.001" in out and "clo.beta: 0.1 → 0.3" in out
 
 

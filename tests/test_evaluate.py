@@ -195,7 +195,7 @@ def test_judge_skipped_without_endpoint(saved, tmp_path, capsys):
     cfg = make_cfg(tmp_path, max_prompts=1, max_new_tokens=2)
     report = E.evaluate_models(cfg, [saved["base"]], prompts=ROWS[:1], out_dir=tmp_path / "o")
     assert report["judge"] == {"skipped": "eval.judge_endpoint is not set"}
-    assert "LLM judge skipped" in capsys.readouterr().out
+    assert "LLM judge skipped" in capsys.readouterr().err
     assert list(report["models"]) == ["base"]  # label from the path's last component
     assert "LLM judge: skipped" in (tmp_path / "o" / "report.md").read_text()
 

@@ -74,7 +74,7 @@ def test_two_training_steps_from_a_gguf_file_and_the_export_loads(tiny, tmp_path
     r = launch(tmp_path, tmp_path / "cache", extra=[f"model.name_or_path={gguf}", "optim.max_steps=2",
                "train.run_evaluation=false", "data.max_examples=24"])  # fmt: skip
     assert r.returncode == 0, f"{r.stderr[-3000:]}\n{(tmp_path / 'launch.log').read_text()[-3000:]}"
-    assert "converting" in r.stdout and str(gguf) in r.stdout
+    assert "converting" in r.stderr and str(gguf) in r.stderr
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_model")

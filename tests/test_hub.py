@@ -238,4 +238,4 @@ def test_two_ranks_an_upload_longer_than_the_collective_timeout_still_exits_0(tm
     assert ".clo_fast_output" not in upload["files"] and "clo_training_summary.json" not in upload["files"]
     assert "README.md" in upload["files"] and "config.json" in upload["files"]
     assert str(tmp_path) not in upload["readme"]  # no local path in the uploaded card
-    assert "uploaded hf_model to https://huggingface.co/me/clo-demo" in r.stdout
+    assert "uploaded hf_model to https://huggingface.co/me/clo-demo" in r.stderr

@@ -9,7 +9,17 @@ PKG = Path(__file__).resolve().parent.parent / "clo_fast"
 
 # lowest first; a module is in the first layer whose prefix matches its dotted name
 LAYERS = [
-    ("facts", ["clo_fast.constants", "clo_fast.atomic", "clo_fast.paths", "clo_fast.language_id", "clo_fast.numerics"]),
+    (
+        "facts",
+        [
+            "clo_fast.constants",
+            "clo_fast.atomic",
+            "clo_fast.paths",
+            "clo_fast.language_id",
+            "clo_fast.numerics",
+            "clo_fast.logs",
+        ],
+    ),
     ("attention", ["clo_fast.attention"]),
     ("config", ["clo_fast.config_loading", "clo_fast.config"]),
     ("maths", ["clo_fast.ops", "clo_fast.loss"]),

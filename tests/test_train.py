@@ -97,7 +97,7 @@ def test_demo_trains_loss_falls_accuracy_rises(run_a):
     peak = load_config(DEMO).optim.lr
     lr = [m[s]["learning_rate"] for s in steps]
     assert lr[0] == 0 and lr[1] == pytest.approx(peak / 2) and lr[2] == pytest.approx(peak) and lr[-1] < lr[3]
-    assert "HF model exported to" in r.stdout and "final metrics:" in r.stdout
+    assert "HF model exported to" in r.stderr and "final metrics:" in r.stderr
     assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -175,8 +175,8 @@ def test_crash_mid_checkpoint_then_resume_matches_uninterrupted(run_a, tmp_path,
     assert (ck / ".tmp-step_00000008").is_dir() and not (ck / "step_00000008").exists()
     r = launch(tmp_path, cache, resume=True)
     assert r.returncode == 0, f"resume failed; log: {tmp_path / 'launch.log'}\n{r.stderr[-3000:]}"
-    assert "resumed from" in r.stdout and "at step 4" in r.stdout
-    assert "reference log-probs (train): reusing" in r.stdout
+    assert "resumed from" in r.stderr and "at step 4" in r.stderr
+    assert "reference log-probs (train): reusing" in r.stderr
     a, b = metrics(out_a / "run"), metrics(tmp_path / "run")
     assert sorted(a) == sorted(b)
     for s in range(1, STEPS + 1):
@@ -443,7 +443,7 @@ def test_demo_run_on_a_cold_cache_with_a_short_collective_timeout(tmp_path):
     ]
     r = launch(tmp_path, tmp_path / "cold_cache", extra=sets, env={"DEEPSPEED_TIMEOUT": "1"})
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert (tmp_path / "cold_cache" / "demo_model").is_dir() and "final metrics" in r.stdout
+    assert (tmp_path / "cold_cache" / "demo_model").is_dir() and "final metrics" in r.stderr
 
 
 @slow
@@ -467,7 +467,7 @@ def test_a_two_language_demo_run_reports_both_languages(tmp_path, cache):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["target_langs"] == ["sw", "ko"] and report["languages"] == ["en", "sw", "ko"]
     assert report["n_prompts"] == {"en": 3, "sw": 3, "ko": 3}
-    assert "data: 240 train / 28 eval examples" in r.stdout  # 120 + 14 pairs, each in both languages
+    assert "data: 240 train / 28 eval examples" in r.stderr  # 120 + 14 pairs, each in both languages
 
 
 @slow
@@ -482,7 +482,7 @@ def test_the_english_guard_warns_at_the_eval_step_english_degrades(tmp_path, cac
     m = metrics(tmp_path / "run")
     evals = {s: rec["eval/en/nll_increase"] for s, rec in sorted(m.items()) if "eval/en/nll_increase" in rec}
     first = next(s for s, inc in evals.items() if inc > 0.05)  # the demo at this lr does degrade: else it fails here
-    warned = [line for line in r.stdout.splitlines() if "English is degrading" in line]
+    warned = [line for line in r.stderr.splitlines() if "English is degrading" in line]
     assert warned and f"step {first}:" in warned[0] and "optim.lr = 0.05" in warned[0]
     assert all(abs(m[s]["eval/en/nll_per_token"] / m[s]["eval/en/ref_nll_per_token"] - 1 - inc) < 1e-9
                for s, inc in evals.items())  # fmt: skip

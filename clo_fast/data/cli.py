@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from clo_fast.data.build import build_text_dataset, save_text_dataset, summary_j
 from clo_fast.data.sources import DataError
 from clo_fast.data.tokenize import tokenize_dataset
 from clo_fast.data.trl_export import EXPORT_FORMATS, default_export_dir, export_trl
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
 from clo_fast.paths import overlapping_outputs
 
 
@@ -113,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--export-dir", help="where the export goes (default: <data.output_dir>_trl)")
     ap.add_argument("--no-progress", action="store_true")
+    add_log_level_argument(ap)
     args = parse_args_with_overrides(ap, argv, reads=("model", "data"))
+    setup_logging(args.log_level)
     try:
         run = load_config(args.config, args.set)
         cfg = run.data
@@ -143,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chat_tok = (tok or _summary_tokenizer(run, args.tokenizer)) if cfg.template == "chat" else None
             exported = export_trl(dsd, chat_tok, cfg, export_dir)
     except (DataError, ConfigError, OutputDirError, TranslationError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        get_logger().error(f"error: {e}")
         return 2
     _print_summary(summary, tok_stats, out)
     if args.export_format:

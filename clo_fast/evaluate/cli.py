@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 from clo_fast.atomic import OutputDirError
@@ -25,6 +24,7 @@ from clo_fast.evaluate.prompts import read_prompts_file
 from clo_fast.evaluate.report import render_markdown
 from clo_fast.evaluate.run import evaluate_models, parse_model_specs
 from clo_fast.language_id import UnknownLanguageError
+from clo_fast.logs import add_log_level_argument, get_logger, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # shorthands kept from before --set existed: --max-prompts N is --set eval.max_prompts=N
     for flag in ("max_prompts", "max_new_tokens", "batch_size"):
         ap.add_argument("--" + flag.replace("_", "-"), type=int, help=f"same as --set eval.{flag}=N")
+    add_log_level_argument(ap)
     args = parse_args_with_overrides(ap, argv, reads=("model", "data", "eval"))
+    setup_logging(args.log_level)
     shorthands = [
         f"eval.{k}={getattr(args, k)}"
         for k in ("max_prompts", "max_new_tokens", "batch_size")
@@ -85,14 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = read_prompts_file(args.prompts) if args.prompts else None
         report = evaluate_models(cfg, models, prompts=prompts, out_dir=args.out_dir)
     except (EvalError, ConfigError, OutputDirError, UnknownLanguageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        get_logger().error(f"error: {e}")
         return 2
     print()
     print(render_markdown(report))
     print("files: " + ", ".join(report["files"].values()))
     failed = unjudged(report)
     if failed:  # the report is written (its notes say why), but a win rate with no judgment is no success
-        print(f"error: the LLM judge gave no judgment for {'; '.join(failed)}", file=sys.stderr)
+        get_logger().error(f"error: the LLM judge gave no judgment for {'; '.join(failed)}")
         return 1
     return 0
 

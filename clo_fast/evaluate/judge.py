@@ -37,6 +37,9 @@ from pathlib import Path
 from clo_fast.config import RunConfig
 from clo_fast.evaluate.errors import EvalError
 from clo_fast.evaluate.report import fmt, redact_secrets
+from clo_fast.logs import get_logger
+
+log = get_logger("evaluate")
 
 JUDGE_SYSTEM = (
     "You compare two answers to the same user instruction. Judge helpfulness, correctness and whether the "
@@ -394,11 +397,11 @@ def run_judge(
     labels = list(responses)
     if send is None and not ev.judge_endpoint:
         msg = "eval.judge_endpoint is not set"
-        print(f"[evaluate] LLM judge skipped: {msg}")
+        log.info(f"LLM judge skipped: {msg}")
         return {"skipped": msg}
     if len(labels) < 2:
         msg = "needs at least two models"
-        print(f"[evaluate] LLM judge skipped: {msg}")
+        log.info(f"LLM judge skipped: {msg}")
         return {"skipped": msg}
     pairs = list(pairs) if pairs is not None else judge_pairs(cfg, labels)
     send = send or make_send(cfg)
@@ -420,8 +423,8 @@ def run_judge(
             )
             results[cand][base][lang] = r
             ci = r["win_rate_ci95"]
-            print(
-                f"[evaluate] judge {cand} vs {base} ({lang}): win rate {fmt(r['win_rate'])}"
+            log.info(
+                f"judge {cand} vs {base} ({lang}): win rate {fmt(r['win_rate'])}"
                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
                 + f", length-controlled {fmt(r['lc_win_rate'])} (W{r['wins']}/T{r['ties']}/L{r['losses']} "
                 f"judgments; off-format {r['off_format']}, errors {r['errors']}, cached {r['from_cache']})"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from clo_fast.evaluate.answers import answer_flags
+from clo_fast.logs import get_logger
 
 # the report's 95% intervals: percentile bootstrap over the prompts (a model's answers are its units), seeded
 CI_DRAWS = 1000
@@ -173,7 +174,7 @@ def new_figure(width: float, height: float, dpi: int):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install 'clo-fast[eval]')")
+        get_logger("evaluate").warning("plot skipped: matplotlib is not installed (pip install 'clo-fast[eval]')")
         return None
     return Figure(figsize=(width, height), dpi=dpi)
 

@@ -27,8 +27,11 @@ from clo_fast.evaluate.models import load_model
 from clo_fast.evaluate.prompts import encode_item, load_eval_prompts, normalize_prompts
 from clo_fast.evaluate.report import bootstrap_interval, fmt, response_flags, response_metrics, write_report
 from clo_fast.language_id import get_identifier, normalize_lang
+from clo_fast.logs import get_logger
 from clo_fast.paths import looks_local
 from clo_fast.pretrained import ensure_pad_token
+
+log = get_logger("evaluate")
 
 
 def parse_model_specs(model_paths) -> list[tuple[str, Any]]:
@@ -118,49 +121,57 @@ def evaluate_models(
     generations: list[dict] = []
     responses: dict[str, list[str]] = {}
     for label, src in specs:
-        t1 = time.time()
-        owned = not isinstance(src, tuple)
-        if owned:
-            model, tokenizer = load_model(str(src), cfg)
-        else:
-            model, tokenizer = src
-            ensure_pad_token(tokenizer)
-            was_training = model.training
-            model.eval()
-        gens, detected, flags, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
-        report["models"][label] = {
-            "path": str(src) if owned else "<in-memory model>",
-            "metrics": metrics,
-            "tokenizer": tokenizer_fingerprint(tokenizer)[:12],
-        }
-        if manager is not None:
-            report["models"][label]["benchmarks"] = run_benchmarks(model, tokenizer, cfg, manager)
-        report["models"][label]["seconds"] = round(time.time() - t1, 2)
-        responses[label] = [g["text"] for g in gens]
-        generations += _generation_records(label, items, gens, detected, flags)
-        summary = "; ".join(
-            f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
-            for lang in langs
-        )
-        print(f"[evaluate] {label}: {summary} ({time.time() - t1:.1f}s)", flush=True)
-        if owned:
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        else:
-            model.train(was_training)
+        report["models"][label], responses[label], records = _evaluate_spec(label, src, items, langs, lid, cfg, manager)
+        generations += records
 
     fingerprints = {m["tokenizer"] for m in report["models"].values()}
     report["nll_comparable"] = len(fingerprints) == 1
     if not report["nll_comparable"]:
-        print("[evaluate] warning: the models use different tokenizers: NLL per token is not comparable across them")
+        log.warning("warning: the models use different tokenizers: NLL per token is not comparable across them")
     report["judge"] = run_judge(
         cfg, items, responses, langs, send=judge_send, pairs=pairs, cache_path=judge_cache_path(cfg, out_dir)
     )
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, generations, out_dir)
     return report
+
+
+def _evaluate_spec(label: str, src, items: list[dict], langs: list[str], lid, cfg: RunConfig, manager):
+    """One model of the comparison, loaded from its path (and freed after) or as passed in (left as it was):
+    (its report entry, its responses, its generations.jsonl records)."""
+    t1 = time.time()
+    owned = not isinstance(src, tuple)
+    if owned:
+        model, tokenizer = load_model(str(src), cfg)
+    else:
+        model, tokenizer = src
+        ensure_pad_token(tokenizer)
+        was_training = model.training
+        model.eval()
+    gens, detected, flags, metrics = _evaluate_model(model, tokenizer, items, langs, lid, cfg)
+    entry = {
+        "path": str(src) if owned else "<in-memory model>",
+        "metrics": metrics,
+        "tokenizer": tokenizer_fingerprint(tokenizer)[:12],
+    }
+    if manager is not None:
+        entry["benchmarks"] = run_benchmarks(model, tokenizer, cfg, manager)
+    entry["seconds"] = round(time.time() - t1, 2)
+    responses = [g["text"] for g in gens]
+    records = _generation_records(label, items, gens, detected, flags)
+    summary = "; ".join(
+        f"{lang}: fidelity {metrics[lang]['fidelity']:.3f}, NLL/tok {fmt(metrics[lang]['nll_per_token'])}"
+        for lang in langs
+    )
+    log.info(f"{label}: {summary} ({time.time() - t1:.1f}s)")
+    if owned:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        model.train(was_training)
+    return entry, responses, records
 
 
 def _evaluate_model(model, tokenizer, items: list[dict], langs: list[str], lid, cfg: RunConfig):

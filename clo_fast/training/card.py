@@ -113,18 +113,57 @@ def model_card_text(
     cfg: RunConfig, summary: dict, evaluation_markdown: str | None = None, library: str = "transformers"
 ) -> str:
     """README.md for the exported model (`library` transformers) or its LoRA adapter (`library` peft)."""
-    from huggingface_hub import ModelCardData
-
-    d, c, m, o, t = cfg.data, cfg.clo, cfg.model, cfg.optim, cfg.train
+    d, m, t = cfg.data, cfg.model, cfg.train
     adapter = library == "peft"
     base = str(summary.get("base_model", m.name_or_path))
     base_hub = _hub_name(m.name_or_path) and _hub_name(base)
-    # data.sources (a mix) and data.target_langs (several languages): every dataset and language is named
-    sources = [(s.source, s.source_format or d.source_format, s.translator or d.translator) for s in d.sources] or [
-        (d.source, d.source_format, d.translator)
-    ]
+    sources = _sources(cfg)
     langs = list(d.target_langs) or [d.target_lang]
     tgt = ", ".join(langs)
+    metadata = _metadata(cfg, base_hub, sources, langs, library)
+    repo = t.push_to_hub or "path/to/hf_model"
+    this = f"{repo}-adapter" if adapter and t.push_to_hub else ("path/to/hf_adapter" if adapter else repo)
+    base_shown = f"`{base_hub}`" if base_hub else f"`{_shown(m.name_or_path)}`"
+    base_repo = base_hub or "path/to/base_model"
+    title = (t.push_to_hub or Path(t.output_dir).name).split("/")[-1]
+    lines = ["---", metadata, "---", "", f"# {title}", ""]
+    if adapter:
+        lines += [
+            f"**A LoRA adapter** (PEFT), not a full model: load it on top of its base model {base_shown} (see "
+            "Usage). " + (f"The same weights merged into a plain model: `{repo}`." if t.push_to_hub else "")
+        ]
+    else:
+        lines += [f"{base_shown} fine-tuned for **{tgt}** with Cross-Lingual Optimization (CLO)."]
+    lines += _method_section(cfg, tgt, adapter)
+    lines += _data_section(cfg, sources, tgt, summary.get("data") or {})
+    lines += _training_section(cfg, summary)
+    if evaluation_markdown:
+        lines += ["", "## Evaluation: base vs trained", "", evaluation_markdown.strip()]
+    rows = final_metrics_rows(summary.get("final_metrics") or {})
+    if rows:
+        lines += ["", "## Final training metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in rows]
+    versions = _versions()
+    lines += ["", "## Versions", "", "| package | version |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in versions.items()]
+    lines += ["", "## Usage", "", *_usage(cfg, this, base_repo, adapter)]
+    lines += _license_and_citation(t.hub_license)
+    return "\n".join(lines) + "\n"
+
+
+def _sources(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """(source, format, translator) of each dataset: data.sources (a mix) names every one."""
+    d = cfg.data
+    return [(s.source, s.source_format or d.source_format, s.translator or d.translator) for s in d.sources] or [
+        (d.source, d.source_format, d.translator)
+    ]
+
+
+def _metadata(cfg: RunConfig, base_hub: str | None, sources: list, langs: list[str], library: str) -> str:
+    """The card's YAML header: Hub names only (a local base or data file is left out)."""
+    from huggingface_hub import ModelCardData
+
+    d, m, t = cfg.data, cfg.model, cfg.train
     data_hub = [h for h in (_hub_name(src) for src, _, _ in sources) if h]
     card_data = ModelCardData(
         base_model=base_hub or None,
@@ -135,26 +174,13 @@ def model_card_text(
         pipeline_tag="text-generation",
         tags=["clo", "cross-lingual-optimization", "dpo"] + (["lora"] if m.lora is not None else []),
     )
-    repo = t.push_to_hub or "path/to/hf_model"
-    this = f"{repo}-adapter" if adapter and t.push_to_hub else ("path/to/hf_adapter" if adapter else repo)
-    base_shown = f"`{base_hub}`" if base_hub else f"`{_shown(m.name_or_path)}`"
-    base_repo = base_hub or "path/to/base_model"
+    return card_data.to_yaml()
+
+
+def _method_section(cfg: RunConfig, tgt: str, adapter: bool) -> list[str]:
+    c, m = cfg.clo, cfg.model
     lam = {"sft": 1.0, "dpo": 0.0}.get(c.mode, c.lam)
-    data_info = summary.get("data") or {}
-    world = summary.get("world_size", "?")
-    global_batch = summary.get("global_batch") or o.micro_batch_examples * o.gradient_accumulation_steps * (
-        world if isinstance(world, int) else 1
-    )
-    title = (t.push_to_hub or Path(t.output_dir).name).split("/")[-1]
-    lines = ["---", card_data.to_yaml(), "---", "", f"# {title}", ""]
-    if adapter:
-        lines += [
-            f"**A LoRA adapter** (PEFT), not a full model: load it on top of its base model {base_shown} (see "
-            "Usage). " + (f"The same weights merged into a plain model: `{repo}`." if t.push_to_hub else "")
-        ]
-    else:
-        lines += [f"{base_shown} fine-tuned for **{tgt}** with Cross-Lingual Optimization (CLO)."]
-    lines += [
+    return [
         "",
         "## Method",
         "",
@@ -174,6 +200,12 @@ def model_card_text(
             if m.lora is not None
             else f"the parameters matching {list(m.trainable_patterns)}; the rest frozen"
         ),
+    ]
+
+
+def _data_section(cfg: RunConfig, sources: list, tgt: str, data_info: dict) -> list[str]:
+    d = cfg.data
+    lines = [
         "",
         "## Data",
         "",
@@ -188,9 +220,20 @@ def model_card_text(
             f"- pairs: {data_info.get('train_examples', '?')} for training, {data_info.get('eval_examples', '?')} "
             f"held out (each an English and a {tgt} prompt with both responses)"
         )
-    lines += [
+    lines.append(
         f"- sequences up to {d.max_length} tokens (prompt + response): a longer prompt dropped its example (prompts "
-        "are never cut), a longer response was cut there",
+        "are never cut), a longer response was cut there"
+    )
+    return lines
+
+
+def _training_section(cfg: RunConfig, summary: dict) -> list[str]:
+    m, o = cfg.model, cfg.optim
+    world = summary.get("world_size", "?")
+    global_batch = summary.get("global_batch") or o.micro_batch_examples * o.gradient_accumulation_steps * (
+        world if isinstance(world, int) else 1
+    )
+    return [
         "",
         "## Training",
         "",
@@ -206,22 +249,15 @@ def model_card_text(
         f"| precision | {m.dtype} |",
         f"| world size | {world} |",
     ]
-    if evaluation_markdown:
-        lines += ["", "## Evaluation: base vs trained", "", evaluation_markdown.strip()]
-    rows = final_metrics_rows(summary.get("final_metrics") or {})
-    if rows:
-        lines += ["", "## Final training metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in rows]
-    versions = _versions()
-    lines += ["", "## Versions", "", "| package | version |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in versions.items()]
-    lines += ["", "## Usage", "", *_usage(cfg, this, base_repo, adapter)]
-    lines += [
+
+
+def _license_and_citation(hub_license: str | None) -> list[str]:
+    return [
         "",
         "## License",
         "",
-        f"`{t.hub_license}`; the base model's own license terms apply as well."
-        if t.hub_license
+        f"`{hub_license}`; the base model's own license terms apply as well."
+        if hub_license
         else "Not stated by this run (train.hub_license): the base model's license applies.",
         "",
         "## Citation",
@@ -230,7 +266,6 @@ def model_card_text(
         CITATION,
         "```",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def write_model_card(

@@ -18,6 +18,7 @@ other pickled object is refused, not executed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -108,7 +109,10 @@ def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> str | 
         return f"{folder / 'trainer_state.json'} is missing"
     if not (folder / CHECKSUMS).is_file():
         if allow_unverified:
-            log0(f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)")
+            log0(
+                f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)",
+                level=logging.WARNING,
+            )
             return None
         return (
             f"{folder / CHECKSUMS} is missing (written by an older clo_fast, or removed), so its files cannot be "

@@ -6,6 +6,7 @@ helper here also works in a plain single process (tests, notebooks).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import resource
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from clo_fast.logs import get_logger
+
+log = get_logger("train")
 
 
 def rank() -> int:
@@ -196,7 +201,7 @@ def init_process_group(timeout_s: int | None = None) -> torch.device:
     os.environ.update(single_process_env())
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per host looks (the others may be waiting on it)
         for note in clear_stale_extension_locks():
-            print(f"[train] {note}", flush=True)
+            log.warning(note)
     if timeout_s is None:
         deepspeed.init_distributed()
     else:
@@ -210,9 +215,15 @@ def init_process_group(timeout_s: int | None = None) -> torch.device:
     return device
 
 
-def log0(*args) -> None:
+def log0(*args, level: int = logging.INFO) -> None:
+    """A message from rank 0 only (the other ranks would repeat it), the args joined as print joins them."""
     if rank() == 0:
-        print("[train]", *args, flush=True)
+        log.log(level, " ".join(map(str, args)))
+
+
+def warn0(*args) -> None:
+    """A warning from rank 0 only (shown at every log level but error)."""
+    log0(*args, level=logging.WARNING)
 
 
 def barrier() -> None:

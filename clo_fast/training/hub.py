@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clo_fast.atomic import OWNER_MARKER
 from clo_fast.config import ConfigError, RunConfig
+from clo_fast.logs import get_logger
 from clo_fast.training.card import SUMMARY_FILE
 
 # files of an export folder that stay local: clo_fast's ownership marker, and the run summary (local paths)
@@ -85,7 +86,7 @@ def hub_targets(cfg: RunConfig) -> list[tuple[Path, str]]:
     return targets
 
 
-def push_to_hub(cfg: RunConfig, log=print) -> None:
+def push_to_hub(cfg: RunConfig, log=None) -> None:
     """Upload the export folders (hf_model, and hf_adapter with LoRA), each retried on transient errors; rank 0
     only, after the process group is gone. An upload that is retried sends again only what the Hub lacks."""
     from huggingface_hub import HfApi
@@ -100,4 +101,4 @@ def push_to_hub(cfg: RunConfig, log=print) -> None:
             commit_message="clo-fast export",
             ignore_patterns=LOCAL_ONLY_FILES,
         )
-        log(f"[train] uploaded {folder.name} to https://huggingface.co/{repo_id}")
+        (log or get_logger("train").info)(f"uploaded {folder.name} to https://huggingface.co/{repo_id}")
