@@ -229,19 +229,19 @@ class SourceSettings:
         "",
         help='as data.source: "demo", "world", a HF dataset name, or a local file or folder (required)',
     )
-    source_format: str | None = setting(None, help="pairs | oasst | messages", choices=SOURCE_FORMATS)
-    split: str | None = setting(None, help="")
-    source_config: str | None = setting(None, help="")
-    instruction_field: str | None = setting(None, help="")
-    response_field: str | None = setting(None, help="")
+    source_format: str | None = setting(None, help="as data.source_format; null = that value", choices=SOURCE_FORMATS)
+    split: str | None = setting(None, help="as data.split; null = that value")
+    source_config: str | None = setting(None, help="as data.source_config; null = that value")
+    instruction_field: str | None = setting(None, help="as data.instruction_field; null = that value")
+    response_field: str | None = setting(None, help="as data.response_field; null = that value")
     translator: str | None = setting(
-        None, help="columns | hf: each source is translated (and cached) on its own", choices=TRANSLATORS
+        None, help="as data.translator (each source is translated and cached on its own)", choices=TRANSLATORS
     )
-    target_instruction_field: str | None = setting(None, help="")
-    target_response_field: str | None = setting(None, help="")
-    messages_field: str | None = setting(None, help="")
-    target_messages_field: str | None = setting(None, help="")
-    oasst_all_turns: bool | None = setting(None, help="")
+    target_instruction_field: str | None = setting(None, help="as data.target_instruction_field; null = that value")
+    target_response_field: str | None = setting(None, help="as data.target_response_field; null = that value")
+    messages_field: str | None = setting(None, help="as data.messages_field; null = that value")
+    target_messages_field: str | None = setting(None, help="as data.target_messages_field; null = that value")
+    oasst_all_turns: bool | None = setting(None, help="as data.oasst_all_turns; null = that value")
     max_examples: int | None = setting(
         None,
         help="at most this many pairs of this source (seeded selection); null = all",
