@@ -693,7 +693,7 @@ def _has_module(name: str) -> bool:
 def validate_data(cfg: RunConfig | DataConfig, origin=lambda _name: "<config>") -> None:
     """The `data` section; also called by `clo_fast.data.build_text_dataset` for configs built in code."""
     check, d = _checker(origin), (cfg.data if isinstance(cfg, RunConfig) else cfg)
-    check_declared(dataclasses.replace(d, sources=[]), "data.", origin)  # the entries: once parsed, below
+    check_declared(d, "data.", origin)  # data.sources' entries: once parsed into SourceSettings, below
     check(
         d.template != "plain" or "{instruction}" in d.prompt_template,
         "data.prompt_template",

@@ -382,7 +382,7 @@ def setting(
         metadata["choices"] = tuple(choices)
     if bounds is not None:
         metadata["bounds"] = bounds
-        _bounds_test(bounds)  # a malformed range fails at import, not at a user's check
+        metadata["bounds_test"] = _bounds_test(bounds)  # parsed once: a malformed range fails at import
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -432,7 +432,7 @@ def check_declared(obj: Any, prefix: str, origin: Callable[[str], str]) -> None:
                 allowed = "|".join(str(c) for c in choices)
                 raise ConfigError(f"{origin(name)}: {name}: must be {allowed}{or_null}, got {item!r}")
             bounds = meta.get("bounds")
-            if bounds is not None and not _bounds_test(bounds)(item):
+            if bounds is not None and not meta["bounds_test"](item):
                 spec = f"in {bounds}" if bounds[0] in "[(" else bounds
                 raise ConfigError(f"{origin(name)}: {name}: must be {spec}{or_null}, got {item!r}")
 

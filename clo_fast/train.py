@@ -92,7 +92,7 @@ class Run:
         self.cfg, self.config_path, self.resume = cfg, config_path, resume
         self.resume_unverified = resume_unverified
         self.resume_point = None
-        self.callbacks = Callbacks(list(callbacks))  # imported now: a wrong path fails before any work
+        self.callbacks = Callbacks(callbacks)  # imported now: a wrong path fails before any work
 
     def setup(self) -> None:
         t = self.cfg.train

@@ -18,7 +18,6 @@ other pickled object is refused, not executed.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -49,6 +48,7 @@ from clo_fast.training.distributed import (
     rank0_checked,
     rng_state,
     set_rng_state,
+    warn0,
     world_size,
 )
 
@@ -109,10 +109,7 @@ def verify_checkpoint(folder: Path, *, allow_unverified: bool = False) -> str | 
         return f"{folder / 'trainer_state.json'} is missing"
     if not (folder / CHECKSUMS).is_file():
         if allow_unverified:
-            log0(
-                f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)",
-                level=logging.WARNING,
-            )
+            warn0(f"warning: {folder} has no {CHECKSUMS}: resuming from unverified files (--resume-unverified)")
             return None
         return (
             f"{folder / CHECKSUMS} is missing (written by an older clo_fast, or removed), so its files cannot be "

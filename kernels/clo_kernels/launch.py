@@ -60,6 +60,7 @@ def set_tma(enabled: bool) -> None:
     _TMA["enabled"] = bool(enabled)
 
 
+@functools.cache  # the GPU and the Triton build do not change in a process; asked on every launch when TMA is on
 def tma_available() -> bool:
     """TMA tensor descriptors: Triton has them and the GPU is Hopper or newer."""
     if not hasattr(tl, "make_tensor_descriptor"):
